@@ -1,0 +1,147 @@
+"""The contract every recipe callback keeps: ``on_fail``, ``findings``, reduce-then-act, the report at the end."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_recipe._context import FitContext, get_context, new_fit
+from lightning_recipe._conventions import _Settings, _validate_settings
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding, _write_reports, collect_findings
+
+OnFail = Literal["raise", "warn"]
+
+
+def recipe_dir(trainer: "pl.Trainer") -> str:
+    """``<log_dir>/recipe``. Call it on every rank (``trainer.log_dir`` broadcasts under DDP)."""
+    base = trainer.log_dir or trainer.default_root_dir
+    return os.path.join(str(base), "recipe")
+
+
+class RecipeCheck(Callback):
+    """Base class of the recipe callbacks.
+
+    Args:
+        on_fail: ``"raise"`` stops the fit with :class:`RecipeCheckError` (on every rank), ``"warn"`` emits a
+            :class:`RecipeWarning` and training goes on. Configuration errors (a head that cannot be found, a batch
+            that cannot be split) raise :class:`RecipeConfigError` at fit start in ``"raise"`` mode and are reported
+            as a ``skip`` finding with a warning in ``"warn"`` mode.
+        split_batch: ``callable(batch) -> (inputs, targets)`` for batches that are not ``(x, y, ...)`` or a dict
+            with conventional keys.
+        forward: ``callable(pl_module, inputs) -> Tensor`` when ``pl_module(inputs)`` does not give the predictions.
+        loss_fn: the loss, when the LightningModule holds no ``torch.nn`` loss module.
+        head: the last layer (attribute path such as ``"classifier"`` or ``"net.3"``, or the module) when it cannot be
+            detected.
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` when the loss does not say.
+    """
+
+    _is_recipe_callback = True
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        *,
+        split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
+        forward: Optional[Callable[[Any, Any], Any]] = None,
+        loss_fn: Optional[Callable[..., Any]] = None,
+        head: Optional[Union[str, nn.Module]] = None,
+        task: Optional[Literal["multiclass", "binary", "multilabel", "regression"]] = None,
+    ) -> None:
+        if on_fail not in ("raise", "warn"):
+            raise RecipeConfigError(f"{type(self).__name__}: `on_fail` must be 'raise' or 'warn', got {on_fail!r}.")
+        self.on_fail = on_fail
+        self._settings = _Settings(split_batch, forward, loss_fn, head, task)
+        _validate_settings(self._settings)
+        self.findings: list[Finding] = []
+        self.figures: list[str] = []
+        self._dir: Optional[str] = None
+        self._disabled = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    # -- shared facts -------------------------------------------------------------------------------------------
+    def _context(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[FitContext]:
+        """The fit's shared context; a configuration error raises (``"raise"``) or skips this check (``"warn"``)."""
+        try:
+            return get_context(trainer, pl_module, self._settings)
+        except RecipeConfigError as err:
+            self._config_error(str(err))
+            return None
+
+    def _config_error(self, message: str) -> None:
+        message = f"{self.name}: {message}"
+        if self.on_fail == "raise":
+            raise RecipeConfigError(message)
+        self._disabled = True
+        self.findings.append(Finding(self.name, "skip", message))
+        rank_zero_warn(message, category=RecipeWarning)
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def _conclude(self, trainer: "pl.Trainer", finding: Optional[Finding]) -> None:
+        """Record ``finding`` and act on a failure the same way on every rank.
+
+        Must be reached on every rank at the same point (it runs a collective under DDP).
+        """
+        local_fail = finding is not None and finding.failed
+        any_fail = bool(trainer.strategy.reduce_boolean_decision(local_fail, all=False))
+        if finding is not None:
+            self.findings.append(finding)
+        if not any_fail:
+            return
+        message = finding.message if local_fail and finding is not None else f"{self.name} failed on another rank."
+        if finding is not None and finding.causes and local_fail:
+            message += "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in finding.causes)
+        if self.on_fail == "raise":
+            raise RecipeCheckError(message)
+        rank_zero_warn(message, category=RecipeWarning)
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            new_fit(trainer)
+            self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._finish(trainer)
+        self._maybe_write_report(trainer)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # no collectives and no raising here: save what was gathered so far
+        try:
+            self._finish(trainer, failed=True)
+        except Exception as err:  # pragma: no cover - best effort on the way out
+            rank_zero_warn(f"{self.name} could not save its results: {err}", category=RecipeWarning)
+        self._maybe_write_report(trainer)
+
+    def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        """Called once at fit end or on an exception: draw the figures, add the last findings. No collectives."""
+
+    def _maybe_write_report(self, trainer: "pl.Trainer") -> None:
+        """The last recipe callback of the trainer writes the report of all of them (rank zero only)."""
+        ours = [cb for cb in trainer.callbacks if getattr(cb, "_is_recipe_callback", False)]
+        if not ours or ours[-1] is not self or not trainer.is_global_zero or self._dir is None:
+            return
+        figures = [p for cb in ours for p in getattr(cb, "figures", [])]
+        meta = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "state": str(trainer.state.status.value)}
+        try:
+            paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
+        except OSError as err:  # pragma: no cover
+            rank_zero_warn(f"lightning_recipe could not write its report to {self._dir}: {err}", category=RecipeWarning)
+            return
+        from lightning_recipe.loggers import log_text
+
+        with open(paths["md"]) as fh:
+            log_text(trainer, "recipe/report", fh.read())
+        print(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")

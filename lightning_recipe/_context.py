@@ -1,0 +1,124 @@
+"""What every recipe callback of one fit shares: the probe batch, the task, the head and the label statistics.
+
+Computed once per fit (per set of overrides) by the first callback that needs it, at ``on_train_start`` (the
+train dataloader exists, ``global_step == 0``) and cached on the trainer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_recipe._conventions import (
+    TaskSpec,
+    _Settings,
+    find_head,
+    find_loss,
+    probe_mode,
+    resolve_module,
+    resolve_task,
+    run_forward,
+    split_batch,
+)
+from lightning_recipe._labels import first_batch, label_stats
+from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.functional import LabelStats, constant_loss, optimal_constant
+
+_CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+class FitContext:
+    """The facts of one fit that several callbacks need."""
+
+    def __init__(self, trainer: Any, pl_module: nn.Module, settings: _Settings, max_batches: int = 100) -> None:
+        self._trainer = weakref.ref(trainer)  # the cache is keyed by the trainer: no strong reference back
+        self.pl_module, self.settings, self.max_batches = pl_module, settings, max_batches
+        self.batch = first_batch(trainer)
+        self.inputs, self.targets = split_batch(self.batch, settings.split_batch)
+        loss_fn = find_loss(pl_module, settings.loss_fn)
+
+        def call() -> Tensor:
+            return run_forward(pl_module, self.inputs, settings.forward)
+
+        with probe_mode(trainer, pl_module):
+            if settings.head is None:
+                self.head, self.head_name, out, self.head_how = find_head(pl_module, call)
+            else:
+                if isinstance(settings.head, str):
+                    self.head, self.head_name = resolve_module(pl_module, settings.head), settings.head
+                else:
+                    self.head = settings.head
+                    self.head_name = next((n for n, m in pl_module.named_modules() if m is settings.head), "<given>")
+                out, self.head_how = call(), "given by `head=`"
+        self.initial_output = out.detach()
+        self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task)
+        canon = self.spec.canonical_outputs(out.detach().float())
+        self.initial_output_std = float((canon - canon.mean(0, keepdim=True)).std()) if canon.shape[0] > 1 else 0.0
+        self.head_error: Optional[str] = None
+        if self.head is None:
+            self.head_error = (
+                f"Found no head: no module with a bias produces the model output {tuple(out.shape)}. "
+                "HINT: pass `head=` (an attribute path such as 'classifier' or 'net.3', or the module)."
+            )
+        elif not isinstance(getattr(self.head, "bias", None), nn.Parameter):
+            self.head_error = (
+                f"The head `{self.head_name}` ({type(self.head).__name__}) has no bias. HINT: give the last layer a bias "
+                "(e.g. nn.Linear(..., bias=True)) or pass `head=` naming the layer that has one."
+            )
+        elif self.head.bias.numel() != self.spec.num_outputs:
+            self.head_error = (
+                f"The head `{self.head_name}` has a bias of shape {tuple(self.head.bias.shape)}, but the "
+                f"{self.spec.task} task has {self.spec.num_outputs} outputs. HINT: pass `head=` naming the last layer "
+                "(the one whose output is the prediction)."
+            )
+        self._stats: Optional[LabelStats] = None
+        self._optimal: Optional[tuple[Tensor, str]] = None
+
+    @property
+    def trainer(self) -> Any:
+        return self._trainer()
+
+    @property
+    def stats(self) -> LabelStats:
+        if self._stats is None:
+            self._stats = label_stats(
+                self.trainer, self.pl_module, self.spec, self.targets, self.settings.split_batch, self.max_batches
+            )
+        return self._stats
+
+    def optimal(self) -> tuple[Tensor, str]:
+        """The loss-optimal constant prediction and how it was found."""
+        if self._optimal is None:
+            s = self.spec
+            self._optimal = optimal_constant(
+                s.task, self.stats, s.loss, s.loss_name, s.weight, s.label_smoothing, s.pos_weight
+            )
+        return self._optimal
+
+    def prior_loss(self) -> float:
+        """Loss of the best constant prediction on the training labels: all that the label prior explains."""
+        c, _ = self.optimal()
+        return constant_loss(self.spec.loss, c, self.stats.sample)
+
+    def current_constant(self) -> Tensor:
+        """The constant the model predicts at init: its head bias (zeros without a usable head)."""
+        if self.head_error is None:
+            return self.head.bias.detach().float().reshape(-1).cpu().clone()
+        return torch.zeros(self.spec.num_outputs)
+
+
+def new_fit(trainer: Any) -> None:
+    """Forget the context of a previous fit on this trainer."""
+    _CACHE.pop(trainer, None)
+
+
+def get_context(trainer: Any, pl_module: nn.Module, settings: _Settings, max_batches: int = 100) -> FitContext:
+    """The shared context for this fit and these overrides (computed on first use)."""
+    per_trainer = _CACHE.setdefault(trainer, {})
+    key = settings.key()
+    if key not in per_trainer:
+        per_trainer[key] = FitContext(trainer, pl_module, settings, max_batches)
+    return per_trainer[key]

@@ -1,0 +1,320 @@
+"""How a callback finds inputs, targets, forward, loss, task, class dimension and head with zero configuration.
+
+Conventional code needs no argument; unconventional code needs one, and every error below names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+
+from lightning_recipe.exceptions import RecipeConfigError
+
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features")
+_TARGET_KEYS = ("y", "target", "targets", "label", "labels")
+_OUTPUT_KEYS = ("logits", "preds", "output")
+_LOSS_ATTRS = ("loss_fn", "criterion", "loss")
+_MULTICLASS = ("CrossEntropyLoss", "NLLLoss")
+_LOGITS_BINARY = ("BCEWithLogitsLoss",)
+_REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
+TASKS = ("multiclass", "binary", "multilabel", "regression")
+
+SplitBatch = Callable[[Any], tuple[Any, Any]]
+ForwardFn = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The overrides a user can pass to any recipe callback (or once to a preset)."""
+
+    split_batch: Optional[SplitBatch] = None
+    forward: Optional[ForwardFn] = None
+    loss_fn: Optional[Callable] = None
+    head: Optional[Union[str, nn.Module]] = None
+    task: Optional[str] = None
+
+    def key(self) -> tuple:
+        return tuple(id(v) if v is not None else None for v in (self.split_batch, self.forward, self.loss_fn, self.head)) + (
+            self.task,
+        )
+
+
+def _validate_settings(s: _Settings) -> None:
+    for name in ("split_batch", "forward", "loss_fn"):
+        v = getattr(s, name)
+        if v is not None and not callable(v):
+            raise RecipeConfigError(f"`{name}` must be callable, got {type(v).__name__}.")
+    if s.head is not None and not isinstance(s.head, (str, nn.Module)):
+        raise RecipeConfigError(f"`head` must be an attribute path such as 'net.3' or a module, got {type(s.head).__name__}.")
+    if s.task is not None and s.task not in TASKS:
+        raise RecipeConfigError(f"`task` must be one of {TASKS}, got {s.task!r}.")
+
+
+def split_batch(batch: Any, override: Optional[SplitBatch] = None) -> tuple[Any, Any]:
+    """Split a batch into ``(inputs, targets)``: tuple/list → first two items; dict → conventional keys."""
+    if override is not None:
+        out = override(batch)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2):
+            raise RecipeConfigError("`split_batch` must return a pair (inputs, targets).")
+        return out[0], out[1]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, dict):
+        x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+        if x is not None and y is not None:
+            return x, y
+        raise RecipeConfigError(
+            f"Cannot find inputs and targets in a batch dict with keys {sorted(batch)}: expected one of "
+            f"{_INPUT_KEYS} and one of {_TARGET_KEYS}. HINT: pass `split_batch=lambda batch: (inputs, targets)`."
+        )
+    raise RecipeConfigError(
+        f"Cannot split a batch of type {type(batch).__name__} into (inputs, targets). "
+        "HINT: pass `split_batch=lambda batch: (inputs, targets)`."
+    )
+
+
+def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn] = None) -> Tensor:
+    """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``."""
+    out = override(pl_module, inputs) if override is not None else pl_module(inputs)
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if isinstance(out, dict):
+        out = next((out[k] for k in _OUTPUT_KEYS if k in out), out)
+    if not isinstance(out, Tensor):
+        raise RecipeConfigError(
+            f"The model's forward returned {type(out).__name__}, not a tensor of predictions. "
+            "HINT: pass `forward=lambda module, inputs: module(inputs)[...]` returning the logits/predictions."
+        )
+    return out
+
+
+def find_loss(pl_module: nn.Module, loss_fn: Optional[Callable] = None) -> Optional[Callable]:
+    """The loss: the argument; else a ``torch.nn`` loss module held by the LightningModule; else ``None``."""
+    if loss_fn is not None:
+        return loss_fn
+    for name in _LOSS_ATTRS:
+        v = getattr(pl_module, name, None)
+        if isinstance(v, nn.modules.loss._Loss):
+            return v
+    for _, child in pl_module.named_children():
+        if isinstance(child, nn.modules.loss._Loss):
+            return child
+    return None
+
+
+@dataclass
+class TaskSpec:
+    """What the loss and the targets say about the task.
+
+    ``loss`` works on canonical ``(outputs, targets)`` (see :mod:`lightning_recipe.functional`).
+    """
+
+    task: str
+    loss: Callable[[Tensor, Tensor], Tensor]
+    loss_name: str
+    inferred: bool
+    num_outputs: int
+    class_dim: Optional[int] = None
+    soft_targets: bool = False
+    weight: Optional[Tensor] = None
+    ignore_index: Optional[int] = None
+    label_smoothing: float = 0.0
+    pos_weight: Optional[Tensor] = None
+    reduction: str = "mean"
+    floor: Optional[float] = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def canonical_targets(self, targets: Tensor) -> Tensor:
+        """Targets in the canonical layout."""
+        if self.task == "multiclass":
+            if self.soft_targets:
+                return targets.movedim(self.class_dim or 1, -1).reshape(-1, self.num_outputs).float()
+            return targets.reshape(-1).long()
+        return targets.reshape(-1, self.num_outputs).float()
+
+    def canonical_outputs(self, outputs: Tensor) -> Tensor:
+        """Model outputs in the canonical layout ``(M, K)``."""
+        if self.task == "multiclass" and outputs.ndim > 2 and self.class_dim == 1:
+            outputs = outputs.movedim(1, -1)
+        return outputs.reshape(-1, self.num_outputs)
+
+    def valid_mask(self, canonical_targets: Tensor) -> Optional[Tensor]:
+        """Positions not ignored by ``ignore_index``."""
+        if self.task == "multiclass" and not self.soft_targets and self.ignore_index is not None:
+            return canonical_targets != self.ignore_index
+        return None
+
+
+def _loss_name(loss: Optional[Callable]) -> str:
+    return type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", type(loss).__name__)
+
+
+def _canonical_loss(loss: Callable, name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """Wrap the user's loss so it takes canonical logits: NLLLoss gets log-probabilities."""
+    if isinstance(loss, nn.Module):
+        loss = _cpu_copy(loss)
+    if name == "NLLLoss":
+        return lambda out, y: loss(torch.log_softmax(out, dim=-1), y)
+    return loss
+
+
+def _cpu_copy(loss: nn.Module) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(loss)
+    return m.to("cpu").float()
+
+
+def resolve_task(
+    loss_fn: Optional[Callable], outputs: Tensor, targets: Any, task: Optional[str] = None
+) -> TaskSpec:
+    """Infer the task, the class dimension and the number of outputs from the loss, the outputs and the targets."""
+    if not isinstance(targets, Tensor):
+        raise RecipeConfigError(
+            f"The batch's targets are a {type(targets).__name__}, not a tensor. "
+            "HINT: pass `split_batch=lambda batch: (inputs, targets)` returning a target tensor."
+        )
+    name = _loss_name(loss_fn) if loss_fn is not None else ""
+    inferred = False
+    if task is None:
+        if name in _MULTICLASS:
+            task = "multiclass"
+        elif name in _LOGITS_BINARY:
+            per_example = targets[0].numel() if targets.ndim > 0 and targets.shape[0] > 0 else 1
+            task = "binary" if per_example == 1 else "multilabel"
+        elif name in _REGRESSION:
+            task = "regression"
+        elif not targets.is_floating_point() and targets.dtype != torch.bool:
+            task = "multiclass"
+        elif targets.is_floating_point():
+            task = "regression"
+        else:
+            raise RecipeConfigError(
+                f"Cannot infer the task from targets of dtype {targets.dtype} and loss {name or 'None'}. "
+                "HINT: pass `loss_fn=` (e.g. torch.nn.BCEWithLogitsLoss()) or `task=`."
+            )
+    if loss_fn is None:
+        inferred = True
+        loss_fn = {"multiclass": nn.CrossEntropyLoss(), "regression": nn.MSELoss()}.get(task, nn.BCEWithLogitsLoss())
+        name = type(loss_fn).__name__
+    if task == "multiclass" and targets.is_floating_point() and targets.shape == outputs.shape:
+        soft, class_dim = True, 1 if outputs.ndim > 1 else 0
+    elif task == "multiclass":
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise RecipeConfigError(
+                f"Loss {name} expects class indices, but the targets have dtype {targets.dtype} and shape "
+                f"{tuple(targets.shape)} (outputs {tuple(outputs.shape)}). HINT: pass `loss_fn=` or `task=`, or "
+                "`split_batch=` if the wrong tensor is taken as targets."
+            )
+        soft, class_dim = False, _class_dim(outputs, targets)
+    else:
+        soft, class_dim = False, None
+    if task == "multiclass":
+        num_outputs = outputs.shape[class_dim] if class_dim is not None else 0
+    else:
+        n = outputs.shape[0] if outputs.ndim else 1
+        per_out = outputs.numel() // max(n, 1)
+        per_tgt = targets.numel() // max(targets.shape[0] if targets.ndim else 1, 1)
+        if per_out != per_tgt:
+            raise RecipeConfigError(
+                f"The model outputs {tuple(outputs.shape)} do not match the targets {tuple(targets.shape)} for a "
+                f"{task} loss ({name}). HINT: pass `forward=` returning predictions shaped like the targets, or "
+                "`split_batch=` / `loss_fn=` if they were guessed wrong."
+            )
+        num_outputs = per_out
+    spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
+                    num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft)
+    if isinstance(loss_fn, nn.Module):
+        w = getattr(loss_fn, "weight", None)
+        spec.weight = w.detach().float().cpu() if isinstance(w, Tensor) and task == "multiclass" else None
+        ii = getattr(loss_fn, "ignore_index", None)
+        spec.ignore_index = int(ii) if ii is not None else None
+        spec.label_smoothing = float(getattr(loss_fn, "label_smoothing", 0.0) or 0.0)
+        pw = getattr(loss_fn, "pos_weight", None)
+        spec.pos_weight = pw.detach().float().cpu() if isinstance(pw, Tensor) else None
+        spec.reduction = str(getattr(loss_fn, "reduction", "mean"))
+    if name not in _MULTICLASS + _LOGITS_BINARY + _REGRESSION:
+        spec.floor = None  # a user's loss: no known lower bound
+    if inferred:
+        spec.notes.append(f"loss inferred from the targets as {name}; pass `loss_fn=` if training_step uses another")
+    return spec
+
+
+def _class_dim(outputs: Tensor, targets: Tensor) -> int:
+    """Class dimension for class-index targets: ``(N, C)``/``(N, C, d...)`` → 1, ``(N, T, C)`` → -1."""
+    o, t = tuple(outputs.shape), tuple(targets.shape)
+    if len(o) == len(t) + 1:
+        if o[0] == t[0] and o[2:] == t[1:]:
+            return 1
+        if o[:-1] == t:
+            return -1
+    if len(o) == 2 and len(t) == 2 and t[1] == 1 and o[0] == t[0]:
+        return 1
+    if len(o) == 2 and o[0] == targets.numel():
+        return 1  # the model flattens (N*T, C) itself
+    raise RecipeConfigError(
+        f"Cannot match the model outputs {o} to class-index targets {t}: expected (N, C) with (N,), (N, C, d...) "
+        "with (N, d...) or (N, T, C) with (N, T). HINT: pass `forward=` returning logits in one of these layouts, or "
+        "`split_batch=` if the wrong tensor is taken as targets."
+    )
+
+
+@contextlib.contextmanager
+def probe_mode(trainer: Any, pl_module: nn.Module) -> Iterator[None]:
+    """Run a forward that leaves training bit-identical: eval mode, no grad, isolated RNG, the precision's context.
+
+    Each submodule's own ``training`` flag is restored afterwards (a frozen BatchNorm stays in eval).
+    """
+    modes = [(m, m.training) for m in pl_module.modules()]
+    ctx = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    try:
+        with isolate_rng(), torch.no_grad(), ctx:
+            pl_module.eval()
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def resolve_module(root: nn.Module, path: str, arg: str = "head") -> nn.Module:
+    """``root.<path>`` for a dotted attribute path (``"net.3"``)."""
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        names = [n for n, m in root.named_modules() if getattr(m, "bias", None) is not None][-5:]
+        raise RecipeConfigError(
+            f"`{arg}={path!r}` is not a submodule of {type(root).__name__}. Modules with a bias include: {names}."
+        ) from None
+
+
+def find_head(pl_module: nn.Module, call: Callable[[], Tensor]) -> tuple[Optional[nn.Module], Optional[str], Tensor, str]:
+    """Detect the head: the last module, in execution order, that has a bias and whose output is the model's output.
+
+    Runs ``call`` (one probe forward) with forward hooks on every module that has a bias. Returns
+    ``(module, name, model_output, how)``; ``module`` is ``None`` when no candidate exists.
+    """
+    names = {m: n for n, m in pl_module.named_modules()}
+    seen: list[tuple[nn.Module, Any]] = []
+    handles = []
+    for m in pl_module.modules():
+        if isinstance(getattr(m, "bias", None), nn.Parameter):
+            handles.append(m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out))))
+    try:
+        output = call()
+    finally:
+        for h in handles:
+            h.remove()
+    flat = output.detach().reshape(-1)
+    exact = [m for m, o in seen if isinstance(o, Tensor) and (o is output or (o.numel() == flat.numel() and torch.equal(o.detach().reshape(-1), flat)))]
+    if exact:
+        return exact[-1], names.get(exact[-1]), output, "output identical to the model output"
+    same_size = [m for m, o in seen if isinstance(o, Tensor) and o.numel() == flat.numel()]
+    if same_size:
+        return same_size[-1], names.get(same_size[-1]), output, "last biased module with the output's size (output is transformed after it)"
+    return None, None, output, "no module with a bias produces the model output"

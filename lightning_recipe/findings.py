@@ -1,0 +1,184 @@
+"""Findings: the results of the checks, and the report written next to the logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Optional
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+Status = Literal["pass", "warn", "fail", "skip"]
+
+
+@dataclass
+class Finding:
+    """One result of a check.
+
+    Args:
+        check: name of the check (the callback's class name, or a sub-check such as ``"LossDecreaseCheck.plateau"``).
+        status: ``"pass"``, ``"warn"`` (worth a look, never stops a fit), ``"fail"`` (the check failed; what happens
+            then is the callback's ``on_fail``) or ``"skip"`` (the check could not run; the message says why).
+        message: what was measured, what was expected and, for a failure, the likely causes.
+        measured: the measured number, when there is one.
+        expected: the expected number (or threshold), when there is one.
+        step: the training step (optimizer steps) at which it was found.
+        causes: likely causes, from the recipe.
+        details: further numbers, JSON-serialisable.
+
+    Example::
+
+        >>> f = Finding("InitialLossCheck", "pass", "loss 2.31 ~ log(10)", measured=2.31, expected=2.303)
+        >>> f.failed
+        False
+    """
+
+    check: str
+    status: Status
+    message: str
+    measured: Optional[float] = None
+    expected: Optional[float] = None
+    step: Optional[int] = None
+    causes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        """Whether the check failed."""
+        return self.status == "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The finding as plain JSON-serialisable values (non-finite numbers become strings)."""
+        return _jsonable(asdict(self))
+
+
+def collect_findings(trainer: "pl.Trainer") -> list[Finding]:
+    """All findings of every recipe callback on ``trainer``, in callback order.
+
+    Args:
+        trainer: a Trainer that has (or had) recipe callbacks.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_recipe import InitialLossCheck
+        >>> trainer = L.Trainer(callbacks=[InitialLossCheck()], logger=False)
+        >>> collect_findings(trainer)
+        []
+    """
+    out: list[Finding] = []
+    for cb in trainer.callbacks:
+        findings = getattr(cb, "findings", None)
+        if getattr(cb, "_is_recipe_callback", False) and isinstance(findings, list):
+            out.extend(findings)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _jsonable(obj.item())
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _fmt(x: Optional[float]) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float) and math.isfinite(x) and x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.4g}"
+    if isinstance(x, float):
+        return f"{x:.4f}".rstrip("0").rstrip(".") if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def _environment() -> dict[str, Any]:
+    import lightning
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def _write_reports(
+    directory: str,
+    findings: list[Finding],
+    figures: list[str],
+    meta: dict[str, Any],
+) -> dict[str, str]:
+    """Write ``report.json``, ``report.md`` and ``report.html`` under ``directory``; returns their paths."""
+    from lightning_recipe._report_html import render_html
+
+    os.makedirs(directory, exist_ok=True)
+    meta = {**meta, "environment": _environment()}
+    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "pass", "skip")}
+    paths = {
+        "json": os.path.join(directory, "report.json"),
+        "md": os.path.join(directory, "report.md"),
+        "html": os.path.join(directory, "report.html"),
+    }
+    payload = {"summary": counts, "meta": meta, "findings": [f.to_dict() for f in findings], "figures": figures}
+    with open(paths["json"], "w") as fh:
+        json.dump(_jsonable(payload), fh, indent=2)
+    with open(paths["md"], "w") as fh:
+        fh.write(render_markdown(findings, figures, meta))
+    with open(paths["html"], "w") as fh:
+        fh.write(render_html(findings, figures, meta, directory))
+    return paths
+
+
+def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[dict[str, Any]] = None) -> str:
+    """The findings as a Markdown report (a table, then each failure and warning in full).
+
+    Args:
+        findings: the findings to report.
+        figures: paths of figure files, linked relative to the report.
+        meta: run facts (seed, steps, environment) shown at the top.
+
+    Example::
+
+        >>> md = render_markdown([Finding("LossDecreaseCheck", "pass", "decreased")], [])
+        >>> "| LossDecreaseCheck | pass |" in md
+        True
+    """
+    meta = meta or {}
+    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "pass", "skip")}
+    lines = ["# lightning_recipe report", ""]
+    lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
+    lines.append("")
+    for k, v in meta.items():
+        lines.append(f"- **{k}**: {v}")
+    lines += ["", "| check | status | measured | expected | step | message |", "| --- | --- | --- | --- | --- | --- |"]
+    for f in findings:
+        msg = f.message.splitlines()[0] if f.message else ""
+        lines.append(
+            f"| {f.check} | {f.status} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
+            f"{'' if f.step is None else f.step} | {msg.replace('|', '/')} |"
+        )
+    notable = [f for f in findings if f.status in ("fail", "warn")]
+    if notable:
+        lines += ["", "## Failures and warnings", ""]
+        for f in notable:
+            lines += [f"### {f.check} ({f.status})", "", f.message, ""]
+            if f.causes:
+                lines += ["Likely causes:", ""] + [f"- {c}" for c in f.causes] + [""]
+    if figures:
+        lines += ["", "## Figures", ""]
+        for p in figures:
+            name = os.path.basename(p)
+            lines.append(f"![{name}]({name})")
+    return "\n".join(lines) + "\n"

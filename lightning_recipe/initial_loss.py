@@ -1,0 +1,164 @@
+"""``InitialLossCheck``: the recipe's "verify loss @ init"."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import split_batch
+from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.findings import Finding
+from lightning_recipe.functional import constant_loss, noise_band
+from lightning_recipe.loggers import log_scalars
+
+_HIGH_CAUSES = [
+    "last layer initialised too large (scale the head's weights down, e.g. by 0.01, or zero them)",
+    "inputs not scaled (standardise features; raw pixel values 0-255)",
+    "softmax/sigmoid applied before a loss that expects logits (CrossEntropyLoss, BCEWithLogitsLoss)",
+    "wrong loss for the task, or the loss was guessed wrong (pass `loss_fn=`)",
+]
+_LOW_CAUSES = [
+    "label leakage: the target (or a function of it) is among the inputs",
+    "a pretrained head: the model already knows the task (then this is expected: pass HeadBiasInit(skip=True) and "
+    "drop InitialLossCheck)",
+    "the loss sign is flipped (training_step returns -loss: the optimiser maximises the loss)",
+    "the loss was guessed wrong (pass `loss_fn=`)",
+]
+
+
+class InitialLossCheck(RecipeCheck):
+    """The first training step's loss must match the loss of the constant prediction at the head's current bias.
+
+    The expected value is the user's loss evaluated with every output equal to the head bias, on the targets of the
+    first batch: ``log C`` for a softmax over ``C`` classes at zero bias, the label cross-entropy after
+    :class:`HeadBiasInit`, ``E[y²]`` (zero bias) or ``Var(y)`` (bias at the mean) for MSE. The measured value is the
+    loss the user's own ``training_step`` returned (``outputs["loss"]`` times ``accumulate_grad_batches``).
+
+    Tolerance, derived from the loss and the labels rather than fixed: a healthy network starts at its bias plus
+    input-dependent deviations that carry no information about the labels. The check simulates that, drawing
+    outputs ``bias + N(0, s²)`` on the first batch's targets (private generator), and
+
+    * fails **high** when the loss exceeds the mean of that simulated loss at ``s = max_output_std`` by more than
+      ``z`` of its standard deviations (initial logits too large: bad init, unscaled inputs, a double softmax);
+    * fails **low** when the loss is below the expected value by more than ``z`` standard deviations of the
+      simulated loss at ``s`` = the measured spread of the initial outputs (clipped to ``[0.5, max_output_std]``):
+      the model knows something about the labels before training (leakage, a pretrained head, a flipped sign).
+
+    ``max_output_std=2`` was calibrated on healthy models with PyTorch's default initialisation, whose initial
+    outputs have a standard deviation of about 0.1-0.8 (MLPs, CNNs, with or without normalisation layers); a head
+    scaled by 50 or inputs scaled by 1000 give tens to thousands. Also reports the spread of the initial outputs.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        max_output_std: largest standard deviation of the initial outputs (around the bias) counted as healthy.
+        z: how many standard deviations of the simulated loss a deviation must exceed.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[InitialLossCheck(max_output_std=2.0)], logger=False)
+    """
+
+    def __init__(self, on_fail: OnFail = "raise", max_output_std: float = 2.0, z: float = 4.0, **kwargs: Any) -> None:
+        super().__init__(on_fail, **kwargs)
+        if not max_output_std > 0 or not z > 0:
+            raise RecipeConfigError(f"{self.name}: `max_output_std` and `z` must be > 0, got {max_output_std}, {z}.")
+        self.max_output_std = float(max_output_std)
+        self.z = float(z)
+        self.done = False
+        self._expected: Optional[dict[str, Any]] = None
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.done or trainer.ckpt_path is not None:
+            self.done = True
+            return
+        self._context(trainer, pl_module)  # configuration errors surface before the first step
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.done or self._disabled or self._expected is not None:
+            return
+        ctx = self._context(trainer, pl_module)
+        if ctx is None:
+            return
+        spec = ctx.spec
+        _, targets = split_batch(batch, self._settings.split_batch)
+        y = spec.canonical_targets(targets.detach()).cpu()
+        c = ctx.current_constant()
+        expected = constant_loss(spec.loss, c, y)
+        hi_mean, hi_sd = noise_band(spec.loss, c, y, self.max_output_std)
+        s_lo = min(max(ctx.initial_output_std, 0.5), self.max_output_std)
+        _, lo_sd = noise_band(spec.loss, c, y, s_lo)
+        upper = hi_mean + self.z * hi_sd
+        lower = expected - self.z * lo_sd - 1e-6 * max(1.0, abs(expected))
+        self._expected = {
+            "expected": expected,
+            "upper": upper,
+            "lower": lower,
+            "zero_bias": bool(c.abs().max() == 0),
+            "spec": spec,
+            "output_std": ctx.initial_output_std,
+            "head": ctx.head_name,
+            "population": constant_loss(spec.loss, c, ctx.stats.sample) if ctx.head_error is None else None,
+        }
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.done or self._disabled or self._expected is None:
+            return
+        self.done = True
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        e = self._expected
+        if loss is None:
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: the first training_step returned no loss "
+                                            "(manual optimization or a skipped step): nothing to check."))
+            return
+        measured = float(loss.detach()) * trainer.accumulate_grad_batches
+        finding = self._judge(measured, e, trainer.global_step)
+        log_scalars(trainer, {"recipe/initial_loss": measured, "recipe/expected_initial_loss": e["expected"]})
+        self._conclude(trainer, finding)
+
+    def _judge(self, measured: float, e: dict[str, Any], step: int) -> Finding:
+        spec = e["spec"]
+        what = (
+            f"the loss of predicting the head bias for every example ({spec.loss_name}, {spec.task}, "
+            f"{spec.num_outputs} output(s){', zero bias' if e['zero_bias'] else ''}) on the first batch's targets"
+        )
+        if spec.task == "multiclass" and e["zero_bias"] and spec.weight is None and not spec.label_smoothing:
+            what += f": log({spec.num_outputs}) = {math.log(spec.num_outputs):.4f}"
+        numbers = (
+            f"measured {measured:.6g}, expected {e['expected']:.6g} ({what}); healthy range [{e['lower']:.6g}, "
+            f"{e['upper']:.6g}] (outputs = bias + N(0, s²) noise, s <= max_output_std={self.max_output_std:g}, "
+            f"z={self.z:g}). Initial output spread (std around the bias): {e['output_std']:.4g}."
+        )
+        notes = "".join(f" Note: {n}." for n in spec.notes)
+        details = {k: v for k, v in e.items() if k != "spec"}
+        if not math.isfinite(measured):
+            return Finding(self.name, "fail", f"{self.name}: the first loss is {measured}. {numbers}", measured,
+                           e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"], details)
+        if measured > e["upper"]:
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is far ABOVE the loss of the constant "
+                           f"prediction: {numbers}{notes} HINT: if the guess of loss or head is wrong, pass `loss_fn=` / "
+                           "`head=`; if the scale is intended, raise `max_output_std`.", measured, e["expected"], step,
+                           list(_HIGH_CAUSES), details)
+        if measured < e["lower"]:
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is far BELOW the loss of the constant "
+                           f"prediction, so the model knows the labels before training: {numbers}{notes}", measured,
+                           e["expected"], step, list(_LOW_CAUSES), details)
+        return Finding(self.name, "pass", f"{self.name}: {numbers}", measured, e["expected"], step, [], details)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))

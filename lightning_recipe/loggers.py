@@ -1,0 +1,267 @@
+"""One bridge from a figure, scalars or a text report to every logger on the trainer.
+
+Lightning has no common figure API across loggers, so this module dispatches per logger type (lazy imports, so
+no logger package is required) and always writes a PNG under ``<log_dir>/recipe/`` as well:
+
+* TensorBoard: ``experiment.add_figure(tag, fig, global_step)``; text with ``add_text``.
+* Weights & Biases: ``log_image(key, [png], step)`` (works with ``offline=True``); text as a one-cell table.
+* MLflow: ``experiment.log_figure(run_id, fig, "recipe/<name>/step_XXXXXXX.png")``; text with ``log_text``.
+  MLflow >= 3.13 refuses the ``file:`` tracking store that ``MLFlowLogger`` uses by default unless
+  ``MLFLOW_ALLOW_FILE_STORE=true`` is set: give the logger a ``tracking_uri="sqlite:///<dir>/mlflow.db"``.
+* Comet (when ``comet_ml`` is installed): ``experiment.log_image`` of the PNG; text with ``log_text``.
+* CSVLogger and any other logger: the PNG file under ``<logger.log_dir>/recipe/`` (fsspec, so remote log
+  directories work); scalars through ``log_metrics``, text as ``<name>.md`` next to the PNGs.
+
+Every function here is rank-zero only (other ranks return at once: a logger's ``experiment`` is a dummy there, and
+rendering would only cost time) and runs no collective. Call it with a directory resolved on every rank beforehand:
+``trainer.log_dir`` broadcasts under DDP, so calling it from rank-zero-only code hangs the fit.
+
+Figures must be ``matplotlib.figure.Figure`` objects built without pyplot (nothing is registered in pyplot's figure
+manager, no GUI backend is needed). :func:`log_figure` releases the figure after sending it (``close=True``), so a
+long fit that draws thousands of figures keeps no figure alive; a figure that was made with pyplot is also closed
+in pyplot's registry.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from typing import Any, Optional
+
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from lightning_recipe.exceptions import RecipeWarning
+
+__all__ = ["log_figure", "log_scalars", "log_text"]
+
+_DPI = 100
+
+
+@rank_zero_only
+def log_figure(
+    trainer: Any,
+    tag: str,
+    figure: Any,
+    step: Optional[int] = None,
+    directory: Optional[str] = None,
+    close: bool = True,
+) -> Optional[str]:
+    """Save ``figure`` as ``<directory>/<name>.png`` and send it to every logger of ``trainer``.
+
+    Loggers and what they receive: TensorBoard ``add_figure`` (with ``step`` as the global step), MLflow
+    ``log_figure`` (artifact ``recipe/<name>/step_XXXXXXX.png`` on the logger's run), W&B ``log_image`` (step on the
+    ``trainer/global_step`` axis), Comet ``log_image``, CSVLogger and unknown loggers a PNG under
+    ``<logger.log_dir>/recipe/`` when that differs from ``directory``. A logger that fails gets a warning; the fit
+    goes on.
+
+    Args:
+        trainer: the Trainer (its ``loggers`` are used).
+        tag: figure name, e.g. ``"recipe/prediction_dynamics"``; the file is named after its last part.
+        figure: a ``matplotlib.figure.Figure`` (built without pyplot).
+        step: the global step to attach (``None`` → ``trainer.global_step``).
+        directory: where the PNG goes, resolved on every rank beforehand (``None``: only the loggers get it; the
+            W&B and Comet copies then go through a temporary file).
+        close: release the figure afterwards (clear its artists; close it in pyplot if pyplot made it).
+
+    Returns:
+        The PNG path (``None`` on ranks other than zero and when ``directory`` is ``None``).
+
+    Example::
+
+        >>> from matplotlib.figure import Figure
+        >>> import lightning as L, tempfile
+        >>> fig = Figure(figsize=(2, 2)); _ = fig.add_subplot().plot([0, 1])
+        >>> path = log_figure(L.Trainer(logger=False), "recipe/demo", fig, 0, tempfile.mkdtemp())
+        >>> path.endswith("demo.png")
+        True
+    """
+    step = int(trainer.global_step if step is None else step)
+    name = _file_name(tag)
+    png = _render_png(figure)
+    path: Optional[str] = None
+    if directory is not None:
+        path = os.path.join(str(directory), f"{name}.png")
+        _write_bytes(path, png)
+    try:
+        for logger in trainer.loggers:
+            kind = _kind(logger)
+            try:
+                if kind == "TensorBoardLogger":
+                    logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+                    logger.experiment.flush()
+                elif kind == "MLFlowLogger":
+                    logger.experiment.log_figure(logger.run_id, figure, f"{_artifact_dir(tag)}/step_{step:07d}.png")
+                elif kind == "WandbLogger":
+                    _with_file(png, path, name, lambda p: logger.log_image(key=tag, images=[p], step=step))
+                elif kind == "CometLogger":
+                    _with_file(png, path, name, lambda p: logger.experiment.log_image(p, name=tag, step=step))
+                else:
+                    sub = _logger_dir(logger)
+                    if sub is not None:
+                        target = os.path.join(sub, "recipe", f"{name}.png")
+                        if path is None or not _same_path(target, path):
+                            _write_bytes(target, png)
+            except Exception as err:  # a logger failing must not stop the fit
+                rank_zero_warn(f"lightning_recipe could not send figure {tag!r} to {kind}: {err}", category=RecipeWarning)
+    finally:
+        if close:
+            _release(figure)
+    return path
+
+
+@rank_zero_only
+def log_scalars(trainer: Any, metrics: dict[str, float], step: Optional[int] = None) -> None:
+    """Send scalars to every logger (``log_metrics``), outside Lightning's ``self.log`` machinery.
+
+    Usable in any hook, also at fit end; file-based loggers (CSV, TensorBoard) are saved/flushed so the values are
+    on disk at once.
+
+    Args:
+        trainer: the Trainer (its ``loggers`` are used).
+        metrics: name → value (plain floats).
+        step: the global step (``None`` → ``trainer.global_step``).
+
+    Example::
+
+        >>> import lightning as L
+        >>> log_scalars(L.Trainer(logger=False), {"recipe/initial_loss": 2.3})
+    """
+    step = int(trainer.global_step if step is None else step)
+    values = {k: float(v) for k, v in metrics.items()}
+    for logger in trainer.loggers:
+        try:
+            logger.log_metrics(dict(values), step=step)
+            if _kind(logger) in ("CSVLogger", "TensorBoardLogger"):
+                logger.save()
+        except Exception as err:
+            rank_zero_warn(f"lightning_recipe could not log scalars to {_kind(logger)}: {err}", category=RecipeWarning)
+
+
+@rank_zero_only
+def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> None:
+    """Send a markdown text (the report) to every logger that takes text.
+
+    TensorBoard ``add_text`` (rendered as markdown), MLflow ``log_text`` (artifact ``<tag>.md``), W&B a one-cell
+    table, Comet ``log_text``; CSVLogger and unknown loggers get ``<logger.log_dir>/recipe/<name>.md`` unless a
+    report already lives there.
+
+    Args:
+        trainer: the Trainer (its ``loggers`` are used).
+        tag: e.g. ``"recipe/report"``.
+        text: markdown.
+        step: the global step (``None`` → ``trainer.global_step``).
+
+    Example::
+
+        >>> import lightning as L
+        >>> log_text(L.Trainer(logger=False), "recipe/report", "# report")
+    """
+    step = int(trainer.global_step if step is None else step)
+    name = _file_name(tag)
+    for logger in trainer.loggers:
+        kind = _kind(logger)
+        try:
+            if kind == "TensorBoardLogger":
+                logger.experiment.add_text(tag, text, global_step=step)
+                logger.experiment.flush()
+            elif kind == "MLFlowLogger":
+                logger.experiment.log_text(logger.run_id, text, f"{_artifact_dir(tag)}.md")
+            elif kind == "WandbLogger":
+                logger.log_text(key=tag, columns=["report"], data=[[text]], step=step)
+            elif kind == "CometLogger":
+                logger.experiment.log_text(text, step=step, metadata={"tag": tag})
+            else:
+                sub = _logger_dir(logger)
+                if sub is not None:
+                    target = os.path.join(sub, "recipe", f"{name}.md")
+                    if not _exists(target):
+                        _write_bytes(target, text.encode())
+        except Exception as err:
+            rank_zero_warn(f"lightning_recipe could not send text {tag!r} to {kind}: {err}", category=RecipeWarning)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _kind(logger: Any) -> str:
+    return type(logger).__name__
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", part).strip("_") or "figure"
+
+
+def _file_name(tag: str) -> str:
+    """``"recipe/prediction_dynamics"`` → ``"prediction_dynamics"``; other tags keep their path, flattened."""
+    return _safe(tag[len("recipe/") :] if tag.startswith("recipe/") else tag)
+
+
+def _artifact_dir(tag: str) -> str:
+    return "/".join(_safe(p) for p in tag.split("/") if p) or "figure"
+
+
+def _render_png(figure: Any) -> bytes:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    fs = get_filesystem(path)
+    parent = os.path.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+
+
+def _exists(path: str) -> bool:
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+
+    return bool(get_filesystem(path).exists(path))
+
+
+def _same_path(a: str, b: str) -> bool:
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def _logger_dir(logger: Any) -> Optional[str]:
+    for attr in ("log_dir", "save_dir", "root_dir"):
+        try:
+            value = getattr(logger, attr, None)
+        except Exception:  # some loggers compute these lazily and may fail
+            value = None
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            return str(value)
+    return None
+
+
+def _with_file(png: bytes, path: Optional[str], name: str, send: Any) -> None:
+    """Call ``send(png_path)``; loggers that copy a file at log time get the PNG already written, or a temp file."""
+    if path is not None and "://" not in path:
+        send(path)
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, f"{name}.png")
+        with open(local, "wb") as fh:
+            fh.write(png)
+        send(local)
+
+
+def _release(figure: Any) -> None:
+    pyplot = sys.modules.get("matplotlib.pyplot")  # never import pyplot here: only close a figure it manages
+    if pyplot is not None:
+        try:
+            pyplot.close(figure)  # a no-op for a figure built without pyplot
+        except Exception:  # pragma: no cover
+            pass
+    try:
+        figure.clear()  # drop the artists now instead of waiting for the cycle collector
+    except Exception:  # pragma: no cover - not a matplotlib figure
+        pass

@@ -1,0 +1,315 @@
+"""``LossDecreaseCheck``: the training loss must be finite, must not diverge, and must decrease."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+from lightning_recipe.functional import constant_loss, decrease_test, diverged, plateau_test
+
+_NONFINITE = [
+    "learning rate too high (the loss exploded to inf/NaN)",
+    "NaN/Inf in the inputs or targets (missing values in features; division by zero in preprocessing)",
+    "log/sqrt/division of a non-positive value inside the loss or the model",
+]
+_DIVERGE = ["learning rate too high", "loss sign flipped (maximising)", "a bug that feeds a growing input"]
+_FLAT = [
+    "learning rate too low, or decayed to zero by the schedule",
+    "weight decay or gradient clipping so strong that nothing moves",
+    "frozen or unused parameters (requires_grad=False, the optimizer built before the layers were swapped)",
+    "optimizer.step()/zero_grad() missing in manual optimization",
+]
+_PLATEAU = [
+    "labels shuffled independently of the inputs",
+    "inputs zeroed or constant (the data pipeline feeds the wrong tensor)",
+    "the model ignores its input",
+    "learning stalled: learning rate too low or weight decay too strong",
+]
+_BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the optimiser maximises the loss"]
+
+
+class LossDecreaseCheck(RecipeCheck):
+    """The training loss must be finite, must not diverge, must decrease, and must not plateau at the label prior.
+
+    Losses are written into a preallocated buffer on the device (no host sync per step) and read once every
+    ``check_every_n_steps`` training batches, at epoch end and at the end of training. At each read:
+
+    * **finite**: a NaN/Inf loss fails (at the read following it).
+    * **above its floor**: a loss below the smallest value the loss function can take (0 for the cross-entropies,
+      MSE and L1) fails: the sign is flipped. Set ``loss_floor=None`` if your training_step subtracts terms.
+    * **not diverging**: every one of the last ``k`` losses above ``divergence_ratio`` times the reference's distance
+      to the floor fails; the reference is the larger of the first loss and the loss of the constant prediction
+      (``k = min(window, max(3, steps // 4))``: a single spike is not divergence).
+    * after ``warmup_steps`` batches, once: **decreasing**: the last window's mean must be below the first window's
+      by ``min_rel_decrease`` of its distance to the floor, or significantly (``z`` standard errors); the windows
+      have ``window`` batches.
+    * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
+      ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy, target
+      variance, ...) fails with "the model learned only the label prior".
+    * at each of the first ``early_epochs`` epoch ends: the epoch mean must not be significantly above the previous
+      one.
+
+    A fit shorter than ``warmup_steps`` batches gets a ``skip`` finding for the decrease and plateau tests.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        check_every_n_steps: batches between two reads of the loss buffer (one host sync each).
+        warmup_steps: batches before the decrease and plateau tests.
+        window: batches averaged at each end of the curve (default ``clamp(warmup_steps // 5, 5, 50)``).
+        min_rel_decrease: smallest relative decrease that counts without a significance test.
+        divergence_ratio: growth (relative to the floor) that counts as divergence.
+        plateau_rtol: band around the prior loss, relative to its distance to the floor.
+        z: standard errors for the significance tests.
+        early_epochs: epochs whose mean loss must go down.
+        loss_floor: ``"auto"`` (0 for the known losses, none for others), a number, or ``None``.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[LossDecreaseCheck(check_every_n_steps=20)], logger=False)
+    """
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        check_every_n_steps: int = 50,
+        warmup_steps: int = 100,
+        window: Optional[int] = None,
+        min_rel_decrease: float = 0.05,
+        divergence_ratio: float = 2.0,
+        plateau_rtol: float = 0.05,
+        z: float = 3.0,
+        early_epochs: int = 3,
+        loss_floor: Union[float, None, Literal["auto"]] = "auto",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(on_fail, **kwargs)
+        for name, v in (("check_every_n_steps", check_every_n_steps), ("warmup_steps", warmup_steps)):
+            if not isinstance(v, int) or v < 1:
+                raise RecipeConfigError(f"{self.name}: `{name}` must be a positive int, got {v!r}.")
+        self.check_every_n_steps = check_every_n_steps
+        self.warmup_steps = warmup_steps
+        self.window = window or max(5, min(50, warmup_steps // 5))
+        self.min_rel_decrease = min_rel_decrease
+        self.divergence_ratio = divergence_ratio
+        self.plateau_rtol = plateau_rtol
+        self.z = z
+        self.early_epochs = early_epochs
+        self.loss_floor = loss_floor
+        self.losses: list[float] = []
+        self.epoch_ends: list[int] = []  # number of losses at each epoch end
+        self.decrease_checked = False
+        self.prior_loss: Optional[float] = None
+        self.expected_initial_loss: Optional[float] = None
+        self._floor: Optional[float] = None
+        self._buf: Optional[Tensor] = None
+        self._n = 0
+        self._stopped = False
+        self._initial_done = False
+        self._reported: set[str] = set()
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._floor = None if self.loss_floor == "auto" else self.loss_floor  # type: ignore[assignment]
+        try:
+            from lightning_recipe._context import get_context
+
+            ctx = get_context(trainer, pl_module, self._settings)
+        except RecipeConfigError as err:
+            self.findings.append(Finding(f"{self.name}.plateau", "skip", f"{self.name}: no label prior to compare "
+                                         f"with ({err}); the finite/divergence/decrease tests still run."))
+            return
+        if self.loss_floor == "auto":
+            self._floor = ctx.spec.floor
+        try:
+            self.prior_loss = ctx.prior_loss()
+        except Exception as err:  # the prior is a diagnosis aid: never stop training for it
+            rank_zero_warn(f"{self.name}: could not compute the prior loss: {err}", category=RecipeWarning)
+        self._ctx = ctx
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        ctx = getattr(self, "_ctx", None)
+        if not self._initial_done and ctx is not None and not self.losses:
+            self._initial_done = True
+            try:
+                self.expected_initial_loss = constant_loss(ctx.spec.loss, ctx.current_constant(), ctx.stats.sample)
+            except Exception:
+                self.expected_initial_loss = None
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._stopped:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, Tensor):
+            return
+        if self._buf is None or self._buf.device != loss.device:
+            self._buf = torch.empty(self.check_every_n_steps, device=loss.device, dtype=torch.float32)
+        self._buf[self._n] = loss.detach().float() * trainer.accumulate_grad_batches
+        self._n += 1
+        if self._n == self.check_every_n_steps:
+            self._flush_and_check(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stopped:
+            return
+        self._flush_and_check(trainer)
+        self.epoch_ends.append(len(self.losses))
+        self._conclude(trainer, self._epoch_finding(trainer))
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stopped:
+            return
+        self._flush_and_check(trainer)
+        finding: Optional[Finding] = None
+        if not self.decrease_checked:
+            n = len(self.losses)
+            finding = Finding(f"{self.name}.decrease", "skip", f"{self.name}: only {n} training steps with a loss, fewer "
+                              f"than warmup_steps={self.warmup_steps}: too few to judge whether the loss decreases.")
+        elif not any(f.failed for f in self.findings):
+            first, last = self.losses[: self.window], self.losses[-self.window :]
+            finding = Finding(self.name, "pass", f"{self.name}: the loss went from {_mean(first):.4g} (first "
+                              f"{len(first)} steps) to {_mean(last):.4g} (last {len(last)}); prior loss "
+                              f"{_fmt(self.prior_loss)}.", _mean(last), self.prior_loss, trainer.global_step)
+        self._conclude(trainer, finding)
+
+    # -- checks ---------------------------------------------------------------------------------------------------
+    def _flush(self) -> list[float]:
+        if self._buf is None or self._n == 0:
+            return []
+        new = self._buf[: self._n].tolist()  # the one host sync
+        self._n = 0
+        self.losses.extend(new)
+        return new
+
+    def _flush_and_check(self, trainer: "pl.Trainer") -> None:
+        new = self._flush()
+        finding = self._evaluate(new, trainer.global_step) if new else None
+        if finding is not None and finding.failed:
+            if finding.check in self._reported:  # warn mode: each sub-check warns once
+                finding = None
+            else:
+                self._reported.add(finding.check)
+                self._stopped = self.on_fail == "raise"
+        self._conclude(trainer, finding)
+
+    def _evaluate(self, new: list[float], step: int) -> Optional[Finding]:
+        losses, w = self.losses, self.window
+        start = len(losses) - len(new)
+        bad = next((i for i, v in enumerate(new) if not math.isfinite(v)), None)
+        if bad is not None:
+            return Finding(f"{self.name}.finite", "fail", f"{self.name}: the training loss became {new[bad]} at "
+                           f"batch {start + bad} (global step ~{step}).", new[bad], None, step, list(_NONFINITE))
+        if self._floor is not None:
+            low = min(new)
+            if low < self._floor - 1e-6 * max(1.0, abs(self._floor)):
+                return Finding(f"{self.name}.floor", "fail", f"{self.name}: the training loss is {low:.6g}, below "
+                               f"{self._floor:g}, the smallest value this loss can take. HINT: if training_step "
+                               "subtracts terms on purpose, pass `loss_floor=None`.", low, self._floor, step,
+                               list(_BELOW_FLOOR))
+        k = min(w, max(3, len(losses) // 4))
+        if len(losses) >= 2 * k:
+            refs = [losses[0]] + [v for v in (self.expected_initial_loss, self.prior_loss) if v is not None]
+            ref = max(v for v in refs if math.isfinite(v))
+            d = diverged(ref, torch.tensor(losses[-k:]), self._floor, self.divergence_ratio)
+            if d["diverged"]:
+                return Finding(f"{self.name}.diverge", "fail", f"{self.name}: the loss diverges: each of the last {k} "
+                               f"steps is at least {d['last']:.6g}, x{d['growth']:.3g} the reference {ref:.6g} (the "
+                               "larger of the first loss and the loss of the constant prediction), measured from the "
+                               f"floor; limit x{self.divergence_ratio:g}.", d["last"], ref, step, list(_DIVERGE), d)
+        if len(losses) < self.warmup_steps or len(losses) < 2 * w:
+            return None
+        last = torch.tensor(losses[-w:])
+        plateau = None
+        if self.prior_loss is not None and math.isfinite(self.prior_loss):
+            plateau = plateau_test(last, self.prior_loss, self._floor, self.plateau_rtol, self.z)
+        if not self.decrease_checked:
+            self.decrease_checked = True
+            d = decrease_test(torch.tensor(losses[:w]), last, self._floor, self.min_rel_decrease, self.z)
+            if not d["decreased"]:
+                at_prior = plateau is not None and plateau["plateau"]
+                diag = (f" It sits at the loss of the best constant prediction ({self.prior_loss:.6g}): the model "
+                        "learned only the label prior (labels shuffled? inputs zeroed? learning rate/weight decay?)."
+                        if at_prior else "")
+                return Finding(f"{self.name}.decrease", "fail", f"{self.name}: the loss did not decrease after "
+                               f"{len(losses)} steps: first {w} steps {d['first']:.6g}, last {w} steps {d['last']:.6g} "
+                               f"(relative decrease {d['relative_decrease']:.3g} < {self.min_rel_decrease:g}, not "
+                               f"significant at z={self.z:g}).{diag}", d["last"], d["first"], step,
+                               (list(_PLATEAU) if at_prior else []) + list(_FLAT), {**d, "plateau": plateau})
+        if plateau is not None and plateau["plateau"]:
+            return Finding(f"{self.name}.plateau", "fail", f"{self.name}: after {len(losses)} steps the loss "
+                           f"{plateau['recent']:.6g} is at the loss of the best input-independent (constant) prediction "
+                           f"{self.prior_loss:.6g} (± {plateau['band']:.3g}): the model learned only the label prior "
+                           "(labels shuffled? inputs zeroed? learning rate/weight decay?).", plateau["recent"],
+                           self.prior_loss, step, list(_PLATEAU), plateau)
+        return None
+
+    def _epoch_finding(self, trainer: "pl.Trainer") -> Optional[Finding]:
+        ends = self.epoch_ends
+        e = len(ends) - 1
+        if e < 1 or e > self.early_epochs or len(self.losses) < self.warmup_steps:
+            return None
+        prev = torch.tensor(self.losses[(ends[e - 2] if e >= 2 else 0) : ends[e - 1]])
+        cur = torch.tensor(self.losses[ends[e - 1] : ends[e]])
+        if prev.numel() < 2 or cur.numel() < 2:
+            return None
+        d = decrease_test(prev, cur, self._floor, 0.0, self.z)
+        se = d["se"]
+        if d["last"] - d["first"] > self.z * se and se > 0:
+            return Finding(f"{self.name}.epochs", "fail", f"{self.name}: the mean training loss went UP from epoch "
+                           f"{e - 1} ({d['first']:.6g}) to epoch {e} ({d['last']:.6g}), beyond {self.z:g} standard errors, "
+                           "in an early epoch.", d["last"], d["first"], trainer.global_step,
+                           ["learning rate too high", "learning-rate schedule restarting or warming up too far"], d)
+        return None
+
+    # -- end of fit -----------------------------------------------------------------------------------------------
+    @override
+    def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        if failed:
+            self._flush()  # no collectives on the exception path
+        if not trainer.is_global_zero or not self.losses or self._dir is None:
+            return
+        from lightning_recipe.loggers import log_figure
+        from lightning_recipe.plotting import plot_loss_curve
+
+        fig = plot_loss_curve(self.losses, self.expected_initial_loss, self.prior_loss, self.epoch_ends)
+        path = log_figure(trainer, "recipe/loss_curve", fig, trainer.global_step, self._dir)
+        if path and path not in self.figures:
+            self.figures.append(path)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._flush()
+        return {"losses": list(self.losses), "epoch_ends": list(self.epoch_ends), "decrease_checked":
+                self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.losses = list(state_dict.get("losses", []))
+        self.epoch_ends = list(state_dict.get("epoch_ends", []))
+        self.decrease_checked = bool(state_dict.get("decrease_checked", False))
+        self.expected_initial_loss = state_dict.get("expected_initial_loss")
+
+
+def _mean(x: list[float]) -> float:
+    return sum(x) / len(x) if x else float("nan")
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "unknown" if x is None else f"{x:.4g}"

@@ -1,0 +1,228 @@
+"""Figures, matplotlib only: arrays in, ``matplotlib.figure.Figure`` out (no pyplot, no display, nothing leaked).
+
+Every function builds a :class:`matplotlib.figure.Figure` with the object API: nothing is registered in pyplot's
+figure manager and no GUI backend is touched, so the figures render headless and are freed with their last
+reference (:func:`lightning_recipe.loggers.log_figure` also clears them once sent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["plot_loss_curve", "plot_prediction_dynamics"]
+
+_MAX_PANELS = 4  # label panels of a multilabel figure; more labels get a labels x steps heatmap instead
+
+
+def _figure(width: float = 10.0, height: float = 4.0) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _colour(i: int) -> Any:
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i % 20)
+
+
+def plot_loss_curve(
+    losses: Sequence[float],
+    expected_initial: Optional[float] = None,
+    prior_loss: Optional[float] = None,
+    epoch_ends: Sequence[int] = (),
+) -> Any:
+    """Training loss per step with the expected initial loss and the label-prior loss as reference lines.
+
+    A curve that starts far from the dotted line (expected initial loss) points at a bad initialisation; a curve that
+    flattens on the dashed line (loss of the best constant prediction) means the model learned only the label
+    prior. Non-finite losses are marked with red ticks at the top; epoch ends are faint vertical lines.
+
+    Args:
+        losses: training loss per batch.
+        expected_initial: the loss expected at the first step (constant prediction of the initial head bias).
+        prior_loss: the loss of the best input-independent (constant) prediction.
+        epoch_ends: number of losses at each epoch end.
+
+    Returns:
+        The figure (one axes; the curve is its first line).
+
+    Example::
+
+        >>> fig = plot_loss_curve([2.3, 1.2, 0.7], expected_initial=2.3026, prior_loss=2.3)
+        >>> len(fig.axes), [round(v, 4) for v in fig.axes[0].get_lines()[1].get_ydata()]
+        (1, [2.3026, 2.3026])
+    """
+    fig = _figure(10, 4)
+    ax = fig.add_subplot()
+    y = np.asarray(losses, dtype=float).reshape(-1)
+    x = np.arange(len(y))
+    finite = np.isfinite(y)
+    ax.plot(x, y, lw=0.8, color="tab:blue", alpha=0.6 if len(y) >= 10 else 1.0, marker="." if len(y) < 50 else None,
+            label="training loss (per batch)")
+    if expected_initial is not None and np.isfinite(expected_initial):
+        ax.axhline(expected_initial, color="tab:red", ls=":", lw=1.5, label=f"expected initial loss {expected_initial:.4g}")
+    if prior_loss is not None and np.isfinite(prior_loss):
+        ax.axhline(prior_loss, color="tab:orange", ls="--", lw=1.5,
+                   label=f"label-prior (constant prediction) loss {prior_loss:.4g}")
+    if len(y) >= 10 and finite.sum() >= 10:
+        k = max(2, len(y) // 50)
+        filled = np.where(finite, y, np.nanmax(np.where(finite, y, np.nan)))
+        smooth = np.convolve(filled, np.ones(k) / k, mode="valid")
+        ax.plot(x[k - 1 :], smooth, color="tab:blue", lw=1.8, label=f"moving mean ({k} batches)")
+    if (~finite).any():
+        ax.plot(x[~finite], np.ones(int((~finite).sum())), "|", color="red", ms=14, transform=ax.get_xaxis_transform(),
+                label="non-finite loss")
+    for e in epoch_ends:
+        ax.axvline(e, color="0.85", lw=0.6, zorder=0)
+    pos = y[finite]
+    if pos.size and pos.min() > 0 and pos.max() / pos.min() > 50:
+        ax.set_yscale("log")
+    ax.set_xlabel("training batch")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss with its reference lines")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def plot_prediction_dynamics(
+    steps: np.ndarray,
+    values: np.ndarray,
+    targets: Optional[np.ndarray],
+    task: str,
+    jitter: Optional[float] = None,
+    sequence: bool = False,
+) -> Any:
+    """Labels and predictions of a fixed batch over training, in one figure.
+
+    * multiclass (``values``: ``(S, N)`` probability of the true class): one line per sample, and a samples × steps
+      heatmap of the same numbers; with ``sequence=True`` (outputs ``(N, T, C)``) the value is the mean true-token
+      probability of each sample;
+    * binary/multilabel (``values``: ``(S, N, L)`` probabilities): per label, each sample's probability over steps
+      with its label drawn as a marker at the right edge (``o`` = 1, ``x`` = 0); with more than four labels, the
+      first three and a labels × steps heatmap of the mean distance ``|p - y|``;
+    * regression (``values``: ``(S, N, D)``): each sample's prediction over steps with its target as a dashed line of
+      the same colour, and the final predictions against the targets with the identity line (first output shown
+      over steps; every output in the scatter).
+
+    Args:
+        steps: global step of each snapshot, ``(S,)``.
+        values: the recorded summaries, ``(S, N, ...)``.
+        targets: targets of the fixed batch (``(N, ...)``).
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
+        jitter: the jitter index, shown in the title.
+        sequence: the outputs have a position axis (per-sample means).
+
+    Returns:
+        The figure. Regression: ``axes[0]`` holds one line per sample then one dashed target line per sample,
+        ``axes[1]`` the scatter (``collections[0]``: x = target, y = final prediction).
+
+    Example::
+
+        >>> rng = np.random.default_rng(0)
+        >>> fig = plot_prediction_dynamics(np.arange(3), rng.random((3, 4)), np.array([0, 1, 2, 1]), "multiclass")
+        >>> len(fig.axes)  # lines, heatmap, colour bar
+        3
+    """
+    steps = np.asarray(steps).reshape(-1)
+    values = np.asarray(values, dtype=float)
+    n = values.shape[1] if values.ndim >= 2 else 0
+    tgt = np.asarray(targets) if targets is not None and np.size(targets) else None
+    title = "Prediction dynamics on a fixed batch" + (f" (jitter index {jitter:.3g})" if jitter is not None else "")
+    if task == "multiclass":
+        return _plot_multiclass(steps, values.reshape(len(steps), n), tgt, title, sequence)
+    if task in ("binary", "multilabel"):
+        return _plot_labels(steps, values.reshape(len(steps), n, -1), tgt, title)
+    return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title)
+
+
+def _plot_multiclass(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str, sequence: bool) -> Any:
+    what = "mean p(true token)" if sequence else "p(true class)"
+    fig = _figure(12, 4.5)
+    ax, hm = fig.subplots(1, 2, width_ratios=[3, 2])
+    for i in range(v.shape[1]):
+        ax.plot(steps, v[:, i], color=_colour(i), lw=1.2, alpha=0.85)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("global step")
+    ax.set_ylabel(what + " per sample")
+    ax.set_title(title, fontsize=10)
+    right = steps[-1] if len(steps) > 1 and steps[-1] > steps[0] else steps[0] + 1
+    im = hm.imshow(v.T, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest",
+                   extent=(steps[0], right, v.shape[1] - 0.5, -0.5))
+    hm.set_xlabel("global step")
+    hm.set_title(f"{what}: samples x steps", fontsize=10)
+    if targets is not None and targets.ndim == 1 and v.shape[1] <= 32 and not sequence:
+        hm.set_yticks(range(v.shape[1]), [f"{i} (y={int(t)})" for i, t in enumerate(targets)], fontsize=7)
+        hm.set_ylabel("sample (label)")
+    else:
+        hm.set_ylabel("sample")
+    fig.colorbar(im, ax=hm, label=what)
+    return fig
+
+
+def _plot_labels(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
+    n, n_labels = v.shape[1], v.shape[2]
+    t = targets.reshape(n, -1).astype(float) if targets is not None and targets.size == n * n_labels else None
+    many = n_labels > _MAX_PANELS
+    shown = _MAX_PANELS - 1 if many else n_labels
+    fig = _figure(4.5 * (shown + many) + 1.5, 4)
+    axes = list(np.atleast_1d(fig.subplots(1, shown + many)))
+    x_mark = steps[-1] + 0.03 * max(1, steps[-1] - steps[0])
+    for j, ax in enumerate(axes[:shown]):
+        for i in range(n):
+            c = _colour(i)
+            ax.plot(steps, v[:, i, j], color=c, lw=1.1, alpha=0.85)
+            if t is not None:
+                ax.plot([x_mark], [t[i, j]], marker="o" if t[i, j] > 0.5 else "x", color=c, ms=7, ls="none")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("global step")
+        ax.set_ylabel("predicted probability" if j == 0 else "")
+        ax.set_title(f"label {j}" if n_labels > 1 else title, fontsize=9)
+    if many:
+        hm = axes[-1]
+        dist = np.abs(v - t[None]).mean(1) if t is not None else v.mean(1)
+        right = steps[-1] if len(steps) > 1 and steps[-1] > steps[0] else steps[0] + 1
+        im = hm.imshow(dist.T, aspect="auto", vmin=0, vmax=1, cmap="magma_r", interpolation="nearest",
+                       extent=(steps[0], right, n_labels - 0.5, -0.5))
+        hm.set_xlabel("global step")
+        hm.set_ylabel("label")
+        hm.set_title(f"all {n_labels} labels: mean |p - y| over samples" if t is not None else "mean p", fontsize=9)
+        fig.colorbar(im, ax=hm)
+    if n_labels > 1:
+        fig.suptitle(title + "  (markers: labels; o = 1, x = 0)", fontsize=10)
+    elif t is not None:
+        axes[0].set_title(title + "\n(markers: labels; o = 1, x = 0)", fontsize=9)
+    return fig
+
+
+def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
+    n, d = v.shape[1], v.shape[2]
+    t = targets.reshape(n, -1).astype(float) if targets is not None and targets.size == n * d else None
+    fig = _figure(12, 4.5)
+    ax, sc = fig.subplots(1, 2, width_ratios=[3, 2])
+    for i in range(n):
+        ax.plot(steps, v[:, i, 0], color=_colour(i), lw=1.2)
+    if t is not None:
+        for i in range(n):
+            ax.axhline(t[i, 0], color=_colour(i), ls="--", lw=0.9)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("prediction (dashed: target)" + (f", output 0 of {d}" if d > 1 else ""))
+    ax.set_title(title, fontsize=10)
+    final = v[-1].reshape(-1)
+    if t is not None:
+        tt = t.reshape(-1)
+        finite = np.concatenate([tt[np.isfinite(tt)], final[np.isfinite(final)]])
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        pad = 0.05 * (hi - lo or 1.0)
+        sc.scatter(tt, final, c=[_colour(i) for i in range(n) for _ in range(d)], s=25, zorder=3)
+        sc.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", ls="--", label="identity (prediction = target)")
+        sc.set_xlabel("target")
+        sc.legend(fontsize=8, loc="upper left")
+    else:
+        sc.scatter(np.arange(final.size), final, s=25)
+        sc.set_xlabel("sample")
+    sc.set_ylabel(f"prediction at step {int(steps[-1])}")
+    sc.set_title("Final predictions vs targets", fontsize=10)
+    return fig

@@ -1,0 +1,339 @@
+"""``PredictionDynamics``: predictions on a fixed batch over training, plotted with the labels."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+
+
+class PredictionDynamics(RecipeCheck):
+    """Record the predictions on a fixed batch every ``every_n_steps`` batches and plot them with the labels.
+
+    The fixed batch is the first validation batch seen in Lightning's sanity check, or, without one, a training
+    batch drawn by a private sampler (training's iterators and random state are not touched); its first
+    ``num_samples`` examples are kept. Each record is a forward in eval mode, under ``no_grad``, with the random state
+    isolated, and every submodule's mode restored afterwards, so training is bit-identical with and without this
+    callback. Records stay on the device and are copied to the host once per epoch.
+
+    What is recorded: the probability of the true class per sample (multiclass; the mean over positions for
+    sequence outputs ``(N, T, C)``), the predicted probability per label (binary/multilabel), the prediction
+    (regression). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
+    ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
+    redrawn at an epoch end when the number of records has grown by half since the last drawing (a long fit draws
+    O(log n) times), and at the end of the fit.
+
+    **Jitter.** Each drawing also logs ``recipe/prediction_jitter``, the :func:`jitter_index` of the snapshots: how
+    much the predictions move back and forth from one snapshot to the next, beyond their trend, relative to how far
+    they travel (0: every prediction moves monotonically; 1: every snapshot reverses the previous one). At the end of
+    the fit a ``warn`` finding (``PredictionDynamics.jitter``; it never stops the fit) reports predictions that are
+
+    * **frozen**: no prediction changed between any two snapshots although training steps ran between them (beyond
+      float rounding, ``1e-6`` of the largest prediction): learning rate zero, frozen or detached parameters, an
+      optimizer that holds other parameters than the model's;
+    * **thrashing**: the index is above half of what pure snapshot-to-snapshot noise (predictions with no trend at
+      all) gives for the same number of snapshots (about 0.14 for 10 snapshots, 0.11 for 25), and the jitter is at
+      least 1% of the prediction scale (probabilities: 1; regression: the targets' standard deviation): the
+      learning rate is too high, or the batch too small for it. Healthy fits of the tests measure 0.005 to 0.07.
+
+    Args:
+        every_n_steps: batches between two records.
+        num_samples: examples of the fixed batch to follow.
+        on_fail: ``"raise"`` or ``"warn"`` for configuration errors.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[PredictionDynamics(every_n_steps=10)], logger=False)
+    """
+
+    def __init__(self, every_n_steps: int = 25, num_samples: int = 16, on_fail: OnFail = "raise", **kwargs: Any) -> None:
+        super().__init__(on_fail, **kwargs)
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise RecipeConfigError(f"{self.name}: `every_n_steps` must be a positive int, got {every_n_steps!r}.")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise RecipeConfigError(f"{self.name}: `num_samples` must be a positive int, got {num_samples!r}.")
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.steps: list[int] = []
+        self.values: list[np.ndarray] = []
+        self.targets: Optional[np.ndarray] = None
+        self._pending: list[tuple[int, Tensor]] = []
+        self._batch: Optional[tuple[Any, Tensor]] = None
+        self._spec: Optional[TaskSpec] = None
+        self._batches = 0
+        self._drawn_at = 0
+
+    # -- the fixed batch ------------------------------------------------------------------------------------------
+    @override
+    def on_validation_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if trainer.sanity_checking and self._batch is None and batch_idx == 0 and dataloader_idx == 0:
+            try:
+                x, y = split_batch(batch, self._settings.split_batch)
+            except RecipeConfigError:
+                return  # validation batches may differ from training's: fall back to a training batch
+            self._batch = self._take(x, y)
+
+    def _take(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
+        n = self.num_samples
+
+        def cut(t: Tensor) -> Tensor:
+            return t[:n].detach().clone() if t.ndim else t
+
+        return apply_to_collection(x, Tensor, cut), cut(y)
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        ctx = self._context(trainer, pl_module)
+        if ctx is None:
+            return
+        self._spec = ctx.spec
+        if self._batch is None:
+            self._batch = self._take(ctx.inputs, ctx.targets)
+        self._batches = 0
+        if not self.steps and not self._pending:
+            self._record(trainer, pl_module)
+
+    # -- records --------------------------------------------------------------------------------------------------
+    def _summarise(self, out: Tensor, y: Tensor) -> Tensor:
+        spec = self._spec
+        assert spec is not None
+        n = y.shape[0] if y.ndim else 1
+        canon = spec.canonical_outputs(out.float())
+        if spec.task == "multiclass":
+            probs = torch.softmax(canon, dim=-1)
+            yt = spec.canonical_targets(y)
+            if spec.soft_targets:
+                p_true = (probs * yt).sum(-1)
+                valid = torch.ones_like(p_true)
+            else:
+                valid = (yt != spec.ignore_index).float() if spec.ignore_index is not None else torch.ones_like(yt, dtype=torch.float)
+                p_true = probs.gather(1, yt.clamp(0, spec.num_outputs - 1).unsqueeze(1)).squeeze(1) * valid
+            p_true, valid = p_true.reshape(n, -1), valid.reshape(n, -1)
+            return p_true.sum(1) / valid.sum(1).clamp_min(1)
+        if spec.task in ("binary", "multilabel"):
+            return torch.sigmoid(canon).reshape(n, -1)
+        return canon.reshape(n, -1)
+
+    def _record(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._batch is None or self._spec is None:
+            return
+        x, y = self._batch
+        with probe_mode(trainer, pl_module):
+            out = run_forward(pl_module, x, self._settings.forward)
+        self._pending.append((trainer.global_step, self._summarise(out.detach(), y).detach()))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1
+        if self._batches % self.every_n_steps == 0:
+            self._record(trainer, pl_module)
+
+    def _to_host(self) -> None:
+        if self._pending:
+            stacked = torch.stack([v for _, v in self._pending]).cpu().numpy()  # one copy per epoch
+            self.steps.extend(s for s, _ in self._pending)
+            self.values.extend(stacked)
+            self._pending.clear()
+        if self.targets is None and self._batch is not None:
+            self.targets = self._batch[1].detach().cpu().numpy()
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._to_host()
+        if len(self.values) >= max(2, int(1.5 * self._drawn_at) + 1):
+            self._draw(trainer)
+
+    @override
+    def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        self._to_host()
+        if not self.values:
+            return
+        if self._drawn_at != len(self.values) or not self.figures:
+            self._draw(trainer)
+        if self._spec is None:
+            return
+        finding = self._jitter_finding(trainer)
+        if finding.status == "warn":
+            rank_zero_warn(finding.message, category=RecipeWarning)
+        self.findings.append(finding)
+
+    def _jitter(self) -> dict[str, Any]:
+        values = np.stack(self.values) if self.values else np.empty((0, 0))
+        return jitter_index(values, self._scale(), np.asarray(self.steps))
+
+    def _scale(self) -> float:
+        """The size of a prediction: 1 for probabilities, the targets' standard deviation for regression."""
+        if self._spec is None or self._spec.task != "regression":
+            return 1.0
+        t = np.asarray(self.targets, dtype=float) if self.targets is not None and np.size(self.targets) > 1 else None
+        if t is None or not np.isfinite(t).all():
+            t = np.asarray(self.values[-1], dtype=float) if self.values else None
+        scale = float(np.std(t)) if t is not None and t.size > 1 and np.isfinite(t).all() else 0.0
+        return scale if scale > 0 else 1.0
+
+    def _jitter_finding(self, trainer: "pl.Trainer") -> Finding:
+        j = self._jitter()
+        n_snap, n = len(self.values), self.values[0].shape[0]
+        head = (f"{self.name}: {n_snap} snapshots of {n} fixed samples ({self._spec.task if self._spec else '?'}), "
+                f"steps {self.steps[0]}..{self.steps[-1]}")
+        details = {k: v for k, v in j.items()}
+        if j["frozen"]:
+            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions are FROZEN: the largest change between "
+                           f"two snapshots is {j['max_change']:.3g} (rounding level {j['frozen_tol']:.3g}) although "
+                           f"{self.steps[-1] - self.steps[0]} optimizer steps ran. Nothing learns.", j["max_change"],
+                           j["frozen_tol"], trainer.global_step, list(_FROZEN), details)
+        if j["thrash"]:
+            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions THRASH: jitter index {j['index']:.3g} "
+                           f"above {j['threshold']:.3g} (half the index of pure snapshot-to-snapshot noise, "
+                           f"{j['noise_reference']:.3g}, for {n_snap} snapshots); they jump by {j['jitter']:.3g} (RMS) "
+                           f"against a travel of {j['movement']:.3g}. HINT: lower the learning rate, or record more "
+                           "often (`every_n_steps`) to see the oscillation.", j["index"], j["threshold"],
+                           trainer.global_step, list(_THRASH), details)
+        if not np.isfinite(j["index"]):
+            note = "too few snapshots (or non-finite predictions) to measure the jitter"
+            return Finding(self.name, "pass", f"{head}; {note}.", None, None, trainer.global_step, [], details)
+        return Finding(self.name, "pass", f"{head}; jitter index {j['index']:.3g} (thrash above {j['threshold']:.3g}).",
+                       j["index"], j["threshold"], trainer.global_step, [], details)
+
+    def _draw(self, trainer: "pl.Trainer") -> None:
+        self._drawn_at = len(self.values)
+        if not trainer.is_global_zero or self._dir is None or self._spec is None:
+            return
+        from lightning_recipe.loggers import log_figure, log_scalars
+        from lightning_recipe.plotting import plot_prediction_dynamics
+
+        steps, values = np.asarray(self.steps), np.stack(self.values)
+        j = self._jitter()
+        os.makedirs(self._dir, exist_ok=True)
+        np.savez(os.path.join(self._dir, "prediction_dynamics.npz"), steps=steps, values=values,
+                 targets=self.targets if self.targets is not None else np.empty(0), task=self._spec.task,
+                 jitter_index=j["index"])
+        if np.isfinite(j["index"]):
+            log_scalars(trainer, {"recipe/prediction_jitter": j["index"]}, trainer.global_step)
+        sequence = self.targets is not None and self.targets.ndim >= 2 and self._spec.task == "multiclass"
+        jitter = j["index"] if np.isfinite(j["index"]) else None
+        fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence)
+        path = log_figure(trainer, "recipe/prediction_dynamics", fig, trainer.global_step, self._dir)
+        if path and path not in self.figures:
+            self.figures.append(path)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self._to_host()
+        return {"steps": list(self.steps), "values": [v.tolist() for v in self.values]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = list(state_dict.get("steps", []))
+        self.values = [np.asarray(v) for v in state_dict.get("values", [])]
+
+
+_FROZEN = [
+    "learning rate zero (or a schedule that decayed it to zero)",
+    "parameters frozen (requires_grad=False) or detached from the loss",
+    "the optimizer holds other parameters than the model's (built before the layers were replaced)",
+    "optimizer.step() missing in manual optimization",
+]
+_THRASH = [
+    "learning rate too high: each step overshoots and the next one corrects",
+    "batch too small for the learning rate (gradient noise dominates)",
+    "no learning-rate warmup or decay where one is needed",
+]
+
+_FROZEN_RTOL = 1e-6  # ~8 float32 ulps: changes below this are rounding, not learning
+_MIN_JITTER = 0.01  # of the prediction scale: smaller jumps are invisible on the figure and harmless
+
+
+def jitter_index(values: np.ndarray, scale: float = 1.0, steps: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """How much predictions move back and forth between snapshots, beyond their trend, relative to how far they move.
+
+    With ``V`` the snapshots ``(S, M)`` (one column per recorded number), the trend of each column is its running
+    median over three snapshots, and the jitter is what a snapshot deviates from it: ``r_s = V_s - median(V_{s-1},
+    V_s, V_{s+1})``. A monotone column (however fast or slow, with a knee or not) has ``r = 0``; only reversals count.
+    ``jitter = RMS(r)``, ``movement = RMS over columns of (max - min)``, and ``index = jitter / movement`` in
+    ``[0, 1]`` (1: every snapshot reverses the previous one, ``a, -a, a, ...``).
+
+    Thresholds, derived from the number of snapshots and the prediction scale:
+
+    * ``noise_reference``: the index of pure noise (columns of i.i.d. Gaussians: no trend at all) with ``S``
+      snapshots, computed with a fixed private generator (0.37 for 4 snapshots, 0.28 for 10, 0.23 for 20, 0.16 for
+      200: a longer record has a larger range for the same noise);
+    * ``thrash``: ``index > threshold = noise_reference / 2`` (the reversals are at least half as large, relative to
+      the travel, as if there were no trend at all) and ``jitter > 1%`` of ``scale``; needs 4 snapshots or more;
+    * ``frozen``: no column changed between any two snapshots by more than ``1e-6 * max(1, max |V|)`` (rounding),
+      although the snapshots lie at different steps (when ``steps`` is given).
+
+    Args:
+        values: snapshots ``(S, ...)``, first axis over time.
+        scale: the size of a prediction (1 for probabilities; the targets' standard deviation for regression).
+        steps: the global step of each snapshot (frozen needs training steps between the first and the last).
+
+    Returns:
+        ``index``, ``jitter``, ``movement``, ``max_change``, ``noise_reference``, ``threshold``, ``frozen_tol``,
+        ``snapshots``, ``frozen``, ``thrash`` (``index`` is NaN with fewer than 3 snapshots or non-finite values).
+
+    Example::
+
+        >>> up = np.linspace(0.1, 0.9, 10)[:, None]             # monotone: no jitter
+        >>> jitter_index(up)["index"]
+        0.0
+        >>> zigzag = np.tile([[0.2], [0.8]], (5, 1))              # every snapshot reverses the last one
+        >>> j = jitter_index(zigzag)
+        >>> round(j["index"], 3), j["thrash"], round(j["threshold"], 3)
+        (1.0, True, 0.139)
+        >>> jitter_index(np.full((5, 3), 0.25), steps=np.arange(5) * 10)["frozen"]
+        True
+    """
+    v = np.asarray(values, dtype=float)
+    s = v.shape[0] if v.ndim else 0
+    v = v.reshape(s, -1) if s else np.empty((0, 0))
+    nan = float("nan")
+    out: dict[str, Any] = {"index": nan, "jitter": nan, "movement": nan, "max_change": nan, "snapshots": int(s),
+                           "noise_reference": nan, "threshold": nan, "frozen_tol": nan, "frozen": False, "thrash": False}
+    if s < 2 or v.shape[1] == 0 or not np.isfinite(v).all():
+        return out
+    tol = _FROZEN_RTOL * max(1.0, float(np.abs(v).max()))
+    max_change = float(np.abs(np.diff(v, axis=0)).max())
+    trained = steps is None or (len(steps) == s and float(np.max(steps)) > float(np.min(steps)))
+    out.update(max_change=max_change, frozen_tol=tol, frozen=bool(max_change <= tol and trained))
+    if s < 3:
+        return out
+    jitter, movement, index = _jitter_parts(v)
+    ref = _noise_reference(s)
+    out.update(index=index, jitter=jitter, movement=movement, noise_reference=ref, threshold=ref / 2)
+    out["thrash"] = bool(s >= 4 and index > ref / 2 and jitter > _MIN_JITTER * scale and not out["frozen"])
+    return out
+
+
+def _jitter_parts(v: np.ndarray) -> tuple[float, float, float]:
+    med = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
+    jitter = float(np.sqrt(np.mean((v[1:-1] - med) ** 2)))
+    movement = float(np.sqrt(np.mean((v.max(0) - v.min(0)) ** 2)))
+    return jitter, movement, (jitter / movement if movement > 0 else 0.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_reference(snapshots: int) -> float:
+    """The jitter index of trendless Gaussian noise with ``snapshots`` rows (fixed private generator)."""
+    columns = max(32, min(512, 400_000 // snapshots))
+    noise = np.random.default_rng(0).standard_normal((snapshots, columns))
+    return _jitter_parts(noise)[2]

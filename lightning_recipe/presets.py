@@ -1,0 +1,257 @@
+"""Preset bundles: every check, failing (``strict``) or warning (``recommended``), and ``Recipe``, the same bundle as
+one callback for ``LightningCLI`` configuration files."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from lightning_recipe._base import RecipeCheck, recipe_dir
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+from lightning_recipe.head_bias import HeadBiasInit
+from lightning_recipe.initial_loss import InitialLossCheck
+from lightning_recipe.loss_decrease import LossDecreaseCheck
+from lightning_recipe.prediction_dynamics import PredictionDynamics
+
+Preset = Literal["strict", "recommended"]
+_ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended": "warn"}
+
+
+def _bundle(on_fail: Literal["raise", "warn"], overrides: dict[str, Any]) -> list[Callback]:
+    """The checks of the presets, in the order they run (bias init before the initial-loss check)."""
+    kw = {k: v for k, v in overrides.items() if v is not None}
+    return [
+        HeadBiasInit(on_fail=on_fail, **kw),
+        InitialLossCheck(on_fail=on_fail, **kw),
+        LossDecreaseCheck(on_fail=on_fail, **kw),
+        PredictionDynamics(on_fail=on_fail, **kw),
+    ]
+
+
+def strict(
+    *,
+    split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
+    forward: Optional[Callable[[Any, Any], Any]] = None,
+    loss_fn: Optional[Callable[..., Any]] = None,
+    head: Optional[Union[str, nn.Module]] = None,
+    task: Optional[Literal["multiclass", "binary", "multilabel", "regression"]] = None,
+) -> list[Callback]:
+    """Every check; a failed check stops the fit with :class:`RecipeCheckError`.
+
+    The overrides are passed once to every callback (see :class:`~lightning_recipe.RecipeCheck`).
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=strict(), logger=False)
+        >>> [type(cb).__name__ for cb in strict()]
+        ['HeadBiasInit', 'InitialLossCheck', 'LossDecreaseCheck', 'PredictionDynamics']
+    """
+    return _bundle("raise", dict(split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task))
+
+
+def recommended(
+    *,
+    split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
+    forward: Optional[Callable[[Any, Any], Any]] = None,
+    loss_fn: Optional[Callable[..., Any]] = None,
+    head: Optional[Union[str, nn.Module]] = None,
+    task: Optional[Literal["multiclass", "binary", "multilabel", "regression"]] = None,
+) -> list[Callback]:
+    """Every check; a failed check emits a :class:`RecipeWarning` and training goes on.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=recommended(), logger=False)
+    """
+    return _bundle("warn", dict(split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task))
+
+
+class Recipe(Callback):
+    """A preset as a single callback: holds the preset's checks and forwards every Lightning hook to them.
+
+    Meant for configuration files, where a list of callbacks is awkward (``LightningCLI``)::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_recipe.Recipe
+              init_args:
+                preset: strict      # or: recommended
+                head: classifier    # any override, given once
+
+    In Python code ``callbacks=lightning_recipe.strict()`` does the same. The children run in order, each hook
+    reaching them as if they were separate callbacks in ``trainer.callbacks`` (``setup``/``teardown``, every
+    ``on_*`` hook, ``on_exception``, checkpoint hooks; ``log``/``log_dict`` attached by the Trainer). Their state is
+    saved under this callback's ``state_key`` with one entry per child. ``findings`` and ``figures`` are the
+    children's, so :func:`~lightning_recipe.collect_findings` and the report see them; the report is written by
+    this callback when it is the last recipe callback of the trainer.
+
+    Args:
+        preset: ``"strict"`` (a failed check raises :class:`RecipeCheckError`) or ``"recommended"`` (it warns).
+            Defaults to ``"strict"``; must be left out when ``callbacks`` is given.
+        split_batch: ``callable(batch) -> (inputs, targets)`` (in YAML: a dotted import path).
+        forward: ``callable(pl_module, inputs) -> Tensor`` (in YAML: a dotted import path).
+        loss_fn: the loss, when the LightningModule holds no ``torch.nn`` loss module.
+        head: the last layer, as an attribute path such as ``"classifier"`` or ``"net.3"`` (or the module).
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` when the loss does not say.
+        callbacks: the callbacks to hold instead of a preset (e.g. recipe checks with non-default arguments).
+
+    Raises:
+        RecipeConfigError: If ``callbacks`` is given together with ``preset`` or an override.
+
+    Example::
+
+        >>> import lightning as L
+        >>> recipe = Recipe(preset="recommended", head="net.2")
+        >>> [type(cb).__name__ for cb in recipe.callbacks]
+        ['HeadBiasInit', 'InitialLossCheck', 'LossDecreaseCheck', 'PredictionDynamics']
+        >>> trainer = L.Trainer(callbacks=[recipe], logger=False)
+    """
+
+    _is_recipe_callback = True
+
+    def __init__(
+        self,
+        preset: Optional[Preset] = None,
+        *,
+        split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
+        forward: Optional[Callable[[Any, Any], Any]] = None,
+        loss_fn: Optional[Callable[..., Any]] = None,
+        head: Optional[Union[str, nn.Module]] = None,
+        task: Optional[Literal["multiclass", "binary", "multilabel", "regression"]] = None,
+        callbacks: Optional[list[Callback]] = None,
+    ) -> None:
+        overrides = dict(split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task)
+        if callbacks is not None:
+            given = [k for k, v in overrides.items() if v is not None] + (["preset"] if preset is not None else [])
+            if given:
+                raise RecipeConfigError(
+                    f"Recipe: `callbacks` was given together with {', '.join(f'`{k}`' for k in given)}. HINT: pass the "
+                    "overrides to each callback in `callbacks`, or drop `callbacks` to use a preset."
+                )
+            bad = [type(cb).__name__ for cb in callbacks if not isinstance(cb, Callback)]
+            if bad:
+                raise RecipeConfigError(f"Recipe: `callbacks` must hold Lightning callbacks, got {bad}.")
+            self.preset: Optional[str] = None
+            self.callbacks: list[Callback] = list(callbacks)
+        else:
+            preset = preset or "strict"
+            if preset not in _ON_FAIL:
+                raise RecipeConfigError(
+                    f"Recipe: `preset` must be one of {sorted(_ON_FAIL)}, got {preset!r}. HINT: `strict` stops the fit "
+                    "on a failed check, `recommended` warns."
+                )
+            self.preset = preset
+            self.callbacks = _bundle(_ON_FAIL[preset], overrides)
+        self._dir: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    @property
+    @override
+    def state_key(self) -> str:
+        kinds = [type(cb).__name__ for cb in self.callbacks]
+        return self._generate_state_key(preset=self.preset, callbacks=kinds)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings of the children, in order."""
+        return [f for cb in self.callbacks for f in (getattr(cb, "findings", None) or [])]
+
+    @property
+    def figures(self) -> list[str]:
+        """The figure files of the children."""
+        return [p for cb in self.callbacks for p in (getattr(cb, "figures", None) or [])]
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        # the Trainer attaches the LightningModule's `log`/`log_dict` to every callback: the children need them too
+        super().__setattr__(key, value)
+        if key in ("log", "log_dict"):
+            for cb in self.__dict__.get("callbacks", []):
+                setattr(cb, key, value)
+
+    # -- hooks with more to do than forwarding --------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        for cb in self.callbacks:
+            cb.setup(trainer, pl_module, stage=stage)
+        if stage == "fit":
+            self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        for cb in self.callbacks:
+            cb.on_fit_end(trainer, pl_module)
+        self._maybe_write_report(trainer)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # like Lightning's own loop over callbacks: every child gets the hook, nothing raised from here
+        for cb in self.callbacks:
+            try:
+                cb.on_exception(trainer, pl_module, exception)
+            except Exception as err:  # pragma: no cover - children already guard themselves
+                rank_zero_warn(f"Recipe: {type(cb).__name__}.on_exception failed: {err}", category=RecipeWarning)
+        self._maybe_write_report(trainer)
+
+    def _maybe_write_report(self, trainer: "pl.Trainer") -> None:
+        # the children are not in `trainer.callbacks`, so none of them is "the last recipe callback": this is,
+        # when no other recipe callback comes after it. Same writer as every check's.
+        RecipeCheck._maybe_write_report(self, trainer)  # type: ignore[arg-type]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        states = {key: cb.state_dict() for key, cb in self._keyed()}
+        return {"children": {k: v for k, v in states.items() if v}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        children = state_dict.get("children", {})
+        for key, cb in self._keyed():
+            if children.get(key):
+                cb.load_state_dict(children[key])
+
+    def _keyed(self) -> list[tuple[str, Callback]]:
+        """Each child with a key unique within this callback (its ``state_key``, numbered when repeated)."""
+        out: list[tuple[str, Callback]] = []
+        seen: dict[str, int] = {}
+        for cb in self.callbacks:
+            key = cb.state_key
+            n = seen.get(key, 0)
+            seen[key] = n + 1
+            out.append((key if n == 0 else f"{key}#{n}", cb))
+        return out
+
+
+def _forwarder(hook: str) -> Callable[..., None]:
+    def forward_hook(self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(trainer, pl_module, *args, **kwargs)
+
+    forward_hook.__name__ = forward_hook.__qualname__ = hook
+    forward_hook.__doc__ = f"Forward ``{hook}`` to every child callback, in order."
+    return forward_hook
+
+
+def _hooks() -> list[str]:
+    """Every hook of Lightning's ``Callback`` that takes ``(trainer, pl_module, ...)``."""
+    return sorted(
+        name
+        for name, value in vars(Callback).items()
+        if callable(value) and (name.startswith("on_") or name in ("setup", "teardown"))
+    )
+
+
+for _hook in _hooks():
+    if _hook not in vars(Recipe):
+        setattr(Recipe, _hook, _forwarder(_hook))
+del _hook

@@ -1,0 +1,11 @@
+import os
+import sys
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -1,0 +1,70 @@
+"""Tiny labelled models and data, healthy and broken, shared by the tests."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def blobs(n: int = 512, dim: int = 8, classes: int = 4, priors: Optional[list[float]] = None, seed: int = 0):
+    """Gaussian blobs: learnable class-index data; ``priors`` makes the labels imbalanced."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.tensor(priors if priors is not None else [1.0 / classes] * classes)
+    y = torch.multinomial(p, n, replacement=True, generator=g)
+    centers = torch.randn(classes, dim, generator=g) * 2.0
+    x = centers[y] + torch.randn(n, dim, generator=g)
+    return x, y
+
+
+def regression_data(n: int = 512, dim: int = 8, mean: float = 50.0, scale: float = 10.0, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=g)
+    w = torch.randn(dim, 1, generator=g)
+    y = mean + scale * (x @ w / dim**0.5) + 0.1 * scale * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def loader(x, y, batch_size: int = 32, shuffle: bool = True) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle)
+
+
+class TinyModel(L.LightningModule):
+    """A small MLP: ``net[-1]`` is the head."""
+
+    def __init__(self, in_dim: int = 8, out_dim: int = 4, loss_fn: Optional[nn.Module] = None, lr: float = 1e-2,
+                 hidden: int = 32, optimizer: str = "adam", weight_decay: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.lr, self.optimizer, self.weight_decay = lr, optimizer, weight_decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.compute_loss(batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.compute_loss(batch))
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def trainer(tmp_path, callbacks, max_epochs: int = 1, **kw: Any) -> L.Trainer:
+    defaults = dict(
+        default_root_dir=str(tmp_path), max_epochs=max_epochs, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, logger=False, accelerator="cpu", devices=1,
+    )
+    defaults.update(kw)
+    return L.Trainer(callbacks=callbacks, **defaults)

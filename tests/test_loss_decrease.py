@@ -1,0 +1,112 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, regression_data, trainer
+from torch import nn
+
+from lightning_recipe import HeadBiasInit, LossDecreaseCheck, RecipeCheckError, RecipeWarning
+
+
+def _fit(tmp_path, model, dl, epochs=8, cbs=(), **kw):
+    L.seed_everything(0)
+    cb = LossDecreaseCheck(**kw)
+    t = trainer(tmp_path, [*cbs, cb], max_epochs=epochs)
+    t.fit(model, dl)
+    return cb, t
+
+
+@pytest.mark.parametrize(
+    ("model_kw", "data"),
+    [
+        (dict(), "multiclass"),
+        (dict(out_dim=1, loss_fn=nn.BCEWithLogitsLoss()), "binary"),
+        (dict(out_dim=1, loss_fn=nn.MSELoss()), "regression"),
+    ],
+)
+def test_healthy_models_pass(tmp_path, model_kw, data):
+    if data == "regression":
+        x, y = regression_data(n=512, mean=0.0, scale=1.0)
+    else:
+        x, y = blobs(n=512, classes=4 if data == "multiclass" else 2)
+        y = y if data == "multiclass" else y.float().unsqueeze(1)
+    cb, t = _fit(tmp_path, TinyModel(**model_kw), loader(x, y), cbs=[HeadBiasInit()])
+    assert [f.status for f in cb.findings] == ["pass"], cb.findings
+    assert len(cb.losses) == t.global_step == 128
+    assert cb.findings[0].measured < 0.5 * cb.prior_loss  # well below the label-prior loss
+
+
+def test_prior_loss_is_label_entropy(tmp_path):
+    x, y = blobs(n=512, priors=[0.55, 0.3, 0.1, 0.05])
+    cb, _ = _fit(tmp_path, TinyModel(), loader(x, y), epochs=1)
+    p = torch.bincount(y, minlength=4).double() / len(y)
+    assert cb.prior_loss == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+
+
+def test_nan_loss_fails(tmp_path):
+    class NaNAfter(TinyModel):
+        def training_step(self, batch, batch_idx):
+            loss = self.compute_loss(batch)
+            return loss * float("nan") if self.global_step >= 30 else loss
+
+    x, y = blobs()
+    with pytest.raises(RecipeCheckError, match="became nan") as err:
+        _fit(tmp_path, NaNAfter(), loader(x, y), check_every_n_steps=10)
+    assert "learning rate too high" in str(err.value)
+
+
+def test_tiny_learning_rate_fails_to_decrease(tmp_path):
+    x, y = blobs(priors=[0.4, 0.3, 0.2, 0.1])
+    with pytest.raises(RecipeCheckError, match="did not decrease") as err:
+        _fit(tmp_path, TinyModel(lr=1e-9), loader(x, y))
+    assert "learning rate too low" in str(err.value)
+
+
+def test_flipped_sign_fails(tmp_path):
+    class Flipped(TinyModel):
+        def training_step(self, batch, batch_idx):
+            return -self.compute_loss(batch)
+
+    x, y = blobs()
+    with pytest.raises(RecipeCheckError, match="below 0, the smallest value") as err:
+        _fit(tmp_path, Flipped(), loader(x, y))
+    assert "sign is flipped" in str(err.value)
+
+
+def test_permuted_labels_plateau_at_the_prior(tmp_path):
+    x, y = blobs(n=2048, priors=[0.6, 0.2, 0.1, 0.1])
+    y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]  # labels independent of inputs
+    cb = LossDecreaseCheck(on_fail="warn")
+    with pytest.warns(RecipeWarning, match="learned only the label prior"):
+        L.seed_everything(0)
+        trainer(tmp_path, [HeadBiasInit(), cb], max_epochs=2).fit(TinyModel(lr=1e-3), loader(x, y))
+    p = torch.bincount(y, minlength=4).double() / len(y)
+    h = float(-(p * p.log()).sum())
+    failed = [f for f in cb.findings if f.status == "fail"]
+    assert failed and abs(failed[0].measured - h) < 0.05 * h
+    assert failed[0].details["plateau"]["prior_loss"] == pytest.approx(h, rel=1e-5)
+
+
+def test_divergence_fails(tmp_path):
+    class Saturating(TinyModel):
+        """Outputs bounded by 10: a too-high learning rate drives them to the wrong bound (finite loss ~100)."""
+
+        def forward(self, x):
+            return 10 * torch.tanh(self.net(x))
+
+    x, y = regression_data(n=512, mean=0.0, scale=1.0)
+    cb = LossDecreaseCheck(on_fail="warn", check_every_n_steps=5)
+    with pytest.warns(RecipeWarning, match="diverges"):
+        L.seed_everything(0)
+        trainer(tmp_path, [cb], max_epochs=2).fit(
+            Saturating(out_dim=1, loss_fn=nn.MSELoss(), lr=20.0, optimizer="sgd"), loader(x, y))
+    f = next(f for f in cb.findings if f.check.endswith("diverge"))
+    assert math.isfinite(f.measured) and f.measured > 2 * f.expected
+
+
+def test_short_fit_is_skipped_not_failed(tmp_path):
+    x, y = blobs(n=64)
+    cb, _ = _fit(tmp_path, TinyModel(lr=1e-9), loader(x, y), epochs=2)
+    assert [f.status for f in cb.findings] == ["skip"]
+    assert "too few to judge" in cb.findings[0].message

@@ -1,0 +1,73 @@
+import json
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, regression_data, trainer
+from matplotlib.image import imread
+from torch import nn
+
+from lightning_recipe import PredictionDynamics
+
+
+def _not_blank(path):
+    img = imread(path)
+    return img.std() > 0.01 and (img[..., :3] < 0.5).mean() > 0.001  # varied pixels, some dark ink
+
+
+def test_multiclass_records_true_class_probability(tmp_path):
+    L.seed_everything(0)
+    x, y = blobs(n=256)
+    cb = PredictionDynamics(every_n_steps=4, num_samples=10)
+    trainer(tmp_path, [cb], max_epochs=3).fit(TinyModel(), loader(x, y), loader(x[:64], y[:64], shuffle=False))
+    d = np.load(tmp_path / "recipe" / "prediction_dynamics.npz")
+    # one record at the start, then every 4 of the 24 batches
+    assert d["values"].shape == (1 + 24 // 4, 10) and list(d["steps"]) == [0, 4, 8, 12, 16, 20, 24]
+    assert np.array_equal(d["targets"], y[:10].numpy())  # the fixed batch is the first validation batch
+    assert ((d["values"] >= 0) & (d["values"] <= 1)).all()
+    assert d["values"][-1].mean() > d["values"][0].mean() + 0.3  # the model learns: p(true class) rises
+    assert _not_blank(tmp_path / "recipe" / "prediction_dynamics.png")
+
+
+def test_regression_records_predictions_that_approach_targets(tmp_path):
+    L.seed_everything(0)
+    x, y = regression_data(n=64, mean=3.0, scale=1.0)
+    cb = PredictionDynamics(every_n_steps=10, num_samples=8)
+    trainer(tmp_path, [cb], max_epochs=60).fit(
+        TinyModel(out_dim=1, loss_fn=nn.MSELoss(), lr=1e-2), loader(x, y, batch_size=64, shuffle=False)
+    )
+    d = np.load(tmp_path / "recipe" / "prediction_dynamics.npz")
+    assert d["values"].shape == (1 + 60 // 10, 8, 1)
+    err0 = np.abs(d["values"][0, :, 0] - d["targets"][:, 0]).mean()
+    err1 = np.abs(d["values"][-1, :, 0] - d["targets"][:, 0]).mean()
+    assert err1 < 0.2 * err0
+    assert _not_blank(tmp_path / "recipe" / "prediction_dynamics.png")
+
+
+def test_binary_probabilities(tmp_path):
+    x, y = blobs(n=128, classes=2)
+    cb = PredictionDynamics(every_n_steps=2, num_samples=5)
+    trainer(tmp_path, [cb], max_epochs=1).fit(
+        TinyModel(out_dim=1, loss_fn=nn.BCEWithLogitsLoss()), loader(x, y.float().unsqueeze(1))
+    )
+    d = np.load(tmp_path / "recipe" / "prediction_dynamics.npz")
+    assert d["values"].shape == (1 + 4 // 2, 5, 1) and ((d["values"] > 0) & (d["values"] < 1)).all()
+
+
+def test_probe_does_not_change_training(tmp_path):
+    class WithDropout(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+
+    def run(cbs):
+        L.seed_everything(0)
+        m = WithDropout()
+        x, y = blobs(n=256)
+        trainer(tmp_path, cbs, max_epochs=2).fit(m, loader(x, y), loader(x[:64], y[:64]))
+        return m.state_dict()
+
+    a, b = run([]), run([PredictionDynamics(every_n_steps=3)])
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,53 @@
+import json
+
+import lightning as L
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, trainer
+
+import lightning_recipe as lr
+from lightning_recipe import RecipeCheckError, RecipeWarning, collect_findings
+
+
+def _broken():
+    m = TinyModel(out_dim=4)
+    with torch.no_grad():
+        m.net[-1].weight.mul_(50)
+    return m
+
+
+def test_strict_raises_and_still_writes_the_report(tmp_path):
+    x, y = blobs(n=256)
+    t = trainer(tmp_path, lr.strict(), max_epochs=2)
+    with pytest.raises(RecipeCheckError, match="InitialLossCheck"):
+        t.fit(_broken(), loader(x, y))
+    report = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    statuses = {f["check"]: f["status"] for f in report["findings"]}
+    assert statuses["HeadBiasInit"] == "pass" and statuses["InitialLossCheck"] == "fail"
+    assert report["summary"]["fail"] == 1
+    md = (tmp_path / "recipe" / "report.md").read_text()
+    assert "| InitialLossCheck | fail |" in md and "last layer initialised too large" in md
+    assert (tmp_path / "recipe" / "report.html").exists()
+    assert t.global_step == 1  # stopped after the first step
+
+
+def test_recommended_warns_and_training_completes(tmp_path):
+    x, y = blobs(n=256)
+    t = trainer(tmp_path, lr.recommended(), max_epochs=2)
+    with pytest.warns(RecipeWarning, match="far ABOVE"):
+        t.fit(_broken(), loader(x, y))
+    assert t.state.finished and t.global_step == 16
+    assert [f.status for f in collect_findings(t) if f.check == "InitialLossCheck"] == ["fail"]
+
+
+def test_healthy_strict_fit_has_no_failure(tmp_path):
+    L.seed_everything(0)
+    x, y = blobs(n=1024, priors=[0.5, 0.3, 0.15, 0.05])
+    t = trainer(tmp_path, lr.strict(), max_epochs=5)
+    t.fit(TinyModel(), loader(x, y), loader(x[:128], y[:128]))
+    findings = collect_findings(t)
+    assert not [f for f in findings if f.status == "fail"], findings
+    assert {f.check for f in findings} >= {"HeadBiasInit", "InitialLossCheck", "LossDecreaseCheck", "PredictionDynamics"}
+    report = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    assert len(report["findings"]) == len(findings)
+    assert {p.split("/")[-1] for p in report["figures"]} >= {"loss_curve.png", "prediction_dynamics.png"}
