@@ -29,8 +29,8 @@ def parse_args(
     adds the example's own on/off switches (name → help)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-epochs", type=int, default=None, help=f"epochs to train (default {epochs})")
-    parser.add_argument("--fast", action="store_true", help=f"a short run ({fast_epochs} epochs), for tests and a first look")
-    parser.add_argument("--root-dir", default="recipe_runs", help="where logs, plots and the report go (default: recipe_runs)")
+    parser.add_argument("--fast", action="store_true", help="a short run of a few seconds, for tests and a first look")
+    parser.add_argument("--root-dir", default="recipe_runs", help="folder of the runs (default recipe_runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--break",
@@ -50,11 +50,13 @@ def parse_args(
 
 def loggers(args: argparse.Namespace, name: str) -> list[Any]:
     """CSV and TensorBoard, in one folder per run: ``<root>/<name>/version_N`` holds ``metrics.csv``, the recipe's
-    ``recipe/`` folder (``trainer.log_dir`` is the first logger's folder) and the TensorBoard events in ``tensorboard/``.
+    ``recipe/`` folder (``trainer.log_dir`` is the first logger's folder) and the TensorBoard events in
+    ``tensorboard/``.
     """
     run = name if args.broken is None else f"{name}-broken-{args.broken}"
     csv = CSVLogger(args.root_dir, name=run)
-    tb = TensorBoardLogger(args.root_dir, name=run, version=f"version_{csv.version}/tensorboard", default_hp_metric=False)
+    version = f"version_{csv.version}/tensorboard"
+    tb = TensorBoardLogger(args.root_dir, name=run, version=version, default_hp_metric=False)
     return [csv, tb]
 
 
@@ -72,7 +74,7 @@ def fit_and_report(trainer: L.Trainer, model: L.LightningModule, datamodule: L.L
     print()
     if error is not None:
         print(f"A recipe check stopped the fit:\n{error}\n")
-    for key in ("val_acc", "val_loss"):
+    for key in ("val_acc", "val_r2", "val_loss"):
         if key in trainer.callback_metrics and error is None:
             print(f"{key}: {float(trainer.callback_metrics[key]):.4f}")
     print(f"findings:    {summary}")

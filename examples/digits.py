@@ -3,7 +3,6 @@
     python examples/digits.py                  # 15 epochs, well under a minute on a laptop CPU
     python examples/digits.py --fast           # 5 epochs, a few seconds
     python examples/digits.py --break scale    # raw 0-255 pixels: the initial-loss check stops the fit
-    python examples/digits.py --break labels   # labels shuffled: the loss plateaus at the label prior
 
 Logs go to TensorBoard and CSV under ``recipe_runs/digits/version_N``; the recipe's plots and report to
 ``recipe_runs/digits/version_N/recipe/``.
@@ -31,7 +30,6 @@ except ImportError:  # imported as examples.digits
 
 BREAKS = {
     "scale": "pixels as raw 0-255 values, not standardized",
-    "labels": "training labels shuffled, independent of the images",
 }
 
 
@@ -50,8 +48,6 @@ class DigitsData(L.LightningDataModule):
         else:
             mean, std = x_train.mean(), x_train.std()  # one scale for all pixels (border pixels are always 0)
             x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
-        if self.broken == "labels":
-            y_train = np.random.default_rng(self.seed).permutation(y_train)
         self.train = _images(x_train, y_train)
         self.val = _images(x_val, y_val)
 

@@ -7,12 +7,13 @@ from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from lightning_recipe._context import FitContext, get_context, new_fit
 from lightning_recipe._conventions import _Settings, _validate_settings
+from lightning_recipe._labels import EMPTY_LOADER
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding, _write_reports, collect_findings
 
@@ -63,6 +64,7 @@ class RecipeCheck(Callback):
         self.figures: list[str] = []
         self._dir: Optional[str] = None
         self._disabled = False
+        self._saved = False  # results saved on the way out of a failed fit
 
     @property
     def name(self) -> str:
@@ -101,6 +103,9 @@ class RecipeCheck(Callback):
         if finding is not None and finding.causes and local_fail:
             message += "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in finding.causes)
         if self.on_fail == "raise":
+            # save now: `ddp_spawn` workers never reach `on_exception` (Lightning calls it in the parent process)
+            for cb in [cb for cb in trainer.callbacks if getattr(cb, "_is_recipe_callback", False)]:
+                cb.on_exception(trainer, trainer.lightning_module, RecipeCheckError(message))
             raise RecipeCheckError(message)
         rank_zero_warn(message, category=RecipeWarning)
 
@@ -109,16 +114,24 @@ class RecipeCheck(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             new_fit(trainer)
+            # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
+            self.findings, self.figures, self._disabled, self._saved = [], [], False, False
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0 and not self.findings:
+            # Lightning skips training (and `on_train_start`) when the train dataloader has no batch
+            self._config_error(EMPTY_LOADER)
         self._finish(trainer)
         self._maybe_write_report(trainer)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        # no collectives and no raising here: save what was gathered so far
+        # no collectives and no raising here: save what was gathered so far (once)
+        if self._saved:
+            return
+        self._saved = True
         try:
             self._finish(trainer, failed=True)
         except Exception as err:  # pragma: no cover - best effort on the way out
@@ -134,14 +147,17 @@ class RecipeCheck(Callback):
         if not ours or ours[-1] is not self or not trainer.is_global_zero or self._dir is None:
             return
         figures = [p for cb in ours for p in getattr(cb, "figures", [])]
-        meta = {"global_step": trainer.global_step, "epoch": trainer.current_epoch, "state": str(trainer.state.status.value)}
+        meta = {"global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                "state": "stopped by an error" if self._saved else "finished",
+                "seed": os.environ.get("PL_GLOBAL_SEED", "not set")}
         try:
             paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
         except OSError as err:  # pragma: no cover
             rank_zero_warn(f"lightning_recipe could not write its report to {self._dir}: {err}", category=RecipeWarning)
             return
-        from lightning_recipe.loggers import log_text
+        from lightning_recipe.loggers import log_file, log_text
 
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())
-        print(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")
+        log_file(trainer, "recipe/report_html", paths["html"])
+        rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")

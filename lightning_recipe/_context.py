@@ -60,8 +60,10 @@ class FitContext:
         self.head_error: Optional[str] = None
         if self.head is None:
             self.head_error = (
-                f"Found no head: no module with a bias produces the model output {tuple(out.shape)}. "
-                "HINT: pass `head=` (an attribute path such as 'classifier' or 'net.3', or the module)."
+                f"Found no head: no module with a bias produces the model output {tuple(out.shape)} (is the last "
+                "layer built with bias=False?). HINT: give the last layer a bias (e.g. nn.Linear(..., bias=True)), "
+                "pass `head=` (an attribute path such as 'classifier' or 'net.3', or the module), or keep the model "
+                "as it is with HeadBiasInit(skip=True)."
             )
         elif not isinstance(getattr(self.head, "bias", None), nn.Parameter):
             self.head_error = (

@@ -24,6 +24,10 @@ from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats
 
 _SAMPLE = 65_536
+EMPTY_LOADER = (
+    "The train dataloader is empty: there is nothing to train on. HINT: check the dataset behind the "
+    "`train_dataloaders` passed to `trainer.fit` (or the datamodule's `train_dataloader`)."
+)
 
 
 def _single_loader(loader: Any, what: str) -> Optional[DataLoader]:
@@ -66,7 +70,7 @@ def first_batch(trainer: Any) -> Any:
         try:
             batch = next(iter(_private_loader(loader)))
         except StopIteration:
-            raise RecipeConfigError("The train dataloader is empty: there is nothing to train on.") from None
+            raise RecipeConfigError(EMPTY_LOADER) from None
     return _to_device(trainer, batch)
 
 
@@ -116,7 +120,7 @@ def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int
             _, y = split_batch(_to_device(trainer, batch), split)
             out.append(y.detach())
     if not out:
-        raise RecipeConfigError("The train dataloader is empty: there is nothing to train on.")
+        raise RecipeConfigError(EMPTY_LOADER)
     return torch.cat(out, 0)
 
 

@@ -68,7 +68,8 @@ def render_html(findings: list["Finding"], figures: list[str], meta: dict[str, A
     Example::
 
         >>> from lightning_recipe.findings import Finding
-        >>> page = render_html([Finding("LossDecreaseCheck", "fail", "flat", 2.3, 1.0, 100, ["lr too low"])], [], {}, ".")
+        >>> finding = Finding("LossDecreaseCheck", "fail", "flat", 2.3, 1.0, 100, ["lr too low"])
+        >>> page = render_html([finding], [], {}, ".")
         >>> "<td class='status'>fail</td>" in page and "lr too low" in page
         True
     """
@@ -90,7 +91,8 @@ def render_html(findings: list["Finding"], figures: list[str], meta: dict[str, A
         out.append(
             f"<tr class='finding {html.escape(f.status)}'><td>{html.escape(f.check)}</td>"
             f"<td class='status'>{html.escape(f.status)}</td><td class='num'>{html.escape(_fmt(f.measured))}</td>"
-            f"<td class='num'>{html.escape(_fmt(f.expected))}</td><td class='num'>{'' if f.step is None else f.step}</td>"
+            f"<td class='num'>{html.escape(_fmt(f.expected))}</td>"
+            f"<td class='num'>{'' if f.step is None else f.step}</td>"
             f"<td><pre>{html.escape(f.message)}</pre>"
             + (f"<b>Likely causes:</b><ul class='causes'>{causes}</ul>" if causes else "")
             + _details(f.details) + "</td></tr>"

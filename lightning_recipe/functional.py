@@ -296,11 +296,32 @@ def diverged(reference: float, last: Tensor, floor: Optional[float], factor: flo
     return {"reference": reference, "last": low, "growth": grown, "diverged": grown > factor and low > reference}
 
 
+def trend(values: Tensor) -> dict:
+    """Least-squares slope of ``values`` over their index, its standard error and t-statistic.
+
+    Example::
+
+        >>> round(trend(torch.arange(10.0) * -0.5)["slope"], 6)
+        -0.5
+    """
+    y = values.double().reshape(-1)
+    n = y.numel()
+    if n < 3:
+        return {"slope": 0.0, "se": float("inf"), "t": 0.0}
+    x = torch.arange(n, dtype=torch.float64)
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x**2).sum())
+    resid = y - y.mean() - slope * x
+    se = float((resid.pow(2).sum() / (n - 2) / (x**2).sum()).sqrt())
+    return {"slope": slope, "se": se, "t": slope / se if se > 0 else (0.0 if slope == 0 else math.copysign(math.inf, slope))}
+
+
 def plateau_test(recent: Tensor, prior_loss: float, floor: Optional[float], rtol: float = 0.05, z: float = 3.0) -> dict:
     """Is the loss stuck at the loss of the best constant prediction (the label prior)?
 
-    At the prior means: the recent mean is not clearly below ``prior_loss`` (by ``rtol`` of its distance to the floor,
-    or ``z`` standard errors, whichever is larger) and not clearly above it either.
+    At the prior means: the recent mean is within ``rtol`` of the prior loss's distance to the floor, widened to ``z``
+    standard errors of the mean when the losses are noisy, but never beyond ``3 * rtol`` (a thrashing loss far from
+    the prior is not a plateau).
 
     Example::
 
@@ -310,6 +331,6 @@ def plateau_test(recent: Tensor, prior_loss: float, floor: Optional[float], rtol
         False
     """
     m, s = _mean_sd(recent)
-    scale = abs(prior_loss - floor) if floor is not None else abs(prior_loss)
-    band = max(rtol * max(scale, 1e-12), z * s)
+    scale = max(abs(prior_loss - floor) if floor is not None else abs(prior_loss), 1e-12)
+    band = min(max(rtol * scale, z * s), 3 * rtol * scale)  # noise widens the band, up to 3x: noisy is not flat
     return {"recent": m, "prior_loss": prior_loss, "band": band, "plateau": abs(m - prior_loss) <= band}

@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
@@ -88,7 +89,17 @@ class InitialLossCheck(RecipeCheck):
         if ctx is None:
             return
         spec = ctx.spec
-        _, targets = split_batch(batch, self._settings.split_batch)
+        try:
+            _, targets = split_batch(batch, self._settings.split_batch)
+        except RecipeConfigError:
+            targets = None
+        if not isinstance(targets, Tensor):  # e.g. several train dataloaders: a list/dict of batches
+            self.done = True
+            self.findings.append(Finding(self.name, "skip", f"{self.name}: the training batch ({type(batch).__name__}) "
+                                         "does not split into inputs and a target tensor (several train dataloaders?), "
+                                         "so the first loss has no constant-prediction reference. HINT: pass "
+                                         "`split_batch=lambda batch: (inputs, targets)`."))
+            return
         y = spec.canonical_targets(targets.detach()).cpu()
         c = ctx.current_constant()
         expected = constant_loss(spec.loss, c, y)
@@ -97,6 +108,8 @@ class InitialLossCheck(RecipeCheck):
         _, lo_sd = noise_band(spec.loss, c, y, s_lo)
         upper = hi_mean + self.z * hi_sd
         lower = expected - self.z * lo_sd - 1e-6 * max(1.0, abs(expected))
+        if spec.floor is not None:  # no healthy loss is below the loss function's minimum
+            lower = max(lower, spec.floor - 1e-6 * max(1.0, abs(expected)))
         self._expected = {
             "expected": expected,
             "upper": upper,
@@ -128,32 +141,42 @@ class InitialLossCheck(RecipeCheck):
 
     def _judge(self, measured: float, e: dict[str, Any], step: int) -> Finding:
         spec = e["spec"]
-        what = (
-            f"the loss of predicting the head bias for every example ({spec.loss_name}, {spec.task}, "
-            f"{spec.num_outputs} output(s){', zero bias' if e['zero_bias'] else ''}) on the first batch's targets"
-        )
+        what = (f"{spec.loss_name} ({spec.task}, {spec.num_outputs} output(s)) with every output equal to the head "
+                f"bias{' (zero)' if e['zero_bias'] else ''}, on the first batch's targets")
         if spec.task == "multiclass" and e["zero_bias"] and spec.weight is None and not spec.label_smoothing:
             what += f": log({spec.num_outputs}) = {math.log(spec.num_outputs):.4f}"
         numbers = (
-            f"measured {measured:.6g}, expected {e['expected']:.6g} ({what}); healthy range [{e['lower']:.6g}, "
-            f"{e['upper']:.6g}] (outputs = bias + N(0, s²) noise, s <= max_output_std={self.max_output_std:g}, "
-            f"z={self.z:g}). Initial output spread (std around the bias): {e['output_std']:.4g}."
+            f"  measured first loss: {measured:.4g}\n"
+            f"  expected:            {e['expected']:.4g}  ({what}; an untrained network should predict about the "
+            "same for every input)\n"
+            f"  healthy range:       [{e['lower']:.4g}, {e['upper']:.4g}]  (initial outputs = bias + noise of std up to "
+            f"max_output_std={self.max_output_std:g}, z={self.z:g})"
         )
-        notes = "".join(f" Note: {n}." for n in spec.notes)
+        clue = f"initial output spread (std around the bias on a training batch): {e['output_std']:.4g}"
+        notes = "".join(f"\n  note: {n}" for n in spec.notes)
         details = {k: v for k, v in e.items() if k != "spec"}
         if not math.isfinite(measured):
-            return Finding(self.name, "fail", f"{self.name}: the first loss is {measured}. {numbers}", measured,
-                           e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"], details)
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is {measured}.\n{numbers}", measured,
+                           e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"],
+                           details)
+        if spec.floor is not None and measured < spec.floor - 1e-6 * max(1.0, abs(e["expected"])):
+            return Finding(self.name, "fail", f"{self.name}: the first training loss {measured:.4g} is below "
+                           f"{spec.floor:g}, the smallest value {spec.loss_name} can take: training_step returns the "
+                           f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}{notes}",
+                           measured, e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
         if measured > e["upper"]:
-            return Finding(self.name, "fail", f"{self.name}: the first training loss is far ABOVE the loss of the constant "
-                           f"prediction: {numbers}{notes} HINT: if the guess of loss or head is wrong, pass `loss_fn=` / "
-                           "`head=`; if the scale is intended, raise `max_output_std`.", measured, e["expected"], step,
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is far ABOVE what an untrained "
+                           f"network should give; {clue} (healthy: up to {self.max_output_std:g}).\n{numbers}{notes}\n"
+                           "  HINT: if the guess of loss or head is wrong, pass `loss_fn=` / `head=`; if large initial "
+                           "outputs are intended, raise `max_output_std`.", measured, e["expected"], step,
                            list(_HIGH_CAUSES), details)
         if measured < e["lower"]:
-            return Finding(self.name, "fail", f"{self.name}: the first training loss is far BELOW the loss of the constant "
-                           f"prediction, so the model knows the labels before training: {numbers}{notes}", measured,
-                           e["expected"], step, list(_LOW_CAUSES), details)
-        return Finding(self.name, "pass", f"{self.name}: {numbers}", measured, e["expected"], step, [], details)
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is far BELOW the loss of a "
+                           f"constant prediction, so the model knows the labels before training.\n{numbers}{notes}",
+                           measured, e["expected"], step, list(_LOW_CAUSES), details)
+        return Finding(self.name, "pass", f"{self.name}: the first training loss {measured:.4g} matches the expected "
+                       f"{e['expected']:.4g} ({what}); healthy range [{e['lower']:.4g}, {e['upper']:.4g}]; {clue}.",
+                       measured, e["expected"], step, [], details)
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_recipe.exceptions import RecipeWarning
 
-__all__ = ["log_figure", "log_scalars", "log_text"]
+__all__ = ["log_figure", "log_file", "log_scalars", "log_text"]
 
 _DPI = 100
 
@@ -104,7 +104,8 @@ def log_figure(
                         if path is None or not _same_path(target, path):
                             _write_bytes(target, png)
             except Exception as err:  # a logger failing must not stop the fit
-                rank_zero_warn(f"lightning_recipe could not send figure {tag!r} to {kind}: {err}", category=RecipeWarning)
+                message = f"lightning_recipe could not send figure {tag!r} to {kind}: {err}"
+                rank_zero_warn(message, category=RecipeWarning)
     finally:
         if close:
             _release(figure)
@@ -180,6 +181,52 @@ def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> N
                         _write_bytes(target, text.encode())
         except Exception as err:
             rank_zero_warn(f"lightning_recipe could not send text {tag!r} to {kind}: {err}", category=RecipeWarning)
+
+
+@rank_zero_only
+def log_file(trainer: Any, tag: str, path: str, step: Optional[int] = None) -> None:
+    """Send a file (the self-contained ``report.html``) to every logger that keeps files.
+
+    MLflow: artifact under the tag's folder (the MLflow UI shows HTML artifacts inline); W&B: ``wandb.Html`` under
+    ``tag`` (a media file in the run); Comet: ``log_asset``; CSVLogger and unknown loggers: a copy under
+    ``<logger.log_dir>/recipe/`` unless it is the same file; TensorBoard keeps no files (it gets the markdown text
+    through :func:`log_text`).
+
+    Args:
+        trainer: the Trainer (its ``loggers`` are used).
+        tag: e.g. ``"recipe/report_html"``; MLflow stores the file under the tag's parent folder (``recipe/``).
+        path: the local file.
+        step: the global step (``None`` → ``trainer.global_step``).
+
+    Example::
+
+        >>> import lightning as L
+        >>> log_file(L.Trainer(logger=False), "recipe/report_html", "report.html")
+    """
+    step = int(trainer.global_step if step is None else step)
+    base = os.path.basename(path)
+    for logger in trainer.loggers:
+        kind = _kind(logger)
+        try:
+            if kind == "MLFlowLogger":
+                folder = _artifact_dir(tag).rsplit("/", 1)[0] if "/" in tag else None
+                logger.experiment.log_artifact(logger.run_id, path, folder)
+            elif kind == "WandbLogger":
+                import wandb
+
+                with open(path) as fh:  # a file object: never mistaken for a path
+                    logger.log_metrics({tag: wandb.Html(fh, inject=False)}, step=step)
+            elif kind == "CometLogger":
+                logger.experiment.log_asset(path, file_name=base, step=step)
+            elif kind != "TensorBoardLogger":
+                sub = _logger_dir(logger)
+                if sub is not None:
+                    target = os.path.join(sub, "recipe", base)
+                    if not _same_path(target, path):
+                        with open(path, "rb") as fh:
+                            _write_bytes(target, fh.read())
+        except Exception as err:
+            rank_zero_warn(f"lightning_recipe could not send file {base!r} to {kind}: {err}", category=RecipeWarning)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import constant_loss, decrease_test, diverged, plateau_test
+from lightning_recipe.functional import constant_loss, decrease_test, diverged, plateau_test, trend
 
 _NONFINITE = [
     "learning rate too high (the loss exploded to inf/NaN)",
@@ -27,12 +27,14 @@ _FLAT = [
     "weight decay or gradient clipping so strong that nothing moves",
     "frozen or unused parameters (requires_grad=False, the optimizer built before the layers were swapped)",
     "optimizer.step()/zero_grad() missing in manual optimization",
+    "regression targets on a large scale (e.g. mean 150, std 77): standardise the targets or raise the learning rate",
 ]
 _PLATEAU = [
     "labels shuffled independently of the inputs",
     "inputs zeroed or constant (the data pipeline feeds the wrong tensor)",
     "the model ignores its input",
     "learning stalled: learning rate too low or weight decay too strong",
+    "regression targets on a large scale (e.g. mean 150, std 77): standardise the targets or raise the learning rate",
 ]
 _BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the optimiser maximises the loss"]
 
@@ -54,11 +56,15 @@ class LossDecreaseCheck(RecipeCheck):
       have ``window`` batches.
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
       ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy, target
-      variance, ...) fails with "the model learned only the label prior".
+      variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)`` losses
+      not significantly negative at ``z``) fails with "the model learned only the label prior". A slow learner that
+      passes through the prior level on its way down is not a plateau.
     * at each of the first ``early_epochs`` epoch ends: the epoch mean must not be significantly above the previous
       one.
 
-    A fit shorter than ``warmup_steps`` batches gets a ``skip`` finding for the decrease and plateau tests.
+    The warm-up adapts to the run: ``max(30, min(warmup_steps, planned_batches // 2))``, so a short fit (a small
+    data set, a few epochs) is still judged, at half its length. A fit shorter than that gets a ``skip`` finding for
+    the decrease and plateau tests.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -99,6 +105,8 @@ class LossDecreaseCheck(RecipeCheck):
                 raise RecipeConfigError(f"{self.name}: `{name}` must be a positive int, got {v!r}.")
         self.check_every_n_steps = check_every_n_steps
         self.warmup_steps = warmup_steps
+        self._window_arg = window
+        self._warmup = warmup_steps  # effective warm-up of this fit, set at train start from the planned length
         self.window = window or max(5, min(50, warmup_steps // 5))
         self.min_rel_decrease = min_rel_decrease
         self.divergence_ratio = divergence_ratio
@@ -122,6 +130,8 @@ class LossDecreaseCheck(RecipeCheck):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._floor = None if self.loss_floor == "auto" else self.loss_floor  # type: ignore[assignment]
+        self._warmup = _effective_warmup(self.warmup_steps, trainer)
+        self.window = self._window_arg or max(5, min(50, self._warmup // 5))
         try:
             from lightning_recipe._context import get_context
 
@@ -181,7 +191,8 @@ class LossDecreaseCheck(RecipeCheck):
         if not self.decrease_checked:
             n = len(self.losses)
             finding = Finding(f"{self.name}.decrease", "skip", f"{self.name}: only {n} training steps with a loss, fewer "
-                              f"than warmup_steps={self.warmup_steps}: too few to judge whether the loss decreases.")
+                              f"than the warm-up of {self._warmup} (warmup_steps={self.warmup_steps}, at most half the planned batches, "
+                              "at least 30): too few to judge whether the loss decreases.")
         elif not any(f.failed for f in self.findings):
             first, last = self.losses[: self.window], self.losses[-self.window :]
             finding = Finding(self.name, "pass", f"{self.name}: the loss went from {_mean(first):.4g} (first "
@@ -201,6 +212,8 @@ class LossDecreaseCheck(RecipeCheck):
     def _flush_and_check(self, trainer: "pl.Trainer") -> None:
         new = self._flush()
         finding = self._evaluate(new, trainer.global_step) if new else None
+        if finding is not None and finding.failed and finding.check != f"{self.name}.floor":
+            finding.message += f"\n  learning rate now: {_learning_rates(trainer)}"
         if finding is not None and finding.failed:
             if finding.check in self._reported:  # warn mode: each sub-check warns once
                 finding = None
@@ -214,8 +227,12 @@ class LossDecreaseCheck(RecipeCheck):
         start = len(losses) - len(new)
         bad = next((i for i, v in enumerate(new) if not math.isfinite(v)), None)
         if bad is not None:
+            finite = [f"{v:.4g}" for v in losses[max(0, start + bad - 5) : start + bad]]
             return Finding(f"{self.name}.finite", "fail", f"{self.name}: the training loss became {new[bad]} at "
-                           f"batch {start + bad} (global step ~{step}).", new[bad], None, step, list(_NONFINITE))
+                           f"training batch {start + bad} of this fit (losses are read every {self.check_every_n_steps} "
+                           f"batches; read at global step {step}). The losses before it: {', '.join(finite) or 'none'}."
+                           "\n  HINT: lower the learning rate, set the Trainer's `gradient_clip_val`, and check the "
+                           "inputs and targets with torch.isfinite.", new[bad], None, step, list(_NONFINITE))
         if self._floor is not None:
             low = min(new)
             if low < self._floor - 1e-6 * max(1.0, abs(self._floor)):
@@ -233,7 +250,7 @@ class LossDecreaseCheck(RecipeCheck):
                                f"steps is at least {d['last']:.6g}, x{d['growth']:.3g} the reference {ref:.6g} (the "
                                "larger of the first loss and the loss of the constant prediction), measured from the "
                                f"floor; limit x{self.divergence_ratio:g}.", d["last"], ref, step, list(_DIVERGE), d)
-        if len(losses) < self.warmup_steps or len(losses) < 2 * w:
+        if len(losses) < self._warmup or len(losses) < 2 * w:
             return None
         last = torch.tensor(losses[-w:])
         plateau = None
@@ -245,25 +262,31 @@ class LossDecreaseCheck(RecipeCheck):
             if not d["decreased"]:
                 at_prior = plateau is not None and plateau["plateau"]
                 diag = (f" It sits at the loss of the best constant prediction ({self.prior_loss:.6g}): the model "
-                        "learned only the label prior (labels shuffled? inputs zeroed? learning rate/weight decay?)."
-                        if at_prior else "")
+                        "learned only the label prior." if at_prior else "")
                 return Finding(f"{self.name}.decrease", "fail", f"{self.name}: the loss did not decrease after "
                                f"{len(losses)} steps: first {w} steps {d['first']:.6g}, last {w} steps {d['last']:.6g} "
                                f"(relative decrease {d['relative_decrease']:.3g} < {self.min_rel_decrease:g}, not "
-                               f"significant at z={self.z:g}).{diag}", d["last"], d["first"], step,
-                               (list(_PLATEAU) if at_prior else []) + list(_FLAT), {**d, "plateau": plateau})
-        if plateau is not None and plateau["plateau"]:
+                               f"significant at z={self.z:g}).{diag}\n  HINT: if the model is meant to learn this "
+                               "slowly, raise `warmup_steps` or lower `min_rel_decrease`.", d["last"], d["first"], step,
+                               (list(_PLATEAU[:3]) if at_prior else []) + list(_FLAT), {**d, "plateau": plateau})
+        span = max(w, self._warmup // 2)
+        if plateau is not None and plateau["plateau"] and len(losses) >= w + span:
+            # a plateau is flat: a slow learner passing through the prior level is still going down
+            slope = trend(torch.tensor(losses[-(w + span) :]))
+            plateau["trend"] = slope
+            if slope["t"] < -self.z:
+                return None
             return Finding(f"{self.name}.plateau", "fail", f"{self.name}: after {len(losses)} steps the loss "
                            f"{plateau['recent']:.6g} is at the loss of the best input-independent (constant) prediction "
-                           f"{self.prior_loss:.6g} (± {plateau['band']:.3g}): the model learned only the label prior "
-                           "(labels shuffled? inputs zeroed? learning rate/weight decay?).", plateau["recent"],
-                           self.prior_loss, step, list(_PLATEAU), plateau)
+                           f"{self.prior_loss:.6g} (± {plateau['band']:.3g}), and flat: the model learned only the label "
+                           "prior. InputDependenceCheck tells whether the model uses its input at all.",
+                           plateau["recent"], self.prior_loss, step, list(_PLATEAU), plateau)
         return None
 
     def _epoch_finding(self, trainer: "pl.Trainer") -> Optional[Finding]:
         ends = self.epoch_ends
         e = len(ends) - 1
-        if e < 1 or e > self.early_epochs or len(self.losses) < self.warmup_steps:
+        if e < 1 or e > self.early_epochs or len(self.losses) < self._warmup:
             return None
         prev = torch.tensor(self.losses[(ends[e - 2] if e >= 2 else 0) : ends[e - 1]])
         cur = torch.tensor(self.losses[ends[e - 1] : ends[e]])
@@ -295,16 +318,36 @@ class LossDecreaseCheck(RecipeCheck):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._flush()
-        return {"losses": list(self.losses), "epoch_ends": list(self.epoch_ends), "decrease_checked":
+        # the pending losses are saved but stay in the buffer: the next read still checks them
+        pending = self._buf[: self._n].tolist() if self._buf is not None and self._n else []
+        return {"losses": self.losses + pending, "epoch_ends": list(self.epoch_ends), "decrease_checked":
                 self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = list(state_dict.get("losses", []))
+        self._n = 0  # losses pending at the save are in `losses`
         self.epoch_ends = list(state_dict.get("epoch_ends", []))
         self.decrease_checked = bool(state_dict.get("decrease_checked", False))
         self.expected_initial_loss = state_dict.get("expected_initial_loss")
+
+
+def _learning_rates(trainer: "pl.Trainer") -> str:
+    """The optimizers' current learning rates, as text (host values: no sync)."""
+    lrs = [g.get("lr") for opt in trainer.optimizers for g in opt.param_groups]
+    lrs = [float(v) for v in lrs if isinstance(v, (int, float))]
+    return ", ".join(f"{v:.3g}" for v in lrs[:4]) if lrs else "unknown"
+
+
+def _effective_warmup(warmup_steps: int, trainer: "pl.Trainer") -> int:
+    """``max(30, min(warmup_steps, planned_batches // 2))``; ``warmup_steps`` when the length is unknown."""
+    try:
+        planned = float(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches
+    except Exception:  # an iterable dataset without length, or a dataloader that cannot be measured
+        return warmup_steps
+    if not math.isfinite(planned) or planned <= 0:
+        return warmup_steps
+    return int(max(min(30, warmup_steps), min(warmup_steps, planned // 2)))
 
 
 def _mean(x: list[float]) -> float:

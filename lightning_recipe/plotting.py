@@ -63,7 +63,8 @@ def plot_loss_curve(
     ax.plot(x, y, lw=0.8, color="tab:blue", alpha=0.6 if len(y) >= 10 else 1.0, marker="." if len(y) < 50 else None,
             label="training loss (per batch)")
     if expected_initial is not None and np.isfinite(expected_initial):
-        ax.axhline(expected_initial, color="tab:red", ls=":", lw=1.5, label=f"expected initial loss {expected_initial:.4g}")
+        ax.axhline(expected_initial, color="tab:red", ls=":", lw=1.5,
+                   label=f"expected initial loss {expected_initial:.4g}")
     if prior_loss is not None and np.isfinite(prior_loss):
         ax.axhline(prior_loss, color="tab:orange", ls="--", lw=1.5,
                    label=f"label-prior (constant prediction) loss {prior_loss:.4g}")
@@ -138,7 +139,9 @@ def plot_prediction_dynamics(
     return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title)
 
 
-def _plot_multiclass(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str, sequence: bool) -> Any:
+def _plot_multiclass(
+    steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str, sequence: bool
+) -> Any:
     what = "mean p(true token)" if sequence else "p(true class)"
     fig = _figure(12, 4.5)
     ax, hm = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -217,7 +220,8 @@ def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndar
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         pad = 0.05 * (hi - lo or 1.0)
         sc.scatter(tt, final, c=[_colour(i) for i in range(n) for _ in range(d)], s=25, zorder=3)
-        sc.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.5", ls="--", label="identity (prediction = target)")
+        ends = [lo - pad, hi + pad]
+        sc.plot(ends, ends, color="0.5", ls="--", label="identity (prediction = target)")
         sc.set_xlabel("target")
         sc.legend(fontsize=8, loc="upper left")
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -18,6 +19,8 @@ from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
+
+_DRAW_BUDGET = 0.01  # intermediate drawings: at most this fraction of the training time
 
 
 class PredictionDynamics(RecipeCheck):
@@ -34,7 +37,8 @@ class PredictionDynamics(RecipeCheck):
     (regression). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
     ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
     redrawn at an epoch end when the number of records has grown by half since the last drawing (a long fit draws
-    O(log n) times), and at the end of the fit.
+    O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
+    1 s on a CPU), and at the end of the fit.
 
     **Jitter.** Each drawing also logs ``recipe/prediction_jitter``, the :func:`jitter_index` of the snapshots: how
     much the predictions move back and forth from one snapshot to the next, beyond their trend, relative to how far
@@ -47,7 +51,9 @@ class PredictionDynamics(RecipeCheck):
     * **thrashing**: the index is above half of what pure snapshot-to-snapshot noise (predictions with no trend at
       all) gives for the same number of snapshots (about 0.14 for 10 snapshots, 0.11 for 25), and the jitter is at
       least 1% of the prediction scale (probabilities: 1; regression: the targets' standard deviation): the
-      learning rate is too high, or the batch too small for it. Healthy fits of the tests measure 0.005 to 0.07.
+      learning rate is too high, or the batch too small for it. Measured: healthy fits of digits, wine, breast
+      cancer and diabetes (Adam 3e-4 to 1e-2, 8 to 229 snapshots) 0 to 0.057 against thresholds 0.08 to 0.15;
+      Gaussian blobs with SGD at lr=6 (far too high) 0.14 to 0.29 against 0.11.
 
     Args:
         every_n_steps: batches between two records.
@@ -77,6 +83,7 @@ class PredictionDynamics(RecipeCheck):
         self._spec: Optional[TaskSpec] = None
         self._batches = 0
         self._drawn_at = 0
+        self._t0, self._draw_s, self._draw_cost = time.perf_counter(), 0.0, 0.5  # drawing-time budget
 
     # -- the fixed batch ------------------------------------------------------------------------------------------
     @override
@@ -100,6 +107,7 @@ class PredictionDynamics(RecipeCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._t0, self._draw_s = time.perf_counter(), 0.0
         ctx = self._context(trainer, pl_module)
         if ctx is None:
             return
@@ -159,8 +167,12 @@ class PredictionDynamics(RecipeCheck):
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._to_host()
-        if len(self.values) >= max(2, int(1.5 * self._drawn_at) + 1):
+        budget = _DRAW_BUDGET * (time.perf_counter() - self._t0)
+        if len(self.values) >= max(2, int(1.5 * self._drawn_at) + 1) and self._draw_s + self._draw_cost <= budget:
+            t = time.perf_counter()
             self._draw(trainer)
+            self._draw_cost = time.perf_counter() - t
+            self._draw_s += self._draw_cost
 
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
@@ -197,13 +209,13 @@ class PredictionDynamics(RecipeCheck):
                 f"steps {self.steps[0]}..{self.steps[-1]}")
         details = {k: v for k, v in j.items()}
         if j["frozen"]:
-            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions are FROZEN: the largest change between "
-                           f"two snapshots is {j['max_change']:.3g} (rounding level {j['frozen_tol']:.3g}) although "
+            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions are FROZEN: the largest change "
+                           f"between two snapshots is {j['max_change']:.3g} (rounding level {j['frozen_tol']:.3g}) although "
                            f"{self.steps[-1] - self.steps[0]} optimizer steps ran. Nothing learns.", j["max_change"],
                            j["frozen_tol"], trainer.global_step, list(_FROZEN), details)
         if j["thrash"]:
-            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions THRASH: jitter index {j['index']:.3g} "
-                           f"above {j['threshold']:.3g} (half the index of pure snapshot-to-snapshot noise, "
+            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions THRASH: jitter index "
+                           f"{j['index']:.3g} above {j['threshold']:.3g} (half the index of pure snapshot-to-snapshot noise, "
                            f"{j['noise_reference']:.3g}, for {n_snap} snapshots); they jump by {j['jitter']:.3g} (RMS) "
                            f"against a travel of {j['movement']:.3g}. HINT: lower the learning rate, or record more "
                            "often (`every_n_steps`) to see the oscillation.", j["index"], j["threshold"],
@@ -308,7 +320,8 @@ def jitter_index(values: np.ndarray, scale: float = 1.0, steps: Optional[np.ndar
     v = v.reshape(s, -1) if s else np.empty((0, 0))
     nan = float("nan")
     out: dict[str, Any] = {"index": nan, "jitter": nan, "movement": nan, "max_change": nan, "snapshots": int(s),
-                           "noise_reference": nan, "threshold": nan, "frozen_tol": nan, "frozen": False, "thrash": False}
+                           "noise_reference": nan, "threshold": nan, "frozen_tol": nan, "frozen": False,
+                           "thrash": False}
     if s < 2 or v.shape[1] == 0 or not np.isfinite(v).all():
         return out
     tol = _FROZEN_RTOL * max(1.0, float(np.abs(v).max()))

@@ -14,22 +14,40 @@ from typing_extensions import override
 from lightning_recipe._base import RecipeCheck, recipe_dir
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
+from lightning_recipe.batch_independence import BatchIndependenceCheck
+from lightning_recipe.data_checks import DataCheck
 from lightning_recipe.head_bias import HeadBiasInit
 from lightning_recipe.initial_loss import InitialLossCheck
+from lightning_recipe.input_dependence import InputDependenceCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
+from lightning_recipe.optimization import OptimizationHealthCheck
+from lightning_recipe.output_range import OutputRangeCheck
+from lightning_recipe.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.reproducibility import ReproducibilityCheck
 
 Preset = Literal["strict", "recommended"]
 _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended": "warn"}
 
 
 def _bundle(on_fail: Literal["raise", "warn"], overrides: dict[str, Any]) -> list[Callback]:
-    """The checks of the presets, in the order they run (bias init before the initial-loss check)."""
+    """The checks of the presets, in the order they run.
+
+    The data is looked at before the model; the bias is set before the initial-loss check measures the first step and
+    before the parameter-update check takes its snapshot; the per-step monitors come last.
+    """
     kw = {k: v for k, v in overrides.items() if v is not None}
     return [
+        DataCheck(on_fail=on_fail, **kw),
         HeadBiasInit(on_fail=on_fail, **kw),
+        OutputRangeCheck(on_fail=on_fail, **kw),
         InitialLossCheck(on_fail=on_fail, **kw),
+        BatchIndependenceCheck(on_fail=on_fail, **kw),
+        ParameterUpdateCheck(on_fail=on_fail, **kw),
         LossDecreaseCheck(on_fail=on_fail, **kw),
+        InputDependenceCheck(on_fail=on_fail, **kw),
+        OptimizationHealthCheck(on_fail=on_fail, **kw),
+        ReproducibilityCheck(on_fail=on_fail, **kw),
         PredictionDynamics(on_fail=on_fail, **kw),
     ]
 
@@ -50,8 +68,8 @@ def strict(
 
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=strict(), logger=False)
-        >>> [type(cb).__name__ for cb in strict()]
-        ['HeadBiasInit', 'InitialLossCheck', 'LossDecreaseCheck', 'PredictionDynamics']
+        >>> [type(cb).__name__ for cb in strict()][:4]
+        ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
     """
     return _bundle("raise", dict(split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task))
 
@@ -110,8 +128,8 @@ class Recipe(Callback):
 
         >>> import lightning as L
         >>> recipe = Recipe(preset="recommended", head="net.2")
-        >>> [type(cb).__name__ for cb in recipe.callbacks]
-        ['HeadBiasInit', 'InitialLossCheck', 'LossDecreaseCheck', 'PredictionDynamics']
+        >>> [type(cb).__name__ for cb in recipe.callbacks][:4]
+        ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
         >>> trainer = L.Trainer(callbacks=[recipe], logger=False)
     """
 
@@ -163,6 +181,11 @@ class Recipe(Callback):
         return self._generate_state_key(preset=self.preset, callbacks=kinds)
 
     @property
+    def _saved(self) -> bool:
+        """Whether the children saved their results on the way out of a failed fit (read by the report writer)."""
+        return any(getattr(cb, "_saved", False) for cb in self.callbacks)
+
+    @property
     def findings(self) -> list[Finding]:
         """The findings of the children, in order."""
         return [f for cb in self.callbacks for f in (getattr(cb, "findings", None) or [])]
@@ -205,7 +228,8 @@ class Recipe(Callback):
 
     def _maybe_write_report(self, trainer: "pl.Trainer") -> None:
         # the children are not in `trainer.callbacks`, so none of them is "the last recipe callback": this is,
-        # when no other recipe callback comes after it. Same writer as every check's.
+        # when no other recipe callback comes after it. Same writer as every check's; it reads `_dir`, `_saved`
+        # and `name`, which this class provides (tests/test_presets.py runs it on both paths).
         RecipeCheck._maybe_write_report(self, trainer)  # type: ignore[arg-type]
 
     @override
@@ -233,7 +257,9 @@ class Recipe(Callback):
 
 
 def _forwarder(hook: str) -> Callable[..., None]:
-    def forward_hook(self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any) -> None:
+    def forward_hook(
+        self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any
+    ) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(trainer, pl_module, *args, **kwargs)
 

@@ -1,0 +1,349 @@
+"""``BatchIndependenceCheck``: the recipe's "use backprop to chart dependencies"."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import probe_mode, resolve_module, run_forward
+from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.findings import Finding
+
+_BATCH_CAUSES = [
+    "`view`/`reshape` used where `transpose`/`permute` was meant, which interleaves examples "
+    "(e.g. `h.view(T, N, -1)` on an (N, T, ...) tensor)",
+    "a statistic over the batch dimension (`x - x.mean(0)`, normalisation by batch statistics, "
+    "BatchNorm with track_running_stats=False)",
+    "a reduction or softmax over dim 0 where the feature or time dimension was meant",
+]
+_CAUSAL_CAUSES = [
+    "attention without a causal mask (the output at t attends to later positions)",
+    "a bidirectional RNN or a centred (non-causal) convolution in an autoregressive model",
+    "inputs and targets not shifted by one: the target of position t is fed as an input",
+]
+_MODEL_PARALLEL = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+
+class BatchIndependenceCheck(RecipeCheck):
+    """The output of example ``i`` must depend on example ``i`` of the batch only (and, with ``causal=True``, the
+    output at position ``t`` on positions ``<= t`` only).
+
+    At fit start, on a deep copy of the model in eval mode (BatchNorm uses its running statistics, dropout is off;
+    the training model, its gradients and the random state are not touched), the check takes the probe batch (at
+    most ``max_batch_size`` examples), computes for ``num_examples`` examples ``i`` the gradient of a fixed random
+    projection of output ``i`` with respect to the whole input batch, and measures per example ``j`` the size
+    ``m_j = sum |grad_j|``. A healthy model gives exactly zero outside ``i`` (no arithmetic mixes examples), so the
+    threshold is a relative round-off tolerance: example ``j`` leaks when ``m_j > rtol * max_k m_k``. Integer inputs
+    (token ids) cannot be differentiated: the gradient is taken with respect to the output of the ``nn.Embedding``
+    that consumes them (or the module named by ``embedding=``).
+
+    With ``causal=True`` (autoregressive models, inputs and outputs ``(N, T, ...)`` with time on ``time_dim``), for
+    ``num_positions`` positions ``t`` the gradient of output ``(i, t)`` must also vanish on input positions after
+    ``t``: a missing attention mask, a bidirectional layer or a target fed as an input shows up here.
+
+    One host sync in all. Skipped on a resume and under model-parallel strategies (FSDP, DeepSpeed), where a copy
+    of the model cannot run on its own.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        num_examples: examples ``i`` whose output is differentiated (spread over the batch).
+        causal: also check that no output depends on later positions.
+        time_dim: time dimension of the inputs (or of the embedding output) for ``causal=True``; the outputs have
+            time on dimension 1.
+        num_positions: positions ``t`` checked per example with ``causal=True``.
+        max_batch_size: examples of the probe batch used.
+        rtol: relative size of a gradient that counts as a dependence.
+        embedding: for integer inputs, the module whose output is differentiated (attribute path or module);
+            default: the ``nn.Embedding`` that consumes the inputs.
+        seed: seed of the private generator of the output projection.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[BatchIndependenceCheck(num_examples=2)], logger=False)
+    """
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        num_examples: int = 3,
+        causal: bool = False,
+        time_dim: int = 1,
+        num_positions: int = 4,
+        max_batch_size: int = 64,
+        rtol: float = 1e-5,
+        embedding: Optional[Union[str, nn.Module]] = None,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(on_fail, **kwargs)
+        for name, v, low in (("num_examples", num_examples, 1), ("num_positions", num_positions, 1),
+                             ("max_batch_size", max_batch_size, 2)):
+            if not isinstance(v, int) or v < low:
+                raise RecipeConfigError(f"{self.name}: `{name}` must be an int >= {low}, got {v!r}.")
+        if not (0 < rtol < 1):
+            raise RecipeConfigError(f"{self.name}: `rtol` must be in (0, 1), got {rtol!r}.")
+        if embedding is not None and not isinstance(embedding, (str, nn.Module)):
+            raise RecipeConfigError(f"{self.name}: `embedding` must be an attribute path or a module, got "
+                                    f"{type(embedding).__name__}.")
+        self.num_examples = num_examples
+        self.causal = bool(causal)
+        self.time_dim = int(time_dim)
+        self.num_positions = num_positions
+        self.max_batch_size = max_batch_size
+        self.rtol = float(rtol)
+        self.embedding = embedding
+        self.seed = int(seed)
+        self.done = False
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.done or trainer.ckpt_path is not None:
+            self.done = True
+            return
+        ctx = self._context(trainer, pl_module)
+        if ctx is None:
+            return
+        self.done = True
+        try:
+            finding = self._measure(trainer, pl_module, ctx.inputs)
+        except RecipeConfigError as err:
+            self._config_error(str(err))
+            return
+        self._conclude(trainer, finding)
+
+    # -- measurement ----------------------------------------------------------------------------------------------
+    def _skip(self, why: str) -> Finding:
+        return Finding(self.name, "skip", f"{self.name}: {why}")
+
+    def _measure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any) -> Finding:
+        if type(trainer.strategy).__name__ in _MODEL_PARALLEL:
+            return self._skip(f"not run under {type(trainer.strategy).__name__} (a copy of a sharded model cannot "
+                              "run on one rank).")
+        if not isinstance(inputs, Tensor) or inputs.ndim == 0:
+            return self._skip(f"the inputs are a {type(inputs).__name__}, not a batched tensor. HINT: pass "
+                              "`split_batch=` returning the input tensor and `forward=` consuming it.")
+        n = min(inputs.shape[0], self.max_batch_size)
+        if n < 2:
+            return self._skip("the probe batch has a single example: nothing to compare.")
+        x = inputs[:n].detach()
+        try:
+            model = copy.deepcopy(pl_module)
+        except Exception as err:  # an uncopyable module: say so rather than touch the training model
+            return self._skip(f"could not copy the model ({type(err).__name__}: {err}).")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        holder: dict[str, Any] = {}
+        handles = []
+        what = "the inputs"
+        if x.is_floating_point():
+            holder["leaf"] = x.clone().requires_grad_(True)
+            feed = holder["leaf"]
+        else:
+            modules = self._embeddings(model, pl_module)
+            if not modules:
+                return self._skip(f"the inputs are {x.dtype} (token ids?) and no nn.Embedding was found to "
+                                  "differentiate through. HINT: pass `embedding=` naming the module that consumes them.")
+
+            def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+                if "leaf" in holder or not isinstance(out, Tensor) or not out.is_floating_point():
+                    return None
+                if not (args and isinstance(args[0], Tensor) and args[0].shape == x.shape):
+                    return None
+                holder["leaf"], holder["module"] = out.detach().requires_grad_(True), mod
+                return holder["leaf"]
+
+            handles = [m.register_forward_hook(hook) for m in modules]
+            feed = x
+        try:
+            with probe_mode(trainer, model), torch.enable_grad():
+                try:
+                    out = run_forward(model, feed, self._settings.forward)
+                except RecipeConfigError:
+                    raise
+                except Exception as err:  # e.g. a forward that needs `self.trainer`, which a copy does not have
+                    return self._skip(f"the forward of a copy of the model failed ({type(err).__name__}: {err}).")
+                leaf = holder.get("leaf")
+                if leaf is None:
+                    return self._skip(f"no embedding consumed the inputs {tuple(x.shape)}. HINT: pass `embedding=`.")
+                if "module" in holder:
+                    name = next((k for k, m in model.named_modules() if m is holder["module"]), "embedding")
+                    what = f"the output of `{name}`"
+                return self._gradients(out, leaf, n, what)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _embeddings(self, model: nn.Module, original: nn.Module) -> list[nn.Module]:
+        if self.embedding is None:
+            return [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if isinstance(self.embedding, str):
+            return [resolve_module(model, self.embedding, arg="embedding")]
+        # a module of the training model: its counterpart in the copy has the same name
+        name = next((k for k, m in original.named_modules() if m is self.embedding), None)
+        if name is None:
+            raise RecipeConfigError(f"`embedding` is not a submodule of {type(original).__name__}.")
+        return [model.get_submodule(name)]
+
+    def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str) -> Finding:
+        if out.ndim == 0 or out.shape[0] != n:
+            return self._skip(f"the output has shape {tuple(out.shape)}; its first dimension is not the batch ({n}). "
+                              "HINT: pass `forward=` returning per-example outputs (N, ...).")
+        if not out.requires_grad:
+            return self._skip(f"the output does not depend on {what} at all (no gradient path): see "
+                              "InputDependenceCheck.")
+        gen = torch.Generator().manual_seed(self.seed)
+        proj = torch.randn(tuple(out.shape[1:]), generator=gen).to(device=out.device, dtype=torch.float32)
+        examples = sorted({int(round(v)) for v in torch.linspace(0, n - 1, min(self.num_examples, n)).tolist()})
+        rows: list[Tensor] = []  # per probed output: (n,) dependence on each example
+        causal_rows: list[Tensor] = []  # per (example, position): (T,) dependence on each position of that example
+        causal_keys: list[tuple[int, int]] = []
+        owners: list[int] = []
+        t_dim = self.time_dim if self.time_dim >= 0 else leaf.ndim + self.time_dim
+        if self.causal:
+            if out.ndim < 2 or leaf.ndim <= t_dim or t_dim == 0 or leaf.shape[t_dim] != out.shape[1]:
+                raise RecipeConfigError(
+                    f"`causal=True` needs outputs (N, T, ...) and inputs with the same T on `time_dim`="
+                    f"{self.time_dim}; got outputs {tuple(out.shape)} and {what} {tuple(leaf.shape)}. HINT: set "
+                    "`time_dim=` or pass `forward=` returning (N, T, ...) outputs.")
+            steps = out.shape[1]
+            positions = sorted({int(round(v)) for v in torch.linspace(0, max(steps - 2, 0), min(self.num_positions, max(steps - 1, 1))).tolist()})
+        for i in examples:
+            targets = [(i, None)] + ([(i, t) for t in positions] if self.causal and i == examples[0] else [])
+            for ex, t in targets:
+                scalar = (out[ex].float() * proj).sum() if t is None else (out[ex, t].float() * proj[t]).sum()
+                (grad,) = torch.autograd.grad(scalar, leaf, retain_graph=True, allow_unused=True)
+                if grad is None:
+                    grad = torch.zeros_like(leaf)
+                g = grad.detach().float().abs()
+                rows.append(g.reshape(n, -1).sum(1))
+                owners.append(ex)
+                if t is not None:
+                    per_pos = g[ex].movedim(t_dim - 1, 0).reshape(g.shape[t_dim], -1).sum(1)
+                    causal_rows.append(per_pos)
+                    causal_keys.append((ex, t))
+        batch_m = torch.stack(rows).cpu()  # the one host sync (with the next line)
+        causal_m = torch.stack(causal_rows).cpu() if causal_rows else None
+        return self._judge(batch_m, owners, causal_m, causal_keys, n, what)
+
+    def _judge(self, batch_m: Tensor, owners: list[int], causal_m: Optional[Tensor], causal_keys: list[tuple[int, int]],
+               n: int, what: str) -> Finding:
+        leaks = {}
+        worst = 0.0
+        for row, i in zip(batch_m, owners):
+            res = batch_leaks(row, i, self.rtol)
+            worst = max(worst, res["ratio"])
+            if res["leaking"]:
+                leaks.setdefault(i, res)
+        future = {}
+        worst_future = 0.0
+        if causal_m is not None:
+            for row, (ex, t) in zip(causal_m, causal_keys):
+                res = future_leaks(row, t, self.rtol)
+                worst_future = max(worst_future, res["ratio"])
+                if res["leaking"]:
+                    future[(ex, t)] = res
+        details = {"batch_size": n, "examples": sorted(set(owners)), "max_leak_ratio": worst,
+                   "max_future_ratio": worst_future, "wrt": what, "rtol": self.rtol}
+        msgs, causes = [], []
+        if leaks:
+            parts = []
+            for i, res in list(leaks.items())[:3]:
+                shown = res["leaking"][:8]
+                more = f" and {len(res['leaking']) - len(shown)} more" if len(res["leaking"]) > len(shown) else ""
+                parts.append(f"output {i} depends on examples {shown}{more} ({len(res['leaking'])} of {n - 1} others; "
+                             f"largest gradient there {res['ratio']:.3g} x the largest)")
+            msgs.append(f"examples of the batch are mixed: the gradient of an example's output w.r.t. {what} must be "
+                        f"zero outside that example, measured: " + "; ".join(parts) + ".")
+            causes += _BATCH_CAUSES
+            details["leaks"] = {str(i): r["leaking"] for i, r in leaks.items()}
+        if future:
+            parts = []
+            for (ex, t), res in list(future.items())[:3]:
+                shown = res["leaking"][:8]
+                parts.append(f"output (example {ex}, position {t}) depends on later positions {shown} (largest "
+                             f"gradient there {res['ratio']:.3g} x the largest at positions <= {t})")
+            msgs.append("the model sees the future: " + "; ".join(parts) + ".")
+            causes += _CAUSAL_CAUSES
+            details["future"] = {f"{ex},{t}": r["leaking"] for (ex, t), r in future.items()}
+        if msgs:
+            hint = (" HINT: if examples are meant to interact (set or contrastive models, batch-level attention), drop "
+                    "this check; if the output's batch dimension is not dim 0, pass `forward=`.")
+            if future:
+                hint += " For a model allowed to see the whole sequence, pass `causal=False`; set `time_dim=` if time is not dim 1."
+            return Finding(self.name, "fail", f"{self.name}: " + " ".join(msgs) + hint, max(worst, worst_future), 0.0,
+                           0, causes, details)
+        scope = f"{len(set(owners))} outputs over a batch of {n}"
+        if causal_m is not None:
+            scope += f", and {len(causal_keys)} positions depend on no later position"
+        return Finding(self.name, "pass", f"{self.name}: the gradient of each probed output w.r.t. {what} is zero "
+                       f"outside its own example ({scope}; largest relative leak {worst:.3g}).", worst, 0.0, 0, [],
+                       details)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))
+
+
+def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any]:
+    """Which examples ``j != i`` the output of example ``i`` depends on.
+
+    Args:
+        dependence: ``(N,)`` size of the gradient of output ``i`` on each example (e.g. ``sum |grad_j|``).
+        i: the example whose output was differentiated.
+        rtol: a dependence counts when it exceeds ``rtol`` times the largest one.
+
+    Returns:
+        ``leaking`` (indices), ``ratio`` (largest dependence outside ``i`` over the largest overall) and ``own``
+        (the dependence on ``i`` itself).
+
+    Example::
+
+        >>> batch_leaks(torch.tensor([0.0, 2.0, 0.0]), 1)["leaking"]
+        []
+        >>> r = batch_leaks(torch.tensor([0.5, 2.0, 0.0]), 1)
+        >>> r["leaking"], r["ratio"]
+        ([0], 0.25)
+    """
+    d = dependence.double().reshape(-1)
+    top = float(d.max()) if d.numel() else 0.0
+    others = d.clone()
+    others[i] = 0.0
+    ratio = float(others.max()) / top if top > 0 else 0.0
+    leaking = [int(j) for j in torch.nonzero(others > rtol * top).reshape(-1)] if top > 0 else []
+    return {"leaking": leaking, "ratio": ratio, "own": float(d[i])}
+
+
+def future_leaks(dependence: Tensor, t: int, rtol: float = 1e-5) -> dict[str, Any]:
+    """Which positions after ``t`` the output at position ``t`` depends on.
+
+    Args:
+        dependence: ``(T,)`` size of the gradient of output ``t`` on each input position.
+        t: the position whose output was differentiated.
+        rtol: a dependence counts when it exceeds ``rtol`` times the largest one.
+
+    Example::
+
+        >>> future_leaks(torch.tensor([1.0, 1.0, 0.0, 0.0]), 1)["leaking"]
+        []
+        >>> future_leaks(torch.tensor([1.0, 1.0, 0.5, 0.0]), 1)["leaking"]
+        [2]
+    """
+    d = dependence.double().reshape(-1)
+    top = float(d.max()) if d.numel() else 0.0
+    later = d[t + 1 :]
+    if top == 0 or later.numel() == 0:
+        return {"leaking": [], "ratio": 0.0}
+    leaking = [t + 1 + int(j) for j in torch.nonzero(later > rtol * top).reshape(-1)]
+    return {"leaking": leaking, "ratio": float(later.max()) / top}

@@ -1,0 +1,829 @@
+"""``DataCheck``: the recipe's "become one with the data" and "visualise just before the net".
+
+At fit start the training data is read through a private ``DataLoader`` (same dataset and collate function,
+sampled with a private seeded generator, so training's iterators and random state are untouched), at most
+``max_batches`` batches of it, and checked for:
+
+* non-finite inputs or targets (fail);
+* inputs far from a standardised scale, per feature (per channel for images) (warn);
+* duplicated examples (rows hashed; warn, fail when a large fraction, e.g. a dataset concatenated twice);
+* examples shared between the training and the validation set (hashed; fail above a small fraction);
+* class balance (pass with the counts; warn on heavy imbalance);
+
+and a figure of the first batch exactly as it goes into the network (after ``transfer_batch_to_device`` and
+``on_after_batch_transfer``) is saved through the loggers: an image grid, per-feature histograms, or decoded
+token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import split_batch
+from lightning_recipe._labels import _private_loader, _single_loader, _to_device
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+
+Layout = Literal["auto", "image", "features"]
+
+_NONFINITE = [
+    "missing values in the features (NaN) not imputed",
+    "division by zero or log of zero in preprocessing (a feature with zero variance standardised)",
+    "corrupted files or a failed decode producing NaN/Inf",
+]
+_SCALE = [
+    "raw pixel values 0-255 (divide by 255 and standardise per channel)",
+    "features in mixed units (standardise each feature: subtract the mean, divide by the std)",
+    "a scaler fitted on the wrong split, or not applied to this one",
+]
+_DUPLICATES = [
+    "the dataset concatenated twice (or a list of files read twice)",
+    "oversampling applied before the train/validation split",
+    "a data pipeline that repeats examples (wrong index mapping in __getitem__)",
+]
+_OVERLAP = [
+    "validation split taken from the training set (or a subset of it)",
+    "duplicated examples that landed on both sides of the split (deduplicate before splitting)",
+    "the same files listed in both splits",
+]
+_IMBALANCE = [
+    "heavy class imbalance: accuracy is misleading; HeadBiasInit sets the head bias to the class prior so the "
+    "initial loss is right; consider class weights or resampling if the rare classes matter",
+]
+
+
+class DataCheck(RecipeCheck):
+    """Check the training data before the first step and show exactly what goes into the network.
+
+    What is read: at ``on_train_start`` at most ``max_batches`` batches of a private loader over the training dataset
+    (its collate function; a random order from a private generator seeded with 0), and as many of the validation
+    dataset. Everything below is computed on these rows, so the cost is bounded by ``max_batches`` times the batch
+    size, independent of the dataset length: one pass of reading, and hashing in ``O(rows x values per row)``.
+
+    * **finite** (fail): the count of NaN/Inf values among the inputs and targets read.
+    * **scale** (warn): per feature of 2-D inputs ``(N, D)``, per channel of image-like inputs (4-D ``(N, C, H, W)``,
+      3-D ``(N, H, W)`` judged as one channel, ``layout="features"`` judges 3-D ``(N, T, D)`` per last dimension), the
+      mean and standard deviation of the values that go into the network. A feature is *off scale* when
+      ``|mean| > scale_factor`` or ``std > scale_factor`` (raw 0-255 pixels: mean ~100, std ~80), or when
+      ``0 < std < 1 / scale_factor**2`` (a nearly constant feature in the wrong unit; the small side is looser
+      because networks cope better with small inputs than with large ones, e.g. scikit-learn's diabetes features have
+      std 0.048). Not judged: integer inputs other than ``uint8`` images (token ids), booleans, features whose values
+      are all 0 or 1 (binary, one-hot), constant features.
+    * **duplicates**: inputs are hashed row by row (two independent 64-bit linear hashes of the raw bytes).
+      When every row was read the measured value is the fraction of rows that are extra copies
+      (``1 - unique / rows``: 0.5 for a dataset concatenated twice); when only a sample of ``k`` of ``n`` rows was
+      read, the number of equal pairs ``P`` in the sample estimates it as ``P (n - 1) / (k (k - 1))`` (exact for
+      pairs). Warn above ``max_duplicates``; fail above ``5 * max_duplicates`` when equal rows cannot arise by chance
+      (the product of the per-column numbers of distinct values exceeds ``100 k²``, or a column is continuous with at
+      least ``k / 2`` distinct values), else warn (small categorical input spaces repeat rows naturally; integer
+      inputs such as token ids always warn: text repeats phrases).
+    * **overlap**: validation rows whose hash is among the training hashes, as a fraction of the validation rows
+      read, scaled by ``n / k`` of the training side when the training set was sampled. Fail above ``max_overlap``
+      (warn when chance coincidences are possible, as above).
+    * **balance**: class counts of integer targets (negative values such as ``ignore_index=-100`` left out), or of
+      each label of 0/1 float targets. Pass with the counts; warn when the largest over the smallest count exceeds
+      ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance).
+
+    Hashing sees the examples as the dataset returns them, before ``on_after_batch_transfer``: random augmentation
+    inside the dataset makes copies look different, so they go undetected (no false alarm). Under DDP each rank
+    reads its own shard: duplicates across ranks are not seen, failures are reduced across ranks.
+
+    The figure (``data_first_batch.png``), built from the first batch after ``on_after_batch_transfer``: an image grid
+    (up to 16 images, with their labels, colour scale over the whole batch so that unscaled values show), per-feature
+    histograms for tabular inputs, or the first rows of token ids decoded with ``decode``.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        max_batches: batches read from each of the training and validation sets.
+        scale_factor: how far from mean 0 / std 1 a feature may be (see above).
+        max_duplicates: fraction of duplicated training rows above which to warn.
+        max_overlap: fraction of validation rows found in the training set above which to fail.
+        max_imbalance: largest ratio of the most to the least frequent class before a warning.
+        layout: ``"auto"``, ``"image"`` (dimension 1 is the channel) or ``"features"`` (the last dimension is the
+            feature) for inputs with more than 2 dimensions.
+        decode: ``callable(list_of_token_ids) -> str`` to show integer inputs as text in the figure.
+        figure: draw the figure of the first batch.
+        **kwargs: overrides (``split_batch``, ...), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[DataCheck(max_batches=20)], logger=False)
+    """
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        max_batches: int = 100,
+        scale_factor: float = 10.0,
+        max_duplicates: float = 0.05,
+        max_overlap: float = 0.01,
+        max_imbalance: float = 10.0,
+        layout: Layout = "auto",
+        decode: Optional[Callable[[list[int]], str]] = None,
+        figure: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(on_fail, **kwargs)
+        if not isinstance(max_batches, int) or max_batches < 1:
+            raise RecipeConfigError(f"{self.name}: `max_batches` must be a positive int, got {max_batches!r}.")
+        if not scale_factor > 1:
+            raise RecipeConfigError(f"{self.name}: `scale_factor` must be > 1, got {scale_factor!r}.")
+        for name, v in (("max_duplicates", max_duplicates), ("max_overlap", max_overlap)):
+            if not 0 <= v < 1:
+                raise RecipeConfigError(f"{self.name}: `{name}` must be in [0, 1), got {v!r}.")
+        if not max_imbalance >= 1:
+            raise RecipeConfigError(f"{self.name}: `max_imbalance` must be >= 1, got {max_imbalance!r}.")
+        if layout not in ("auto", "image", "features"):
+            raise RecipeConfigError(f"{self.name}: `layout` must be 'auto', 'image' or 'features', got {layout!r}.")
+        if decode is not None and not callable(decode):
+            raise RecipeConfigError(f"{self.name}: `decode` must be callable, got {type(decode).__name__}.")
+        self.max_batches = max_batches
+        self.scale_factor = float(scale_factor)
+        self.max_duplicates = float(max_duplicates)
+        self.max_overlap = float(max_overlap)
+        self.max_imbalance = float(max_imbalance)
+        self.layout = layout
+        self.decode = decode
+        self.figure = figure
+        self.done = False
+
+    # -- hooks ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.done or self._disabled:
+            return
+        self.done = True
+        loader = _single_loader(trainer.train_dataloader, "train")
+        if loader is None:
+            self._config_error(
+                f"the train dataloader is a {type(trainer.train_dataloader).__name__}; this check reads one torch "
+                "DataLoader (the first of a list/dict)."
+            )
+            return
+        train = self._scan(trainer, loader, keep_first=True)
+        if train is None:
+            return
+        val_loader = _single_loader(trainer.val_dataloaders, "val") if trainer.val_dataloaders is not None else None
+        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None else None
+        step = trainer.global_step
+        findings = [
+            self._finite(train, step),
+            self._scale(train, step),
+            self._duplicates(train, step),
+            self._overlap(train, val, step),
+            self._balance(train, step),
+        ]
+        if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
+            self._draw(trainer, train.first)
+        self.findings.extend(f for f in findings if not f.failed)
+        for f in findings:
+            if f.status == "warn":
+                rank_zero_warn(f.message + (" Likely causes: " + "; ".join(f.causes) if f.causes else ""),
+                               category=RecipeWarning)
+        fails = [f for f in findings if f.failed]
+        last = None
+        if fails:
+            last = fails[-1]
+            self.findings.extend(fails[:-1])
+            if len(fails) > 1:
+                last.message += " Also failed: " + "; ".join(f.check for f in fails[:-1]) + " (see the report)."
+                last.causes = [c for f in fails for c in f.causes]
+        self._conclude(trainer, last)
+
+    # -- reading ----------------------------------------------------------------------------------------------------
+    def _scan(self, trainer: "pl.Trainer", loader: DataLoader, keep_first: bool) -> Optional["_Scan"]:
+        scan = _Scan(self.layout)
+        private = _private_loader(loader, seed=0)
+        try:
+            scan.population = len(private.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            scan.population = None
+        with isolate_rng():
+            for i, raw in enumerate(private):
+                if i >= self.max_batches:
+                    break
+                moved = _to_device(trainer, raw)
+                try:
+                    x, y = split_batch(moved, self._settings.split_batch)
+                except RecipeConfigError as err:
+                    self._config_error(str(err))
+                    return None
+                try:
+                    hx, _ = split_batch(raw, self._settings.split_batch)
+                except RecipeConfigError:
+                    hx = x
+                x, y, hx = _to_cpu(x), _to_cpu(y), _to_cpu(hx)
+                scan.add(x, y, hx)
+                if keep_first and scan.first is None:
+                    scan.first = (x, y)
+        scan.finish()
+        if scan.rows == 0:
+            self._config_error("the dataloader yielded no batch with an input tensor: nothing to check.")
+            return None
+        return scan
+
+    # -- checks -----------------------------------------------------------------------------------------------------
+    def _finite(self, s: "_Scan", step: int) -> Finding:
+        name = f"{self.name}.finite"
+        bad = s.nonfinite_x + s.nonfinite_y
+        if bad:
+            where = ", ".join(f"feature {j}: {c}" for j, c in s.nonfinite_features()[:8])
+            return Finding(
+                name, "fail",
+                f"{self.name}: {bad} non-finite values (NaN/Inf) in the training data ({s.nonfinite_x} in the inputs, "
+                f"{s.nonfinite_y} in the targets) among {s.rows} rows read{'; per input feature: ' + where if where else ''}."
+                " Expected 0: a single NaN input makes the loss NaN. HINT: impute or drop missing values before "
+                "training.", float(bad), 0.0, step, list(_NONFINITE),
+                {"rows": s.rows, "nonfinite_inputs": s.nonfinite_x, "nonfinite_targets": s.nonfinite_y},
+            )
+        return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read.", 0.0, 0.0, step)
+
+    def _scale(self, s: "_Scan", step: int) -> Finding:
+        name = f"{self.name}.scale"
+        summary = s.scale_summary(self.scale_factor)
+        if summary is None:
+            return Finding(name, "skip", f"{self.name}: no real-valued input features to judge (integer token ids, "
+                           "booleans or binary features only).", step=step)
+        off, judged = summary["off"], summary["judged"]
+        unit = "channel" if summary["image"] else "feature"
+        worst = summary["worst"]
+        numbers = (f"{len(off)} of {judged} judged input {unit}s off scale; worst {unit} {worst['index']} of "
+                   f"`{worst['tensor']}`: mean {worst['mean']:.4g}, std {worst['std']:.4g} (expected |mean| <= "
+                   f"{self.scale_factor:g} and {1 / self.scale_factor**2:g} <= std <= {self.scale_factor:g}; overall "
+                   f"range [{summary['min']:.4g}, {summary['max']:.4g}])")
+        details = {k: v for k, v in summary.items() if k != "off"} | {"off": off[:64]}
+        if off:
+            return Finding(name, "warn", f"{self.name}: inputs are far from a standardised scale: {numbers}. HINT: "
+                           "standardise the inputs; if this scale is intended, raise `scale_factor`.",
+                           len(off) / judged, 0.0, step, list(_SCALE), details)
+        return Finding(name, "pass", f"{self.name}: inputs on a standardised scale: {numbers}.", 0.0, 0.0, step,
+                       details=details)
+
+    def _duplicates(self, s: "_Scan", step: int) -> Finding:
+        name = f"{self.name}.duplicates"
+        frac, pairs, exact = s.duplicate_fraction()
+        chance_free = s.chance_free()
+        how = (f"{s.rows} of {s.population} rows read; " if not exact else f"all {s.rows} rows read; ") + (
+            f"{pairs} equal pairs" if not exact else f"{s.rows - s.unique} extra copies")
+        details = {"rows": s.rows, "population": s.population, "equal_pairs": pairs, "exact": exact,
+                   "chance_free": chance_free, "conflicting_labels": s.conflicting_labels()}
+        if s.conflicting_labels():
+            how += f", {s.conflicting_labels()} duplicated inputs with different labels"
+        limit = 5 * self.max_duplicates
+        if frac > limit and chance_free:
+            return Finding(name, "fail", f"{self.name}: {frac:.3g} of the training examples are exact duplicates ({how}); "
+                           f"expected at most {limit:g} (0.5 means every example is there twice). HINT: deduplicate the "
+                           "dataset; if the repetition is intended (oversampling), pass `max_duplicates=`.", frac,
+                           limit, step, list(_DUPLICATES), details)
+        if frac > self.max_duplicates:
+            tail = "" if chance_free else " (the input space is small enough that equal rows can occur by chance)"
+            return Finding(name, "warn", f"{self.name}: {frac:.3g} of the training examples are exact duplicates ({how}); "
+                           f"expected at most {self.max_duplicates:g}{tail}.", frac, self.max_duplicates, step,
+                           list(_DUPLICATES), details)
+        return Finding(name, "pass", f"{self.name}: duplicated training examples: {frac:.3g} ({how}).", frac,
+                       self.max_duplicates, step, details=details)
+
+    def _overlap(self, train: "_Scan", val: Optional["_Scan"], step: int) -> Finding:
+        name = f"{self.name}.overlap"
+        if val is None or val.rows == 0:
+            return Finding(name, "skip", f"{self.name}: no validation dataloader: train/validation overlap not checked.",
+                           step=step)
+        if val.width != train.width:
+            return Finding(name, "skip", f"{self.name}: validation rows have {val.width} values, training rows "
+                           f"{train.width}: not comparable.", step=step)
+        found = int(torch.isin(val.hash_keys(), train.hash_keys()).sum())
+        scale = (train.population / train.rows) if train.population and train.population > train.rows else 1.0
+        frac = min(1.0, found / val.rows * scale)
+        chance_free = train.chance_free()
+        numbers = (f"{found} of {val.rows} validation rows read are also among {train.rows} training rows read"
+                   + (f" (of {train.population}; estimated fraction {frac:.3g})" if scale > 1 else f" ({frac:.3g})"))
+        details = {"found": found, "val_rows": val.rows, "train_rows": train.rows, "train_population": train.population,
+                   "chance_free": chance_free}
+        if frac > self.max_overlap:
+            status = "fail" if chance_free else "warn"
+            return Finding(name, status, f"{self.name}: validation examples also occur in the training set: {numbers}; "
+                           f"expected at most {self.max_overlap:g}. Validation metrics overstate generalisation. HINT: "
+                           "split before any duplication; pass `max_overlap=` if the overlap is intended.", frac,
+                           self.max_overlap, step, list(_OVERLAP), details)
+        return Finding(name, "pass", f"{self.name}: train/validation overlap: {numbers}.", frac, self.max_overlap, step,
+                       details=details)
+
+    def _balance(self, s: "_Scan", step: int) -> Finding:
+        name = f"{self.name}.balance"
+        counts = s.class_counts()
+        if counts is None:
+            return Finding(name, "skip", f"{self.name}: the targets are not class indices or 0/1 labels: no class "
+                           "balance to report.", step=step)
+        kind, c = counts
+        if kind == "classes":
+            ratio = float(c.max() / c.min()) if c.min() > 0 else math.inf
+            shown = ", ".join(f"{j}: {int(v)}" for j, v in enumerate(c.tolist()[:20])) + (" ..." if len(c) > 20 else "")
+            what = f"class counts among {int(c.sum())} labels read: {{{shown}}}; largest/smallest = {ratio:.3g}"
+            details = {"class_counts": [int(v) for v in c.tolist()[:1000]], "ratio": ratio}
+        else:
+            pos, n = c
+            neg = n - pos
+            ratios = torch.where(torch.minimum(pos, neg) > 0, torch.maximum(pos, neg) / torch.minimum(pos, neg).clamp_min(1),
+                                 torch.full_like(pos, math.inf))
+            j = int(ratios.argmax())
+            ratio = float(ratios[j])
+            what = (f"positives per label among {int(n)} rows read: {[int(v) for v in pos.tolist()[:20]]}; most "
+                    f"imbalanced label {j}: majority/minority = {ratio:.3g}")
+            details = {"positives": [int(v) for v in pos.tolist()[:1000]], "rows": int(n), "ratio": ratio}
+        if ratio > self.max_imbalance:
+            return Finding(name, "warn", f"{self.name}: heavy class imbalance: {what} (more than {self.max_imbalance:g}). "
+                           "HeadBiasInit sets the head bias to the prior; watch per-class metrics, not accuracy. HINT: "
+                           "pass `max_imbalance=` to change the threshold.", ratio, self.max_imbalance, step,
+                           list(_IMBALANCE), details)
+        return Finding(name, "pass", f"{self.name}: {what}.", ratio, self.max_imbalance, step, details=details)
+
+    # -- figure -----------------------------------------------------------------------------------------------------
+    def _draw(self, trainer: "pl.Trainer", first: tuple[Any, Any]) -> None:
+        from lightning_recipe.loggers import log_figure
+
+        x, y = first
+        tensors = _tensors(x)
+        if not tensors:
+            return
+        try:
+            fig = plot_first_batch(tensors[0][1], y if isinstance(y, Tensor) else None, self.layout, self.decode)
+        except Exception as err:  # a figure must never stop the fit
+            rank_zero_warn(f"{self.name}: could not draw the first batch: {err}", category=RecipeWarning)
+            return
+        path = log_figure(trainer, "recipe/data_first_batch", fig, trainer.global_step, self._dir)
+        if path and path not in self.figures:
+            self.figures.append(path)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.done = False  # a checkpoint restored after this brings back `done`
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))
+
+
+# -- pure helpers -------------------------------------------------------------------------------------------------
+def row_hashes(rows: Tensor, seed: int = 0) -> Tensor:
+    """Two independent 64-bit hashes of each row's raw values: ``(N, ...)`` → ``(N, 2)`` int64.
+
+    Rows are equal exactly when their values are bitwise equal (``-0.0`` counts as ``0.0``); each hash is a linear
+    form with random odd 64-bit coefficients over the mixed integer view of the values (wrap-around arithmetic), so
+    two different rows collide with probability about ``2**-128``.
+
+    Args:
+        rows: a tensor whose first dimension indexes the rows.
+        seed: seeds the coefficients (the same seed gives comparable hashes).
+
+    Example::
+
+        >>> h = row_hashes(torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]]))
+        >>> bool((h[0] == h[2]).all()), bool((h[0] == h[1]).all())
+        (True, False)
+    """
+    v = _int_view(rows)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-(2**62), 2**62, (2, v.shape[1]), generator=g, dtype=torch.int64) * 2 + 1
+    v = v * -7046029254386353131  # mix the bits before the linear form
+    v = v ^ (v >> 31)
+    return torch.stack([(v * w[0]).sum(1), (v * w[1]).sum(1)], dim=1)
+
+
+def duplicate_fraction(hashes: Tensor, population: Optional[int] = None) -> tuple[float, int]:
+    """Fraction of rows that are extra copies, from row hashes ``(k, 2)`` of ``k`` rows read out of ``population``.
+
+    With every row read it is ``1 - unique / k``; from a sample of ``k`` out of ``n`` rows the ``P`` equal pairs in
+    the sample estimate it as ``P (n - 1) / (k (k - 1))`` (exact for pairs, capped at 1). Returns the fraction and
+    ``P``.
+
+    Example::
+
+        >>> h = row_hashes(torch.arange(10.0).repeat(2).reshape(-1, 1))
+        >>> duplicate_fraction(h)
+        (0.5, 10)
+    """
+    k = hashes.shape[0]
+    if k < 2:
+        return 0.0, 0
+    _, counts = torch.unique(hashes, dim=0, return_counts=True)
+    pairs = int((counts * (counts - 1) // 2).sum())
+    n = population if population is not None else k
+    if n <= k:
+        return 1.0 - counts.numel() / k, pairs
+    return min(1.0, pairs * (n - 1) / (k * (k - 1))), pairs
+
+
+def off_scale(mean: Tensor, std: Tensor, factor: float = 10.0) -> Tensor:
+    """Which features are far from a standardised scale: ``|mean| > factor``, ``std > factor`` or
+    ``0 < std < 1 / factor**2`` (constant features, ``std == 0``, are not judged).
+
+    Example::
+
+        >>> off_scale(torch.tensor([0.1, 120.0, 0.0, 0.0]), torch.tensor([1.2, 70.0, 0.0, 1e-3])).tolist()
+        [False, True, False, True]
+    """
+    return (mean.abs() > factor) | (std > factor) | ((std > 0) & (std < 1.0 / factor**2))
+
+
+# -- private --------------------------------------------------------------------------------------------------------
+def _to_cpu(x: Any) -> Any:
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    return apply_to_collection(x, Tensor, lambda t: t.detach().cpu())
+
+
+def _tensors(x: Any) -> list[tuple[str, Tensor]]:
+    """The tensors of an input (a tensor, or a dict/sequence of them) with a batch dimension, named."""
+    if isinstance(x, Tensor):
+        return [("inputs", x)] if x.ndim >= 1 else []
+    if isinstance(x, dict):
+        return [(str(k), v) for k, v in x.items() if isinstance(v, Tensor) and v.ndim >= 1]
+    if isinstance(x, (list, tuple)):
+        return [(f"inputs[{i}]", v) for i, v in enumerate(x) if isinstance(v, Tensor) and v.ndim >= 1]
+    return []
+
+
+def _cat(items: list[Any]) -> Any:
+    """Concatenate batches along the first dimension: tensors, or dicts/tuples of tensors (None stays None)."""
+    first = items[0]
+    if first is None:
+        return None
+    if isinstance(first, Tensor):
+        return torch.cat(items) if first.ndim else first
+    if isinstance(first, dict):
+        return {k: _cat([it[k] for it in items]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat([it[i] for it in items]) for i in range(len(first))) if not hasattr(first, "_fields") \
+            else type(first)(*(_cat([it[i] for it in items]) for i in range(len(first))))
+    raise TypeError(f"cannot concatenate {type(first).__name__}")
+
+
+def _int_view(rows: Tensor) -> Tensor:
+    """Rows as ``(N, D)`` int64 holding the exact bits of the values."""
+    x = rows.reshape(rows.shape[0], -1) if rows.ndim else rows.reshape(1, 1)
+    if x.dtype == torch.bool:
+        return x.long()
+    if x.is_complex():
+        x = torch.view_as_real(x).reshape(x.shape[0], -1)
+    if x.is_floating_point():
+        x = torch.where(x == 0, torch.zeros_like(x), x).contiguous()
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+        return x.view(bits).long()
+    return x.long()
+
+
+def _is_image(x: Tensor, layout: str) -> bool:
+    if layout == "image":
+        return x.ndim >= 3
+    if layout == "features":
+        return False
+    return x.ndim >= 3
+
+
+def _feature_matrix(x: Tensor, layout: str) -> Tensor:
+    """``(M, F)`` values per feature: features of 2-D inputs, channels of images, the last dim for sequences."""
+    if x.ndim == 1:
+        return x.reshape(-1, 1)
+    if x.ndim == 2:
+        return x
+    if _is_image(x, layout):
+        if x.ndim == 3:
+            return x.reshape(-1, 1)
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _judged(x: Tensor, layout: str) -> bool:
+    """Whether the scale of ``x`` is judged: real values, or ``uint8`` images; not token ids or booleans."""
+    if x.dtype == torch.bool:
+        return False
+    if x.is_floating_point():
+        return True
+    return x.dtype == torch.uint8 and _is_image(x, layout)
+
+
+def _figure(width: float, height: float):  # noqa: ANN202
+    """A plain figure: no constrained layout (it costs seconds for a grid of small panels)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.06, top=0.88, wspace=0.15, hspace=0.45)
+    return fig
+
+
+class _Scan:
+    """Running statistics of the rows read (CPU, float64): bounded memory except the hashes (16 bytes a row)."""
+
+    _MAX_COLS = 256
+    _CHUNK = 2**20
+
+    def __init__(self, layout: str) -> None:
+        self.layout = layout
+        self.rows = 0
+        self.population: Optional[int] = None
+        self.width: Optional[int] = None
+        self.first: Optional[tuple[Any, Any]] = None
+        self.nonfinite_x = 0
+        self.nonfinite_y = 0
+        self._nonfinite_feat: dict[tuple[str, int], int] = {}
+        self._hashes: list[Tensor] = []
+        self._label_hashes: list[Tensor] = []
+        self._cols: list[Tensor] = []
+        self._col_idx: Optional[Tensor] = None
+        self._stats: dict[str, dict[str, Any]] = {}
+        self._targets: list[Tensor] = []
+        self._unique: Optional[int] = None
+        self._pending: list[tuple[Any, Any, Any]] = []
+        self._pending_size = 0
+        self.discrete = False  # integer inputs other than uint8 images: token ids, categories
+
+    def add(self, x: Any, y: Any, hx: Any) -> None:
+        """Buffer a batch; batches are processed in chunks of about a million values (fewer, larger tensor ops)."""
+        tensors = _tensors(x)
+        if not tensors:
+            return
+        if self.rows == 0 and not self._pending:
+            t = tensors[0][1]
+            self.discrete = not t.is_floating_point() and t.dtype not in (torch.uint8, torch.bool)
+        self._pending.append((x, y, hx))
+        self._pending_size += sum(t.numel() for _, t in tensors)
+        if self._pending_size >= self._CHUNK:
+            self.finish()
+
+    def finish(self) -> None:
+        """Process the buffered batches."""
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        if not pending:
+            return
+        if len(pending) > 1:
+            try:
+                merged = [_cat([p[i] for p in pending]) for i in range(3)]
+            except (RuntimeError, TypeError, ValueError):
+                merged = None
+            if merged is not None:
+                pending = [(merged[0], merged[1], merged[2])]
+        for x, y, hx in pending:
+            self._process(x, y, hx)
+
+    def _process(self, x: Any, y: Any, hx: Any) -> None:
+        tensors = _tensors(x)
+        n = tensors[0][1].shape[0]
+        self.rows += n
+        for name, t in tensors:
+            if t.shape[0] != n:
+                continue
+            if t.is_floating_point() or t.is_complex():
+                bad = ~torch.isfinite(t)
+                count = int(bad.sum())
+                self.nonfinite_x += count
+                if count:
+                    per = bad.reshape(-1, 1) if t.ndim == 1 else _feature_matrix(bad, self.layout).sum(0)
+                    for j in torch.nonzero(per.reshape(-1)).reshape(-1).tolist():
+                        key = (name, j)
+                        self._nonfinite_feat[key] = self._nonfinite_feat.get(key, 0) + int(per.reshape(-1)[j])
+            if _judged(t, self.layout):
+                self._accumulate(name, t)
+        if isinstance(y, Tensor):
+            if y.is_floating_point():
+                self.nonfinite_y += int((~torch.isfinite(y)).sum())
+            self._targets.append(y.reshape(y.shape[0], -1) if y.ndim else y.reshape(1, 1))
+            if y.ndim and y.shape[0] == n:
+                self._label_hashes.append(row_hashes(y))
+        hashed = [t for _, t in _tensors(hx) if t.shape[0] == n]
+        if not hashed:
+            hashed = [t for _, t in tensors if t.shape[0] == n]
+        v = torch.cat([_int_view(t) for t in hashed], dim=1)
+        if self.width is None:
+            self.width = v.shape[1]
+            self._col_idx = torch.linspace(0, v.shape[1] - 1, min(v.shape[1], self._MAX_COLS)).round().long().unique()
+        self._hashes.append(row_hashes(v))
+        if v.shape[1] == self.width and self._col_idx is not None:
+            self._cols.append(v[:, self._col_idx])
+
+    def _accumulate(self, name: str, t: Tensor) -> None:
+        m = _feature_matrix(t, self.layout).double()
+        finite = torch.isfinite(m)
+        all_finite = bool(finite.all())
+        m0 = m if all_finite else torch.where(finite, m, torch.zeros_like(m))
+        s = self._stats.setdefault(name, {
+            "n": torch.zeros(m.shape[1], dtype=torch.float64), "s1": torch.zeros(m.shape[1], dtype=torch.float64),
+            "s2": torch.zeros(m.shape[1], dtype=torch.float64), "binary": torch.ones(m.shape[1], dtype=torch.bool),
+            "min": math.inf, "max": -math.inf, "image": _is_image(t, self.layout),
+        })
+        if s["n"].shape[0] != m.shape[1]:
+            return
+        s["n"] += finite.sum(0)
+        s["s1"] += m0.sum(0)
+        s["s2"] += (m0 * m0).sum(0)
+        s["binary"] &= ((m0 == 0) | (m0 == 1)).all(0)
+        vals = m if all_finite else m[finite]
+        if vals.numel():
+            lo, hi = torch.aminmax(vals)
+            s["min"], s["max"] = min(s["min"], float(lo)), max(s["max"], float(hi))
+
+    # -- summaries ------------------------------------------------------------------------------------------------
+    def nonfinite_features(self) -> list[tuple[str, int]]:
+        return [(f"{name}[{j}]" if name != "inputs" else str(j), c) for (name, j), c in self._nonfinite_feat.items()]
+
+    def scale_summary(self, factor: float) -> Optional[dict[str, Any]]:
+        off: list[str] = []
+        judged = 0
+        worst: Optional[dict[str, Any]] = None
+        lo, hi, image = math.inf, -math.inf, False
+        for name, s in self._stats.items():
+            n = s["n"].clamp_min(1)
+            mean = s["s1"] / n
+            std = (s["s2"] / n - mean**2).clamp_min(0).sqrt()
+            mask = ~s["binary"] & (s["n"] > 1) & (std > 0)
+            if not mask.any():
+                continue
+            image = image or s["image"]
+            lo, hi = min(lo, s["min"]), max(hi, s["max"])
+            bad = off_scale(mean, std, factor) & mask
+            judged += int(mask.sum())
+            off += [f"{name}[{j}]" if name != "inputs" else str(j) for j in torch.nonzero(bad).reshape(-1).tolist()]
+            score = torch.maximum(torch.maximum(mean.abs(), std), 1.0 / (factor * std.clamp_min(1e-300)))
+            score = torch.where(mask, score, torch.full_like(score, -1.0))
+            j = int(score.argmax())
+            if worst is None or float(score[j]) > worst["score"]:
+                worst = {"tensor": name, "index": j, "mean": float(mean[j]), "std": float(std[j]), "score": float(score[j])}
+        if worst is None:
+            return None
+        return {"off": off, "judged": judged, "worst": worst, "min": lo, "max": hi, "image": image}
+
+    def hash_keys(self) -> Tensor:
+        """One int64 key per row (the two hashes combined; collisions ~2**-64 per pair)."""
+        h = torch.cat(self._hashes) if self._hashes else torch.zeros(0, 2, dtype=torch.int64)
+        return h[:, 0] * 1000003 ^ h[:, 1]
+
+    @property
+    def unique(self) -> int:
+        if self._unique is None:
+            h = torch.cat(self._hashes) if self._hashes else torch.zeros(0, 2, dtype=torch.int64)
+            self._unique = int(torch.unique(h, dim=0).shape[0])
+        return self._unique
+
+    def duplicate_fraction(self) -> tuple[float, int, bool]:
+        h = torch.cat(self._hashes) if self._hashes else torch.zeros(0, 2, dtype=torch.int64)
+        frac, pairs = duplicate_fraction(h, self.population)
+        exact = self.population is None or self.population <= self.rows
+        return frac, pairs, exact
+
+    def conflicting_labels(self) -> int:
+        """Duplicated inputs whose labels differ (label noise)."""
+        if not self._label_hashes or sum(h.shape[0] for h in self._label_hashes) != self.rows:
+            return 0
+        keys = self.hash_keys()
+        lab = torch.cat(self._label_hashes)
+        lkey = lab[:, 0] * 1000003 ^ lab[:, 1]
+        pairs = torch.unique(torch.stack([keys, lkey], 1), dim=0)
+        return int(pairs.shape[0] - torch.unique(keys).shape[0])
+
+    def chance_free(self) -> bool:
+        """Whether equal rows cannot arise by chance: a continuous column, or an input space much larger than k².
+
+        Never for integer inputs other than uint8 images (token ids, categories): text and categorical data repeat
+        naturally (a phrase in two windows of a corpus), so their duplicates and overlap only warn.
+        """
+        if self.discrete:
+            return False
+        if not self._cols:
+            return True
+        cols = torch.cat(self._cols)
+        k = cols.shape[0]
+        s = cols.sort(0).values
+        distinct = 1 + (s[1:] != s[:-1]).sum(0) if k > 1 else torch.ones(cols.shape[1], dtype=torch.long)
+        if int(distinct.max()) >= max(2, k // 2):
+            return True
+        log_space = float(distinct.double().log().sum())
+        return log_space > 2 * math.log(max(k, 2)) + math.log(100)
+
+    def class_counts(self) -> Optional[tuple[str, Any]]:
+        if not self._targets:
+            return None
+        y = torch.cat([t for t in self._targets if t.shape[1:] == self._targets[0].shape[1:]])
+        if y.dtype == torch.bool:
+            y = y.float()
+        if not y.is_floating_point():
+            v = y.reshape(-1)
+            v = v[v >= 0]
+            if v.numel() == 0:
+                return None
+            return "classes", torch.bincount(v, minlength=int(v.max()) + 1).double()
+        finite = torch.isfinite(y).all(1)
+        y = y[finite]
+        if y.numel() == 0 or not bool(((y == 0) | (y == 1)).all()):
+            return None
+        return "labels", (y.double().sum(0), float(y.shape[0]))
+
+
+def plot_first_batch(
+    inputs: Tensor,
+    targets: Optional[Tensor] = None,
+    layout: str = "auto",
+    decode: Optional[Callable[[list[int]], str]] = None,
+    max_items: int = 16,
+    max_features: int = 8,
+):  # noqa: ANN201
+    """The first batch exactly as it goes into the network.
+
+    Image-like inputs (``(N, C, H, W)``, ``(N, H, W)``): a grid of up to ``max_items`` images titled with their
+    labels, one colour scale for the whole batch (its range in the title, so that unscaled values show); RGB when
+    ``C == 3``, else the first channel. Integer 2-D inputs (token ids): the first rows, decoded with ``decode`` when
+    given, else the ids. Anything else: a histogram per feature (up to ``max_features``) with its mean and std, and
+    one of the targets.
+
+    Example::
+
+        >>> fig = plot_first_batch(torch.rand(8, 1, 6, 6) * 255, torch.arange(8))
+        >>> len(fig.axes)
+        8
+    """
+    x = inputs.detach().cpu()
+    y = targets.detach().cpu() if isinstance(targets, Tensor) else None
+
+    def label(i: int) -> str:
+        if y is None or y.ndim == 0 or i >= y.shape[0]:
+            return ""
+        v = y[i]
+        return f"y={v.item():.4g}" if v.numel() == 1 else f"y={v.reshape(-1)[:4].tolist()}"
+
+    if x.dtype != torch.bool and not x.is_floating_point() and x.ndim == 2 and x.dtype != torch.uint8:
+        rows = min(x.shape[0], 8)
+        fig = _figure(12, 0.6 * rows + 1)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        lines = []
+        for i in range(rows):
+            ids = x[i].tolist()
+            text = decode(ids) if decode is not None else " ".join(str(t) for t in ids[:48]) + (" ..." if len(ids) > 48 else "")
+            lines.append(f"[{i}] {label(i)}  {text!s}"[:200])
+        ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8, transform=ax.transAxes)
+        ax.set_title("First batch: " + ("decoded token ids" if decode is not None else "token ids (pass `decode=` for text)"))
+        return fig
+    xf = x.float()
+    if _is_image(x, layout) and x.ndim in (3, 4):
+        imgs = xf if x.ndim == 3 else (xf.permute(0, 2, 3, 1) if x.shape[1] == 3 else xf[:, 0])
+        n = min(imgs.shape[0], max_items)
+        cols = min(n, 4) if n else 1
+        rows = max(1, math.ceil(n / cols))
+        fig = _figure(2.5 * cols, 2.5 * rows + 0.6)
+        lo, hi = float(xf.min()), float(xf.max())
+        axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+        for i, ax in enumerate(axes):
+            ax.axis("off")
+            if i >= n:
+                continue
+            img = imgs[i].numpy()
+            if img.ndim == 3:
+                ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-12), 0, 1))
+            else:
+                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+            ax.set_title(label(i), fontsize=8)
+        fig.suptitle(f"First batch as the network sees it: {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}, "
+                     f"values in [{lo:.4g}, {hi:.4g}], mean {float(xf.mean()):.3g}, std {float(xf.std()):.3g}", fontsize=9)
+        return fig
+    m = _feature_matrix(xf, layout)
+    k = min(m.shape[1], max_features)
+    extra = 1 if y is not None and y.numel() else 0
+    cols = min(k + extra, 4)
+    rows = max(1, math.ceil((k + extra) / cols))
+    fig = _figure(3 * cols, 2.2 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for j, ax in enumerate(axes):
+        if j < k:
+            v = m[:, j].numpy()
+            v = v[np.isfinite(v)]
+            ax.hist(v, bins=20, color="tab:blue")
+            ax.tick_params(labelsize=6)
+            ax.set_yticks([])
+            ax.set_title(f"feature {j}: mean {v.mean() if v.size else float('nan'):.3g}, std "
+                         f"{v.std() if v.size else float('nan'):.3g}", fontsize=8)
+        elif j == k and extra:
+            ax.hist(y.float().reshape(-1).numpy(), bins=20, color="tab:orange")
+            ax.tick_params(labelsize=6)
+            ax.set_yticks([])
+            ax.set_title("targets", fontsize=8)
+        else:
+            ax.axis("off")
+    fig.suptitle(f"First batch as the network sees it: {tuple(x.shape)}, {m.shape[1]} features"
+                 + (f" (first {k} shown)" if k < m.shape[1] else ""), fontsize=9)
+    return fig

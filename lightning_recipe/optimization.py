@@ -1,0 +1,720 @@
+"""``OptimizationHealthCheck``: LR schedule, gradient clipping, per-layer gradients, dead ReLUs, weight decay.
+
+The recipe's "do not trust learning-rate decay defaults" and the optimisation bugs that let a loss go down a little
+while the model quietly learns nothing: a schedule that decays to nothing early, a clip value that clips every step
+by orders of magnitude, gradients that vanish before reaching the first layers, ReLUs that never fire, weight decay
+that shrinks the weights instead of fitting.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import probe_mode, run_forward, split_batch
+from lightning_recipe._labels import first_batch
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+
+_LR = [
+    "a per-epoch schedule (StepLR, MultiStepLR, ExponentialLR) stepped every batch: "
+    "return {'scheduler': ..., 'interval': 'epoch'} from configure_optimizers",
+    "a schedule length (step_size, T_max, total_steps, milestones) copied from another dataset or batch size",
+    "warm restarts or a decay factor meant for far longer training",
+]
+_CLIP = [
+    "gradient_clip_val far below the gradient norm (e.g. 1e-4 with norms ~1): every step is scaled down by the "
+    "same huge factor, which acts as a much lower learning rate",
+    "gradient_clip_algorithm='value' with a tiny value: every gradient element is cut to ±value",
+]
+_VANISH = [
+    "saturating activations (sigmoid/tanh) stacked deep without normalisation or residual connections",
+    "weights initialised too small for the depth (use Kaiming/Xavier initialisation)",
+    "a layer that squashes its input (a sigmoid in the middle of the network, a very low temperature)",
+]
+_EXPLODE = [
+    "learning rate too high, or no normalisation in a deep or recurrent network",
+    "weights initialised too large for the depth",
+    "a loss or input on a huge scale (unscaled inputs or targets)",
+]
+_DEAD = [
+    "learning rate too high: a large step pushed the pre-activations negative for every input",
+    "a large negative bias (or bias init) before the ReLU",
+    "inputs not standardised, so pre-activations start far from zero",
+]
+_WD = [
+    "weight_decay far too large for this learning rate (typical: 1e-4 to 1e-2 for AdamW, 5e-4 for SGD)",
+    "weight decay applied as L2 to an Adam optimiser with a large coefficient (use AdamW with a small one)",
+    "weight decay on biases and normalisation parameters",
+]
+_ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor")
+_CHECKS = ("lr_schedule", "clipping", "gradients", "dead_relu", "weight_decay")
+
+
+class OptimizationHealthCheck(RecipeCheck):
+    """Five checks of the optimisation, gathered on the device and judged every ``check_every_n_steps`` batches.
+
+    * **lr_schedule**: the learning rate of every parameter group, read from ``trainer.optimizers`` at each batch
+      (a Python float, no device sync), relative to its peak so far. Before ``schedule_fraction`` (a quarter) of the
+      planned optimizer steps (``trainer.estimated_stepping_batches``) it must not fall below ``min_lr_fraction``
+      (10 %) of the peak: warn below 10 %, fail below ``min_lr_fraction**2`` (1 %), which no intended schedule does
+      (a cosine schedule is at 85 % of its peak at a quarter, a step decay by 10 at a third of training at 100 %).
+      Catches ``StepLR(step_size=1, gamma=0.5)`` stepped per batch: 0.5**k of the start after ``k`` batches.
+      Warm-up does not count (the reference is the peak so far). Skipped when the number of planned steps is
+      unknown (``max_steps=-1`` and ``max_epochs=-1``).
+    * **clipping** (when ``trainer.gradient_clip_val`` is set): the gradient norm before clipping (the norm of all
+      gradients of the optimizer for ``"norm"``, their largest absolute value for ``"value"``), computed in
+      ``on_before_optimizer_step`` on the device. When at least ``clip_steps`` (90 %) of the steps are clipped and
+      the median ratio of the norm to ``gradient_clip_val`` is at least ``clip_ratio`` (100), clipping is not a
+      safeguard but the effective learning rate: fail for SGD-like optimizers (every update is shrunk by that
+      ratio), warn for adaptive ones (Adam and kin divide the gradient by its running scale, so the clip value is
+      meaningless but does little harm).
+    * **gradients** (warn): per layer (the parameters of one module), the gradient norm per step divided by the
+      square root of its number of values (the RMS gradient, comparable across widths), averaged over each window.
+      Warn when the largest layer RMS exceeds the smallest (non-zero) by more than ``max_grad_spread``: vanishing
+      when the smallest is the earlier layer (parameter registration order), exploding when it is the later one.
+      Non-finite gradient norms are counted and reported (expected under fp16 loss scaling in the first steps).
+    * **dead_relu** (warn): a probe forward on a fixed training batch (eval mode, ``no_grad``, random state
+      isolated, forward hooks on the ``nn.ReLU``/``nn.ReLU6`` modules only during the probe) at fit start and every
+      ``check_every_n_steps`` batches; a unit (a feature, or a channel for ``(N, C, ...)`` outputs) is dead when it
+      outputs 0 for every example of the batch. Warn when the dead fraction of a layer exceeds
+      ``max_dead_fraction``. Functional ``F.relu`` calls are not seen.
+    * **weight_decay** (when a parameter group has ``weight_decay > 0``): at each read, the norm of all trainable
+      parameters and the mean loss of the window. After ``warmup_steps`` batches, if the weight norm has fallen
+      below ``1 - min_shrink`` (half) of its value at fit start at each of the last three reads, and the mean
+      loss of the last window is not below the first window's by ``min_rel_decrease`` (5 %), and the decay term
+      alone can explain it (``prod(1 - lr * weight_decay)`` over the steps so far below ``1 - min_shrink / 2``: SGD's
+      L2 and decoupled AdamW decay; an L2 term inside Adam and kin is rescaled by the optimizer, so there it is only
+      suspected, when ``weight_decay >= 0.01``): weight decay shrinks the weights instead of letting them fit.
+      Warn; fail when both the weight norm and the decay term fell below 10 % of the start. (A network that learns nothing for another reason, e.g.
+      vanishing gradients, with a small weight decay is not blamed on the decay.)
+
+    Gradient statistics are computed every ``grad_every_n_steps`` optimizer steps (one pass over the gradients,
+    like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
+    Python floats. A figure (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs
+    clip value, weight norm and loss) goes to the loggers at the end of the fit.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        check_every_n_steps: batches between two reads (one host sync each) and dead-ReLU probes.
+        grad_every_n_steps: optimizer steps between two gradient measurements.
+        min_lr_fraction: smallest learning rate, relative to its peak, allowed before ``schedule_fraction``.
+        schedule_fraction: fraction of the planned steps during which ``min_lr_fraction`` applies.
+        clip_ratio: median ratio of the pre-clip norm to the clip value that counts as clipping by orders of
+            magnitude.
+        clip_steps: fraction of clipped steps that counts as "nearly every step".
+        max_grad_spread: largest allowed ratio between the largest and the smallest per-layer RMS gradient.
+        max_dead_fraction: largest allowed fraction of dead units in one ReLU layer.
+        min_shrink: relative fall of the weight norm that counts as shrinking.
+        min_rel_decrease: relative decrease of the loss that counts as fitting.
+        warmup_steps: batches before the weight-decay test.
+        figure: draw the figure at the end of the fit.
+        **kwargs: overrides (``split_batch``, ``forward``, ...), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[OptimizationHealthCheck(check_every_n_steps=20)], logger=False)
+    """
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        check_every_n_steps: int = 25,
+        grad_every_n_steps: int = 1,
+        min_lr_fraction: float = 0.1,
+        schedule_fraction: float = 0.25,
+        clip_ratio: float = 100.0,
+        clip_steps: float = 0.9,
+        max_grad_spread: float = 1e4,
+        max_dead_fraction: float = 0.75,
+        min_shrink: float = 0.5,
+        min_rel_decrease: float = 0.05,
+        warmup_steps: int = 50,
+        figure: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(on_fail, **kwargs)
+        for name, v in (("check_every_n_steps", check_every_n_steps), ("grad_every_n_steps", grad_every_n_steps),
+                        ("warmup_steps", warmup_steps)):
+            if not isinstance(v, int) or v < 1:
+                raise RecipeConfigError(f"{self.name}: `{name}` must be a positive int, got {v!r}.")
+        for name, v in (("min_lr_fraction", min_lr_fraction), ("schedule_fraction", schedule_fraction),
+                        ("clip_steps", clip_steps), ("max_dead_fraction", max_dead_fraction),
+                        ("min_shrink", min_shrink), ("min_rel_decrease", min_rel_decrease)):
+            if not 0 < v <= 1:
+                raise RecipeConfigError(f"{self.name}: `{name}` must be in (0, 1], got {v!r}.")
+        if not clip_ratio > 1 or not max_grad_spread > 1:
+            raise RecipeConfigError(f"{self.name}: `clip_ratio` and `max_grad_spread` must be > 1, got {clip_ratio!r}, "
+                                    f"{max_grad_spread!r}.")
+        self.check_every_n_steps = check_every_n_steps
+        self.grad_every_n_steps = grad_every_n_steps
+        self.min_lr_fraction = float(min_lr_fraction)
+        self.schedule_fraction = float(schedule_fraction)
+        self.clip_ratio = float(clip_ratio)
+        self.clip_steps = float(clip_steps)
+        self.max_grad_spread = float(max_grad_spread)
+        self.max_dead_fraction = float(max_dead_fraction)
+        self.min_shrink = float(min_shrink)
+        self.min_rel_decrease = float(min_rel_decrease)
+        self.warmup_steps = warmup_steps
+        self.figure = figure
+        # histories read on the host (plain values)
+        self.lrs: list[list[float]] = []  # per batch: the learning rate of every parameter group
+        self.grad_norms: list[float] = []  # per measured step: pre-clip norm (or max |g| for "value" clipping)
+        self.layer_history: list[tuple[int, list[float]]] = []  # per read: mean RMS gradient per layer
+        self.layer_names: list[str] = []
+        self.weight_history: list[tuple[int, float, float]] = []  # per read: step, weight norm, mean loss
+        self.dead_history: list[tuple[int, dict[str, float]]] = []
+        self.losses: list[float] = []
+        self.concluded: dict[str, str] = {}
+        self._reset_fit()
+
+    def _reset_fit(self) -> None:
+        self._batches = 0
+        self._opt_steps = 0
+        self._planned: Optional[float] = None
+        self._peaks: list[float] = []
+        self._min_ratio_early: Optional[tuple[float, int, int]] = None  # ratio, group, step
+        self._layer_of: dict[int, int] = {}
+        self._numel: Optional[Tensor] = None
+        self._opt_cache: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
+        self._layer_sum: Optional[Tensor] = None
+        self._layer_count = 0
+        self._gn_pending: list[Tensor] = []
+        self._loss_pending: list[Tensor] = []
+        self._nonfinite_steps = 0
+        self._nonfinite_dev: Optional[Tensor] = None
+        self._relus: list[tuple[str, nn.Module]] = []
+        self._probe_inputs: Any = None
+        self._dead_pending: Optional[Tensor] = None
+        self._weight_pending: Optional[Tensor] = None
+        self._weight0: Optional[float] = None
+        self._first_window: Optional[float] = None
+        self._max_spread: tuple[float, str, str] = (1.0, "", "")
+        self._has_wd = False
+        self._adaptive = False
+        self._wds: list[float] = []
+        self._decay_budget: list[float] = []
+        self._coupled_adaptive = False
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._reset_fit()
+        planned = float(trainer.estimated_stepping_batches)
+        self._planned = planned if math.isfinite(planned) and planned > 0 else None
+        groups = [g for opt in trainer.optimizers for g in opt.param_groups]
+        self._peaks = [float(g.get("lr", 0.0)) for g in groups]
+        self._wds = [float(g.get("weight_decay", 0.0) or 0.0) for g in groups]
+        self._decay_budget = [0.0] * len(groups)
+        self._has_wd = any(wd > 0 for wd in self._wds)
+        adaptive = [type(o).__name__ in _ADAPTIVE or any("betas" in g for g in o.param_groups) for o in trainer.optimizers]
+        self._adaptive = any(adaptive)
+        self._coupled_adaptive = any(
+            a and any(float(g.get("weight_decay", 0.0) or 0.0) > 0 and not _decoupled(o, g) for g in o.param_groups)
+            for a, o in zip(adaptive, trainer.optimizers)
+        )
+        names: dict[str, int] = {}
+        numel: list[int] = []
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            if layer not in names:
+                names[layer] = len(names)
+                numel.append(0)
+            self._layer_of[id(p)] = names[layer]
+            numel[names[layer]] += p.numel()
+        self.layer_names = list(names)
+        self._numel = torch.tensor(numel, dtype=torch.float32, device=pl_module.device)
+        self._relus = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+        if self._relus:
+            try:
+                self._probe_inputs = split_batch(first_batch(trainer), self._settings.split_batch)[0]
+            except RecipeConfigError as err:
+                self._relus = []
+                self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
+        self._probe(trainer, pl_module)
+        self._weight_pending = _weight_norm(pl_module)
+
+    # -- gathering (no host sync) -----------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        self._opt_steps += 1
+        if (self._opt_steps - 1) % self.grad_every_n_steps or self._numel is None:
+            return
+        params, idx = self._params_of(optimizer)
+        grads = [p.grad for p in params]
+        if not grads:
+            return
+        norms = _norms(grads, 2.0).float()
+        layer_sq = torch.zeros_like(self._numel).index_add_(0, idx, norms * norms)
+        layer_rms = layer_sq.sqrt() / self._numel.clamp_min(1).sqrt()
+        finite = torch.isfinite(layer_sq).all()
+        layer_rms = torch.where(finite, layer_rms, torch.zeros_like(layer_rms))
+        bad = (~finite).float()
+        self._nonfinite_dev = bad if self._nonfinite_dev is None else self._nonfinite_dev + bad
+        self._layer_sum = layer_rms if self._layer_sum is None else self._layer_sum + layer_rms
+        self._layer_count += 1
+        if trainer.gradient_clip_algorithm == "value":
+            total = _norms(grads, math.inf).float().max()
+        else:
+            total = layer_sq.sum().sqrt()
+        self._gn_pending.append(total)
+
+    def _params_of(self, optimizer: Any) -> tuple[list[nn.Parameter], Tensor]:
+        opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
+        params = [p for g in opt.param_groups for p in g["params"]
+                  if p.grad is not None and not p.grad.is_sparse and id(p) in self._layer_of]
+        key = id(opt)
+        cached = self._opt_cache.get(key)
+        if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+            assert self._numel is not None
+            idx = torch.tensor([self._layer_of[id(p)] for p in params], dtype=torch.long).to(self._numel.device)
+            cached = (params, idx)
+            self._opt_cache[key] = cached
+        return cached
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batches += 1
+        lrs = [float(g.get("lr", 0.0)) for opt in trainer.optimizers for g in opt.param_groups]
+        self.lrs.append(lrs)
+        self._track_lr(lrs, trainer.global_step)
+        if len(lrs) == len(self._wds):
+            for j, (lr, wd) in enumerate(zip(lrs, self._wds)):
+                self._decay_budget[j] += lr * wd
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self._loss_pending.append(loss.detach().float().reshape(()) * trainer.accumulate_grad_batches)
+        if self._batches % self.check_every_n_steps == 0:
+            self._read(trainer, pl_module)
+            self._judge(trainer, final=False)
+
+    def _track_lr(self, lrs: list[float], step: int) -> None:
+        if self._planned is None or step > self.schedule_fraction * self._planned or len(lrs) != len(self._peaks):
+            return
+        for j, lr in enumerate(lrs):
+            self._peaks[j] = max(self._peaks[j], lr)
+            if self._peaks[j] > 0:
+                r = lr / self._peaks[j]
+                if self._min_ratio_early is None or r < self._min_ratio_early[0]:
+                    self._min_ratio_early = (r, j, step)
+
+    def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._relus or self._probe_inputs is None:
+            return
+        fractions: list[Tensor] = []
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.ndim >= 1:
+                o = out.detach()
+                o = o.reshape(-1, 1) if o.ndim == 1 else o.movedim(1, -1).reshape(-1, o.shape[1])
+                fractions.append((o.amax(0) <= 0).float().mean())
+
+        handles = [m.register_forward_hook(hook) for _, m in self._relus]
+        try:
+            with probe_mode(trainer, pl_module):
+                run_forward(pl_module, self._probe_inputs, self._settings.forward)
+        finally:
+            for h in handles:
+                h.remove()
+        if len(fractions) == len(self._relus):  # a module called twice would be ambiguous: keep one per module
+            self._dead_pending = torch.stack(fractions)
+
+    # -- reading (one host sync per read) ---------------------------------------------------------------------------
+    def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        step = trainer.global_step
+        if self._gn_pending:
+            self.grad_norms.extend(torch.stack(self._gn_pending).tolist())
+            self._gn_pending.clear()
+        if self._nonfinite_dev is not None:
+            self._nonfinite_steps += int(self._nonfinite_dev)
+            self._nonfinite_dev = None
+        if self._layer_sum is not None and self._layer_count:
+            mean = (self._layer_sum / self._layer_count).tolist()
+            self.layer_history.append((step, mean))
+            self._layer_sum, self._layer_count = None, 0
+        new_losses: list[float] = []
+        if self._loss_pending:
+            new_losses = torch.stack(self._loss_pending).tolist()
+            self._loss_pending.clear()
+            self.losses.extend(new_losses)
+            if self._first_window is None:
+                finite = [v for v in new_losses if math.isfinite(v)]
+                self._first_window = sum(finite) / len(finite) if finite else None
+        if self._weight_pending is not None and self._weight0 is None:
+            self._weight0 = float(self._weight_pending)
+        w = float(_weight_norm(pl_module))
+        finite_losses = [v for v in new_losses if math.isfinite(v)]
+        window_loss = sum(finite_losses) / len(finite_losses) if finite_losses else math.nan
+        self.weight_history.append((step, w, window_loss))
+        if self._dead_pending is not None:
+            self.dead_history.append((step, dict(zip((n for n, _ in self._relus), self._dead_pending.tolist()))))
+            self._dead_pending = None
+        self._probe(trainer, pl_module)
+
+    # -- judging --------------------------------------------------------------------------------------------------
+    def _judge(self, trainer: "pl.Trainer", final: bool) -> None:
+        step = trainer.global_step
+        findings = [
+            f for f in (
+                self._judge_lr(trainer, step, final),
+                self._judge_clip(trainer, step, final),
+                self._judge_gradients(step, final),
+                self._judge_dead(step, final),
+                self._judge_wd(step, final),
+            ) if f is not None
+        ]
+        for f in findings:
+            self.concluded[f.check.split(".")[-1]] = f.status
+            if f.status == "warn":
+                rank_zero_warn(f.message + (" Likely causes: " + "; ".join(f.causes) if f.causes else ""),
+                               category=RecipeWarning)
+        fails = [f for f in findings if f.failed]
+        self.findings.extend(f for f in findings if not f.failed)
+        last = None
+        if fails:
+            self.findings.extend(fails[:-1])
+            last = fails[-1]
+            if len(fails) > 1:
+                last.message += " Also failed: " + "; ".join(f.check for f in fails[:-1]) + " (see the report)."
+                last.causes = [c for f in fails for c in f.causes]
+        self._conclude(trainer, last)
+
+    def _judge_lr(self, trainer: "pl.Trainer", step: int, final: bool) -> Optional[Finding]:
+        name = f"{self.name}.lr_schedule"
+        if "lr_schedule" in self.concluded:
+            return None
+        if self._planned is None:
+            return Finding(name, "skip", f"{self.name}: the number of planned steps is unknown (max_steps=-1, "
+                           "max_epochs=-1): the learning-rate schedule is not judged.", step=step) if final else None
+        quarter = self.schedule_fraction * self._planned
+        m = self._min_ratio_early
+        if m is not None and m[0] < self.min_lr_fraction:
+            r, j, at = m
+            status = "fail" if r < self.min_lr_fraction**2 else "warn"
+            return Finding(name, status, f"{self.name}: the learning rate of parameter group {j} fell to {r:.3g} of its "
+                           f"peak {self._peaks[j]:.4g} at step {at}, before {self.schedule_fraction:g} of the "
+                           f"{int(self._planned)} planned steps (step {quarter:.0f}); expected at least "
+                           f"{self.min_lr_fraction:g} of the peak until then. The rest of training runs at a learning "
+                           "rate too small to learn. HINT: step per-epoch schedulers per epoch (`'interval': 'epoch'`) "
+                           "or size the schedule to trainer.estimated_stepping_batches; pass `min_lr_fraction=` if "
+                           "the schedule is intended.", r, self.min_lr_fraction, at, list(_LR),
+                           {"peak": self._peaks[j], "group": j, "planned_steps": self._planned})
+        if step > quarter or final:
+            r = m[0] if m is not None else 1.0
+            return Finding(name, "pass", f"{self.name}: the learning rate stayed at or above {r:.3g} of its peak during "
+                           f"the first {self.schedule_fraction:g} of {int(self._planned)} planned steps.", r,
+                           self.min_lr_fraction, step, details={"planned_steps": self._planned})
+        return None
+
+    def _judge_clip(self, trainer: "pl.Trainer", step: int, final: bool) -> Optional[Finding]:
+        name = f"{self.name}.clipping"
+        if "clipping" in self.concluded:
+            return None
+        clip = trainer.gradient_clip_val
+        if clip is None or float(clip) <= 0:
+            return Finding(name, "skip", f"{self.name}: no gradient clipping configured.", step=step) if final else None
+        g = np.asarray([v for v in self.grad_norms if math.isfinite(v)], dtype=float)
+        if g.size < min(10, self.check_every_n_steps) and not final:
+            return None
+        if g.size == 0:
+            return Finding(name, "skip", f"{self.name}: no gradient measured.", step=step) if final else None
+        ratio = g / float(clip)
+        clipped = float((ratio > 1).mean())
+        med = float(np.median(ratio))
+        kind = "largest |gradient|" if trainer.gradient_clip_algorithm == "value" else "gradient norm"
+        numbers = (f"{clipped:.0%} of {g.size} steps clipped; median pre-clip {kind} {float(np.median(g)):.4g} = "
+                   f"{med:.3g} x gradient_clip_val={float(clip):g}")
+        details = {"clipped_fraction": clipped, "median_ratio": med, "steps": int(g.size), "clip_val": float(clip)}
+        if clipped >= self.clip_steps and med >= self.clip_ratio:
+            status = "warn" if self._adaptive else "fail"
+            effect = ("an adaptive optimizer rescales gradients anyway, so the clip value is meaningless"
+                      if self._adaptive else f"every update is shrunk ~{med:.3g}x: the effective learning rate is the "
+                      "learning rate divided by that")
+            return Finding(name, status, f"{self.name}: gradient clipping clips nearly every step by orders of "
+                           f"magnitude: {numbers} (limits: {self.clip_steps:.0%} of steps and {self.clip_ratio:g}x); "
+                           f"{effect}. HINT: set gradient_clip_val near the typical gradient norm (~{float(np.median(g)):.3g}) "
+                           "or remove it.", med, self.clip_ratio, step, list(_CLIP), details)
+        if final:
+            return Finding(name, "pass", f"{self.name}: gradient clipping: {numbers}.", med, self.clip_ratio, step,
+                           details=details)
+        return None
+
+    def _judge_gradients(self, step: int, final: bool) -> Optional[Finding]:
+        name = f"{self.name}.gradients"
+        if "gradients" in self.concluded:
+            return None
+        if self.layer_history:
+            _, rms = self.layer_history[-1]
+            live = [(i, v) for i, v in enumerate(rms) if v > 0 and math.isfinite(v)]
+            if len(live) >= 2:
+                lo = min(live, key=lambda t: t[1])
+                hi = max(live, key=lambda t: t[1])
+                spread = hi[1] / lo[1]
+                if spread > self._max_spread[0]:
+                    self._max_spread = (spread, self.layer_names[lo[0]], self.layer_names[hi[0]])
+                if spread > self.max_grad_spread:
+                    vanishing = lo[0] < hi[0]
+                    what = "vanishing" if vanishing else "exploding"
+                    return Finding(name, "warn", f"{self.name}: {what} gradients: the RMS gradient of layer "
+                                   f"`{self.layer_names[lo[0]]}` is {lo[1]:.3g}, of layer `{self.layer_names[hi[0]]}` "
+                                   f"{hi[1]:.3g}: a spread of {spread:.3g} (limit {self.max_grad_spread:g}) over steps "
+                                   f"up to {step}. The {'early' if vanishing else 'late'} layers barely learn. HINT: "
+                                   "pass `max_grad_spread=` if this is expected.", spread, self.max_grad_spread, step,
+                                   list(_VANISH if vanishing else _EXPLODE),
+                                   {"layers": self.layer_names, "rms": rms, "nonfinite_steps": self._nonfinite_steps})
+        if final:
+            if not self.layer_history:
+                return Finding(name, "skip", f"{self.name}: no gradient measured.", step=step)
+            s, lo, hi = self._max_spread
+            return Finding(name, "pass", f"{self.name}: per-layer RMS gradients within a spread of {s:.3g} (limit "
+                           f"{self.max_grad_spread:g}){f'; smallest `{lo}`, largest `{hi}`' if lo else ''}.", s,
+                           self.max_grad_spread, step, details={"layers": self.layer_names,
+                                                                "rms": self.layer_history[-1][1]})
+        return None
+
+    def _judge_dead(self, step: int, final: bool) -> Optional[Finding]:
+        name = f"{self.name}.dead_relu"
+        if "dead_relu" in self.concluded:
+            return None
+        if not self.dead_history:
+            if final:
+                return Finding(name, "skip", f"{self.name}: no nn.ReLU module ran in the probe forward: dead units not "
+                               "checked.", step=step)
+            return None
+        at, dead = self.dead_history[-1]
+        layer, frac = max(dead.items(), key=lambda t: t[1])
+        n = _batch_size(self._probe_inputs)
+        shown = ", ".join(f"`{k}`: {v:.2f}" for k, v in list(dead.items())[:8])
+        if frac > self.max_dead_fraction:
+            return Finding(name, "warn", f"{self.name}: {frac:.0%} of the units of ReLU `{layer}` output 0 for all "
+                           f"{n} examples of the probe batch at step {at} (limit {self.max_dead_fraction:.0%}); per "
+                           f"layer: {shown}. Dead units get no gradient and never recover. HINT: pass "
+                           "`max_dead_fraction=` to change the threshold.", frac, self.max_dead_fraction, at,
+                           list(_DEAD), {"dead_fraction": dead, "probe_examples": n})
+        if final:
+            return Finding(name, "pass", f"{self.name}: dead ReLU units on {n} probe examples at step {at}: {shown}.",
+                           frac, self.max_dead_fraction, at, details={"dead_fraction": dead})
+        return None
+
+    def _judge_wd(self, step: int, final: bool) -> Optional[Finding]:
+        name = f"{self.name}.weight_decay"
+        if "weight_decay" in self.concluded:
+            return None
+        if not self._has_wd:
+            return Finding(name, "skip", f"{self.name}: no parameter group has weight_decay > 0.", step=step) \
+                if final else None
+        h = self.weight_history
+        if self._weight0 is None or not self._weight0 > 0 or len(h) < 3 or self._batches < self.warmup_steps:
+            if final:
+                return Finding(name, "skip", f"{self.name}: {self._batches} batches, fewer than warmup_steps="
+                               f"{self.warmup_steps} (or fewer than 3 reads): weight decay not judged.", step=step)
+            return None
+        w0, w = self._weight0, h[-1][1]
+        shrink = w / w0
+        steady = all(v < (1 - self.min_shrink) * w0 for _, v, _ in h[-3:])
+        first, last = self._first_window, h[-1][2]
+        if first is None or not math.isfinite(last):
+            return None
+        rel = (first - last) / max(abs(first), 1e-12)
+        decay_alone = math.exp(-max(self._decay_budget, default=0.0))
+        numbers = (f"weight norm {w0:.4g} at fit start -> {w:.4g} ({shrink:.3g}x) at step {step}, below {1 - self.min_shrink:g}x at each "
+                   f"of the last 3 reads: {steady}; mean loss {first:.4g} (first window) -> {last:.4g} (last window), a relative "
+                   f"decrease of {rel:.3g}; the decay term alone, prod(1 - lr * weight_decay), shrinks weights to "
+                   f"{decay_alone:.3g}x")
+        details = {"weight_norms": [v for _, v, _ in h], "window_losses": [v for _, _, v in h], "shrink": shrink,
+                   "relative_loss_decrease": rel, "decay_alone": decay_alone, "coupled_adaptive": self._coupled_adaptive}
+        # weight decay is to blame only if its own term can shrink the weights that much (SGD's L2 and decoupled
+        # decay: a factor 1 - lr * wd per step); an L2 term inside Adam & co. is rescaled, so it is only suspected
+        strong = decay_alone < 1 - self.min_shrink / 2 or (self._coupled_adaptive and max(self._wds) >= 1e-2)
+        if shrink < 1 - self.min_shrink and steady and rel < self.min_rel_decrease and strong:
+            status = "fail" if shrink < 0.1 and decay_alone < 0.1 else "warn"
+            return Finding(name, status, f"{self.name}: the weights shrink instead of fitting: {numbers} (limits: "
+                           f"shrink below {1 - self.min_shrink:g}x with a loss decrease under {self.min_rel_decrease:g}). "
+                           "HINT: lower weight_decay (or pass `min_shrink=` if this is expected).", shrink,
+                           1 - self.min_shrink, step, list(_WD), details)
+        if final:
+            return Finding(name, "pass", f"{self.name}: {numbers}.", shrink, 1 - self.min_shrink, step, details=details)
+        return None
+
+    # -- end of fit -----------------------------------------------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._numel is None:
+            return
+        if self._loss_pending or self._gn_pending or self._layer_count:
+            self._read(trainer, pl_module)
+        self._judge(trainer, final=True)
+
+    @override
+    def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        if not self.figure or not trainer.is_global_zero or self._dir is None or not (self.lrs or self.grad_norms):
+            return
+        from lightning_recipe.loggers import log_figure
+
+        try:
+            fig = plot_optimization(self.lrs, self.layer_history, self.layer_names, self.grad_norms,
+                                    trainer.gradient_clip_val, self.weight_history, self._planned,
+                                    self.schedule_fraction)
+        except Exception as err:  # a figure must never stop the fit
+            rank_zero_warn(f"{self.name}: could not draw its figure: {err}", category=RecipeWarning)
+            return
+        path = log_figure(trainer, "recipe/optimization_health", fig, trainer.global_step, self._dir)
+        if path and path not in self.figures:
+            self.figures.append(path)
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            # a checkpoint restored after this brings back `concluded`
+            self.concluded = {}
+            self.lrs, self.grad_norms, self.layer_history, self.losses = [], [], [], []
+            self.weight_history, self.dead_history = [], []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"concluded": dict(self.concluded)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.concluded = dict(state_dict.get("concluded", {}))
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+def _norms(tensors: list[Tensor], ord: float) -> Tensor:
+    """Per-tensor norms, stacked on the device (one fused kernel where available)."""
+    foreach = getattr(torch, "_foreach_norm", None)
+    if foreach is not None:
+        try:
+            return torch.stack(foreach(tensors, ord))
+        except (RuntimeError, TypeError):
+            pass
+    return torch.stack([torch.linalg.vector_norm(t, ord) for t in tensors])
+
+
+def _decoupled(optimizer: Any, group: dict) -> bool:
+    """Whether weight decay is decoupled from the gradient (AdamW), i.e. a plain factor ``1 - lr * wd`` per step."""
+    return type(optimizer).__name__ == "AdamW" or bool(group.get("decoupled_weight_decay", False))
+
+
+def _weight_norm(module: nn.Module) -> Tensor:
+    params = [p.detach() for p in module.parameters() if p.requires_grad]
+    if not params:
+        return torch.zeros(())
+    return _norms(params, 2.0).float().norm()
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, Tensor):
+        return int(x.shape[0]) if x.ndim else 1
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return next((_batch_size(v) for v in x if isinstance(v, Tensor)), 0)
+    return 0
+
+
+def lr_ratio_before(lrs: list[float], planned_steps: float, fraction: float = 0.25, initial: float = 0.0) -> float:
+    """Smallest ratio of the learning rate to its running peak during the first ``fraction`` of ``planned_steps``.
+
+    Args:
+        lrs: the learning rate after each optimizer step (``lrs[k]`` after step ``k + 1``).
+        planned_steps: the number of steps training will run.
+        fraction: the part of training inspected.
+        initial: the learning rate before the first step (counts towards the peak).
+
+    Example::
+
+        >>> f"{lr_ratio_before([0.1 * 0.5 ** (k + 1) for k in range(100)], 100):.3g}"  # StepLR(1, 0.5) per batch
+        '5.96e-08'
+        >>> cosine = [0.1 * (1 + math.cos(math.pi * (k + 1) / 100)) / 2 for k in range(100)]
+        >>> round(lr_ratio_before(cosine, 100, initial=0.1), 4)  # cos(pi / 4) schedule at a quarter: fine
+        0.8536
+    """
+    peak, low = initial, 1.0
+    for k, lr in enumerate(lrs):
+        if k + 1 > fraction * planned_steps:
+            break
+        peak = max(peak, lr)
+        if peak > 0:
+            low = min(low, lr / peak)
+    return low
+
+
+def plot_optimization(
+    lrs: list[list[float]],
+    layer_history: list[tuple[int, list[float]]],
+    layer_names: list[str],
+    grad_norms: list[float],
+    clip_val: Optional[float] = None,
+    weight_history: Optional[list[tuple[int, float, float]]] = None,
+    planned_steps: Optional[float] = None,
+    schedule_fraction: float = 0.25,
+):  # noqa: ANN201
+    """Learning rate per batch, mean RMS gradient per layer per window, pre-clip gradient norm per step with the clip
+    value, and weight norm with the window loss.
+
+    Example::
+
+        >>> fig = plot_optimization([[0.1], [0.05]], [(10, [1e-3, 1e-1])], ["net.0", "net.2"], [1.0, 2.0], 0.5,
+        ...                         [(10, 3.0, 2.3)], 100)
+        >>> len(fig.axes) >= 4
+        True
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 7))
+    fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)
+    (a_lr, a_layer), (a_clip, a_w) = fig.subplots(2, 2)
+    lr = np.asarray(lrs, dtype=float) if lrs else np.zeros((0, 1))
+    for j in range(min(lr.shape[1] if lr.ndim == 2 else 0, 6)):
+        a_lr.plot(lr[:, j], lw=1.2, label=f"group {j}")
+    if planned_steps:
+        a_lr.axvline(schedule_fraction * planned_steps, color="tab:red", ls=":", label=f"{schedule_fraction:g} of plan")
+    if lr.size and (lr > 0).any():
+        a_lr.set_yscale("log")
+    a_lr.set_title("learning rate per batch", fontsize=9)
+    a_lr.legend(fontsize=7)
+    if layer_history:
+        steps = [s for s, _ in layer_history]
+        vals = np.asarray([v for _, v in layer_history], dtype=float)
+        shown = range(vals.shape[1]) if vals.shape[1] <= 10 else np.linspace(0, vals.shape[1] - 1, 10).astype(int)
+        for i in shown:
+            v = np.where(vals[:, i] > 0, vals[:, i], np.nan)
+            a_layer.plot(steps, v, marker="o", ms=3, lw=1, label=layer_names[i] if i < len(layer_names) else str(i))
+        if np.nanmax(np.where(vals > 0, vals, np.nan)) > 0:
+            a_layer.set_yscale("log")
+        a_layer.legend(fontsize=6, ncol=2)
+    a_layer.set_title("RMS gradient per layer (window mean)", fontsize=9)
+    if grad_norms:
+        g = np.asarray(grad_norms, dtype=float)
+        a_clip.plot(g, lw=0.8, label="pre-clip gradient norm")
+        if clip_val:
+            a_clip.axhline(float(clip_val), color="tab:red", ls="--", label=f"gradient_clip_val={float(clip_val):g}")
+        if np.isfinite(g).any() and np.nanmin(np.where(g > 0, g, np.nan)) > 0:
+            a_clip.set_yscale("log")
+        a_clip.legend(fontsize=7)
+    a_clip.set_title("gradient norm per measured step", fontsize=9)
+    if weight_history:
+        s = [h[0] for h in weight_history]
+        a_w.plot(s, [h[1] for h in weight_history], marker="o", ms=3, color="tab:green")
+        a_w.set_ylabel("weight norm", color="tab:green", fontsize=8)
+        a_l = a_w.twinx()
+        a_l.plot(s, [h[2] for h in weight_history], marker="s", ms=3, color="tab:blue")
+        a_l.set_ylabel("window mean loss", color="tab:blue", fontsize=8)
+    a_w.set_title("weight norm and loss", fontsize=9)
+    return fig

@@ -1,0 +1,282 @@
+"""``OutputRangeCheck``: outputs on the scale the loss expects (logits, not probabilities) and a loss that fits the task."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import probe_mode, run_forward
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import Finding
+
+_DOUBLE = [
+    "softmax/sigmoid applied in forward and again inside the loss (CrossEntropyLoss and BCEWithLogitsLoss take "
+    "logits): the loss saturates, gradients shrink and training stalls",
+    "a model written for inference (returning probabilities) reused for training",
+]
+_NLL = ["NLLLoss takes log-probabilities: use `log_softmax` in forward (or CrossEntropyLoss on logits)"]
+_LABELS = [
+    "class labels regressed with MSE/L1: the loss treats class 3 as 'between' classes 2 and 4 and predicts averages "
+    "of class ids",
+]
+_LOGIT_LOSSES = ("CrossEntropyLoss", "BCEWithLogitsLoss")
+_REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
+_SCALE = 1000.0
+
+
+class OutputRangeCheck(RecipeCheck):
+    """Outputs fed to a logits loss must not already be probabilities; class labels should not be regressed.
+
+    At fit start, on the probe batch (one forward under the probe mode: eval, no grad, isolated random state):
+
+    * ``CrossEntropyLoss`` (found or inferred): the outputs are **probabilities** when every row along the class
+      dimension lies in ``[0, 1]`` and sums to 1 (within ``atol``; a set of logits does that only by accident) →
+      fail, "double softmax". Also fails when the output is ``sigmoid`` of the head's output.
+    * ``BCEWithLogitsLoss``: fails when the output is ``sigmoid``/``softmax`` of the head's output (measured with a
+      forward hook on the head). Outputs merely all inside ``[0, 1]`` are ambiguous (logits near zero are too): the
+      check then runs the model on the inputs scaled by ``+-1000`` (floating inputs only): outputs that leave
+      ``[0, 1]`` are logits → pass; outputs that change but stay inside are bounded, i.e. squashed → fail; outputs
+      that do not change (a model insensitive to the input scale) or integer inputs → ``warn``.
+    * ``NLLLoss``: the outputs must be log-probabilities (``logsumexp`` over classes = 0): probabilities (rows summing to
+      1) or unnormalised logits fail.
+    * a regression loss (MSE, L1, Huber) on targets that are **class labels** (integer dtype, or integer-valued
+      floats with at most ``max_classes`` distinct values and at least 5 examples per value, on the training label
+      sample) → ``warn``: the loss does not fit a classification task (fine for genuinely ordinal or count targets).
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        atol: tolerance of the range and row-sum tests (raised to ``1e-2`` for half-precision outputs).
+        max_classes: most distinct integer target values counted as class labels.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[OutputRangeCheck(max_classes=20)], logger=False)
+    """
+
+    def __init__(self, on_fail: OnFail = "raise", atol: float = 1e-4, max_classes: int = 20, **kwargs: Any) -> None:
+        super().__init__(on_fail, **kwargs)
+        if not atol > 0:
+            raise RecipeConfigError(f"{self.name}: `atol` must be > 0, got {atol!r}.")
+        if not isinstance(max_classes, int) or max_classes < 2:
+            raise RecipeConfigError(f"{self.name}: `max_classes` must be an int >= 2, got {max_classes!r}.")
+        self.atol = float(atol)
+        self.max_classes = max_classes
+        self.done = False
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.done or trainer.ckpt_path is not None:
+            self.done = True
+            return
+        ctx = self._context(trainer, pl_module)
+        if ctx is None:
+            return
+        self.done = True
+        spec = ctx.spec
+        if spec.loss_name in _REGRESSION:
+            finding = self._labels(ctx)
+        elif spec.loss_name in _LOGIT_LOSSES + ("NLLLoss",):
+            finding = self._range(trainer, pl_module, ctx)
+        else:
+            finding = Finding(self.name, "skip", f"{self.name}: the loss {spec.loss_name or '<callable>'} has no known "
+                              "output scale to check.")
+        if finding.status == "warn":
+            rank_zero_warn(finding.message, category=RecipeWarning)
+        self._conclude(trainer, finding)
+
+    # -- logits vs probabilities ----------------------------------------------------------------------------------
+    def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any, inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
+        seen: list[Tensor] = []
+        handle = None
+        if ctx.head is not None:
+            handle = ctx.head.register_forward_hook(lambda _m, _i, o: seen.append(o) if isinstance(o, Tensor) else None)
+        try:
+            with probe_mode(trainer, pl_module):
+                out = run_forward(pl_module, inputs, self._settings.forward)
+        finally:
+            if handle is not None:
+                handle.remove()
+        head_out = seen[-1].detach() if seen else None
+        return out.detach(), head_out
+
+    def _range(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any) -> Finding:
+        spec = ctx.spec
+        out, head_out = self._probe(trainer, pl_module, ctx, ctx.inputs)
+        atol = self.atol if out.dtype in (torch.float32, torch.float64) else max(self.atol, 1e-2)
+        canon = spec.canonical_outputs(out.float())
+        head_c = None
+        if head_out is not None and head_out.numel() == out.numel() and head_out is not out:
+            head_c = spec.canonical_outputs(head_out.float().reshape(out.shape))
+        rows = probability_rows(canon, atol)
+        squash = squashed_by(canon, head_c, atol) if head_c is not None else None
+        details = {**rows, "squashed_by": squash, "loss": spec.loss_name, "head": ctx.head_name}
+        what = f"outputs {tuple(out.shape)} of the model on the probe batch ({spec.loss_name}, {spec.task})"
+        inferred = (" The loss was inferred from the targets; if training_step applies another loss to these outputs, "
+                    "pass `loss_fn=`.") if spec.inferred else ""
+        hint = (" HINT: return logits from forward (drop the final softmax/sigmoid; apply it only for inference), or "
+                "pass `forward=` returning the logits that training uses.")
+        if spec.loss_name == "NLLLoss":
+            return self._nll(canon, rows, details, what, atol)
+        if spec.task == "multiclass" and rows["in_unit"] and rows["sums_to_one"]:
+            return Finding(self.name, "fail", f"{self.name}: the {what} are already probabilities: every row lies in "
+                           f"[{rows['min']:.4g}, {rows['max']:.4g}] and sums to 1 (largest deviation "
+                           f"{rows['max_sum_error']:.2g}), but {spec.loss_name} applies its own softmax: a double softmax."
+                           f"{inferred}{hint}", rows["max_sum_error"], atol, 0, list(_DOUBLE), details)
+        if squash is not None:
+            return Finding(self.name, "fail", f"{self.name}: the {what} are `{squash}` of the head's output "
+                           f"(`{ctx.head_name}`), in [{rows['min']:.4g}, {rows['max']:.4g}], but {spec.loss_name} expects "
+                           f"logits: a double {squash}.{inferred}{hint}", rows["max"], None, 0, list(_DOUBLE), details)
+        if spec.task in ("binary", "multilabel") and rows["in_unit"]:
+            bounded = self._bounded(trainer, pl_module, ctx, spec, atol, canon)
+            details["bounded_under_scaling"] = bounded
+            if bounded:
+                return Finding(self.name, "fail", f"{self.name}: the {what} lie in [{rows['min']:.4g}, "
+                               f"{rows['max']:.4g}] and stay in [0, 1] (while changing) with the inputs scaled by +-1000: they are "
+                               f"probabilities, but {spec.loss_name} applies its own sigmoid: a double sigmoid."
+                               f"{inferred}{hint}", rows["max"], None, 0, list(_DOUBLE), details)
+            if bounded is None:
+                return Finding(self.name, "warn", f"{self.name}: the {what} all lie in [{rows['min']:.4g}, "
+                               f"{rows['max']:.4g}]: if forward applies a sigmoid, {spec.loss_name} applies a second one "
+                               f"(double sigmoid).{hint}", rows["max"], None, 0, list(_DOUBLE), details)
+        return Finding(self.name, "pass", f"{self.name}: the {what} are logits (range [{rows['min']:.4g}, "
+                       f"{rows['max']:.4g}]), as {spec.loss_name} expects.",
+                       rows["max_sum_error"] if spec.task == "multiclass" else rows["max"], None, 0, [], details)
+
+    def _nll(self, canon: Tensor, rows: dict[str, Any], details: dict[str, Any], what: str, atol: float) -> Finding:
+        lse = torch.logsumexp(canon.double(), dim=-1).abs().max().item() if canon.numel() else 0.0
+        details["max_abs_logsumexp"] = lse
+        if rows["in_unit"] and rows["sums_to_one"]:
+            return Finding(self.name, "fail", f"{self.name}: the {what} are probabilities (rows in [0, 1] summing to 1), "
+                           "but NLLLoss takes log-probabilities: the loss is -p(true class), not -log p. HINT: use "
+                           "`log_softmax` instead of `softmax` in forward.", rows["max_sum_error"], atol, 0, list(_NLL), details)
+        if lse > max(1e-3, 10 * atol):
+            return Finding(self.name, "fail", f"{self.name}: the {what} are not log-probabilities: logsumexp over the "
+                           f"classes is up to {lse:.4g} away from 0, but NLLLoss takes log-probabilities (it is unbounded "
+                           "below on raw logits). HINT: apply `log_softmax` in forward, or use CrossEntropyLoss on logits.",
+                           lse, 0.0, 0, list(_NLL), details)
+        return Finding(self.name, "pass", f"{self.name}: the {what} are log-probabilities, as NLLLoss expects.", lse, 0.0,
+                       0, [], details)
+
+    def _bounded(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any, spec: Any, atol: float,
+                 base: Tensor) -> Optional[bool]:
+        """Do the outputs stay in [0, 1] while moving when the (floating) inputs are scaled by +-1000?
+
+        ``False``: they leave [0, 1] (logits). ``True``: they stay inside although they changed (bounded: squashed).
+        ``None``: cannot tell (integer inputs, non-finite outputs, or a model insensitive to the input scale).
+        """
+        x = ctx.inputs
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return None
+        moved = 0.0
+        for factor in (_SCALE, -_SCALE):
+            out, _ = self._probe(trainer, pl_module, ctx, x * factor)
+            canon = spec.canonical_outputs(out.float())
+            if not bool(torch.isfinite(canon).all()):
+                return None
+            if not probability_rows(canon, atol)["in_unit"]:
+                return False
+            moved = max(moved, float((canon - base).abs().max()))
+        return True if moved > 0.1 else None
+
+    # -- the loss vs the targets ----------------------------------------------------------------------------------
+    def _labels(self, ctx: Any) -> Finding:
+        spec = ctx.spec
+        y = ctx.stats.sample
+        raw = ctx.targets
+        res = class_like_targets(y, self.max_classes, integer_dtype=isinstance(raw, Tensor) and not raw.is_floating_point())
+        details = {k: v for k, v in res.items() if k != "values"}
+        details["values"] = res["values"][:20]
+        if res["class_like"]:
+            shown = ", ".join(f"{v:g}" for v in res["values"][:10])
+            return Finding(self.name, "warn", f"{self.name}: {spec.loss_name} regresses targets that look like class "
+                           f"labels: {res['distinct']} distinct integer values ({shown}) over {res['count']} labels. A "
+                           "regression loss treats class ids as numbers. HINT: for classes, output one logit per class "
+                           "and use CrossEntropyLoss (targets as class indices, dtype long). For ordinal or count "
+                           f"targets a regression loss is fine: pass `max_classes={res['distinct'] - 1}` to silence this.", float(res["distinct"]), float(self.max_classes), 0, list(_LABELS), details)
+        return Finding(self.name, "pass", f"{self.name}: {spec.loss_name} on continuous targets ({res['distinct']} "
+                       f"distinct values in {res['count']} labels).", float(res["distinct"]), float(self.max_classes), 0,
+                       [], details)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))
+
+
+def probability_rows(outputs: Tensor, atol: float = 1e-4) -> dict[str, Any]:
+    """Are the rows of ``outputs`` ``(M, C)`` probability vectors (in ``[0, 1]``, summing to 1 for ``C > 1``)?
+
+    Args:
+        outputs: canonical outputs, one row per prediction, the class (or label) dimension last.
+        atol: tolerance of both tests.
+
+    Example::
+
+        >>> r = probability_rows(torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), -1))
+        >>> r["in_unit"], r["sums_to_one"]
+        (True, True)
+        >>> probability_rows(torch.tensor([[0.2, 0.3], [0.9, -1.0]]))["in_unit"]
+        False
+    """
+    x = outputs.detach().double()
+    if x.numel() == 0:
+        return {"in_unit": False, "sums_to_one": False, "min": float("nan"), "max": float("nan"),
+                "max_sum_error": float("nan")}
+    lo, hi = float(x.min()), float(x.max())
+    in_unit = lo >= -atol and hi <= 1 + atol
+    err = float((x.sum(-1) - 1).abs().max()) if x.ndim > 1 and x.shape[-1] > 1 else float("inf")
+    return {"in_unit": in_unit, "sums_to_one": err <= atol * max(1, x.shape[-1] ** 0.5), "min": lo, "max": hi,
+            "max_sum_error": err}
+
+
+def squashed_by(outputs: Tensor, pre: Tensor, atol: float = 1e-4) -> Optional[str]:
+    """``"softmax"`` or ``"sigmoid"`` when ``outputs`` is that function of ``pre`` (both ``(M, C)``), else ``None``.
+
+    Example::
+
+        >>> z = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+        >>> squashed_by(torch.softmax(z, -1), z), squashed_by(torch.sigmoid(z), z), squashed_by(z, z)
+        ('softmax', 'sigmoid', None)
+    """
+    o, z = outputs.detach().double(), pre.detach().double()
+    if o.shape != z.shape or o.numel() == 0 or torch.allclose(o, z, atol=atol, rtol=0):
+        return None
+    if o.shape[-1] > 1 and torch.allclose(o, torch.softmax(z, -1), atol=atol, rtol=1e-3):
+        return "softmax"
+    if torch.allclose(o, torch.sigmoid(z), atol=atol, rtol=1e-3):
+        return "sigmoid"
+    return None
+
+
+def class_like_targets(targets: Tensor, max_classes: int = 20, integer_dtype: bool = False) -> dict[str, Any]:
+    """Do regression targets look like class labels: integer-valued with few distinct values?
+
+    Class-like: integer dtype (or integer values) with between 2 and ``max_classes`` distinct values, and at least 5
+    labels per distinct value (a handful of labels says nothing).
+
+    Example::
+
+        >>> class_like_targets(torch.tensor([0.0, 1.0, 2.0] * 10))["class_like"]
+        True
+        >>> class_like_targets(torch.linspace(0, 1, 30))["class_like"]
+        False
+    """
+    y = targets.detach().reshape(-1).double().cpu()
+    y = y[torch.isfinite(y)]
+    values = torch.unique(y)
+    integral = bool((y == y.round()).all()) if y.numel() else False
+    distinct, count = int(values.numel()), int(y.numel())
+    class_like = (integral or integer_dtype) and 2 <= distinct <= max_classes and count >= 5 * distinct
+    return {"class_like": class_like, "integer_valued": integral, "distinct": distinct, "count": count,
+            "values": [float(v) for v in values[: max_classes + 1]]}

@@ -1,0 +1,381 @@
+"""``ParameterUpdateCheck``: every trainable parameter gets a gradient and changes; gradients are zeroed between steps."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.findings import Finding
+
+_NOT_IN_OPTIMIZER = [
+    "the optimizer was built before a layer was added or swapped (e.g. a new head assigned after "
+    "configure_optimizers, or parameters collected from the wrong module)",
+    "a parameter group forgot some parameters (e.g. `model.encoder.parameters()` only)",
+]
+_NO_GRAD = [
+    "a layer created but never used in forward (or overwritten/replaced inside forward)",
+    "a branch cut off from the loss by `.detach()`, `.data`, `torch.no_grad()` or a conversion to numpy",
+    "an output head that the loss never reads (e.g. an auxiliary head left out of the loss)",
+]
+_NOT_CHANGED = [
+    "weight updates not applied: `optimizer.step()` missing (manual optimization) or the step skipped",
+    "a parameter group with learning rate 0, or gradients zeroed between backward and step",
+]
+_STALE = [
+    "`zero_grad()` missing in manual optimization: every step adds the new gradient to all previous ones",
+    "a custom `optimizer_zero_grad` that does nothing",
+]
+
+
+class ParameterUpdateCheck(RecipeCheck):
+    """After the first ``steps`` optimizer steps, every trainable parameter must have received a non-zero gradient
+    and changed; gradients must be zeroed between optimizer steps.
+
+    At ``on_train_start`` the trainable parameters (``requires_grad``, minus ``ignore``) are copied once, on their
+    device, and matched against the optimizers' parameter groups. At every optimizer step (``on_before_optimizer_step``,
+    where the gradients are complete, in automatic and in manual optimization) the gradient norm of each parameter
+    is folded into a running maximum on the device. After ``steps`` optimizer steps the parameters are compared with
+    their copies, in one host sync, and the copies are freed. A parameter fails when it is
+
+    * in no optimizer parameter group;
+    * without gradient at every step (``None`` or exactly zero): never used, or cut from the loss;
+    * given a gradient but unchanged, unless the update was below float resolution: the check estimates the
+      smallest step as ``lr * min(|g| / sqrt(numel), 1)`` (SGD's step for the average element, a lower bound for
+      Adam's) and does not fail a parameter whose estimated step is below ``8 eps |p|`` (a tiny learning rate on
+      large weights), nor one whose group's learning rate stayed 0 over the steps (reported as a ``warn``; a
+      warm-up from 0 counts with its largest learning rate).
+
+    **Gradients not zeroed** (``zero_grad`` missing in manual optimization): at every backward
+    (``on_before_backward``) the check records on the device which parameters carry no gradient (``None`` or all
+    zeros). A parameter whose gradient was never empty at any backward between two steps of its optimizer, and
+    that is non-zero at the second step, carries the previous step's gradient: it fails. This is exact (it does not
+    depend on how gradients evolve), and healthy patterns pass: ``zero_grad`` before backward or after step,
+    ``set_to_none`` or not, gradient accumulation over several backwards, several optimizers (GANs). When the
+    backward hooks are bypassed (``loss.backward()`` called directly in manual optimization), a statistical fallback
+    is used on the total gradient norm of the first optimizer, ``n_1 .. n_K``: accumulated gradients grow like
+    ``k`` with constant data (like ``sqrt(k)`` at least), so the check fails when ``n_K / n_1 >= (K + 1) / 2``,
+    the norm grew at all but one step, and the training loss did not grow by more than half that factor.
+
+    The per-parameter copy costs one model's worth of memory until step ``steps``; no host sync happens before.
+    Skipped on a resume.
+
+    Args:
+        on_fail: ``"raise"`` or ``"warn"``.
+        steps: optimizer steps after which parameters are compared (every optimizer's steps count).
+        ignore: parameter names (``fnmatch`` patterns, e.g. ``"aux_head.*"``) not to check.
+        check_zero_grad: also check that gradients are zeroed between optimizer steps.
+        **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
+
+    Example::
+
+        >>> import lightning as L
+        >>> trainer = L.Trainer(callbacks=[ParameterUpdateCheck(steps=3, ignore=["aux.*"])], logger=False)
+    """
+
+    def __init__(
+        self,
+        on_fail: OnFail = "raise",
+        steps: int = 5,
+        ignore: Sequence[str] = (),
+        check_zero_grad: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(on_fail, **kwargs)
+        if not isinstance(steps, int) or steps < 1:
+            raise RecipeConfigError(f"{self.name}: `steps` must be a positive int, got {steps!r}.")
+        if isinstance(ignore, str):
+            ignore = [ignore]
+        self.steps = steps
+        self.ignore = list(ignore)
+        self.check_zero_grad = bool(check_zero_grad)
+        self.done = False
+        self._tracking = False
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._tracking = False
+        if self.done or trainer.ckpt_path is not None:
+            self.done = True
+            return
+        named = [(n, p) for n, p in pl_module.named_parameters()
+                 if p.requires_grad and not any(fnmatch.fnmatch(n, pat) for pat in self.ignore)]
+        if not named:
+            self.done = True
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no trainable parameter to check."))
+            return
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._optimizers = list(trainer.optimizers)
+        owner: dict[int, tuple[int, int]] = {}
+        for k, opt in enumerate(self._optimizers):
+            for j, group in enumerate(opt.param_groups):
+                for p in group["params"]:
+                    owner.setdefault(id(p), (k, j))
+        where = [owner.get(id(p)) for p in self._params]
+        self._owner = [w[0] if w is not None else None for w in where]
+        self._group = [w[1] if w is not None else None for w in where]
+        self._max_lr: list[list[Optional[float]]] = [[None] * len(opt.param_groups) for opt in self._optimizers]
+        self._device = self._params[0].device
+        dev = self._device
+        self._masks = [torch.tensor([o == k for o in self._owner], device=dev) for k in range(len(self._optimizers))]
+        with torch.no_grad():
+            self._initial = [p.detach().clone() for p in self._params]
+        self._zero = torch.zeros((), device=dev)
+        self._grad_max = torch.zeros(len(self._params), device=dev)
+        self._empty_seen = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
+        self._stale = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
+        self._gnorm = torch.zeros(self.steps, device=dev)
+        self._loss = torch.full((self.steps,), float("nan"), device=dev)
+        self._opt_steps = [0] * len(self._optimizers)
+        self._backwards_since = [0] * len(self._optimizers)
+        self._unobserved = False
+        self._total = 0
+        self._batches_with_step = 0
+        self._tracking = True
+
+    def _norms(self) -> Tensor:
+        """``(P,)`` gradient norm of every tracked parameter (0 for ``None``), on the device, without a sync."""
+        present = [(k, p.grad) for k, p in enumerate(self._params) if p.grad is not None]
+        out = [self._zero] * len(self._params)
+        if present:
+            grads = [g.detach() if g.layout == torch.strided else g.detach().coalesce().values() for _, g in present]
+            for (k, _), v in zip(present, torch._foreach_norm(grads)):
+                out[k] = v.to(self._device, torch.float32)
+        return torch.stack(out)
+
+    # -- per step -------------------------------------------------------------------------------------------------
+    @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
+        if not self._tracking or not self.check_zero_grad:
+            return
+        self._empty_seen |= self._norms() == 0
+        self._backwards_since = [b + 1 for b in self._backwards_since]
+
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        if not self._tracking:
+            return
+        k = next((i for i, o in enumerate(self._optimizers) if o is optimizer or getattr(optimizer, "optimizer", None) is o), None)
+        norms = self._norms()
+        self._grad_max = torch.maximum(self._grad_max, norms)
+        if k is None:
+            return
+        mask = self._masks[k]
+        for j, group in enumerate(self._optimizers[k].param_groups[: len(self._max_lr[k])]):
+            lr = group.get("lr")
+            if isinstance(lr, (int, float)):  # host values only: a tensor learning rate is read at the end
+                prev = self._max_lr[k][j]
+                self._max_lr[k][j] = float(lr) if prev is None else max(prev, float(lr))
+        if self.check_zero_grad:
+            if self._opt_steps[k] > 0:
+                if self._backwards_since[k] == 0:
+                    self._unobserved = True  # backward ran without Lightning's hooks: fall back on growth
+                else:
+                    self._stale |= mask & ~self._empty_seen & (norms > 0)
+            self._empty_seen &= ~mask
+            self._backwards_since[k] = 0
+        if k == 0 and self._opt_steps[0] < self.steps:
+            self._gnorm[self._opt_steps[0]] = torch.linalg.vector_norm(norms * mask)
+        self._opt_steps[k] += 1
+        self._total += 1
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._tracking:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        s = self._opt_steps[0] - 1 if self._opt_steps else -1
+        if isinstance(loss, Tensor) and loss.numel() == 1 and 0 <= s < self.steps:
+            self._loss[s] = loss.detach().float().reshape(()).to(self._device)
+        if self._total >= self.steps:
+            self._evaluate(trainer)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._tracking:
+            self._evaluate(trainer)
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def _evaluate(self, trainer: "pl.Trainer") -> None:
+        self._tracking = False
+        self.done = True
+        if self._total == 0:
+            self._initial = []
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no optimizer step was taken."))
+            return
+        with torch.no_grad():
+            changed = torch.stack([(p.detach() != s).any() for p, s in zip(self._params, self._initial)])
+            scale = torch.stack([s.detach().abs().max().float() if s.numel() else self._zero for s in self._initial])
+            packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()]).cpu()  # the one sync
+            series = torch.stack([self._gnorm, self._loss]).cpu()
+        self._initial = []
+        changed_l, gmax, pmax, stale = (packed[i].tolist() for i in range(4))
+        k0 = min(self._opt_steps[0], self.steps) if self._opt_steps else 0
+        gnorms, losses = series[0, :k0].tolist(), series[1, :k0].tolist()
+        findings = [self._updates(changed_l, gmax, pmax, trainer.global_step)]
+        if self.check_zero_grad:
+            findings.append(self._zero_grad(stale, gnorms, losses, trainer, trainer.global_step))
+        failed = [f for f in findings if f.failed]
+        for f in findings:
+            if not f.failed:
+                self.findings.append(f)
+        if not failed:
+            self._conclude(trainer, None)
+            return
+        first = failed[0]
+        for f in failed[1:]:
+            first.message += "\n" + f.message
+            first.causes += f.causes
+            first.details.update(f.details)
+        self._conclude(trainer, first)
+
+    def _lr_of(self, k: int) -> Optional[float]:
+        """The largest learning rate of the parameter's group over the steps taken (warm-up from 0 included)."""
+        opt, j = self._owner[k], self._group[k]
+        if opt is None or j is None:
+            return None
+        lr = self._max_lr[opt][j]
+        if lr is None and j < len(self._optimizers[opt].param_groups):
+            value = self._optimizers[opt].param_groups[j].get("lr")
+            lr = float(value) if isinstance(value, (int, float, Tensor)) else None
+        return lr
+
+    def _updates(self, changed: list[float], gmax: list[float], pmax: list[float], step: int) -> Finding:
+        not_in_opt, no_grad, not_changed, lr_zero, tiny = [], [], [], [], []
+        for k, (name, p) in enumerate(zip(self._names, self._params)):
+            if self._owner[k] is None:
+                not_in_opt.append(name)
+                continue
+            if not gmax[k] > 0:
+                no_grad.append(name)
+                continue
+            if changed[k]:
+                continue
+            lr = self._lr_of(k)
+            if lr is not None and lr == 0:
+                lr_zero.append(name)
+            elif lr is not None and lr * min(gmax[k] / math.sqrt(max(p.numel(), 1)), 1.0) < 8 * _eps(p) * pmax[k]:
+                tiny.append(name)
+            else:
+                not_changed.append(name)
+        n = len(self._names)
+        details = {"parameters": n, "steps": self._total, "not_in_optimizer": not_in_opt, "no_gradient": no_grad,
+                   "not_changed": not_changed, "lr_zero": lr_zero, "below_float_resolution": tiny}
+        bad = len(not_in_opt) + len(no_grad) + len(not_changed)
+        if bad:
+            parts, causes = [], []
+            if not_in_opt:
+                parts.append(f"in no optimizer parameter group: {_names(not_in_opt)}")
+                causes += _NOT_IN_OPTIMIZER
+            if no_grad:
+                parts.append(f"never received a non-zero gradient: {_names(no_grad)}")
+                causes += _NO_GRAD
+            if not_changed:
+                parts.append(f"received gradients but did not change: {_names(not_changed)}")
+                causes += _NOT_CHANGED
+            msg = (f"{self.name}: after {self._total} optimizer step(s), {bad} of {n} trainable parameters were not "
+                   f"trained (expected: every trainable parameter gets a gradient and changes). " + "; ".join(parts) +
+                   ". HINT: freeze parameters on purpose with `requires_grad_(False)`, or pass `ignore=[...]` (name "
+                   "patterns) for those used only outside training_step.")
+            return Finding(self.name, "fail", msg, float(bad), 0.0, step, causes, details)
+        notes = ""
+        if lr_zero:
+            notes += f" Unchanged in a group with learning rate 0: {_names(lr_zero)}."
+        if tiny:
+            notes += f" Unchanged because the update is below float resolution: {_names(tiny)}."
+        return Finding(self.name, "warn" if lr_zero else "pass", f"{self.name}: all {n} trainable parameters received "
+                       f"gradients and changed within {self._total} optimizer step(s).{notes}", 0.0, 0.0, step, [], details)
+
+    def _zero_grad(self, stale: list[float], gnorms: list[float], losses: list[float], trainer: "pl.Trainer",
+                   step: int) -> Finding:
+        check = f"{self.name}.zero_grad"
+        growth = gradient_growth(gnorms, losses)
+        details = {"grad_norms": gnorms, "losses": losses, "growth": growth["growth"]}
+        bad = [name for name, s in zip(self._names, stale) if s]
+        series = ", ".join(f"{v:.3g}" for v in gnorms)
+        if bad:
+            details["stale"] = bad
+            return Finding(check, "fail", f"{check}: gradients are not zeroed between optimizer steps: {len(bad)} of "
+                           f"{len(self._names)} parameters still held the previous step's gradient when the next step "
+                           f"was taken ({_names(bad)}). Gradient norm over the first steps: [{series}] (x"
+                           f"{growth['growth']:.3g}). HINT: call `optimizer.zero_grad()` once per step (manual "
+                           "optimization); pass `check_zero_grad=False` if accumulating across steps is intended.",
+                           float(len(bad)), 0.0, step, list(_STALE), details)
+        if self._unobserved and growth["accumulating"] and not trainer.lightning_module.automatic_optimization:
+            return Finding(check, "fail", f"{check}: the gradient norm grew at every optimizer step, x"
+                           f"{growth['growth']:.3g} over {len(gnorms)} steps ([{series}]), while the loss changed x"
+                           f"{growth['loss_ratio']:.3g}: gradients accumulate across steps (expected: roughly constant "
+                           f"with zero_grad; accumulation gives ~x{len(gnorms)}). HINT: call `optimizer.zero_grad()` "
+                           "and `self.manual_backward(loss)` once per step; pass `check_zero_grad=False` if the growth "
+                           "is genuine.", growth["growth"], growth["threshold"], step, list(_STALE), details)
+        how = "no gradient outlived its step" if not self._unobserved else "backward hooks bypassed; growth test"
+        return Finding(check, "pass", f"{check}: gradients are zeroed between optimizer steps ({how}); gradient norm "
+                       f"over the first steps: [{series}].", growth["growth"], growth["threshold"], step, [], details)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._initial = []  # free the copies if the fit stopped early
+        self._tracking = False
+
+
+def gradient_growth(grad_norms: Sequence[float], losses: Sequence[float] = ()) -> dict[str, Any]:
+    """Does the gradient norm grow as if gradients were accumulated across steps (``zero_grad`` missing)?
+
+    With gradients never zeroed, the gradient at step ``k`` is the sum of the first ``k`` gradients: its norm grows
+    like ``k`` when the data (and so the gradient) stays about the same, like ``sqrt(k)`` at least for noise. A
+    healthy run keeps it roughly constant. Accumulating means: the norm grew at all but at most one step, by at least
+    ``(K + 1) / 2`` over the ``K`` steps (half the growth of accumulation with constant data), while the loss (when
+    known) did not grow by more than half that factor (a diverging loss grows its gradient too).
+
+    Args:
+        grad_norms: total gradient norm at each of the first ``K`` optimizer steps.
+        losses: training loss at the same steps (NaN or empty when unknown).
+
+    Example::
+
+        >>> gradient_growth([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 0.9, 0.9, 0.8, 0.8])["accumulating"]
+        True
+        >>> gradient_growth([1.0, 0.9, 1.1, 0.8, 0.9])["accumulating"]
+        False
+    """
+    g = [float(v) for v in grad_norms]
+    k = len(g)
+    threshold = (k + 1) / 2
+    if k < 3 or not g[0] > 0 or not all(math.isfinite(v) for v in g):
+        return {"accumulating": False, "growth": g[-1] / g[0] if k and g[0] > 0 else float("nan"),
+                "threshold": threshold, "loss_ratio": float("nan")}
+    growth = g[-1] / g[0]
+    ups = sum(b > a for a, b in zip(g, g[1:]))
+    known = [float(v) for v in losses if math.isfinite(float(v))]
+    loss_ratio = abs(known[-1] / known[0]) if len(known) >= 2 and known[0] != 0 else float("nan")
+    loss_ok = not math.isfinite(loss_ratio) or loss_ratio <= growth / 2
+    return {"accumulating": growth >= threshold and ups >= k - 2 and loss_ok, "growth": growth,
+            "threshold": threshold, "loss_ratio": loss_ratio}
+
+
+def _eps(p: Tensor) -> float:
+    return float(torch.finfo(p.dtype).eps) if p.is_floating_point() else 0.0
+
+
+def _names(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(f"`{n}`" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

@@ -1,0 +1,177 @@
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, trainer
+from sklearn.datasets import load_digits
+from torch import nn
+
+from lightning_recipe.data_checks import DataCheck, duplicate_fraction, plot_first_batch, row_hashes
+from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
+
+
+def _digits():
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def _standardized_split(n_train=1500):
+    x, y = _digits()
+    xt, yt, xv, yv = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    mean, std = xt.mean(0), xt.std(0, unbiased=False)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return (xt - mean) / std, yt, (xv - mean) / std, yv
+
+
+def _by_name(cb):
+    return {f.check.split(".")[-1]: f for f in cb.findings}
+
+
+def _fit(tmp_path, model, train, val=None, figure=False, **kw):
+    cb = DataCheck(figure=figure, **kw)
+    tr = trainer(tmp_path, [cb], max_steps=1, limit_val_batches=1 if val is not None else 0, num_sanity_val_steps=0)
+    tr.fit(model, train, val)
+    return cb
+
+
+class _ImageModel(TinyModel):
+    def __init__(self) -> None:
+        super().__init__(in_dim=64, out_dim=10)
+
+    def forward(self, x):
+        return self.net(x.flatten(1))
+
+
+def test_healthy_standardized_digits_pass(tmp_path):
+    xt, yt, xv, yv = _standardized_split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xv, yv, 64, shuffle=False),
+                  figure=True)
+    f = _by_name(cb)
+    assert {k: v.status for k, v in f.items()} == {
+        "finite": "pass", "scale": "pass", "duplicates": "pass", "overlap": "pass", "balance": "pass"}
+    assert f["finite"].measured == 0 and f["finite"].details == {} and f["duplicates"].measured == 0.0
+    assert f["overlap"].measured == 0.0 and f["overlap"].details["val_rows"] == 297
+    counts = torch.bincount(yt).double()
+    assert f["balance"].measured == pytest.approx(float(counts.max() / counts.min()))
+    assert f["balance"].details["class_counts"] == torch.bincount(yt).tolist()
+    worst = f["scale"].details["worst"]
+    assert abs(worst["mean"]) < 1e-4 and worst["std"] == pytest.approx(1.0, abs=1e-4)  # standardised on this split
+    assert os.path.isfile(os.path.join(tmp_path, "recipe", "data_first_batch.png"))
+
+
+def test_raw_pixels_warn_and_standardized_images_pass(tmp_path):
+    x, y = _digits()
+    raw = (x * 16).clamp(max=255).reshape(-1, 1, 8, 8)  # 0-255 pixel values
+    with pytest.warns(RecipeWarning, match="far from a standardised scale"):
+        cb = _fit(tmp_path, _ImageModel(), loader(raw, y, 64))
+    f = _by_name(cb)["scale"]
+    assert f.status == "warn" and f.measured == 1.0  # the one channel is off scale
+    mean, std = raw.double().mean(), raw.double().std(unbiased=False)
+    assert f.details["worst"]["mean"] == pytest.approx(float(mean), rel=1e-6)  # 78.1
+    assert f.details["worst"]["std"] == pytest.approx(float(std), rel=1e-6)  # 95.9
+    assert f.details["min"] == 0.0 and f.details["max"] == 255.0 and f.details["image"]
+    std_imgs = (raw - mean.float()) / std.float()
+    cb = _fit(tmp_path, _ImageModel(), loader(std_imgs, y, 64), figure=True)
+    f = _by_name(cb)["scale"]
+    assert f.status == "pass" and abs(f.details["worst"]["mean"]) < 1e-5
+    assert os.path.isfile(os.path.join(tmp_path, "recipe", "data_first_batch.png"))
+
+
+def test_nan_feature_fails(tmp_path):
+    xt, yt, _, _ = _standardized_split()
+    xt = xt.clone()
+    xt[[3, 50, 77, 100, 101, 900, 1499], 5] = float("nan")
+    with pytest.raises(RecipeCheckError, match="7 non-finite values") as err:
+        _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64))
+    assert "feature 5: 7" in str(err.value) and "missing values" in str(err.value)
+
+
+def test_dataset_concatenated_twice_fails(tmp_path):
+    xt, yt, _, _ = _standardized_split()
+    x2, y2 = torch.cat([xt, xt]), torch.cat([yt, yt])
+    with pytest.raises(RecipeCheckError, match="exact duplicates") as err:
+        _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(x2, y2, 64))
+    assert "0.5 of the training examples" in str(err.value)
+    # a sample of 10 batches (640 of 3000 rows): ~68 equal pairs expected, the estimate is near 0.5
+    cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(x2, y2, 64), on_fail="warn", max_batches=10)
+    f = _by_name(cb)["duplicates"]
+    assert f.status == "fail" and not f.details["exact"] and f.details["population"] == 3000
+    assert 0.35 < f.measured < 0.65 and 40 < f.details["equal_pairs"] < 100
+
+
+def test_validation_subset_of_train_fails(tmp_path):
+    xt, yt, _, _ = _standardized_split()
+    with pytest.raises(RecipeCheckError, match="also occur in the training set") as err:
+        _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xt[:200], yt[:200], 64))
+    assert "200 of 200 validation rows" in str(err.value) and "validation split taken from the training set" in str(err.value)
+
+
+def test_class_imbalance_warns_with_counts(tmp_path):
+    x, y = blobs(n=1000, classes=3, priors=[0.9, 0.08, 0.02])
+    counts = torch.bincount(y, minlength=3).double()
+    with pytest.warns(RecipeWarning, match="heavy class imbalance"):
+        cb = _fit(tmp_path, TinyModel(out_dim=3), loader(x, y, 100))
+    f = _by_name(cb)["balance"]
+    assert f.status == "warn" and f.measured == pytest.approx(float(counts.max() / counts.min()))
+    assert f.details["class_counts"] == counts.long().tolist()
+    x, y = blobs(n=1000, classes=3)
+    f = _by_name(_fit(tmp_path, TinyModel(out_dim=3), loader(x, y, 100)))["balance"]
+    assert f.status == "pass" and f.measured < 1.5
+
+
+def test_small_categorical_space_only_warns():
+    # 3 binary features: 8 possible rows; 400 rows repeat by chance, which is no evidence of copying
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (400, 3), generator=g).float()
+    from lightning_recipe.data_checks import _Scan
+
+    s = _Scan("auto")
+    s.add(x, torch.zeros(400, dtype=torch.long), x)
+    s.finish()
+    frac, _, exact = s.duplicate_fraction()
+    assert exact and frac == pytest.approx(1 - 8 / 400) and not s.chance_free()
+
+
+def test_hashes_and_token_figure():
+    h = row_hashes(torch.tensor([[0.0, 1.0], [-0.0, 1.0], [0.0, 2.0]]))
+    assert bool((h[0] == h[1]).all()) and not bool((h[0] == h[2]).all())
+    assert duplicate_fraction(row_hashes(torch.arange(6.0).reshape(-1, 1))) == (0.0, 0)
+    fig = plot_first_batch(torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([0, 1]),
+                           decode=lambda ids: "".join("abcdefg"[i] for i in ids))
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "bcd" in texts[0] and "efg" in texts[0]
+
+
+def test_token_ids_are_not_judged_for_scale(tmp_path):
+    class Tokens(TinyModel):
+        def __init__(self):
+            super().__init__(in_dim=8, out_dim=4)
+            self.emb = nn.Embedding(50, 8)
+
+        def forward(self, x):
+            return self.net(self.emb(x).mean(1))
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 50, (256, 12), generator=g)
+    y = torch.randint(0, 4, (256,), generator=g)
+    cb = _fit(tmp_path, Tokens(), loader(x, y, 32), decode=lambda ids: " ".join(f"w{i}" for i in ids),
+              figure=True)
+    f = _by_name(cb)
+    assert f["scale"].status == "skip" and f["duplicates"].status == "pass"
+    assert os.path.isfile(os.path.join(tmp_path, "recipe", "data_first_batch.png"))
+
+
+def test_no_global_rng_draw(tmp_path):
+    xt, yt, _, _ = _standardized_split()
+    torch.manual_seed(123)
+    _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64))
+    a = torch.rand(1)
+    torch.manual_seed(123)
+    tr = trainer(tmp_path, [], max_steps=1, limit_val_batches=0, num_sanity_val_steps=0)
+    tr.fit(TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64))
+    assert torch.equal(a, torch.rand(1))
+    assert np.isfinite(a.item())

@@ -1,0 +1,135 @@
+import copy
+import math
+import os
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, trainer
+from torch import nn
+
+from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
+from lightning_recipe.optimization import OptimizationHealthCheck, lr_ratio_before
+
+
+def _fit(tmp_path, model, dl, steps=40, figure=False, **kw):
+    trainer_kw = {k: kw.pop(k) for k in list(kw) if k in ("gradient_clip_val", "gradient_clip_algorithm", "max_epochs")}
+    cb = OptimizationHealthCheck(check_every_n_steps=kw.pop("check_every_n_steps", 10), figure=figure, **kw)
+    trainer(tmp_path, [cb], max_steps=steps, **{"max_epochs": 100, **trainer_kw}).fit(model, dl)
+    return cb
+
+
+def _get(cb, name):
+    return next(f for f in cb.findings if f.check.endswith("." + name))
+
+
+class _Scheduled(TinyModel):
+    def __init__(self, make, interval="step", **kw):
+        super().__init__(**kw)
+        self.make, self.interval = make, interval
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make(opt), "interval": self.interval}}
+
+
+class _Deep(TinyModel):
+    def __init__(self, act, depth=10, width=32, **kw):
+        super().__init__(**kw)
+        layers, d = [], 8
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), act()]
+            d = width
+        self.net = nn.Sequential(*layers, nn.Linear(d, 4))
+
+
+def test_steplr_stepped_per_batch_fails_and_cosine_passes(tmp_path):
+    x, y = blobs(512)
+    with pytest.raises(RecipeCheckError, match="fell to 0.000977 of its peak") as err:
+        cb = OptimizationHealthCheck(check_every_n_steps=10, figure=False)
+        model = _Scheduled(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+        trainer(tmp_path, [cb], max_steps=80, max_epochs=100).fit(model, loader(x, y))
+    f = _get(cb, "lr_schedule")
+    assert f.status == "fail" and f.measured == pytest.approx(0.5**10)  # read at batch 10, before step 20 = 80/4
+    assert f.details["planned_steps"] == 80 and "'interval': 'epoch'" in str(err.value)
+    cb = _fit(tmp_path, _Scheduled(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=32)), loader(x, y),
+              steps=32)
+    f = _get(cb, "lr_schedule")
+    assert f.status == "pass" and f.measured == pytest.approx((1 + math.cos(math.pi / 4)) / 2)  # 0.854 at a quarter
+    assert lr_ratio_before([row[0] for row in cb.lrs], 32, initial=0.1) == pytest.approx(f.measured)
+
+
+def test_tiny_clip_value_fails_with_sgd_and_sane_clip_passes(tmp_path):
+    x, y = blobs(512)
+    model = TinyModel(optimizer="sgd", lr=0.1)
+    init = copy.deepcopy(model)
+    with pytest.raises(RecipeCheckError, match="clips nearly every step by orders of magnitude"):
+        cb = OptimizationHealthCheck(check_every_n_steps=10, figure=False)
+        trainer(tmp_path, [cb], max_steps=40, gradient_clip_val=1e-4).fit(model, loader(x, y, shuffle=False))
+    f = _get(cb, "clipping")
+    assert f.status == "fail" and f.details["clipped_fraction"] == 1.0 and f.details["steps"] == 10
+    assert f.measured == pytest.approx(float(np.median(cb.grad_norms)) / 1e-4) and f.measured > 1e3
+    # the first norm is the pre-clip gradient norm of the first batch at init
+    loss = init.compute_loss((x[:32], y[:32]))
+    loss.backward()
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in init.parameters()))
+    assert cb.grad_norms[0] == pytest.approx(float(expected), rel=1e-5)
+    cb = _fit(tmp_path, TinyModel(optimizer="sgd", lr=0.1), loader(x, y), gradient_clip_val=5.0)
+    f = _get(cb, "clipping")
+    assert f.status == "pass" and f.measured < 1 and f.details["clipped_fraction"] < 0.5
+
+
+def test_deep_sigmoid_net_warns_vanishing_gradients_and_relu_net_passes(tmp_path):
+    x, y = blobs(512)
+    with pytest.warns(RecipeWarning, match="vanishing gradients"):
+        cb = _fit(tmp_path, _Deep(nn.Sigmoid, optimizer="sgd", lr=0.1), loader(x, y), steps=20)
+    f = _get(cb, "gradients")
+    rms = f.details["rms"]
+    assert f.status == "warn" and f.measured == pytest.approx(max(rms) / min(rms)) and f.measured > 1e6
+    assert int(np.argmin(rms)) == 0 and f.details["layers"][0] == "net.0"  # the first layer gets the least
+    cb = _fit(tmp_path, _Deep(nn.ReLU, depth=3, optimizer="sgd", lr=0.1), loader(x, y), steps=20)
+    f = _get(cb, "gradients")
+    assert f.status == "pass" and f.measured < 100
+
+
+def test_dead_relu_layer_warns(tmp_path):
+    x, y = blobs(512)
+    model = TinyModel()
+    with torch.no_grad():
+        model.net[0].bias.fill_(-100.0)  # pre-activations negative for every input
+    with pytest.warns(RecipeWarning, match="100% of the units of ReLU `net.1`"):
+        cb = _fit(tmp_path, model, loader(x, y), steps=10)
+    f = _get(cb, "dead_relu")
+    assert f.status == "warn" and f.measured == 1.0 and f.details["probe_examples"] == 32
+    cb = _fit(tmp_path, TinyModel(), loader(x, y), steps=10, figure=True)
+    f = _get(cb, "dead_relu")
+    assert f.status == "pass" and f.measured < 0.5
+    assert os.path.isfile(os.path.join(tmp_path, "recipe", "optimization_health.png"))
+
+
+def test_huge_weight_decay_fails_and_small_passes(tmp_path):
+    x, y = blobs(512)
+    with pytest.raises(RecipeCheckError, match="the weights shrink instead of fitting"):
+        cb = OptimizationHealthCheck(check_every_n_steps=10, warmup_steps=30, figure=False)
+        trainer(tmp_path, [cb], max_steps=60, max_epochs=100).fit(
+            TinyModel(optimizer="sgd", lr=0.1, weight_decay=5.0), loader(x, y))
+    f = _get(cb, "weight_decay")
+    assert f.status == "fail" and f.measured < 0.1 and f.details["relative_loss_decrease"] < 0.05
+    assert f.details["decay_alone"] == pytest.approx(math.exp(-0.1 * 5.0 * 30))  # 30 steps of lr * wd = 0.5
+    cb = _fit(tmp_path, TinyModel(optimizer="sgd", lr=0.1, weight_decay=5e-4), loader(x, y), steps=60, warmup_steps=30)
+    f = _get(cb, "weight_decay")
+    assert f.status == "pass" and f.details["relative_loss_decrease"] > 0.3
+
+
+def test_training_is_bit_identical_with_the_check(tmp_path):
+    x, y = blobs(256)
+    weights = []
+    for cbs in ([], [OptimizationHealthCheck(check_every_n_steps=5, figure=False)]):
+        L.seed_everything(0, verbose=False)
+        model = nn.Sequential()  # placeholder replaced below
+        model = TinyModel()
+        model.net.insert(1, nn.Dropout(0.2))
+        trainer(tmp_path, cbs, max_steps=15, max_epochs=100, gradient_clip_val=1.0).fit(model, loader(x, y))
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

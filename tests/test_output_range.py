@@ -1,0 +1,115 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TinyModel, blobs, loader, regression_data, trainer
+from torch import nn
+
+from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
+from lightning_recipe.output_range import OutputRangeCheck, class_like_targets, probability_rows, squashed_by
+
+
+class SoftmaxClassifier(TinyModel):
+    """Like Lightning's test helper `ClassificationModel`: softmax in forward, then `F.cross_entropy`."""
+
+    def __init__(self):
+        super().__init__()
+        del self.loss_fn  # functional loss only: the check infers cross-entropy from the class-index targets
+
+    def forward(self, x):
+        return F.softmax(self.net(x), dim=1)
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+class SigmoidBinary(TinyModel):
+    def __init__(self, scale: float = 1.0):
+        super().__init__(out_dim=1, loss_fn=nn.BCEWithLogitsLoss())
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.sigmoid(self.scale * self.net(x))
+
+
+def _fit(tmp_path, model, dl, **kw):
+    cb = OutputRangeCheck(**kw)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, dl)
+    return cb.findings[0]
+
+
+def _binary():
+    x, y = blobs(n=128, classes=2)
+    return loader(x, y.float().unsqueeze(1))
+
+
+def test_double_softmax_fails_and_logits_pass(tmp_path):
+    x, y = blobs(n=128)
+    with pytest.raises(RecipeCheckError, match="double softmax") as err:
+        _fit(tmp_path, SoftmaxClassifier(), loader(x, y))
+    assert "inferred" in str(err.value)
+    with pytest.warns(RecipeWarning):
+        f = _fit(tmp_path, SoftmaxClassifier(), loader(x, y), on_fail="warn")
+    assert f.status == "fail" and f.measured < 1e-6  # rows sum to 1 up to round-off
+    assert 0 <= f.details["min"] and f.details["max"] <= 1
+    f = _fit(tmp_path, TinyModel(), loader(x, y))
+    assert f.status == "pass" and f.details["sums_to_one"] is False and f.details["min"] < 0
+
+
+def test_double_sigmoid(tmp_path):
+    with pytest.raises(RecipeCheckError, match="`sigmoid` of the head's output"):
+        _fit(tmp_path, SigmoidBinary(), _binary())
+    # not a function of the head alone: found by running the model on inputs scaled by +-10
+    f = _fit(tmp_path, SigmoidBinary(scale=2.0), _binary(), on_fail="warn")
+    assert f.status == "fail" and f.details["bounded_under_scaling"] is True and f.details["squashed_by"] is None
+    f = _fit(tmp_path, TinyModel(out_dim=1, loss_fn=nn.BCEWithLogitsLoss()), _binary())
+    assert f.status == "pass" and f.details["squashed_by"] is None
+
+
+def test_logits_inside_unit_interval_are_not_a_double_sigmoid(tmp_path):
+    m = TinyModel(out_dim=1, loss_fn=nn.BCEWithLogitsLoss())
+    with torch.no_grad():
+        m.net[2].weight.mul_(0.01)
+        m.net[2].bias.fill_(0.5)  # every initial logit near 0.5, inside [0, 1]
+    f = _fit(tmp_path, m, _binary())
+    assert f.status == "pass" and f.details["in_unit"] is True and f.details["bounded_under_scaling"] is False
+
+
+@pytest.mark.parametrize(("fn", "status"), [(F.softmax, "fail"), (F.log_softmax, "pass"), (None, "fail")])
+def test_nll_needs_log_probabilities(tmp_path, fn, status):
+    class Model(TinyModel):
+        def forward(self, x):
+            z = self.net(x)
+            return fn(z, dim=1) if fn is not None else z
+
+    x, y = blobs(n=128)
+    f = _fit(tmp_path, Model(loss_fn=nn.NLLLoss()), loader(x, y), on_fail="warn")
+    assert f.status == status
+    if fn is F.log_softmax:
+        assert f.measured < 1e-5  # logsumexp of log-probabilities is 0
+
+
+def test_class_labels_regressed_with_mse_warn(tmp_path):
+    x, y = blobs(n=256)
+    with pytest.warns(RecipeWarning, match="look like class labels"):
+        f = _fit(tmp_path, TinyModel(out_dim=1, loss_fn=nn.MSELoss()), loader(x, y.float().unsqueeze(1)))
+    assert f.status == "warn" and f.measured == 4.0 and f.details["values"] == [0.0, 1.0, 2.0, 3.0]
+    x, y = regression_data(n=256)
+    f = _fit(tmp_path, TinyModel(out_dim=1, loss_fn=nn.MSELoss()), loader(x, y))
+    assert f.status == "pass" and f.measured == 256.0
+
+
+def test_pure_functions():
+    assert probability_rows(torch.tensor([[0.5, 0.5]]))["max_sum_error"] == 0.0
+    z = torch.tensor([[1.0, -2.0]])
+    assert squashed_by(torch.softmax(z, -1) + 0.1, z) is None
+    assert not class_like_targets(torch.tensor([1.0, 2.0, 3.0]))["class_like"]  # too few labels per value
+    assert class_like_targets(torch.arange(10).repeat(5), integer_dtype=True)["distinct"] == 10
+
+
+def test_pickle_and_state():
+    import pickle
+
+    cb = pickle.loads(pickle.dumps(OutputRangeCheck(max_classes=5)))
+    cb.load_state_dict({"done": True})
+    assert cb.max_classes == 5 and cb.state_dict() == {"done": True}

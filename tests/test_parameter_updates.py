@@ -1,0 +1,166 @@
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, trainer
+from torch import nn
+
+from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
+from lightning_recipe.parameter_updates import ParameterUpdateCheck, gradient_growth
+
+
+def _fit(tmp_path, model, dl=None, max_steps=8, **kw):
+    cb = ParameterUpdateCheck(**kw)
+    if dl is None:
+        x, y = blobs(n=256)
+        dl = loader(x, y)
+    trainer(tmp_path, [cb], max_steps=max_steps, max_epochs=max_steps).fit(model, dl)
+    return cb
+
+
+def _by_check(cb):
+    return {f.check: f for f in cb.findings}
+
+
+class UnusedAndDetached(TinyModel):
+    """Broken: `unused` never runs; `enc` is cut from the loss by `.detach()`."""
+
+    def __init__(self):
+        super().__init__(in_dim=8)
+        self.enc = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.net(x + self.enc(x).detach())
+
+
+class SwappedHead(TinyModel):
+    """Broken: the optimizer is built, then the head is replaced: the new head is in no parameter group."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        self.net[2] = nn.Linear(32, 4)
+        return opt
+
+
+class Manual(TinyModel):
+    """Manual optimization; `zero` toggles `zero_grad`, `hooks` toggles `manual_backward` vs `loss.backward()`."""
+
+    def __init__(self, zero: bool, hooks: bool = True):
+        super().__init__(lr=1e-3, optimizer="sgd")
+        self.automatic_optimization = False
+        self.zero, self.hooks = zero, hooks
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        if self.zero:
+            opt.zero_grad()
+        loss = self.compute_loss(batch)
+        self.manual_backward(loss) if self.hooks else loss.backward()
+        opt.step()
+        return loss
+
+
+def test_healthy_model_passes(tmp_path):
+    cb = _fit(tmp_path, TinyModel())
+    f = _by_check(cb)
+    assert f["ParameterUpdateCheck"].status == "pass"
+    assert f["ParameterUpdateCheck"].details["parameters"] == 4 and f["ParameterUpdateCheck"].details["steps"] == 5
+    assert f["ParameterUpdateCheck.zero_grad"].status == "pass"
+    assert cb._initial == []  # the copies are freed after the check
+
+
+def test_unused_and_detached_layers_are_named(tmp_path):
+    with pytest.raises(RecipeCheckError, match="never received a non-zero gradient") as err:
+        _fit(tmp_path, UnusedAndDetached())
+    for name in ("enc.weight", "enc.bias", "unused.weight", "unused.bias"):
+        assert f"`{name}`" in str(err.value)
+    assert "4 of 8 trainable parameters" in str(err.value)
+    cb = _fit(tmp_path, UnusedAndDetached(), on_fail="warn", ignore=["unused.*", "enc.*"])
+    assert _by_check(cb)["ParameterUpdateCheck"].details["parameters"] == 4
+
+
+def test_head_swapped_after_optimizer(tmp_path):
+    with pytest.warns(RecipeWarning, match="in no optimizer parameter group"):
+        cb = _fit(tmp_path, SwappedHead(), on_fail="warn")
+    f = cb.findings[-1]
+    assert f.status == "fail" and f.measured == 2.0
+    assert f.details["not_in_optimizer"] == ["net.2.weight", "net.2.bias"]
+    assert f.details["no_gradient"] == [] and f.details["not_changed"] == []
+
+
+def test_learning_rate_zero_group_is_a_warning(tmp_path):
+    class Frozen(TinyModel):
+        def configure_optimizers(self):
+            return torch.optim.SGD([{"params": self.net[0].parameters(), "lr": 0.0},
+                                    {"params": self.net[2].parameters(), "lr": 0.1}])
+
+    cb = _fit(tmp_path, Frozen())
+    f = _by_check(cb)["ParameterUpdateCheck"]
+    assert f.status == "warn" and f.details["lr_zero"] == ["net.0.weight", "net.0.bias"]
+
+
+def test_missing_zero_grad_in_manual_optimization(tmp_path):
+    cb = _fit(tmp_path, Manual(zero=True))
+    f = _by_check(cb)["ParameterUpdateCheck.zero_grad"]
+    assert f.status == "pass" and f.measured < 1.5
+    with pytest.warns(RecipeWarning, match="gradients are not zeroed"):
+        cb = _fit(tmp_path, Manual(zero=False), on_fail="warn")
+    f = cb.findings[-1]
+    assert f.status == "fail" and f.details["stale"] == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    assert f.details["growth"] > 3.0  # ~ linear growth over 5 steps
+
+
+def test_missing_zero_grad_without_hooks_uses_growth(tmp_path):
+    x, y = blobs(n=32)
+    dl = loader(x, y, batch_size=32)  # constant data: one batch per epoch
+    cb = _fit(tmp_path, Manual(zero=True, hooks=False), dl)
+    f = _by_check(cb)["ParameterUpdateCheck.zero_grad"]
+    assert f.status == "pass" and f.measured == pytest.approx(1.0, abs=0.05)
+    cb = _fit(tmp_path, Manual(zero=False, hooks=False), dl, on_fail="warn")
+    f = cb.findings[-1]
+    assert f.status == "fail" and "grew at every optimizer step" in f.message
+    assert f.measured == pytest.approx(5.0, rel=0.05)  # sum of 5 almost equal gradients
+    assert f.expected == 3.0
+
+
+def test_gradient_growth_closed_forms():
+    assert gradient_growth([1, 2, 3, 4, 5])["growth"] == 5.0
+    assert not gradient_growth([1, 2, 3, 4, 5], [1, 4, 9, 16, 25])["accumulating"]  # diverging loss
+    assert not gradient_growth([1, 2])["accumulating"]
+
+
+class TwoOptimizers(TinyModel):
+    """Healthy GAN-like manual loop: the second loss also flows into the first optimizer's parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_a, opt_b = self.optimizers()
+        x, y = batch
+        opt_a.zero_grad()
+        self.manual_backward(self.loss_fn(self(x), y))
+        opt_a.step()
+        opt_b.zero_grad()
+        self.manual_backward(-self.loss_fn(self(x), y) * 0.01)
+        opt_b.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.net[2].parameters(), lr=1e-2), torch.optim.SGD(self.net[0].parameters(), lr=1e-2))
+
+
+def test_two_optimizers_healthy(tmp_path):
+    cb = _fit(tmp_path, TwoOptimizers())
+    f = _by_check(cb)
+    assert f["ParameterUpdateCheck"].status == "pass" and f["ParameterUpdateCheck.zero_grad"].status == "pass"
+    assert f["ParameterUpdateCheck"].details["steps"] == 6  # 3 batches x 2 optimizers, checked at >= 5
+
+
+def test_pickle_and_state(tmp_path):
+    import pickle
+
+    cb = pickle.loads(pickle.dumps(ParameterUpdateCheck(steps=3, ignore="aux.*")))
+    assert cb.steps == 3 and cb.ignore == ["aux.*"]
+    cb.load_state_dict({"done": True})
+    trainer(tmp_path, [cb], max_steps=2).fit(TinyModel(), loader(*blobs(n=64)))
+    assert cb.findings == []  # done before (a resumed fit): not redone

@@ -1,0 +1,242 @@
+"""Figures checked for content: prediction dynamics per task, the loss curve's reference lines, the jitter index."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import lightning_recipe.loggers as loggers_module
+import numpy as np
+import pytest
+import torch
+from helpers import TinyModel, blobs, loader, regression_data, trainer
+from lightning.pytorch.loggers import CSVLogger
+from matplotlib.colors import to_rgba
+from torch import nn
+
+from lightning_recipe.exceptions import RecipeWarning
+from lightning_recipe.loss_decrease import LossDecreaseCheck
+from lightning_recipe.plotting import plot_loss_curve, plot_prediction_dynamics
+from lightning_recipe.prediction_dynamics import PredictionDynamics, jitter_index
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Capture what every figure holds when it is sent (``log_figure`` releases it afterwards)."""
+    seen: dict[str, dict] = {}
+    real = loggers_module.log_figure
+
+    def spy(trainer, tag, figure, step=None, directory=None, close=True):
+        seen[tag] = {"step": step, "axes": [_axes_content(ax) for ax in figure.axes]}
+        return real(trainer, tag, figure, step, directory, close)
+
+    monkeypatch.setattr(loggers_module, "log_figure", spy)
+    return seen
+
+
+def _axes_content(ax) -> dict:
+    return {
+        "lines": [(np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float), ln.get_linestyle(),
+                   to_rgba(ln.get_color()), ln.get_marker(), ln.get_label()) for ln in ax.get_lines()],
+        "offsets": [np.asarray(c.get_offsets()) for c in ax.collections],
+        "images": [np.asarray(im.get_array()) for im in ax.get_images()],
+        "ylabel": ax.get_ylabel(),
+        "title": ax.get_title(),
+    }
+
+
+# -- regression: overfit one batch; the figure's final predictions sit on their targets -------------------------------
+def test_regression_overfit_one_batch_figure_shows_predictions_on_their_targets(tmp_path, drawn):
+    torch.manual_seed(0)
+    x, y = regression_data(n=16, mean=0.0, scale=1.0)
+    reps = 120  # one epoch that repeats the same batch of 16: 120 steps, drawn once
+    data = loader(x.repeat(reps, 1), y.repeat(reps, 1), batch_size=16, shuffle=False)
+    cb = PredictionDynamics(every_n_steps=10, num_samples=16)
+    tr = trainer(tmp_path, [cb], max_epochs=1, num_sanity_val_steps=1, limit_val_batches=1)
+    # the fixed batch is the first validation batch of the sanity check: the 16 training samples in order
+    tr.fit(TinyModel(out_dim=1, loss_fn=nn.MSELoss(), hidden=64, lr=1e-2), data, loader(x, y, 16, shuffle=False))
+
+    arrays = np.load(os.path.join(tmp_path, "recipe", "prediction_dynamics.npz"))
+    assert arrays["steps"].tolist() == list(range(0, reps + 1, 10))
+    final, targets = arrays["values"][-1, :, 0], arrays["targets"][:, 0]
+    np.testing.assert_allclose(targets, y[:16, 0].numpy())
+    tol = 0.05 * float(targets.std())  # within 5% of the targets' spread (0.064) after overfitting: measured ~0.003
+    assert np.abs(final - targets).max() < tol
+
+    fig = drawn["recipe/prediction_dynamics"]
+    assert fig["step"] == reps
+    lines_ax, scatter_ax = fig["axes"]
+    (offsets,) = scatter_ax["offsets"]
+    np.testing.assert_allclose(offsets[:, 0], targets, rtol=1e-6)  # x: target
+    np.testing.assert_allclose(offsets[:, 1], final, rtol=1e-6)  # y: final prediction
+    assert np.abs(offsets[:, 1] - offsets[:, 0]).max() < tol
+    identity = [ln for ln in scatter_ax["lines"] if ln[5].startswith("identity")]
+    assert len(identity) == 1 and np.allclose(identity[0][0], identity[0][1])
+    solid = [ln for ln in lines_ax["lines"] if ln[2] == "-"]
+    dashed = [ln for ln in lines_ax["lines"] if ln[2] == "--"]
+    assert len(solid) == len(dashed) == 16
+    for i, (pred, target) in enumerate(zip(solid, dashed)):
+        assert pred[3] == target[3]  # the target line has the colour of its sample
+        np.testing.assert_allclose(target[1], targets[i], rtol=1e-6)
+        np.testing.assert_allclose(pred[1], arrays["values"][:, i, 0], rtol=1e-6)
+    assert "jitter index" in lines_ax["title"]
+    assert os.path.getsize(os.path.join(tmp_path, "recipe", "prediction_dynamics.png")) > 10_000
+
+
+# -- classification figures --------------------------------------------------------------------------------------
+def test_multiclass_figure_has_one_line_per_sample_and_the_heatmap_of_the_same_numbers():
+    rng = np.random.default_rng(0)
+    steps, values, targets = np.arange(0, 50, 10), rng.random((5, 6)), np.array([0, 1, 2, 3, 1, 0])
+    fig = plot_prediction_dynamics(steps, values, targets, "multiclass", jitter=0.05)
+    lines_ax, heat_ax, _colorbar = fig.axes
+    assert len(lines_ax.get_lines()) == 6
+    for i, line in enumerate(lines_ax.get_lines()):
+        np.testing.assert_array_equal(line.get_ydata(), values[:, i])
+    np.testing.assert_array_equal(heat_ax.get_images()[0].get_array(), values.T)
+    assert [t.get_text() for t in heat_ax.get_yticklabels()] == [f"{i} (y={t})" for i, t in enumerate(targets)]
+    assert lines_ax.get_ylabel() == "p(true class) per sample" and "jitter index 0.05" in lines_ax.get_title()
+
+
+def test_binary_figure_draws_each_label_as_a_marker_in_its_sample_colour():
+    steps, targets = np.arange(4), np.array([1.0, 0.0, 1.0])
+    values = np.array([[0.5, 0.5, 0.5], [0.6, 0.4, 0.55], [0.8, 0.2, 0.6], [0.9, 0.1, 0.7]])[:, :, None]
+    (ax,) = plot_prediction_dynamics(steps, values, targets, "binary").axes
+    curves = [ln for ln in ax.get_lines() if ln.get_marker() in ("None", None, "")]
+    markers = [ln for ln in ax.get_lines() if ln.get_marker() in ("o", "x")]
+    assert len(curves) == len(markers) == 3
+    assert [m.get_marker() for m in markers] == ["o", "x", "o"]
+    for curve, mark, t in zip(curves, markers, targets):
+        assert mark.get_color() == curve.get_color() and mark.get_ydata()[0] == t
+        assert mark.get_xdata()[0] > steps[-1]  # at the right edge, past the last snapshot
+
+
+def test_multilabel_figure_has_a_panel_per_label_or_a_heatmap_for_many():
+    rng = np.random.default_rng(1)
+    steps = np.arange(5)
+    few = plot_prediction_dynamics(steps, rng.random((5, 4, 3)), rng.integers(0, 2, (4, 3)), "multilabel")
+    assert len(few.axes) == 3 and [a.get_title() for a in few.axes] == ["label 0", "label 1", "label 2"]
+    assert all(len([ln for ln in a.get_lines() if ln.get_marker() in ("o", "x")]) == 4 for a in few.axes)
+    values, targets = rng.random((5, 4, 7)), rng.integers(0, 2, (4, 7))
+    many = plot_prediction_dynamics(steps, values, targets, "multilabel")
+    assert [a.get_title() for a in many.axes[:3]] == ["label 0", "label 1", "label 2"]
+    heat = many.axes[3].get_images()[0].get_array()
+    np.testing.assert_allclose(heat, np.abs(values - targets[None]).mean(1).T)  # labels x steps
+
+
+class _Tagger(TinyModel):
+    """A per-token classifier: outputs ``(N, T, C)``; training_step flattens before the loss."""
+
+    def __init__(self) -> None:
+        super().__init__(in_dim=4, out_dim=3)
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return self.loss_fn(self(x).reshape(-1, 3), y.reshape(-1))
+
+
+def test_sequence_outputs_record_the_mean_true_token_probability_per_sample(tmp_path, drawn):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (128, 5), generator=g)
+    embed = torch.randn(3, 4, generator=g)
+    x = torch.nn.functional.one_hot(y, 3).float() @ embed + 0.3 * torch.randn(128, 5, 4, generator=g)
+    torch.manual_seed(0)
+    model = _Tagger()
+    cb = PredictionDynamics(every_n_steps=4, num_samples=8)
+    tr = trainer(tmp_path, [cb], max_epochs=1, num_sanity_val_steps=1, limit_val_batches=1)
+    tr.fit(model, loader(x, y, batch_size=16), loader(x[:8], y[:8], shuffle=False))  # fixed batch: x[:8]
+    arrays = np.load(os.path.join(tmp_path, "recipe", "prediction_dynamics.npz"))
+    assert arrays["values"].shape == (3, 8) and arrays["steps"].tolist() == [0, 4, 8]
+    with torch.no_grad():
+        model.eval()
+        probs = torch.softmax(model(x[:8]), -1).gather(-1, y[:8, :, None]).squeeze(-1).mean(1)
+    np.testing.assert_allclose(arrays["values"][-1], probs.numpy(), rtol=1e-5)  # last snapshot = final model
+    lines_ax = drawn["recipe/prediction_dynamics"]["axes"][0]
+    assert lines_ax["ylabel"] == "mean p(true token) per sample" and len(lines_ax["lines"]) == 8
+
+
+# -- loss curve ---------------------------------------------------------------------------------------------------
+def test_loss_curve_figure_draws_the_losses_and_both_reference_lines(tmp_path, drawn):
+    torch.manual_seed(0)
+    x, y = blobs(n=512, classes=4)
+    cb = LossDecreaseCheck(warmup_steps=20, check_every_n_steps=8)
+    trainer(tmp_path, [cb], max_epochs=2).fit(TinyModel(), loader(x, y))
+    assert len(cb.losses) == 32
+    freq = torch.bincount(y, minlength=4).double() / len(y)
+    entropy = float(-(freq * freq.log()).sum())
+    assert cb.prior_loss == pytest.approx(entropy, rel=1e-4)  # label entropy: the best constant prediction's loss
+    (ax,) = drawn["recipe/loss_curve"]["axes"]
+    curve, expected, prior = ax["lines"][:3]
+    np.testing.assert_allclose(curve[1], cb.losses, rtol=1e-6)
+    assert expected[2] == ":" and np.allclose(expected[1], cb.expected_initial_loss)
+    assert prior[2] == "--" and np.allclose(prior[1], entropy, rtol=1e-4)
+    assert abs(cb.expected_initial_loss - math.log(4)) < 0.2  # small random init: close to log(C)
+    assert os.path.isfile(os.path.join(tmp_path, "recipe", "loss_curve.png"))
+
+
+def test_loss_curve_marks_non_finite_losses():
+    fig = plot_loss_curve([2.0, 1.5, float("nan"), float("inf")], expected_initial=2.0)
+    marks = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "non-finite loss"]
+    assert len(marks) == 1 and marks[0].get_xdata().tolist() == [2, 3]
+
+
+# -- jitter index -------------------------------------------------------------------------------------------------
+def test_jitter_index_closed_forms():
+    ramp = np.linspace(0, 1, 12)[:, None] * np.array([1.0, -2.0, 0.5])
+    assert jitter_index(ramp)["index"] == 0.0  # monotone: no reversal
+    saturating = 1 - np.exp(-np.arange(12))[:, None]  # a fast rise and a knee are trend, not jitter
+    assert jitter_index(saturating)["index"] == 0.0
+    zigzag = np.tile([[0.0], [1.0]], (6, 1))
+    j = jitter_index(zigzag, steps=np.arange(12))
+    assert j["index"] == 1.0 and j["jitter"] == 1.0 and j["movement"] == 1.0 and j["thrash"]
+    # a ramp k/11 whose snapshot 5 jumps 0.1 above snapshot 6: residuals +0.1 (at 5) and -1/11 (at 6, whose
+    # running median is snapshot 7), zero at the 8 other interior snapshots
+    bump = np.linspace(0, 1, 12)[:, None].copy()
+    bump[5] = bump[6] + 0.1
+    j = jitter_index(bump)
+    assert j["jitter"] == pytest.approx(math.sqrt((0.1**2 + (1 / 11) ** 2) / 10)) and j["movement"] == 1.0
+    frozen = jitter_index(np.full((6, 4), 0.3), steps=np.arange(6) * 5)
+    assert frozen["frozen"] and frozen["max_change"] == 0.0 and not frozen["thrash"]
+    assert not jitter_index(np.full((6, 4), 0.3), steps=np.zeros(6))["frozen"]  # no training step between them
+    assert math.isnan(jitter_index(np.ones((2, 3)))["index"])  # too few snapshots
+    noise = np.random.default_rng(0).standard_normal((10, 512))
+    assert jitter_index(noise)["index"] == pytest.approx(jitter_index(noise)["noise_reference"])
+
+
+def _dynamics_fit(tmp_path, logger=False, **model_kwargs):
+    x, y = blobs(n=1536)
+    cb = PredictionDynamics(every_n_steps=2, on_fail="warn")
+    torch.manual_seed(1)  # the index of SGD at lr=6 over seeds 0-5: 0.14 to 0.29, all above the threshold 0.111
+    model = TinyModel(**model_kwargs)
+    trainer(tmp_path, [cb], max_epochs=1, logger=logger).fit(model, loader(x, y))  # 48 steps, 25 snapshots
+    return cb
+
+
+def test_healthy_training_has_low_jitter_and_logs_it(tmp_path):
+    csv_logger = CSVLogger(str(tmp_path))
+    cb = _dynamics_fit(tmp_path, csv_logger, lr=1e-2)
+    (finding,) = cb.findings
+    assert finding.status == "pass" and finding.check == "PredictionDynamics"
+    assert finding.expected == pytest.approx(jitter_index(np.random.default_rng(0).standard_normal((25, 512)))[
+        "index"] / 2, rel=0.02)
+    assert finding.measured < 0.1 * finding.expected  # 0.0 (every prediction rises monotonically) vs 0.111
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as fh:
+        metrics = fh.read().splitlines()
+    assert metrics[0].split(",") == ["recipe/prediction_jitter", "step"]
+    assert float(metrics[1].split(",")[0]) == pytest.approx(finding.measured)
+
+
+def test_learning_rate_too_high_thrashes(tmp_path):
+    with pytest.warns(RecipeWarning, match="THRASH"):
+        cb = _dynamics_fit(tmp_path, lr=6.0, optimizer="sgd")
+    (finding,) = cb.findings
+    assert finding.status == "warn" and finding.check == "PredictionDynamics.jitter"
+    assert finding.measured > 1.5 * finding.expected and finding.details["jitter"] > 0.01  # 0.25 vs 0.111
+    assert "learning rate too high: each step overshoots and the next one corrects" in finding.causes
+
+
+def test_learning_rate_zero_freezes_the_predictions(tmp_path):
+    with pytest.warns(RecipeWarning, match="FROZEN"):
+        cb = _dynamics_fit(tmp_path, lr=0.0, optimizer="sgd")
+    (finding,) = cb.findings
+    assert finding.status == "warn" and finding.measured == 0.0 and finding.details["frozen"]
+    assert finding.details["snapshots"] == 25

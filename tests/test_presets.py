@@ -1,0 +1,189 @@
+"""strict(), recommended() and the composite ``Recipe`` callback."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from helpers import TinyModel, blobs, loader, trainer
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe.findings import collect_findings
+from lightning_recipe.head_bias import HeadBiasInit
+from lightning_recipe.presets import Recipe, _hooks, recommended, strict
+
+
+class _Recorder(Callback):
+    """Records every hook Lightning calls, with the stage for setup/teardown."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        self.calls.append("state_dict")
+        return {"n": len(self.calls)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calls.append(f"load_state_dict:{state_dict['n']}")
+
+
+def _recording(hook: str):
+    def record(self: _Recorder, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
+        stage = kwargs.get("stage", args[0] if args else "")
+        self.calls.append(f"{hook}:{stage}" if hook in ("setup", "teardown") else hook)
+
+    return record
+
+
+for _h in _hooks():
+    setattr(_Recorder, _h, _recording(_h))
+
+
+class _Model(TinyModel):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", self.compute_loss(batch))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+
+def _run_all_stages(tmp_path, callback: Callback) -> None:
+    x, y = blobs(64)
+    model = _Model()
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    t = trainer(tmp_path, [callback, ckpt], max_epochs=2, limit_val_batches=1, enable_checkpointing=True)
+    t.fit(model, loader(x, y), loader(x, y, shuffle=False))
+    t = trainer(tmp_path, [callback], max_epochs=3, limit_val_batches=1)
+    t.fit(model, loader(x, y), loader(x, y, shuffle=False), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    t.validate(model, loader(x, y, shuffle=False), verbose=False)
+    t.test(model, loader(x, y, shuffle=False), verbose=False)
+    t.predict(model, loader(x, y, shuffle=False))
+
+    def boom(*args: Any) -> None:
+        raise ValueError("boom")
+
+    model.training_step = boom  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="boom"):
+        trainer(tmp_path, [callback], max_epochs=1).fit(model, loader(x, y))
+
+
+def test_recipe_forwards_every_hook_like_a_direct_callback(tmp_path):
+    direct = _Recorder()
+    _run_all_stages(tmp_path / "direct", direct)
+    child = _Recorder()
+    recipe = Recipe(callbacks=[child])
+    _run_all_stages(tmp_path / "nested", recipe)
+    assert child.calls == direct.calls
+    # every hook of Lightning's Callback, checkpoint state and the exception path included, reached the child
+    called = {c.split(":")[0] for c in child.calls}
+    assert called == set(_hooks()) | {"state_dict", "load_state_dict"}
+    assert child.log == recipe.log  # the Trainer's `log` reaches the children
+
+
+def _fit(tmp_path, callbacks, model=None, epochs=13, seed=0):
+    L.seed_everything(seed, verbose=False)
+    x, y = blobs(256, priors=[0.55, 0.25, 0.15, 0.05])
+    model = model or TinyModel()
+    t = trainer(tmp_path, callbacks, max_epochs=epochs)
+    t.fit(model, loader(x, y))
+    return t, model, y
+
+
+def test_recipe_equals_the_strict_list_and_writes_the_report(tmp_path):
+    t_list, _, _ = _fit(tmp_path / "list", strict())
+    recipe = Recipe(preset="strict")
+    t_rec, model, y = _fit(tmp_path / "recipe", [recipe])
+    listed, nested = collect_findings(t_list), collect_findings(t_rec)
+    assert [(f.check, f.status) for f in nested] == [(f.check, f.status) for f in listed]
+    assert [f.measured for f in nested] == [f.measured for f in listed]
+    assert {f.check for f in nested} >= {"HeadBiasInit", "InitialLossCheck", "LossDecreaseCheck", "PredictionDynamics"}
+    assert not any(f.failed for f in nested)
+    # the bias was set to the log class frequencies (up to a shared constant)
+    counts = torch.bincount(y, minlength=4).double()
+    prior = torch.tensor(next(cb for cb in recipe.callbacks if type(cb).__name__ == "HeadBiasInit").prior, dtype=torch.float64)
+    assert torch.allclose(prior - prior.mean(), counts.log() - counts.log().mean(), atol=1e-4)
+    report = json.load(open(tmp_path / "recipe" / "recipe" / "report.json"))
+    assert [f["check"] for f in report["findings"]] == [f.check for f in nested]
+    assert report["summary"]["fail"] == 0
+    assert any(p.endswith("loss_curve.png") for p in recipe.figures)
+    assert (tmp_path / "recipe" / "recipe" / "report.html").exists()
+
+
+def _broken_head() -> TinyModel:
+    L.seed_everything(1, verbose=False)
+    model = TinyModel()
+    with torch.no_grad():
+        model.net[2].weight.mul_(200.0)  # initial logits far too large
+    return model
+
+
+def test_recipe_strict_raises_and_still_writes_the_report(tmp_path):
+    with pytest.raises(RecipeCheckError, match="InitialLossCheck"):
+        _fit(tmp_path / "recipe", [Recipe()], model=_broken_head(), epochs=1)
+    with pytest.raises(RecipeCheckError, match="InitialLossCheck"):
+        _fit(tmp_path / "list", strict(), model=_broken_head(), epochs=1)
+    report = json.load(open(tmp_path / "recipe" / "recipe" / "report.json"))
+    failed = [f for f in report["findings"] if f["status"] == "fail"]
+    assert [f["check"] for f in failed] == ["InitialLossCheck"]
+    assert failed[0]["measured"] > 4 * math.log(4)
+    # the same report as the list of callbacks writes on the exception path
+    listed = json.load(open(tmp_path / "list" / "recipe" / "report.json"))
+    assert report["meta"]["state"] == listed["meta"]["state"]
+    assert [(f["check"], f["status"], f["measured"]) for f in report["findings"]] == [
+        (f["check"], f["status"], f["measured"]) for f in listed["findings"]
+    ]
+
+
+def test_recipe_recommended_warns_and_goes_on(tmp_path):
+    recipe = Recipe(preset="recommended")
+    with pytest.warns(RecipeWarning, match="InitialLossCheck"):
+        t, _, _ = _fit(tmp_path, [recipe], model=_broken_head(), epochs=2)
+    assert t.global_step == 16
+    assert [f.check for f in recipe.findings if f.failed] == ["InitialLossCheck"]
+    assert all(cb.on_fail == "warn" for cb in recommended())
+
+
+def test_recipe_state_round_trip_resumes_tracking(tmp_path):
+    x, y = blobs(128)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    first = Recipe()
+    t = trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True)
+    t.fit(TinyModel(), loader(x, y))
+    saved = torch.load(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=False)["callbacks"][first.state_key]
+    assert set(saved["children"]) >= {"HeadBiasInit", "InitialLossCheck", "LossDecreaseCheck", "PredictionDynamics"}
+    assert len(saved["children"]["LossDecreaseCheck"]["losses"]) == 8
+    second = Recipe()
+    t = trainer(tmp_path, [second], max_epochs=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeWarning)
+        t.fit(TinyModel(), loader(x, y), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    head = next(cb for cb in second.callbacks if isinstance(cb, HeadBiasInit))
+    decrease = next(cb for cb in second.callbacks if type(cb).__name__ == "LossDecreaseCheck")
+    assert isinstance(head, HeadBiasInit) and head.done
+    assert [f.status for f in head.findings] == ["skip"]  # the bias is not set again on a resume
+    assert len(decrease.losses) == 12  # 8 restored + 4 of the third epoch
+
+
+def test_recipe_overrides_reach_every_child():
+    split = lambda batch: (batch[0], batch[1])  # noqa: E731
+    recipe = Recipe(preset="recommended", split_batch=split, head="net.2", task="multiclass")
+    for cb in recipe.callbacks:
+        assert cb.on_fail == "warn"
+        assert cb._settings.split_batch is split and cb._settings.head == "net.2" and cb._settings.task == "multiclass"
+    for cb in strict(head=nn.Linear(2, 2)):
+        assert cb.on_fail == "raise" and isinstance(cb._settings.head, nn.Linear)
+
+
+def test_recipe_rejects_conflicting_arguments():
+    with pytest.raises(RecipeConfigError, match="`callbacks` was given together with `preset`"):
+        Recipe("strict", callbacks=[HeadBiasInit()])
+    with pytest.raises(RecipeConfigError, match="`preset` must be one of"):
+        Recipe("loose")  # type: ignore[arg-type]
+    assert Recipe().preset == "strict"
