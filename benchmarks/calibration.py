@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import numpy as np

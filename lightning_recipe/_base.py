@@ -161,3 +161,24 @@ class RecipeCheck(Callback):
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
         rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")
+
+
+class _OnceCheck(RecipeCheck):
+    """A check that runs once per training, not again on a resume: its checkpointed state is ``done``."""
+
+    done: bool = False
+
+    def _first_time(self, trainer: "pl.Trainer") -> bool:
+        """Whether to run now: not when already done, nor on a resume from a checkpoint (``trainer.ckpt_path``)."""
+        if self.done or trainer.ckpt_path is not None:
+            self.done = True
+            return False
+        return True
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))

@@ -24,7 +24,6 @@ from lightning_recipe._conventions import (
     split_batch,
 )
 from lightning_recipe._labels import first_batch, label_stats
-from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats, constant_loss, optimal_constant
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()

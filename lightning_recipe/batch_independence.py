@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import probe_mode, resolve_module, run_forward
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
@@ -30,7 +30,7 @@ _CAUSAL_CAUSES = [
 _MODEL_PARALLEL = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
-class BatchIndependenceCheck(RecipeCheck):
+class BatchIndependenceCheck(_OnceCheck):
     """The output of example ``i`` must depend on example ``i`` of the batch only (and, with ``causal=True``, the
     output at position ``t`` on positions ``<= t`` only).
 
@@ -105,8 +105,7 @@ class BatchIndependenceCheck(RecipeCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.done or trainer.ckpt_path is not None:
-            self.done = True
+        if not self._first_time(trainer):
             return
         ctx = self._context(trainer, pl_module)
         if ctx is None:
@@ -287,13 +286,6 @@ class BatchIndependenceCheck(RecipeCheck):
                        f"outside its own example ({scope}; largest relative leak {worst:.3g}).", worst, 0.0, 0, [],
                        details)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))
 
 
 def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any]:

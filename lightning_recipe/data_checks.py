@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import split_batch
 from lightning_recipe._labels import _private_loader, _single_loader, _to_device
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
@@ -63,7 +63,7 @@ _IMBALANCE = [
 ]
 
 
-class DataCheck(RecipeCheck):
+class DataCheck(_OnceCheck):
     """Check the training data before the first step and show exactly what goes into the network.
 
     What is read: at ``on_train_start`` at most ``max_batches`` batches of a private loader over the training dataset
@@ -372,13 +372,6 @@ class DataCheck(RecipeCheck):
         if stage == "fit":
             self.done = False  # a checkpoint restored after this brings back `done`
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))
 
 
 # -- pure helpers -------------------------------------------------------------------------------------------------
@@ -785,7 +778,7 @@ def plot_first_batch(
         n = min(imgs.shape[0], max_items)
         cols = min(n, 4) if n else 1
         rows = max(1, math.ceil(n / cols))
-        fig = _figure(2.5 * cols, 2.5 * rows + 0.6)
+        fig = _figure(1.8 * cols, 1.8 * rows + 0.6)
         lo, hi = float(xf.min()), float(xf.max())
         axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
         for i, ax in enumerate(axes):

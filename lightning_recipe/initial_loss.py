@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import split_batch
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
@@ -31,7 +31,7 @@ _LOW_CAUSES = [
 ]
 
 
-class InitialLossCheck(RecipeCheck):
+class InitialLossCheck(_OnceCheck):
     """The first training step's loss must match the loss of the constant prediction at the head's current bias.
 
     The expected value is the user's loss evaluated with every output equal to the head bias, on the targets of the
@@ -76,8 +76,7 @@ class InitialLossCheck(RecipeCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.done or trainer.ckpt_path is not None:
-            self.done = True
+        if not self._first_time(trainer):
             return
         self._context(trainer, pl_module)  # configuration errors surface before the first step
 
@@ -178,10 +177,3 @@ class InitialLossCheck(RecipeCheck):
                        f"{e['expected']:.4g} ({what}); healthy range [{e['lower']:.4g}, {e['upper']:.4g}]; {clue}.",
                        measured, e["expected"], step, [], details)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))

@@ -38,10 +38,10 @@ class InputDependenceCheck(RecipeCheck):
     (the label prior of the training set). With ``D = mean(Z_i - R_i)`` and ``A = mean(P_i - R_i)`` (what the real
     inputs gain over the prior), the model uses its inputs when
 
-    ``D > max(z * se(D), rel_margin * max(A, 0), 1e-3 * |P - floor|)``
+    ``D > z * se(D)`` or ``D >= rel_margin * A`` (with ``A > 0``), and ``D > 1e-3 * |P - floor|``
 
-    i.e. zeroing the inputs loses significantly, and at least ``rel_margin`` of the real inputs' advantage over the
-    label prior. A model that ignores its input gives ``D = 0`` exactly; a pipeline feeding noise gives real inputs
+    i.e. zeroing the inputs loses significantly, or loses at least ``rel_margin`` of the real inputs' advantage over
+    the label prior (either is evidence that the input is used; a small batch alone never makes a false alarm). A model that ignores its input gives ``D = 0`` exactly; a pipeline feeding noise gives real inputs
     no advantage on held-out data (``D ~ 0`` or negative). A healthy model loses most of its advantage when the
     inputs are zeroed (``D >~ A``). If the check cannot run before training ends, a ``skip`` finding says so.
 
@@ -188,9 +188,9 @@ class InputDependenceCheck(RecipeCheck):
                               "recipe/input_dependence/zeroed_loss": res["zeroed"]})
         numbers = (f"on {res['examples']} {self._source} examples after {self._batches} training batches: loss "
                    f"{res['real']:.4g} with the real inputs, {res['zeroed']:.4g} with zeroed inputs, "
-                   f"{res['prior']:.4g} for the label prior; zeroing costs {res['difference']:.4g} (required > "
-                   f"{res['threshold']:.4g} = max({self.z:g} standard errors, rel_margin={self.rel_margin:g} x the "
-                   f"real inputs' gain over the prior {res['advantage']:.4g}))")
+                   f"{res['prior']:.4g} for the label prior; zeroing costs {res['difference']:.4g} (needed: more than "
+                   f"{self.z:g} standard errors = {self.z * res['se']:.4g}, or at least rel_margin={self.rel_margin:g} "
+                   f"x the real inputs' gain over the prior {res['advantage']:.4g})")
         if res["uses_input"]:
             finding = Finding(self.name, "pass", f"{self.name}: the model uses its input: {numbers}.", res["difference"],
                               res["threshold"], step, [], res)
@@ -237,8 +237,12 @@ def input_dependence_test(
 ) -> dict[str, Any]:
     """Are zeroed inputs clearly worse than real ones? Paired per-example losses in, a verdict with its numbers out.
 
-    ``D = mean(zeroed - real)`` must exceed ``max(z * se(D), rel_margin * max(A, 0), 1e-3 * |mean(prior) - floor|)``
-    where ``A = mean(prior - real)`` is what the real inputs gain over the label prior.
+    With ``D = mean(zeroed - real)`` and ``A = mean(prior - real)`` (what the real inputs gain over the label prior),
+    the model uses its input when zeroing costs significantly (``D > z * se(D)``) **or** costs at least
+    ``rel_margin`` of the gain (``A > 0`` and ``D >= rel_margin * A``); both also need ``D`` above ``1e-3`` of the
+    prior loss's distance to the floor. Either is evidence of use, so a small batch (a large ``se``) does not turn a
+    model that loses its whole gain when the inputs are zeroed into a false alarm; a model that ignores its input
+    (``D = 0``) or real inputs that bring nothing on held-out data (``A <= 0``, ``D ~ 0``) fail.
 
     Args:
         real: ``(N,)`` per-example loss with the real inputs.
@@ -265,6 +269,9 @@ def input_dependence_test(
     se = float(d.std() / math.sqrt(d.numel())) if d.numel() > 1 else 0.0
     advantage = float((p - r).mean())
     scale = abs(float(p.mean()) - (floor or 0.0))
-    threshold = max(z * se, rel_margin * max(advantage, 0.0), 1e-3 * scale, 1e-12)
-    return {"uses_input": diff > threshold, "real": float(r.mean()), "zeroed": float(zl.mean()),
+    tiny = max(1e-3 * scale, 1e-12)
+    significant = diff > max(z * se, tiny)
+    takes_the_gain = advantage > 0 and diff >= rel_margin * advantage and diff > tiny
+    threshold = min(max(z * se, tiny), max(rel_margin * advantage, tiny) if advantage > 0 else math.inf)
+    return {"uses_input": significant or takes_the_gain, "real": float(r.mean()), "zeroed": float(zl.mean()),
             "prior": float(p.mean()), "difference": diff, "se": se, "advantage": advantage, "threshold": threshold}

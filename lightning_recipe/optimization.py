@@ -129,7 +129,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self,
         on_fail: OnFail = "raise",
         check_every_n_steps: int = 25,
-        grad_every_n_steps: int = 1,
+        grad_every_n_steps: int = 5,
         min_lr_fraction: float = 0.1,
         schedule_fraction: float = 0.25,
         clip_ratio: float = 100.0,

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import probe_mode, run_forward
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
@@ -30,7 +30,7 @@ _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
 _SCALE = 1000.0
 
 
-class OutputRangeCheck(RecipeCheck):
+class OutputRangeCheck(_OnceCheck):
     """Outputs fed to a logits loss must not already be probabilities; class labels should not be regressed.
 
     At fit start, on the probe batch (one forward under the probe mode: eval, no grad, isolated random state):
@@ -73,8 +73,7 @@ class OutputRangeCheck(RecipeCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.done or trainer.ckpt_path is not None:
-            self.done = True
+        if not self._first_time(trainer):
             return
         ctx = self._context(trainer, pl_module)
         if ctx is None:
@@ -205,13 +204,6 @@ class OutputRangeCheck(RecipeCheck):
                        f"distinct values in {res['count']} labels).", float(res["distinct"]), float(self.max_classes), 0,
                        [], details)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))
 
 
 def probability_rows(outputs: Tensor, atol: float = 1e-4) -> dict[str, Any]:

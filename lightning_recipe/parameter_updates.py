@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -35,7 +35,7 @@ _STALE = [
 ]
 
 
-class ParameterUpdateCheck(RecipeCheck):
+class ParameterUpdateCheck(_OnceCheck):
     """After the first ``steps`` optimizer steps, every trainable parameter must have received a non-zero gradient
     and changed; gradients must be zeroed between optimizer steps.
 
@@ -103,8 +103,7 @@ class ParameterUpdateCheck(RecipeCheck):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._tracking = False
-        if self.done or trainer.ckpt_path is not None:
-            self.done = True
+        if not self._first_time(trainer):
             return
         named = [(n, p) for n, p in pl_module.named_parameters()
                  if p.requires_grad and not any(fnmatch.fnmatch(n, pat) for pat in self.ignore)]
@@ -323,13 +322,6 @@ class ParameterUpdateCheck(RecipeCheck):
         return Finding(check, "pass", f"{check}: gradients are zeroed between optimizer steps ({how}); gradient norm "
                        f"over the first steps: [{series}].", growth["growth"], growth["threshold"], step, [], details)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

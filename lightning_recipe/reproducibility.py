@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._labels import first_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
@@ -33,7 +33,7 @@ _NONDET = [
 ]
 
 
-class ReproducibilityCheck(RecipeCheck):
+class ReproducibilityCheck(_OnceCheck):
     """Warn when no seed was set; with ``verify=True``, check that the same seed gives the same first step.
 
     * **seed** (at fit start): Lightning's ``seed_everything`` records the seed in the environment variable
@@ -139,13 +139,6 @@ class ReproducibilityCheck(RecipeCheck):
         if stage == "fit":
             self.done = False  # a checkpoint restored after this brings back `done`
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.done = bool(state_dict.get("done", False))
 
 
 def step_difference(a: Any, b: Any) -> float:

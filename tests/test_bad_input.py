@@ -7,14 +7,14 @@ mode the callback records a ``skip`` finding, warns, and the fit goes on.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning

@@ -11,7 +11,6 @@ the workers is written to small JSON files, since callback objects do not travel
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 

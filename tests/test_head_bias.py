@@ -108,7 +108,7 @@ def test_no_head_found_raises_naming_head(tmp_path):
     with pytest.raises(RecipeConfigError, match="head="):
         trainer(tmp_path, [HeadBiasInit()], max_steps=1).fit(NoBias(), loader(x, y))
     with pytest.warns(UserWarning, match="head="):
-        t = trainer(tmp_path, [cb := HeadBiasInit(on_fail="warn")], max_steps=1)
+        t = trainer(tmp_path, [HeadBiasInit(on_fail="warn")], max_steps=1)
         t.fit(NoBias(), loader(x, y))
     assert [f.status for f in collect_findings(t)] == ["skip"] and t.global_step == 1
 

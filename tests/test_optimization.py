@@ -65,7 +65,7 @@ def test_tiny_clip_value_fails_with_sgd_and_sane_clip_passes(tmp_path):
     model = TinyModel(optimizer="sgd", lr=0.1)
     init = copy.deepcopy(model)
     with pytest.raises(RecipeCheckError, match="clips nearly every step by orders of magnitude"):
-        cb = OptimizationHealthCheck(check_every_n_steps=10, figure=False)
+        cb = OptimizationHealthCheck(check_every_n_steps=10, grad_every_n_steps=1, figure=False)
         trainer(tmp_path, [cb], max_steps=40, gradient_clip_val=1e-4).fit(model, loader(x, y, shuffle=False))
     f = _get(cb, "clipping")
     assert f.status == "fail" and f.details["clipped_fraction"] == 1.0 and f.details["steps"] == 10

@@ -1,9 +1,6 @@
-import json
-import os
 
 import lightning as L
 import numpy as np
-import pytest
 import torch
 from helpers import TinyModel, blobs, loader, regression_data, trainer
 from matplotlib.image import imread

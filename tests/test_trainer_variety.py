@@ -7,7 +7,6 @@ factory to ``CHECKS``.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Optional
 
