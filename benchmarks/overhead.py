@@ -81,11 +81,43 @@ def fit_seconds(callbacks: list[Callback], steps: int, root: str) -> float:
     return time.perf_counter() - t0
 
 
+def hook_times(steps: int, root: str) -> None:
+    """Time spent inside each callback of ``recommended()`` during one fit, split into per-step and one-time hooks."""
+    import collections
+    import functools
+
+    callbacks = lr.recommended()
+    spent: dict[tuple[str, str], float] = collections.defaultdict(float)
+    hooks = [h for h in dir(Callback) if h.startswith("on_") or h in ("setup", "teardown", "state_dict")]
+    for cb in callbacks:
+        for h in hooks:
+            def timed(f: Callable = getattr(cb, h), key: tuple[str, str] = (type(cb).__name__, h)) -> Callable:
+                @functools.wraps(f)
+                def g(*a: Any, **k: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return f(*a, **k)
+                    finally:
+                        spent[key] += time.perf_counter() - t0
+                return g
+            setattr(cb, h, timed())
+    total = fit_seconds(callbacks, steps, root)
+    per_step = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+                "on_before_optimizer_step", "on_before_zero_grad")
+    print(f"\ntime inside each callback of recommended() over one {steps}-step fit ({total:.2f}s):")
+    print(f"  {'callback':<26}{'per step (ms)':>14}{'one-time (s)':>14}")
+    for name in dict.fromkeys(type(cb).__name__ for cb in callbacks):
+        step_s = sum(v for (c, h), v in spent.items() if c == name and h in per_step)
+        once_s = sum(v for (c, h), v in spent.items() if c == name and h not in per_step)
+        print(f"  {name:<26}{1e3 * step_s / steps:>14.3f}{once_s:>14.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per fit")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise)")
+    parser.add_argument("--hook-times", action="store_true", help="also time each callback's hooks in one fit")
     parser.add_argument("--configs", nargs="*", default=["plain", "recommended", "strict", "SpikeDetection"],
                         choices=list(CONFIGS), help="configurations to time; a check's class name times it alone")
     args = parser.parse_args()
@@ -113,6 +145,9 @@ def main() -> None:
         extra_ms = 1e3 * statistics.median([a - b for a, b in zip(times[c], times["plain"])]) / args.steps
         print(f"  {c:<15} x{statistics.median(ratios):.3f}  (per repeat: {', '.join(f'{x:.3f}' for x in ratios)}; "
               f"{extra_ms:+.3f} ms/step)")
+    if args.hook_times:
+        with tempfile.TemporaryDirectory() as root:
+            hook_times(args.steps, root)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,7 @@ class LossDecreaseCheck(RecipeCheck):
         self._n = 0
         self._stopped = False
         self._initial_done = False
+        self._accumulate = 1
         self._reported: set[str] = set()
 
     # -- hooks ----------------------------------------------------------------------------------------------------
@@ -167,9 +168,10 @@ class LossDecreaseCheck(RecipeCheck):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor):
             return
+        self._accumulate = trainer.accumulate_grad_batches
         if self._buf is None or self._buf.device != loss.device:
             self._buf = torch.empty(self.check_every_n_steps, device=loss.device, dtype=torch.float32)
-        self._buf[self._n] = loss.detach().float() * trainer.accumulate_grad_batches
+        self._buf[self._n] = loss.detach()  # on the device, no sync; rescaled by accumulate_grad_batches when read
         self._n += 1
         if self._n == self.check_every_n_steps:
             self._flush_and_check(trainer)
@@ -205,6 +207,8 @@ class LossDecreaseCheck(RecipeCheck):
         if self._buf is None or self._n == 0:
             return []
         new = self._buf[: self._n].tolist()  # the one host sync
+        if self._accumulate != 1:  # Lightning divides the returned loss by accumulate_grad_batches
+            new = [v * self._accumulate for v in new]
         self._n = 0
         self.losses.extend(new)
         return new

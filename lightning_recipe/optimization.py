@@ -104,7 +104,8 @@ class OptimizationHealthCheck(RecipeCheck):
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
-        check_every_n_steps: batches between two reads (one host sync each) and dead-ReLU probes.
+        check_every_n_steps: batches between two reads (one host sync each); the dead-ReLU probe runs at the start
+            and at reads 1, 2, 4, 8, ... (a logarithmic number of probe forwards per fit).
         grad_every_n_steps: optimizer steps between two gradient measurements.
         min_lr_fraction: smallest learning rate, relative to its peak, allowed before ``schedule_fraction``.
         schedule_fraction: fraction of the planned steps during which ``min_lr_fraction`` applies.
@@ -157,6 +158,7 @@ class OptimizationHealthCheck(RecipeCheck):
                                     f"{max_grad_spread!r}.")
         self.check_every_n_steps = check_every_n_steps
         self.grad_every_n_steps = grad_every_n_steps
+        self._reads = 0
         self.min_lr_fraction = float(min_lr_fraction)
         self.schedule_fraction = float(schedule_fraction)
         self.clip_ratio = float(clip_ratio)
@@ -363,7 +365,9 @@ class OptimizationHealthCheck(RecipeCheck):
         if self._dead_pending is not None:
             self.dead_history.append((step, dict(zip((n for n, _ in self._relus), self._dead_pending.tolist()))))
             self._dead_pending = None
-        self._probe(trainer, pl_module)
+        self._reads += 1
+        if self._reads & (self._reads - 1) == 0:  # probe at reads 1, 2, 4, 8, ...: O(log n) forwards per fit
+            self._probe(trainer, pl_module)
 
     # -- judging --------------------------------------------------------------------------------------------------
     def _judge(self, trainer: "pl.Trainer", final: bool) -> None:
@@ -584,6 +588,7 @@ class OptimizationHealthCheck(RecipeCheck):
             self.concluded = {}
             self.lrs, self.grad_norms, self.layer_history, self.losses = [], [], [], []
             self.weight_history, self.dead_history = [], []
+            self._reads = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
