@@ -55,7 +55,6 @@ class FitContext:
         self.initial_output = out.detach()
         self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task)
         canon = self.spec.canonical_outputs(out.detach().float())
-        self.initial_output_std = float((canon - canon.mean(0, keepdim=True)).std()) if canon.shape[0] > 1 else 0.0
         self.head_error: Optional[str] = None
         if self.head is None:
             self.head_error = (
@@ -75,6 +74,13 @@ class FitContext:
                 f"{self.spec.task} task has {self.spec.num_outputs} outputs. HINT: pass `head=` naming the last layer "
                 "(the one whose output is the prediction)."
             )
+        # the spread of the initial outputs around the head bias (what InitialLossCheck's noise model assumes);
+        # around the mean output when there is no usable head
+        if self.head_error is None and canon.shape[-1] == self.head.bias.numel():
+            dev = canon - self.head.bias.detach().float().reshape(1, -1).to(canon.device)
+        else:
+            dev = canon - canon.mean(0, keepdim=True)
+        self.initial_output_std = float(dev.pow(2).mean().sqrt()) if canon.shape[0] > 1 else 0.0
         self._stats: Optional[LabelStats] = None
         self._optimal: Optional[tuple[Tensor, str]] = None
 

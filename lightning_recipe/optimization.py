@@ -419,8 +419,8 @@ class OptimizationHealthCheck(RecipeCheck):
                            {"peak": self._peaks[j], "group": j, "planned_steps": self._planned})
         if step > quarter or final:
             r = m[0] if m is not None else 1.0
-            return Finding(name, "pass", f"{self.name}: the learning rate stayed at or above {r:.3g} of its peak during "
-                           f"the first {self.schedule_fraction:g} of {int(self._planned)} planned steps.", r,
+            return Finding(name, "pass", f"{self.name}: the learning rate stayed at or above {r:.0%} of its peak during "
+                           f"the first {self.schedule_fraction:.0%} of {int(self._planned)} planned steps.", r,
                            self.min_lr_fraction, step, details={"planned_steps": self._planned})
         return None
 

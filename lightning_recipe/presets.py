@@ -261,11 +261,19 @@ def _forwarder(hook: str) -> Callable[..., None]:
         self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any
     ) -> None:
         for cb in self.callbacks:
-            getattr(cb, hook)(trainer, pl_module, *args, **kwargs)
+            if _overrides(cb, hook):  # a child that keeps Callback's no-op is not called (cheaper per step)
+                getattr(cb, hook)(trainer, pl_module, *args, **kwargs)
 
     forward_hook.__name__ = forward_hook.__qualname__ = hook
     forward_hook.__doc__ = f"Forward ``{hook}`` to every child callback, in order."
     return forward_hook
+
+
+def _overrides(cb: Callback, hook: str) -> bool:
+    """Whether ``cb`` implements ``hook`` (its class, or the instance, replaces ``Callback``'s no-op)."""
+    if hook in vars(cb):
+        return True
+    return getattr(type(cb), hook, None) is not getattr(Callback, hook)
 
 
 def _hooks() -> list[str]:
