@@ -3,7 +3,8 @@
 For each data set that scikit-learn ships (digits, breast cancer, wine, diabetes) this trains small models under
 ``lightning_recipe.recommended()`` in healthy variants (optimisers, batch sizes, dropout/BatchNorm, with and without
 the bias init) and in broken ones (labels shuffled, inputs x1000, learning rate 1e-9, loss sign flipped, NaN in the
-features). A healthy run must end with no failed finding; a broken one must have at least one.
+features, and a double softmax on the multiclass sets). Regression targets are standardised. A healthy run must end
+with no failed finding; a broken one must have at least one.
 
     python benchmarks/calibration.py            # the whole matrix (a few minutes on a laptop CPU)
     python benchmarks/calibration.py --quick    # one healthy and a few broken runs per data set

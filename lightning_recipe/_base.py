@@ -26,6 +26,14 @@ def recipe_dir(trainer: "pl.Trainer") -> str:
     return os.path.join(str(base), "recipe")
 
 
+def _context_notes(trainer: "pl.Trainer", settings: _Settings) -> list[str]:
+    """Notes of the fit's shared context (guesses made), if it was computed; never computes it."""
+    from lightning_recipe._context import _CACHE
+
+    ctx = _CACHE.get(trainer, {}).get(settings.key())
+    return list(ctx.spec.notes) if ctx is not None else []
+
+
 class RecipeCheck(Callback):
     """Base class of the recipe callbacks.
 
@@ -94,6 +102,10 @@ class RecipeCheck(Callback):
         Must be reached on every rank at the same point (it runs a collective under DDP).
         """
         local_fail = finding is not None and finding.failed
+        if local_fail and finding is not None:
+            for note in _context_notes(trainer, self._settings):
+                if note not in finding.message:  # e.g. a loss guessed from the targets: say so where it matters
+                    finding.message += f"\n  note: {note}"
         any_fail = bool(trainer.strategy.reduce_boolean_decision(local_fail, all=False))
         if finding is not None:
             self.findings.append(finding)

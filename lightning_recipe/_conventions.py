@@ -87,8 +87,9 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
     if isinstance(out, dict):
         out = next((out[k] for k in _OUTPUT_KEYS if k in out), out)
     if not isinstance(out, Tensor):
+        keys = f" with keys {sorted(map(str, out))} (recognised: {', '.join(_OUTPUT_KEYS)})" if isinstance(out, dict) else ""
         raise RecipeConfigError(
-            f"The model's forward returned {type(out).__name__}, not a tensor of predictions. "
+            f"The model's forward returned {type(out).__name__}{keys}, not a tensor of predictions. "
             "HINT: pass `forward=lambda module, inputs: module(inputs)[...]` returning the logits/predictions."
         )
     return out
@@ -192,6 +193,9 @@ def resolve_task(
             task = "regression"
         elif not targets.is_floating_point() and targets.dtype != torch.bool:
             task = "multiclass"
+        elif targets.is_floating_point() and _binary_like(outputs, targets):
+            per_example = targets[0].numel() if targets.ndim > 0 and targets.shape[0] > 0 else 1
+            task = "binary" if per_example == 1 else "multilabel"
         elif targets.is_floating_point():
             task = "regression"
         else:
@@ -242,8 +246,16 @@ def resolve_task(
     if name not in _MULTICLASS + _LOGITS_BINARY + _REGRESSION:
         spec.floor = None  # a user's loss: no known lower bound
     if inferred:
-        spec.notes.append(f"loss inferred from the targets as {name}; pass `loss_fn=` if training_step uses another")
+        spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "
+                          "if training_step uses another")
     return spec
+
+
+def _binary_like(outputs: Tensor, targets: Tensor) -> bool:
+    """Float targets that are all 0 or 1, one per output: labels for a sigmoid, not regression values."""
+    n_out = outputs.numel() // max(outputs.shape[0] if outputs.ndim else 1, 1)
+    n_tgt = targets.numel() // max(targets.shape[0] if targets.ndim else 1, 1)
+    return targets.numel() > 0 and n_out == n_tgt and bool(((targets == 0) | (targets == 1)).all())
 
 
 def _class_dim(outputs: Tensor, targets: Tensor) -> int:

@@ -71,7 +71,8 @@ class HeadBiasInit(RecipeCheck):
                 self.name,
                 "pass",
                 f"{self.name}: set `{ctx.head_name}.bias` to the loss-optimal constant ({how}) for {spec.task} with "
-                f"{spec.loss_name}: [{shown}]. Loss of the constant prediction {loss_before:.4g} -> {loss_after:.4g}.",
+                f"{spec.loss_name}: [{shown}]. Loss of the constant prediction {loss_before:.4g} -> {loss_after:.4g}."
+                + "".join(f" Note: {n}." for n in spec.notes),
                 measured=loss_after,
                 expected=loss_before,
                 step=trainer.global_step,

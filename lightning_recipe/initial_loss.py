@@ -144,11 +144,12 @@ class InitialLossCheck(_OnceCheck):
                 f"bias{' (zero)' if e['zero_bias'] else ''}, on the first batch's targets")
         if spec.task == "multiclass" and e["zero_bias"] and spec.weight is None and not spec.label_smoothing:
             what += f": log({spec.num_outputs}) = {math.log(spec.num_outputs):.4f}"
+        shown_lower = max(e["lower"], spec.floor) if spec.floor is not None else e["lower"]
         numbers = (
             f"  measured first loss: {measured:.4g}\n"
             f"  expected:            {e['expected']:.4g}  ({what}; an untrained network should predict about the "
             "same for every input)\n"
-            f"  healthy range:       [{e['lower']:.4g}, {e['upper']:.4g}]  (initial outputs = bias + noise of std up to "
+            f"  healthy range:       [{shown_lower:.4g}, {e['upper']:.4g}]  (initial outputs = bias + noise of std up to "
             f"max_output_std={self.max_output_std:g}, z={self.z:g})"
         )
         clue = f"initial output spread (std around the bias on a training batch): {e['output_std']:.4g}"
@@ -174,6 +175,6 @@ class InitialLossCheck(_OnceCheck):
                            f"constant prediction, so the model knows the labels before training.\n{numbers}{notes}",
                            measured, e["expected"], step, list(_LOW_CAUSES), details)
         return Finding(self.name, "pass", f"{self.name}: the first training loss {measured:.4g} matches the expected "
-                       f"{e['expected']:.4g} ({what}); healthy range [{e['lower']:.4g}, {e['upper']:.4g}]; {clue}.",
+                       f"{e['expected']:.4g} ({what}); healthy range [{shown_lower:.4g}, {e['upper']:.4g}]; {clue}.",
                        measured, e["expected"], step, [], details)
 

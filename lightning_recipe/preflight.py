@@ -236,6 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise RecipeConfigError(f"DATA must be a LightningDataModule, got {type(data).__name__}.")
         if not isinstance(model, pl.LightningModule):
             raise RecipeConfigError(f"MODEL must be a LightningModule, got {type(model).__name__}.")
+        if data is None and type(model).train_dataloader is pl.LightningModule.train_dataloader:
+            raise RecipeConfigError(f"{type(model).__name__} has no train_dataloader(): pass a LightningDataModule "
+                                    "as DATA (or `data:` with `class_path` in --config).")
         seed = args.seed if args.seed is not None else int(config.get("seed_everything") or 0)
         callables = {k: _import(getattr(args, k), f"--{k.replace('_', '-')}", call=True) if getattr(args, k) else None
                      for k in ("loss_fn", "split_batch", "forward")}

@@ -175,3 +175,14 @@ def test_no_global_rng_draw(tmp_path):
     tr.fit(TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64))
     assert torch.equal(a, torch.rand(1))
     assert np.isfinite(a.item())
+
+
+def test_one_natural_duplicate_across_the_split_only_warns(tmp_path):
+    """Like iris (one repeated row in 150): a duplicate that straddles a random split is not a split bug."""
+    xt, yt, xv, yv = _standardized_split()
+    xv, yv = xv[:30].clone(), yv[:30].clone()
+    xv[0], yv[0] = xt[7], yt[7]  # 1 of 30 validation rows (3.3%) also in train
+    with pytest.warns(RecipeWarning, match="also occur in the training set"):
+        cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xv, yv, 64))
+    f = _by_name(cb)["overlap"]
+    assert f.status == "warn" and f.details["found"] == 1 and f.measured == pytest.approx(1 / 30)

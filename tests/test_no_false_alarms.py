@@ -34,6 +34,18 @@ class _Sequence(TinyModel):
         return self.loss_fn(self(x).reshape(-1, 6), y.reshape(-1))
 
 
+class _FunctionalBCE(TinyModel):
+    """No loss module: ``F.binary_cross_entropy_with_logits`` on float 0/1 targets (the loss is inferred)."""
+
+    def __init__(self):
+        super().__init__(out_dim=1)
+        self.loss_fn = None
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
+
+
 def _data(kind):
     g = torch.Generator().manual_seed(0)
     if kind == "multiclass":
@@ -42,6 +54,9 @@ def _data(kind):
     if kind == "binary":
         x, y = blobs(n=768, classes=2, priors=[0.85, 0.15])
         return TinyModel(out_dim=1, loss_fn=nn.BCEWithLogitsLoss()), x, y.float().unsqueeze(1)
+    if kind == "binary_functional":
+        x, y = blobs(n=768, classes=2, priors=[0.7, 0.3])
+        return _FunctionalBCE(), x, y.float().unsqueeze(1)
     if kind == "multilabel":
         x = torch.randn(768, 8, generator=g)
         y = (x[:, :3] + 0.3 * torch.randn(768, 3, generator=g) > torch.tensor([0.0, 0.5, 1.0])).float()
@@ -57,7 +72,9 @@ def _data(kind):
     return _Sequence(), x, (x + 1) % 6
 
 
-@pytest.mark.parametrize("kind", ["multiclass", "binary", "multilabel", "regression", "image", "sequence"])
+@pytest.mark.parametrize(
+    "kind", ["multiclass", "binary", "binary_functional", "multilabel", "regression", "image", "sequence"]
+)
 def test_strict_raises_nothing_on_healthy_training(tmp_path, kind):
     L.seed_everything(0)
     model, x, y = _data(kind)
@@ -67,4 +84,7 @@ def test_strict_raises_nothing_on_healthy_training(tmp_path, kind):
     assert t.state.finished and t.global_step == 6 * 20
     assert not [f for f in findings if f.failed], [f.message for f in findings if f.failed]
     ran = {f.check.split(".")[0] for f in findings if f.status == "pass"}
+    if kind == "binary_functional":  # float 0/1 targets and no loss module: inferred as BCE with logits, and said so
+        head = next(f for f in findings if f.check == "HeadBiasInit")
+        assert "inferred from the targets as BCEWithLogitsLoss (binary)" in head.message
     assert {"HeadBiasInit", "InitialLossCheck", "LossDecreaseCheck", "InputDependenceCheck"} <= ran, ran

@@ -93,6 +93,7 @@ def test_overrides_and_config_file(tmp_path, capsys):
         ([f"{DEMO}:Model", "--model.init_args.width=3"], "cannot build the model Model(width)"),
         ([f"{DEMO}:Model", "--bogus=1"], "unknown argument '--bogus=1'"),
         ([], "MODEL is missing"),
+        ([f"{DEMO}:Model"], "Model has no train_dataloader(): pass a LightningDataModule as DATA"),
     ],
 )
 def test_usage_errors_exit_2(tmp_path, capsys, args, message):
