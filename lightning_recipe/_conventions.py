@@ -79,6 +79,16 @@ def split_batch(batch: Any, override: Optional[SplitBatch] = None) -> tuple[Any,
     )
 
 
+def take_examples(inputs: Any, targets: Tensor, n: int) -> tuple[Any, Tensor]:
+    """The first ``n`` examples of a batch, detached copies (every tensor of ``inputs``, and ``targets``)."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    def cut(t: Tensor) -> Tensor:
+        return t[:n].detach().clone() if t.ndim else t
+
+    return apply_to_collection(inputs, Tensor, cut), cut(targets)
+
+
 def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn] = None) -> Tensor:
     """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``."""
     out = override(pl_module, inputs) if override is not None else pl_module(inputs)

@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch
+from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 from lightning_recipe.loggers import log_scalars
@@ -108,12 +108,7 @@ class InputDependenceCheck(RecipeCheck):
                 self._batch, self._source = self._take(x, y), "validation"
 
     def _take(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
-        n = self.num_examples
-
-        def cut(t: Tensor) -> Tensor:
-            return t[:n].detach().clone() if t.ndim else t
-
-        return apply_to_collection(x, Tensor, cut), cut(y)
+        return take_examples(x, y, self.num_examples)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -11,12 +11,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch
+from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -98,12 +97,7 @@ class PredictionDynamics(RecipeCheck):
             self._batch = self._take(x, y)
 
     def _take(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
-        n = self.num_samples
-
-        def cut(t: Tensor) -> Tensor:
-            return t[:n].detach().clone() if t.ndim else t
-
-        return apply_to_collection(x, Tensor, cut), cut(y)
+        return take_examples(x, y, self.num_samples)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
