@@ -3,9 +3,11 @@
 Lightning has no common figure API across loggers, so this module dispatches per logger type (lazy imports, so
 no logger package is required) and always writes a PNG under ``<log_dir>/recipe/`` as well:
 
-* TensorBoard: ``experiment.add_figure(tag, fig, global_step)``; text with ``add_text``.
+* TensorBoard: the rendered PNG's pixels through ``experiment.add_image(tag, pixels, global_step)`` (the same
+  image ``add_figure`` would draw, without drawing it twice); text with ``add_text``.
 * Weights & Biases: ``log_image(key, [png], step)`` (works with ``offline=True``); text as a one-cell table.
-* MLflow: ``experiment.log_figure(run_id, fig, "recipe/<name>/step_XXXXXXX.png")``; text with ``log_text``.
+* MLflow: the rendered PNG as the artifact ``recipe/<name>/step_XXXXXXX.png`` (``log_artifact``; ``log_figure``
+  would draw it again); text with ``log_text``.
   MLflow >= 3.13 refuses the ``file:`` tracking store that ``MLFlowLogger`` uses by default unless
   ``MLFLOW_ALLOW_FILE_STORE=true`` is set: give the logger a ``tracking_uri="sqlite:///<dir>/mlflow.db"``.
 * Comet (when ``comet_ml`` is installed): ``experiment.log_image`` of the PNG; text with ``log_text``.
@@ -50,8 +52,9 @@ def log_figure(
 ) -> Optional[str]:
     """Save ``figure`` as ``<directory>/<name>.png`` and send it to every logger of ``trainer``.
 
-    Loggers and what they receive: TensorBoard ``add_figure`` (with ``step`` as the global step), MLflow
-    ``log_figure`` (artifact ``recipe/<name>/step_XXXXXXX.png`` on the logger's run), W&B ``log_image`` (step on the
+    The figure is rendered once, to PNG; every logger gets those pixels. Loggers and what they receive: TensorBoard
+    an image (``add_image``, with ``step`` as the global step), MLflow an artifact ``recipe/<name>/step_XXXXXXX.png``
+    on the logger's run, W&B ``log_image`` (step on the
     ``trainer/global_step`` axis), Comet ``log_image``, CSVLogger and unknown loggers a PNG under
     ``<logger.log_dir>/recipe/`` when that differs from ``directory``. A logger that fails gets a warning; the fit
     goes on.
@@ -88,11 +91,11 @@ def log_figure(
         for logger in trainer.loggers:
             kind = _kind(logger)
             try:
-                if kind == "TensorBoardLogger":
-                    logger.experiment.add_figure(tag, figure, global_step=step, close=False)
+                if kind == "TensorBoardLogger":  # the PNG already rendered, decoded: no second rendering
+                    logger.experiment.add_image(tag, _png_pixels(png), global_step=step, dataformats="HWC")
                     logger.experiment.flush()
                 elif kind == "MLFlowLogger":
-                    logger.experiment.log_figure(logger.run_id, figure, f"{_artifact_dir(tag)}/step_{step:07d}.png")
+                    _mlflow_png(logger, png, _artifact_dir(tag), f"step_{step:07d}.png")
                 elif kind == "WandbLogger":
                     _with_file(png, path, name, lambda p: logger.log_image(key=tag, images=[p], step=step))
                 elif kind == "CometLogger":
@@ -251,6 +254,26 @@ def _render_png(figure: Any) -> bytes:
     buf = io.BytesIO()
     figure.savefig(buf, format="png", dpi=_DPI)
     return buf.getvalue()
+
+
+def _png_pixels(png: bytes) -> Any:
+    """``(H, W, 3)`` uint8 pixels of a PNG (what TensorBoard's ``add_figure`` would render again)."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    rgb = imread(io.BytesIO(png), format="png")[..., :3]
+    return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _mlflow_png(logger: Any, png: bytes, artifact_dir: str, file_name: str) -> None:
+    """The rendered PNG as an MLflow artifact ``<artifact_dir>/<file_name>`` (``log_figure`` would render again)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, file_name)
+        with open(local, "wb") as fh:
+            fh.write(png)
+        logger.experiment.log_artifact(logger.run_id, local, artifact_dir)
 
 
 def _write_bytes(path: str, data: bytes) -> None:
