@@ -187,6 +187,15 @@ class _OnceCheck(RecipeCheck):
             return False
         return True
 
+    def _start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Optional[FitContext]:
+        """The shared context when the check runs now (marked done), ``None`` when it does not."""
+        if not self._first_time(trainer):
+            return None
+        ctx = self._context(trainer, pl_module)
+        if ctx is not None:
+            self.done = True
+        return ctx
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}

@@ -83,6 +83,7 @@ class FitContext:
         self.initial_output_std = float(dev.pow(2).mean().sqrt()) if canon.shape[0] > 1 else 0.0
         self._stats: Optional[LabelStats] = None
         self._optimal: Optional[tuple[Tensor, str]] = None
+        self._last_loss: Optional[tuple[Tensor, float]] = None
 
     @property
     def trainer(self) -> Any:
@@ -105,10 +106,15 @@ class FitContext:
             )
         return self._optimal
 
+    def constant_loss(self, constant: Tensor) -> float:
+        """Loss of predicting ``constant`` for every training label (the last value is kept: checks ask at once)."""
+        if self._last_loss is None or not torch.equal(self._last_loss[0], constant):
+            self._last_loss = (constant.clone(), constant_loss(self.spec.loss, constant, self.stats.sample))
+        return self._last_loss[1]
+
     def prior_loss(self) -> float:
         """Loss of the best constant prediction on the training labels: all that the label prior explains."""
-        c, _ = self.optimal()
-        return constant_loss(self.spec.loss, c, self.stats.sample)
+        return self.constant_loss(self.optimal()[0])
 
     def current_constant(self) -> Tensor:
         """The constant the model predicts at init: its head bias (zeros without a usable head)."""

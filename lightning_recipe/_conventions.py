@@ -89,6 +89,23 @@ def take_examples(inputs: Any, targets: Tensor, n: int) -> tuple[Any, Tensor]:
     return apply_to_collection(inputs, Tensor, cut), cut(targets)
 
 
+def sanity_examples(
+    trainer: Any, batch: Any, batch_idx: int, dataloader_idx: int, split: Optional[SplitBatch], n: int
+) -> Optional[tuple[Any, Tensor]]:
+    """The first ``n`` examples of the first validation batch of Lightning's sanity check, else ``None``.
+
+    Held-out data for a fixed batch, captured without any extra loader (``on_validation_batch_start``). A batch that
+    does not split into inputs and a target tensor gives ``None``: the caller falls back to a training batch.
+    """
+    if not (trainer.sanity_checking and batch_idx == 0 and dataloader_idx == 0):
+        return None
+    try:
+        x, y = split_batch(batch, split)
+    except RecipeConfigError:
+        return None
+    return take_examples(x, y, n) if isinstance(y, Tensor) else None
+
+
 def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn] = None) -> Tensor:
     """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``."""
     out = override(pl_module, inputs) if override is not None else pl_module(inputs)

@@ -105,12 +105,9 @@ class BatchIndependenceCheck(_OnceCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self._first_time(trainer):
-            return
-        ctx = self._context(trainer, pl_module)
+        ctx = self._start(trainer, pl_module)
         if ctx is None:
             return
-        self.done = True
         try:
             finding = self._measure(trainer, pl_module, ctx.inputs)
         except RecipeConfigError as err:

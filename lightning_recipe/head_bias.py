@@ -10,7 +10,6 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import constant_loss
 
 
 class HeadBiasInit(RecipeCheck):
@@ -63,8 +62,8 @@ class HeadBiasInit(RecipeCheck):
         self.done = True
         self.prior = [float(v) for v in c.reshape(-1)]
         spec = ctx.spec
-        loss_before = constant_loss(spec.loss, before, ctx.stats.sample)
-        loss_after = constant_loss(spec.loss, c, ctx.stats.sample)
+        loss_before = ctx.constant_loss(before)
+        loss_after = ctx.prior_loss()
         shown = ", ".join(f"{v:.4g}" for v in self.prior[:10]) + (" ..." if len(self.prior) > 10 else "")
         self.findings.append(
             Finding(

@@ -117,7 +117,7 @@ class InitialLossCheck(_OnceCheck):
             "spec": spec,
             "output_std": ctx.initial_output_std,
             "head": ctx.head_name,
-            "population": constant_loss(spec.loss, c, ctx.stats.sample) if ctx.head_error is None else None,
+            "population": ctx.constant_loss(c) if ctx.head_error is None else None,
         }
 
     @override

@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
+from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, sanity_examples, take_examples
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 from lightning_recipe.loggers import log_scalars
@@ -99,16 +99,11 @@ class InputDependenceCheck(RecipeCheck):
     def on_validation_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if trainer.sanity_checking and self._batch is None and batch_idx == 0 and dataloader_idx == 0:
-            try:
-                x, y = split_batch(batch, self._settings.split_batch)
-            except RecipeConfigError:
-                return
-            if isinstance(y, Tensor):
-                self._batch, self._source = self._take(x, y), "validation"
-
-    def _take(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
-        return take_examples(x, y, self.num_examples)
+        if self._batch is None:
+            split = self._settings.split_batch
+            self._batch = sanity_examples(trainer, batch, batch_idx, dataloader_idx, split, self.num_examples)
+            if self._batch is not None:
+                self._source = "validation"
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -120,7 +115,7 @@ class InputDependenceCheck(RecipeCheck):
             return
         self._ctx = ctx
         if self._batch is None:
-            self._batch, self._source = self._take(ctx.inputs, ctx.targets), "training"
+            self._batch, self._source = take_examples(ctx.inputs, ctx.targets, self.num_examples), "training"
         self._batches = 0
 
     # -- when -----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing_extensions import override
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import constant_loss, decrease_test, diverged, plateau_test, trend
+from lightning_recipe.functional import decrease_test, diverged, plateau_test, trend
 
 _NONFINITE = [
     "learning rate too high (the loss exploded to inf/NaN)",
@@ -155,7 +155,7 @@ class LossDecreaseCheck(RecipeCheck):
         if not self._initial_done and ctx is not None and not self.losses:
             self._initial_done = True
             try:
-                self.expected_initial_loss = constant_loss(ctx.spec.loss, ctx.current_constant(), ctx.stats.sample)
+                self.expected_initial_loss = ctx.constant_loss(ctx.current_constant())
             except Exception:
                 self.expected_initial_loss = None
 

@@ -73,12 +73,9 @@ class OutputRangeCheck(_OnceCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self._first_time(trainer):
-            return
-        ctx = self._context(trainer, pl_module)
+        ctx = self._start(trainer, pl_module)
         if ctx is None:
             return
-        self.done = True
         spec = ctx.spec
         if spec.loss_name in _REGRESSION:
             finding = self._labels(ctx)

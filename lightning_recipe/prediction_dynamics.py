@@ -15,7 +15,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
+from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, sanity_examples, take_examples
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -89,15 +89,9 @@ class PredictionDynamics(RecipeCheck):
     def on_validation_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if trainer.sanity_checking and self._batch is None and batch_idx == 0 and dataloader_idx == 0:
-            try:
-                x, y = split_batch(batch, self._settings.split_batch)
-            except RecipeConfigError:
-                return  # validation batches may differ from training's: fall back to a training batch
-            self._batch = self._take(x, y)
-
-    def _take(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
-        return take_examples(x, y, self.num_samples)
+        if self._batch is None:  # validation batches that do not split: a training batch is used instead
+            split = self._settings.split_batch
+            self._batch = sanity_examples(trainer, batch, batch_idx, dataloader_idx, split, self.num_samples)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -107,7 +101,7 @@ class PredictionDynamics(RecipeCheck):
             return
         self._spec = ctx.spec
         if self._batch is None:
-            self._batch = self._take(ctx.inputs, ctx.targets)
+            self._batch = take_examples(ctx.inputs, ctx.targets, self.num_samples)
         self._batches = 0
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
