@@ -99,7 +99,7 @@ def run(name: str, variant: str, epochs: int, bs: int, lr_: float, opt: str, nor
     xs = torch.tensor(x)
     dl = DataLoader(TensorDataset(xs[order[:cut]], yt[order[:cut]]), batch_size=bs, shuffle=True)
     val = DataLoader(TensorDataset(xs[order[cut:]], yt[order[cut:]]), batch_size=256)
-    cbs = [c for c in lr.recommended() if bias_init or not isinstance(c, lr.HeadBiasInit)]
+    cbs = lr.recommended(exclude=[] if bias_init else [lr.HeadBiasInit])
     trainer = L.Trainer(max_epochs=epochs, callbacks=cbs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                         default_root_dir=f"/tmp/calibration/{name}-{variant}")

@@ -6,6 +6,7 @@ Conventional code needs no argument; unconventional code needs one, and every er
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -357,3 +358,13 @@ def find_head(pl_module: nn.Module, call: Callable[[], Tensor]) -> tuple[Optiona
     if same_size:
         return same_size[-1], names.get(same_size[-1]), output, "last biased module with the output's size (output is transformed after it)"
     return None, None, output, "no module with a bias produces the model output"
+
+
+def planned_batches(trainer: Any) -> Optional[float]:
+    """The number of training batches the fit plans to run (``estimated_stepping_batches`` times the accumulation),
+    or ``None`` when it is unknown (an iterable without length, ``max_steps=-1`` with ``max_epochs=-1``)."""
+    try:
+        planned = float(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches
+    except Exception:  # an iterable dataset without length, or a dataloader that cannot be measured
+        return None
+    return planned if math.isfinite(planned) and planned > 0 else None

@@ -270,8 +270,9 @@ class BatchIndependenceCheck(_OnceCheck):
             causes += _CAUSAL_CAUSES
             details["future"] = {f"{ex},{t}": r["leaking"] for (ex, t), r in future.items()}
         if msgs:
-            hint = (" HINT: if examples are meant to interact (set or contrastive models, batch-level attention), drop "
-                    "this check; if the output's batch dimension is not dim 0, pass `forward=`.")
+            hint = (" HINT: if examples are meant to interact (set or contrastive models, batch-level attention), leave "
+                    "this check out (`strict(exclude=[\"BatchIndependenceCheck\"])`); if the output's batch dimension "
+                    "is not dim 0, pass `forward=`.")
             if future:
                 hint += " For a model allowed to see the whole sequence, pass `causal=False`; set `time_dim=` if time is not dim 1."
             return Finding(self.name, "fail", f"{self.name}: " + " ".join(msgs) + hint, max(worst, worst_future), 0.0,

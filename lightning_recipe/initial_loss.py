@@ -25,7 +25,7 @@ _HIGH_CAUSES = [
 _LOW_CAUSES = [
     "label leakage: the target (or a function of it) is among the inputs",
     "a pretrained head: the model already knows the task (then this is expected: pass HeadBiasInit(skip=True) and "
-    "drop InitialLossCheck)",
+    "leave InitialLossCheck out: `strict(exclude=[\"InitialLossCheck\"])`)",
     "the loss sign is flipped (training_step returns -loss: the optimiser maximises the loss)",
     "the loss was guessed wrong (pass `loss_fn=`)",
 ]

@@ -252,7 +252,7 @@ def _artifact_dir(tag: str) -> str:
 
 def _render_png(figure: Any) -> bytes:
     buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=_DPI)
+    figure.savefig(buf, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})  # fastest zlib level: ~15% larger
     return buf.getvalue()
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._conventions import planned_batches
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import decrease_test, diverged, plateau_test, trend
@@ -120,8 +121,7 @@ class LossDecreaseCheck(RecipeCheck):
         self.prior_loss: Optional[float] = None
         self.expected_initial_loss: Optional[float] = None
         self._floor: Optional[float] = None
-        self._buf: Optional[Tensor] = None
-        self._n = 0
+        self._pending: list[Tensor] = []  # detached losses since the last read, on the device
         self._stopped = False
         self._initial_done = False
         self._accumulate = 1
@@ -166,14 +166,13 @@ class LossDecreaseCheck(RecipeCheck):
         if self._stopped:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, Tensor):
+        if not isinstance(loss, Tensor) or loss.numel() != 1:  # manual optimization may return anything
             return
         self._accumulate = trainer.accumulate_grad_batches
-        if self._buf is None or self._buf.device != loss.device:
-            self._buf = torch.empty(self.check_every_n_steps, device=loss.device, dtype=torch.float32)
-        self._buf[self._n] = loss.detach()  # on the device, no sync; rescaled by accumulate_grad_batches when read
-        self._n += 1
-        if self._n == self.check_every_n_steps:
+        # kept on the device, no sync; stacked and rescaled by accumulate_grad_batches when read (a list append costs
+        # ~1 us, a write into a preallocated buffer ~15 us on a CPU)
+        self._pending.append(loss.detach())
+        if len(self._pending) == self.check_every_n_steps:
             self._flush_and_check(trainer)
 
     @override
@@ -204,12 +203,12 @@ class LossDecreaseCheck(RecipeCheck):
 
     # -- checks ---------------------------------------------------------------------------------------------------
     def _flush(self) -> list[float]:
-        if self._buf is None or self._n == 0:
+        if not self._pending:
             return []
-        new = self._buf[: self._n].tolist()  # the one host sync
+        new = _read(self._pending)  # the one host sync
         if self._accumulate != 1:  # Lightning divides the returned loss by accumulate_grad_batches
             new = [v * self._accumulate for v in new]
-        self._n = 0
+        self._pending = []
         self.losses.extend(new)
         return new
 
@@ -323,17 +322,22 @@ class LossDecreaseCheck(RecipeCheck):
     @override
     def state_dict(self) -> dict[str, Any]:
         # the pending losses are saved but stay in the buffer: the next read still checks them
-        pending = self._buf[: self._n].tolist() if self._buf is not None and self._n else []
+        pending = [v * self._accumulate for v in _read(self._pending)] if self._pending else []
         return {"losses": self.losses + pending, "epoch_ends": list(self.epoch_ends), "decrease_checked":
                 self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.losses = list(state_dict.get("losses", []))
-        self._n = 0  # losses pending at the save are in `losses`
+        self._pending = []  # losses pending at the save are in `losses`
         self.epoch_ends = list(state_dict.get("epoch_ends", []))
         self.decrease_checked = bool(state_dict.get("decrease_checked", False))
         self.expected_initial_loss = state_dict.get("expected_initial_loss")
+
+
+def _read(losses: list[Tensor]) -> list[float]:
+    """Scalar losses kept on the device, as host floats: one stack and one copy."""
+    return torch.stack([t.reshape(()) for t in losses]).float().tolist()
 
 
 def _learning_rates(trainer: "pl.Trainer") -> str:
@@ -345,11 +349,8 @@ def _learning_rates(trainer: "pl.Trainer") -> str:
 
 def _effective_warmup(warmup_steps: int, trainer: "pl.Trainer") -> int:
     """``max(30, min(warmup_steps, planned_batches // 2))``; ``warmup_steps`` when the length is unknown."""
-    try:
-        planned = float(trainer.estimated_stepping_batches) * trainer.accumulate_grad_batches
-    except Exception:  # an iterable dataset without length, or a dataloader that cannot be measured
-        return warmup_steps
-    if not math.isfinite(planned) or planned <= 0:
+    planned = planned_batches(trainer)
+    if planned is None:
         return warmup_steps
     return int(max(min(30, warmup_steps), min(warmup_steps, planned // 2)))
 

@@ -129,8 +129,8 @@ class OptimizationHealthCheck(RecipeCheck):
     def __init__(
         self,
         on_fail: OnFail = "raise",
-        check_every_n_steps: int = 25,
-        grad_every_n_steps: int = 5,
+        check_every_n_steps: int = 50,
+        grad_every_n_steps: int = 10,
         min_lr_fraction: float = 0.1,
         schedule_fraction: float = 0.25,
         clip_ratio: float = 100.0,
@@ -184,6 +184,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._batches = 0
         self._opt_steps = 0
         self._planned: Optional[float] = None
+        self._track_until: Optional[float] = None  # the step up to which the schedule is judged
         self._peaks: list[float] = []
         self._min_ratio_early: Optional[tuple[float, int, int]] = None  # ratio, group, step
         self._layer_of: dict[int, int] = {}
@@ -191,6 +192,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._opt_cache: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
         self._layer_sum: Optional[Tensor] = None
         self._layer_count = 0
+        self._grad_pending: list[tuple[Tensor, Tensor, Optional[Tensor]]] = []  # (layer index, norms, max |g|)
         self._gn_pending: list[Tensor] = []
         self._loss_pending: list[Tensor] = []
         self._nonfinite_steps = 0
@@ -214,6 +216,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._reset_fit()
         planned = float(trainer.estimated_stepping_batches)
         self._planned = planned if math.isfinite(planned) and planned > 0 else None
+        self._track_until = self.schedule_fraction * self._planned if self._planned is not None else None
         groups = [g for opt in trainer.optimizers for g in opt.param_groups]
         self._peaks = [float(g.get("lr", 0.0)) for g in groups]
         self._wds = [float(g.get("weight_decay", 0.0) or 0.0) for g in groups]
@@ -258,20 +261,36 @@ class OptimizationHealthCheck(RecipeCheck):
         grads = [p.grad for p in params]
         if not grads:
             return
-        norms = _norms(grads, 2.0).float()
-        layer_sq = torch.zeros_like(self._numel).index_add_(0, idx, norms * norms)
-        layer_rms = layer_sq.sqrt() / self._numel.clamp_min(1).sqrt()
-        finite = torch.isfinite(layer_sq).all()
-        layer_rms = torch.where(finite, layer_rms, torch.zeros_like(layer_rms))
-        bad = (~finite).float()
-        self._nonfinite_dev = bad if self._nonfinite_dev is None else self._nonfinite_dev + bad
-        self._layer_sum = layer_rms if self._layer_sum is None else self._layer_sum + layer_rms
-        self._layer_count += 1
-        if trainer.gradient_clip_algorithm == "value":
-            total = _norms(grads, math.inf).float().max()
-        else:
-            total = layer_sq.sum().sqrt()
-        self._gn_pending.append(total)
+        # one fused norm per measurement, kept on the device; the per-layer arithmetic is batched at the next read
+        top = _norms(grads, math.inf).max() if trainer.gradient_clip_algorithm == "value" else None
+        self._grad_pending.append((idx, _norms(grads, 2.0), top))
+
+    def _gather_grads(self) -> None:
+        """Per-layer RMS gradients and the total norm of the measurements since the last read, batched per optimizer
+        (runs of measurements over the same parameters), still on the device."""
+        pending, self._grad_pending = self._grad_pending, []
+        assert self._numel is not None
+        scale = self._numel.clamp_min(1).sqrt()
+        start = 0
+        while start < len(pending):
+            idx = pending[start][0]
+            end = start
+            while end < len(pending) and pending[end][0] is idx:
+                end += 1
+            run = pending[start:end]
+            sq = torch.stack([n for _, n, _ in run]).float().square()  # (measurements, parameters)
+            layer_sq = torch.zeros(len(run), self._numel.numel(), device=sq.device).index_add_(1, idx, sq)
+            finite = torch.isfinite(layer_sq).all(1, keepdim=True)
+            layer_rms = torch.where(finite, layer_sq.sqrt() / scale, torch.zeros_like(layer_sq)).sum(0)
+            bad = (~finite).sum()
+            self._nonfinite_dev = bad if self._nonfinite_dev is None else self._nonfinite_dev + bad
+            self._layer_sum = layer_rms if self._layer_sum is None else self._layer_sum + layer_rms
+            self._layer_count += len(run)
+            if run[0][2] is not None:  # "value" clipping: the largest |gradient|
+                self._gn_pending.append(torch.stack([t for _, _, t in run]).float())
+            else:
+                self._gn_pending.append(layer_sq.sum(1).sqrt())
+            start = end
 
     def _params_of(self, optimizer: Any) -> tuple[list[nn.Parameter], Tensor]:
         opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
@@ -293,19 +312,20 @@ class OptimizationHealthCheck(RecipeCheck):
         self._batches += 1
         lrs = [float(g.get("lr", 0.0)) for opt in trainer.optimizers for g in opt.param_groups]
         self.lrs.append(lrs)
-        self._track_lr(lrs, trainer.global_step)
-        if len(lrs) == len(self._wds):
+        if self._track_until is not None and trainer.global_step <= self._track_until:
+            self._track_lr(lrs, trainer.global_step)
+        if self._has_wd and len(lrs) == len(self._wds):
             for j, (lr, wd) in enumerate(zip(lrs, self._wds)):
                 self._decay_budget[j] += lr * wd
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor):
-            self._loss_pending.append(loss.detach().float().reshape(()) * trainer.accumulate_grad_batches)
+        if isinstance(loss, Tensor) and loss.numel() == 1:  # rescaled by accumulate_grad_batches when read
+            self._loss_pending.append(loss.detach())
         if self._batches % self.check_every_n_steps == 0:
             self._read(trainer, pl_module)
             self._judge(trainer, final=False)
 
     def _track_lr(self, lrs: list[float], step: int) -> None:
-        if self._planned is None or step > self.schedule_fraction * self._planned or len(lrs) != len(self._peaks):
+        if len(lrs) != len(self._peaks):
             return
         for j, lr in enumerate(lrs):
             self._peaks[j] = max(self._peaks[j], lr)
@@ -338,8 +358,10 @@ class OptimizationHealthCheck(RecipeCheck):
     # -- reading (one host sync per read) ---------------------------------------------------------------------------
     def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         step = trainer.global_step
+        if self._grad_pending:
+            self._gather_grads()
         if self._gn_pending:
-            self.grad_norms.extend(torch.stack(self._gn_pending).tolist())
+            self.grad_norms.extend(torch.cat(self._gn_pending).tolist())
             self._gn_pending.clear()
         if self._nonfinite_dev is not None:
             self._nonfinite_steps += int(self._nonfinite_dev)
@@ -350,7 +372,8 @@ class OptimizationHealthCheck(RecipeCheck):
             self._layer_sum, self._layer_count = None, 0
         new_losses: list[float] = []
         if self._loss_pending:
-            new_losses = torch.stack(self._loss_pending).tolist()
+            scale = trainer.accumulate_grad_batches
+            new_losses = [v * scale for v in torch.stack([t.reshape(()) for t in self._loss_pending]).float().tolist()]
             self._loss_pending.clear()
             self.losses.extend(new_losses)
             if self._first_window is None:
@@ -559,7 +582,7 @@ class OptimizationHealthCheck(RecipeCheck):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._numel is None:
             return
-        if self._loss_pending or self._gn_pending or self._layer_count:
+        if self._loss_pending or self._grad_pending or self._gn_pending or self._layer_count:
             self._read(trainer, pl_module)
         self._judge(trainer, final=True)
 
@@ -572,7 +595,7 @@ class OptimizationHealthCheck(RecipeCheck):
         try:
             fig = plot_optimization(self.lrs, self.layer_history, self.layer_names, self.grad_norms,
                                     trainer.gradient_clip_val, self.weight_history, self._planned,
-                                    self.schedule_fraction)
+                                    self.schedule_fraction, self.grad_every_n_steps)
         except Exception as err:  # a figure must never stop the fit
             rank_zero_warn(f"{self.name}: could not draw its figure: {err}", category=RecipeWarning)
             return
@@ -669,9 +692,11 @@ def plot_optimization(
     weight_history: Optional[list[tuple[int, float, float]]] = None,
     planned_steps: Optional[float] = None,
     schedule_fraction: float = 0.25,
+    grad_every: int = 1,
 ):  # noqa: ANN201
     """Learning rate per batch, mean RMS gradient per layer per window, pre-clip gradient norm per step with the clip
-    value, and weight norm with the window loss.
+    value, and weight norm and window loss relative to their first read (both on one axis: shrinking weights with a
+    flat loss is what weight decay that is too strong looks like).
 
     Example::
 
@@ -682,6 +707,8 @@ def plot_optimization(
     """
     from matplotlib.figure import Figure
 
+    from lightning_recipe.plotting import log_y
+
     fig = Figure(figsize=(12, 7))
     fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)
     (a_lr, a_layer), (a_clip, a_w) = fig.subplots(2, 2)
@@ -691,35 +718,42 @@ def plot_optimization(
     if planned_steps:
         a_lr.axvline(schedule_fraction * planned_steps, color="tab:red", ls=":", label=f"{schedule_fraction:g} of plan")
     if lr.size and (lr > 0).any():
-        a_lr.set_yscale("log")
+        log_y(a_lr)
     a_lr.set_title("learning rate per batch", fontsize=9)
     a_lr.legend(fontsize=7)
     if layer_history:
         steps = [s for s, _ in layer_history]
+        mark = "o" if len(steps) <= 30 else None  # markers on long series cost more to draw than they show
         vals = np.asarray([v for _, v in layer_history], dtype=float)
         shown = range(vals.shape[1]) if vals.shape[1] <= 10 else np.linspace(0, vals.shape[1] - 1, 10).astype(int)
         for i in shown:
             v = np.where(vals[:, i] > 0, vals[:, i], np.nan)
-            a_layer.plot(steps, v, marker="o", ms=3, lw=1, label=layer_names[i] if i < len(layer_names) else str(i))
+            a_layer.plot(steps, v, marker=mark, ms=3, lw=1, label=layer_names[i] if i < len(layer_names) else str(i))
         if np.nanmax(np.where(vals > 0, vals, np.nan)) > 0:
-            a_layer.set_yscale("log")
+            log_y(a_layer)
         a_layer.legend(fontsize=6, ncol=2)
     a_layer.set_title("RMS gradient per layer (window mean)", fontsize=9)
     if grad_norms:
         g = np.asarray(grad_norms, dtype=float)
-        a_clip.plot(g, lw=0.8, label="pre-clip gradient norm")
+        a_clip.plot(np.arange(g.size) * grad_every, g, lw=0.8, label="pre-clip gradient norm")
         if clip_val:
             a_clip.axhline(float(clip_val), color="tab:red", ls="--", label=f"gradient_clip_val={float(clip_val):g}")
         if np.isfinite(g).any() and np.nanmin(np.where(g > 0, g, np.nan)) > 0:
-            a_clip.set_yscale("log")
+            log_y(a_clip)
         a_clip.legend(fontsize=7)
-    a_clip.set_title("gradient norm per measured step", fontsize=9)
-    if weight_history:
+    a_clip.set_title(f"gradient norm (every {grad_every} optimizer steps)" if grad_every > 1 else
+                     "gradient norm per optimizer step", fontsize=9)
+    if weight_history:  # one axis, both relative to the first read (a twin axis would double the drawing time)
         s = [h[0] for h in weight_history]
-        a_w.plot(s, [h[1] for h in weight_history], marker="o", ms=3, color="tab:green")
-        a_w.set_ylabel("weight norm", color="tab:green", fontsize=8)
-        a_l = a_w.twinx()
-        a_l.plot(s, [h[2] for h in weight_history], marker="s", ms=3, color="tab:blue")
-        a_l.set_ylabel("window mean loss", color="tab:blue", fontsize=8)
-    a_w.set_title("weight norm and loss", fontsize=9)
+        mark = "o" if len(s) <= 30 else None
+        w = np.asarray([h[1] for h in weight_history], dtype=float)
+        loss = np.asarray([h[2] for h in weight_history], dtype=float)
+        if w[0] > 0:
+            a_w.plot(s, w / w[0], marker=mark, ms=3, color="tab:green", label=f"weight norm / {w[0]:.4g}")
+        first = next((v for v in loss if np.isfinite(v) and v != 0), None)
+        if first is not None:
+            a_w.plot(s, loss / first, marker=mark, ms=3, color="tab:blue", label=f"window mean loss / {first:.4g}")
+        a_w.axhline(1.0, color="0.7", lw=0.8)
+        a_w.legend(fontsize=7)
+    a_w.set_title("weight norm and loss, relative to the first read", fontsize=9)
     return fig

@@ -338,6 +338,7 @@ def _f(x: Optional[float]) -> str:
 def _figure(directory: str, spec: TaskSpec, losses: list[float], prior: float, threshold: float, out: Tensor, y: Tensor,
             score_name: str, score: float) -> str:
     from lightning_recipe.plotting import _figure as new_figure
+    from lightning_recipe.plotting import log_y
 
     fig = new_figure(12, 4.5)
     ax, pr = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -347,7 +348,7 @@ def _figure(directory: str, spec: TaskSpec, losses: list[float], prior: float, t
     ax.axhline(threshold, color="tab:green", ls=":", label=f"required {threshold:.4g}")
     finite = [v for v in losses if math.isfinite(v) and v > 0]
     if finite and max(finite) / max(min(finite), 1e-12) > 50:
-        ax.set_yscale("log")
+        log_y(ax)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("Overfitting one batch")

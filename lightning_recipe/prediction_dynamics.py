@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import time
 from typing import Any, Optional
@@ -15,15 +16,30 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, sanity_examples, take_examples
+from lightning_recipe._conventions import (
+    TaskSpec,
+    planned_batches,
+    probe_mode,
+    run_forward,
+    sanity_examples,
+    take_examples,
+)
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
+_RECORDS = 50  # records per fit when `every_n_steps` is not given
+_DEFAULT_EVERY = 25  # ... and the length of the fit is unknown
 _DRAW_BUDGET = 0.01  # intermediate drawings: at most this fraction of the training time
 
 
 class PredictionDynamics(RecipeCheck):
     """Record the predictions on a fixed batch every ``every_n_steps`` batches and plot them with the labels.
+
+    By default (``every_n_steps=None``) the fit gets about 50 records: every ``max(10, ceil(planned / 50))`` batches,
+    ``planned`` being the batches the fit plans to run (every 25 when unknown). A record is one forward of
+    ``num_samples`` examples, about a third of a training step on batches of 32 (the small CNN of
+    ``benchmarks/overhead.py``): spaced like this it costs under 1% of a fit of 1,500 batches or more, and 50
+    snapshots are plenty for the figure and the jitter index.
 
     The fixed batch is the first validation batch seen in Lightning's sanity check, or, without one, a training
     batch drawn by a private sampler (training's iterators and random state are not touched); its first
@@ -55,7 +71,7 @@ class PredictionDynamics(RecipeCheck):
       Gaussian blobs with SGD at lr=6 (far too high) 0.14 to 0.29 against 0.11.
 
     Args:
-        every_n_steps: batches between two records.
+        every_n_steps: batches between two records (``None``: about 50 records over the planned fit, see above).
         num_samples: examples of the fixed batch to follow.
         on_fail: ``"raise"`` or ``"warn"`` for configuration errors.
         **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
@@ -66,13 +82,16 @@ class PredictionDynamics(RecipeCheck):
         >>> trainer = L.Trainer(callbacks=[PredictionDynamics(every_n_steps=10)], logger=False)
     """
 
-    def __init__(self, every_n_steps: int = 25, num_samples: int = 16, on_fail: OnFail = "raise", **kwargs: Any) -> None:
+    def __init__(
+        self, every_n_steps: Optional[int] = None, num_samples: int = 16, on_fail: OnFail = "raise", **kwargs: Any
+    ) -> None:
         super().__init__(on_fail, **kwargs)
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise RecipeConfigError(f"{self.name}: `every_n_steps` must be a positive int, got {every_n_steps!r}.")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise RecipeConfigError(f"{self.name}: `num_samples` must be a positive int, got {num_samples!r}.")
         self.every_n_steps = every_n_steps
+        self._every = every_n_steps or _DEFAULT_EVERY  # this fit's spacing, set at train start
         self.num_samples = num_samples
         self.steps: list[int] = []
         self.values: list[np.ndarray] = []
@@ -103,6 +122,8 @@ class PredictionDynamics(RecipeCheck):
         if self._batch is None:
             self._batch = take_examples(ctx.inputs, ctx.targets, self.num_samples)
         self._batches = 0
+        planned = planned_batches(trainer)
+        self._every = self.every_n_steps or (max(10, math.ceil(planned / _RECORDS)) if planned else _DEFAULT_EVERY)
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
 
@@ -140,7 +161,7 @@ class PredictionDynamics(RecipeCheck):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches += 1
-        if self._batches % self.every_n_steps == 0:
+        if self._batches % self._every == 0:
             self._record(trainer, pl_module)
 
     def _to_host(self) -> None:

@@ -186,3 +186,21 @@ def test_one_natural_duplicate_across_the_split_only_warns(tmp_path):
         cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xv, yv, 64))
     f = _by_name(cb)["overlap"]
     assert f.status == "warn" and f.details["found"] == 1 and f.measured == pytest.approx(1 / 30)
+
+
+def test_image_grid_is_one_image_of_tiles_with_the_batch_colour_scale():
+    """The first-batch grid: every image placed as it is in its tile, one colour scale, labels above the tiles."""
+    x = torch.arange(6 * 3 * 5, dtype=torch.float32).reshape(6, 1, 3, 5)  # six 3x5 grayscale images
+    fig = plot_first_batch(x, torch.tensor([3, 1, 4, 1, 5, 9]))
+    (ax,) = fig.axes
+    (im,) = ax.get_images()
+    canvas = np.ma.filled(im.get_array(), np.nan)
+    gap = 1  # ceil(0.2 * 3)
+    assert canvas.shape == (2 * (3 + gap), 4 * (5 + 1) + 1)  # 2 rows x 4 columns of tiles
+    for i in range(6):
+        r, c = divmod(i, 4)
+        tile = canvas[r * 4 + gap:(r + 1) * 4, c * 6 + 1:(c + 1) * 6]
+        assert np.array_equal(tile, x[i, 0].numpy())
+    assert np.isnan(canvas[:, 0]).all()  # the space between tiles is background, not a pixel value
+    assert im.get_clim() == (0.0, float(x.max()))
+    assert [t.get_text() for t in ax.texts] == ["y=3", "y=1", "y=4", "y=1", "y=5", "y=9"]

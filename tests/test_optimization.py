@@ -133,3 +133,46 @@ def test_training_is_bit_identical_with_the_check(tmp_path):
         trainer(tmp_path, cbs, max_steps=15, max_epochs=100, gradient_clip_val=1.0).fit(model, loader(x, y))
         weights.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+class _GradRecorder(L.Callback):
+    """The total gradient norm and the RMS gradient per layer at every optimizer step, computed directly."""
+
+    def __init__(self) -> None:
+        self.total: list[float] = []
+        self.rms: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        sq: dict[str, float] = {}
+        n: dict[str, int] = {}
+        for name, p in pl_module.named_parameters():
+            layer = name.rsplit(".", 1)[0]
+            sq[layer] = sq.get(layer, 0.0) + float(p.grad.double().pow(2).sum())
+            n[layer] = n.get(layer, 0) + p.numel()
+        self.total.append(math.sqrt(sum(sq.values())))
+        self.rms.append({k: math.sqrt(v / n[k]) for k, v in sq.items()})
+
+
+def test_gradient_statistics_and_figure_match_a_direct_computation(tmp_path):
+    """Norms gathered on the device and batched at each read equal the per-step norms computed one by one."""
+    x, y = blobs(256)
+    rec = _GradRecorder()
+    cb = OptimizationHealthCheck(check_every_n_steps=10, grad_every_n_steps=3, figure=True)
+    trainer(tmp_path, [rec, cb], max_steps=20, max_epochs=100).fit(TinyModel(), loader(x, y))
+    measured = list(range(0, 20, 3))  # optimizer steps 1, 4, 7, ... (0-based 0, 3, 6, ...)
+    assert cb.grad_norms == pytest.approx([rec.total[i] for i in measured], rel=1e-5)
+    assert [s for s, _ in cb.layer_history] == [10, 20]
+    for (_, rms), window in zip(cb.layer_history, ([0, 3, 6, 9], [12, 15, 18])):
+        expected = [np.mean([rec.rms[i][layer] for i in window]) for layer in cb.layer_names]
+        assert rms == pytest.approx(expected, rel=1e-5)
+    from lightning_recipe.optimization import plot_optimization
+
+    fig = plot_optimization(cb.lrs, cb.layer_history, cb.layer_names, cb.grad_norms, None, cb.weight_history, 20,
+                            grad_every=3)
+    clip_ax, w_ax = fig.axes[2], fig.axes[3]
+    assert list(clip_ax.get_lines()[0].get_xdata()) == measured
+    w = np.array([h[1] for h in cb.weight_history])
+    loss = np.array([h[2] for h in cb.weight_history])
+    weight_line, loss_line = w_ax.get_lines()[:2]
+    assert np.allclose(weight_line.get_ydata(), w / w[0]) and np.allclose(loss_line.get_ydata(), loss / loss[0])
+    assert any(p.endswith("optimization_health.png") for p in cb.figures)

@@ -97,7 +97,7 @@ def _fit(tmp_path, callbacks, model=None, epochs=13, seed=0):
 
 
 def test_recipe_equals_the_strict_list_and_writes_the_report(tmp_path):
-    t_list, _, _ = _fit(tmp_path / "list", strict())
+    t_list, _, _ = _fit(tmp_path / "list", Recipe("strict").callbacks)  # the same checks as separate callbacks
     recipe = Recipe(preset="strict")
     t_rec, model, y = _fit(tmp_path / "recipe", [recipe])
     listed, nested = collect_findings(t_list), collect_findings(t_rec)
@@ -128,7 +128,7 @@ def test_recipe_strict_raises_and_still_writes_the_report(tmp_path):
     with pytest.raises(RecipeCheckError, match="InitialLossCheck"):
         _fit(tmp_path / "recipe", [Recipe()], model=_broken_head(), epochs=1)
     with pytest.raises(RecipeCheckError, match="InitialLossCheck"):
-        _fit(tmp_path / "list", strict(), model=_broken_head(), epochs=1)
+        _fit(tmp_path / "list", Recipe("strict").callbacks, model=_broken_head(), epochs=1)
     report = json.load(open(tmp_path / "recipe" / "recipe" / "report.json"))
     failed = [f for f in report["findings"] if f["status"] == "fail"]
     assert [f["check"] for f in failed] == ["InitialLossCheck"]
@@ -147,7 +147,7 @@ def test_recipe_recommended_warns_and_goes_on(tmp_path):
         t, _, _ = _fit(tmp_path, [recipe], model=_broken_head(), epochs=2)
     assert t.global_step == 16
     assert [f.check for f in recipe.findings if f.failed] == ["InitialLossCheck"]
-    assert all(cb.on_fail == "warn" for cb in recommended())
+    assert all(cb.on_fail == "warn" for cb in recommended()[0].callbacks)
 
 
 def test_recipe_state_round_trip_resumes_tracking(tmp_path):
@@ -177,7 +177,7 @@ def test_recipe_overrides_reach_every_child():
     for cb in recipe.callbacks:
         assert cb.on_fail == "warn"
         assert cb._settings.split_batch is split and cb._settings.head == "net.2" and cb._settings.task == "multiclass"
-    for cb in strict(head=nn.Linear(2, 2)):
+    for cb in strict(head=nn.Linear(2, 2))[0].callbacks:
         assert cb.on_fail == "raise" and isinstance(cb._settings.head, nn.Linear)
 
 
@@ -187,3 +187,48 @@ def test_recipe_rejects_conflicting_arguments():
     with pytest.raises(RecipeConfigError, match="`preset` must be one of"):
         Recipe("loose")  # type: ignore[arg-type]
     assert Recipe().preset == "strict"
+
+
+def test_presets_are_one_recipe_holding_every_check():
+    from lightning_recipe.presets import _CHECKS
+
+    for preset, on_fail in ((strict, "raise"), (recommended, "warn")):
+        (recipe,) = preset()
+        assert isinstance(recipe, Recipe)
+        assert [type(cb) for cb in recipe.callbacks] == list(_CHECKS) and len(_CHECKS) == 11
+        assert {cb.on_fail for cb in recipe.callbacks} == {on_fail}
+
+
+def test_exclude_leaves_checks_out_by_class_or_name():
+    from lightning_recipe.batch_independence import BatchIndependenceCheck
+
+    kinds = [type(cb).__name__ for cb in strict(exclude=[BatchIndependenceCheck, "HeadBiasInit"])[0].callbacks]
+    assert len(kinds) == 9 and "BatchIndependenceCheck" not in kinds and "HeadBiasInit" not in kinds
+    with pytest.raises(RecipeConfigError, match="`exclude` names \\['HeadBias'\\]"):
+        recommended(exclude=["HeadBias"])
+    with pytest.raises(RecipeConfigError, match="together with `exclude`"):
+        Recipe(callbacks=[HeadBiasInit()], exclude=["HeadBiasInit"])
+
+
+class _Counting(Callback):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.n += 1
+
+
+def test_recipe_calls_only_the_children_that_implement_a_hook(tmp_path):
+    """Lightning dispatches each hook once to the Recipe, which calls only the children that implement it."""
+    counting, idle = _Counting(), Callback()
+    recipe = Recipe(callbacks=[idle, counting])
+    x, y = blobs(64)
+    t = trainer(tmp_path, [recipe], max_epochs=1)
+    t.fit(TinyModel(), loader(x, y))
+    assert counting.n == t.global_step == 2  # 64 examples, batches of 32
+    assert [fn.__self__ for fn in recipe._plan["on_train_batch_end"]] == [counting]
+    assert recipe._plan["on_before_zero_grad"] == []
+    key = recipe.state_key
+    assert key is recipe.state_key  # computed once, read by Lightning at every hook call
+    recipe.callbacks.append(HeadBiasInit())
+    assert recipe.state_key != key and "HeadBiasInit" in recipe.state_key
