@@ -1,12 +1,17 @@
 """Wall-time overhead of the recipe callbacks on a realistic CPU fit.
 
 A small CNN on scikit-learn's digits (8x8 images, 10 classes), logger, progress bar and checkpointing off, trained
-for ``--steps`` optimizer steps. The configurations run interleaved (plain, ``recommended()``, ``strict()``,
-Lightning's ``SpikeDetection``, which syncs every step) ``--repeats`` times, so that machine noise hits them
-alike; each repeat's ratio to its own plain fit is printed, then the median ratio per configuration.
+for ``--steps`` optimizer steps on batches of ``--batch-size``. The configurations run interleaved (plain,
+``recommended()``, ``strict()``, Lightning's ``SpikeDetection``, which syncs every step, and one no-op callback,
+Lightning's own cost of a callback) ``--repeats`` times, so that machine noise hits them alike; each repeat's ratio
+to its own plain fit is printed, then per configuration the median ratio, the seconds spent in one-time hooks (timed
+inside the fit: data scan, probes, figures, report), the rest of the extra time per step, and the fit length from
+which the whole-fit ratio is at most x1.03 on this model (one-time cost / (3% of a step - the per-step cost)).
 
-    python benchmarks/overhead.py                      # 3000 steps x 5 repeats
+    python benchmarks/overhead.py                      # 3000 steps x 5 repeats, batches of 32
+    python benchmarks/overhead.py --batch-size 128     # a heavier step: the same absolute cost, a smaller ratio
     python benchmarks/overhead.py --steps 300 --repeats 3   # a quick run
+    python benchmarks/overhead.py --configs recommended --hook-times   # time inside each check, per step and once
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import argparse
 import statistics
 import tempfile
 import time
+import timeit
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import lightning as L
 import torch
@@ -63,25 +69,68 @@ CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "recommended": lambda: lr.recommended(),
     "strict": lambda: lr.strict(),
     "SpikeDetection": lambda: [SpikeDetection(rtol=1e9)],  # never fires: only its per-step cost counts
+    "one no-op callback": lambda: [Callback()],  # Lightning's own cost of dispatching the hooks to one callback
 }
 # each check of the preset alone (``--configs`` with its class name), for the per-check cost table of the README
 for _cb in lr.recommended()[0].callbacks:
     CONFIGS[type(_cb).__name__] = (lambda cls: lambda: [cls(on_fail="warn")])(type(_cb))
 
 
-def fit_seconds(callbacks: list[Callback], steps: int, root: str) -> float:
+_ONCE = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_end",
+         "on_sanity_check_start", "on_sanity_check_end")
+_HOOKS = sorted(h for h, v in vars(Callback).items() if callable(v) and (h.startswith("on_") or h in ("setup", "teardown")))
+
+
+def dispatch_seconds() -> float:
+    """Lightning's own cost of calling one hook on one callback (its loop, profiler context and call), in seconds."""
+    from lightning.pytorch.trainer import call
+
+    def per_call(callbacks: list[Callback]) -> float:
+        t = L.Trainer(callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False)
+        return min(timeit.repeat(lambda: call._call_callback_hooks(t, "on_before_zero_grad", None), number=20000,
+                                 repeat=5)) / 20000
+
+    return max(0.0, per_call([Callback()]) - per_call([]))
+
+
+class Fit(NamedTuple):
+    wall: float  # seconds of trainer.fit
+    once: float  # of which inside the callbacks' one-time hooks (fit start and end)
+    hooks: float  # of which inside all of their hooks
+    calls: int  # hook calls Lightning made to them
+
+
+def fit_seconds(callbacks: list[Callback], steps: int, root: str, batch_size: int = 32) -> Fit:
+    """One timed fit; every hook of the callbacks is timed from the inside (a wrapper around the bound method)."""
+    spent = {"once": 0.0, "all": 0.0}
+    calls = [0]
+    for cb in callbacks:
+        for h in _HOOKS:
+            def timed(f: Callable = getattr(cb, h), once: bool = h in _ONCE) -> Callable:
+                def g(*a: Any, **k: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return f(*a, **k)
+                    finally:
+                        dt = time.perf_counter() - t0
+                        spent["all"] += dt
+                        spent["once"] += dt if once else 0.0
+                        calls[0] += 1
+                return g
+            setattr(cb, h, timed())
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, default_root_dir=root,
     )
-    model, data = DigitsCNN(), digits_loader()
+    model, data = DigitsCNN(), digits_loader(batch_size)
     t0 = time.perf_counter()
     trainer.fit(model, data)
-    return time.perf_counter() - t0
+    return Fit(time.perf_counter() - t0, spent["once"], spent["all"], calls[0])
 
 
-def hook_times(steps: int, root: str) -> None:
+def hook_times(steps: int, root: str, batch_size: int = 32) -> None:
     """Time spent inside each callback of ``recommended()`` during one fit, split into per-step and one-time hooks."""
     import collections
     import functools
@@ -104,7 +153,7 @@ def hook_times(steps: int, root: str) -> None:
                         spent[key] += time.perf_counter() - t0
                 return g
             setattr(cb, h, timed())
-    total = fit_seconds([recipe], steps, root)
+    total = fit_seconds([recipe], steps, root, batch_size).wall
     per_step = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                 "on_before_optimizer_step", "on_before_zero_grad")
     print(f"\ntime inside each callback of recommended() over one {steps}-step fit ({total:.2f}s):")
@@ -119,9 +168,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per fit")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats of every configuration")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (the step's cost)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise)")
     parser.add_argument("--hook-times", action="store_true", help="also time each callback's hooks in one fit")
-    parser.add_argument("--configs", nargs="*", default=["plain", "recommended", "strict", "SpikeDetection"],
+    parser.add_argument("--configs", nargs="*",
+                        default=["plain", "recommended", "strict", "SpikeDetection", "one no-op callback"],
                         choices=list(CONFIGS), help="configurations to time; a check's class name times it alone")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -131,26 +182,45 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     configs = ["plain"] + [c for c in args.configs if c != "plain"]
+    dispatch = dispatch_seconds()
     with tempfile.TemporaryDirectory() as root:
-        fit_seconds([], min(args.steps, 50), root)  # warm-up: imports, allocator, first figure
-        fit_seconds(lr.recommended(), min(args.steps, 50), root)
-        times: dict[str, list[float]] = {c: [] for c in configs}
+        fit_seconds([], min(args.steps, 50), root, args.batch_size)  # warm-up: imports, allocator, first figure
+        fit_seconds(lr.recommended(), min(args.steps, 50), root, args.batch_size)
+        fits: dict[str, list[Fit]] = {c: [] for c in configs}
         for r in range(args.repeats):
             for c in configs:
-                times[c].append(fit_seconds(CONFIGS[c](), args.steps, root))
-            line = "  ".join(f"{c} {times[c][-1]:.2f}s" + ("" if c == "plain" else f" (x{times[c][-1] / times['plain'][-1]:.3f})")
+                fits[c].append(fit_seconds(CONFIGS[c](), args.steps, root, args.batch_size))
+            plain_wall = fits["plain"][-1].wall
+            line = "  ".join(f"{c} {fits[c][-1].wall:.2f}s" + ("" if c == "plain" else f" (x{fits[c][-1].wall / plain_wall:.3f})")
                              for c in configs)
             print(f"repeat {r + 1}/{args.repeats}: {line}", flush=True)
-    print(f"\n{args.steps} steps, {args.repeats} repeats, median wall-time ratio to plain "
-          f"(plain median {statistics.median(times['plain']):.2f}s, {1e3 * statistics.median(times['plain']) / args.steps:.2f} ms/step):")
+    plain = statistics.median(f.wall for f in fits["plain"])
+    step_ms = 1e3 * plain / args.steps
+    print(f"\n{args.steps} steps of batch {args.batch_size} x {args.repeats} interleaved repeats; plain fit median "
+          f"{plain:.2f}s ({step_ms:.2f} ms/step); Lightning's dispatch of one hook to one callback: {1e6 * dispatch:.1f} us.")
+    print("Per configuration, medians over the repeats of:\n"
+          "  wall: the fit's wall time over the plain fit of the same repeat (machine noise included: compare with the\n"
+          "        no-op callback, whose true cost is its dispatch);\n"
+          "  in-fit: the fit's wall time over the same fit less the time inside the callbacks' hooks and Lightning's\n"
+          "        dispatch of them (both measured in that fit, so a machine that slows down affects both sides);\n"
+          "  once: seconds in one-time hooks (fit start and end: data scan, probes, figures, report);\n"
+          "  per step: the rest of the callbacks' time with the dispatch, per step;\n"
+          "  x1.03 from: the fit length from which the in-fit ratio is at most x1.03 on this model.")
+    print(f"  {'configuration':<22}{'wall':>8}{'in-fit':>9}{'once':>9}{'per step':>12}{'x1.03 from':>16}")
     for c in configs[1:]:
-        ratios = [a / b for a, b in zip(times[c], times["plain"])]
-        extra_ms = 1e3 * statistics.median([a - b for a, b in zip(times[c], times["plain"])]) / args.steps
-        print(f"  {c:<15} x{statistics.median(ratios):.3f}  (per repeat: {', '.join(f'{x:.3f}' for x in ratios)}; "
-              f"{extra_ms:+.3f} ms/step)")
+        wall = statistics.median(f.wall / p.wall for f, p in zip(fits[c], fits["plain"]))
+        cost = [f.hooks + f.calls * dispatch for f in fits[c]]
+        in_fit = statistics.median(f.wall / (f.wall - k) for f, k in zip(fits[c], cost))
+        fixed = statistics.median(f.once for f in fits[c])
+        per_step = 1e3 * statistics.median(k - f.once for f, k in zip(fits[c], cost)) / args.steps
+        own_step = statistics.median(1e3 * (f.wall - k) / args.steps for f, k in zip(fits[c], cost))
+        room = 0.03 * own_step - per_step  # ms per step left for the one-time cost under x1.03
+        reach = f"{1e3 * fixed / room:,.0f} steps" if room > 0 else "never"
+        print(f"  {c:<22}x{wall:<7.3f}x{in_fit:<8.3f}{fixed:>7.2f}s{per_step:>+9.3f} ms{reach:>16}")
+        print(f"  {'':<22}(wall per repeat: {', '.join(f'x{f.wall / p.wall:.3f}' for f, p in zip(fits[c], fits['plain']))})")
     if args.hook_times:
         with tempfile.TemporaryDirectory() as root:
-            hook_times(args.steps, root)
+            hook_times(args.steps, root, args.batch_size)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     L.seed_everything(args.seed, verbose=False)
     callbacks = lr.strict()
     if args.no_bias_init:
-        for cb in callbacks:
+        for cb in callbacks[0].callbacks:  # the checks held by the preset's Recipe
             if isinstance(cb, lr.HeadBiasInit):
                 cb.skip = True  # keep PyTorch's initial bias (about 0): the loss starts at E[y^2]
     trainer = L.Trainer(

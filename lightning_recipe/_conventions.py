@@ -368,3 +368,12 @@ def planned_batches(trainer: Any) -> Optional[float]:
     except Exception:  # an iterable dataset without length, or a dataloader that cannot be measured
         return None
     return planned if math.isfinite(planned) and planned > 0 else None
+
+
+def read_losses(losses: list[Tensor]) -> list[float]:
+    """One-element loss tensors kept on the device, as host floats: one stack and one copy (the one host sync)."""
+    try:
+        stacked = torch.stack(losses)  # the usual case: every loss has the same shape, () or (1,)
+    except RuntimeError:
+        stacked = torch.stack([t.reshape(()) for t in losses])
+    return stacked.float().reshape(-1).tolist()

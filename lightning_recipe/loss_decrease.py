@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import planned_batches
+from lightning_recipe._conventions import planned_batches, read_losses
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import decrease_test, diverged, plateau_test, trend
@@ -205,7 +205,7 @@ class LossDecreaseCheck(RecipeCheck):
     def _flush(self) -> list[float]:
         if not self._pending:
             return []
-        new = _read(self._pending)  # the one host sync
+        new = read_losses(self._pending)  # the one host sync
         if self._accumulate != 1:  # Lightning divides the returned loss by accumulate_grad_batches
             new = [v * self._accumulate for v in new]
         self._pending = []
@@ -322,7 +322,7 @@ class LossDecreaseCheck(RecipeCheck):
     @override
     def state_dict(self) -> dict[str, Any]:
         # the pending losses are saved but stay in the buffer: the next read still checks them
-        pending = [v * self._accumulate for v in _read(self._pending)] if self._pending else []
+        pending = [v * self._accumulate for v in read_losses(self._pending)] if self._pending else []
         return {"losses": self.losses + pending, "epoch_ends": list(self.epoch_ends), "decrease_checked":
                 self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}
 
@@ -333,11 +333,6 @@ class LossDecreaseCheck(RecipeCheck):
         self.epoch_ends = list(state_dict.get("epoch_ends", []))
         self.decrease_checked = bool(state_dict.get("decrease_checked", False))
         self.expected_initial_loss = state_dict.get("expected_initial_loss")
-
-
-def _read(losses: list[Tensor]) -> list[float]:
-    """Scalar losses kept on the device, as host floats: one stack and one copy."""
-    return torch.stack([t.reshape(()) for t in losses]).float().tolist()
 
 
 def _learning_rates(trainer: "pl.Trainer") -> str:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import probe_mode, run_forward, split_batch
+from lightning_recipe._conventions import probe_mode, read_losses, run_forward, split_batch
 from lightning_recipe._labels import first_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
@@ -373,7 +373,7 @@ class OptimizationHealthCheck(RecipeCheck):
         new_losses: list[float] = []
         if self._loss_pending:
             scale = trainer.accumulate_grad_batches
-            new_losses = [v * scale for v in torch.stack([t.reshape(()) for t in self._loss_pending]).float().tolist()]
+            new_losses = [v * scale for v in read_losses(self._loss_pending)]
             self._loss_pending.clear()
             self.losses.extend(new_losses)
             if self._first_window is None:

@@ -25,6 +25,7 @@ from lightning_recipe.head_bias import HeadBiasInit
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.presets import Recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -86,14 +87,15 @@ class Probe(Callback):
             json.dump({"bias": pl_module.net[-1].bias.detach().tolist()}, f)
 
 
-def _fit(tmp_path: Any, model: RankModel, on_fail: str = "raise") -> L.Trainer:
-    callbacks = [
+def _fit(tmp_path: Any, model: RankModel, on_fail: str = "raise", nested: bool = False) -> L.Trainer:
+    checks: list[Callback] = [
         HeadBiasInit(on_fail=on_fail),  # type: ignore[arg-type]
         InitialLossCheck(on_fail=on_fail),  # type: ignore[arg-type]
         LossDecreaseCheck(on_fail=on_fail, check_every_n_steps=3, warmup_steps=6),  # type: ignore[arg-type]
         PredictionDynamics(on_fail=on_fail, every_n_steps=3),  # type: ignore[arg-type]
-        Probe(str(tmp_path)),
     ]
+    # nested: held by one Recipe, as the presets hold their checks
+    callbacks = [*([Recipe(callbacks=checks)] if nested else checks), Probe(str(tmp_path))]
     t = L.Trainer(
         callbacks=callbacks, strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=2,
         use_distributed_sampler=False,
@@ -132,9 +134,10 @@ def test_global_prior_and_single_writer(tmp_path: Any) -> None:
     assert os.path.exists(os.path.join(tmp_path, "recipe", "prediction_dynamics.png"))
 
 
-def test_failure_on_one_rank_stops_both(tmp_path: Any) -> None:
+@pytest.mark.parametrize("nested", [False, True], ids=["callbacks", "recipe"])
+def test_failure_on_one_rank_stops_both(tmp_path: Any, nested: bool) -> None:
     with pytest.raises(Exception, match="RecipeCheckError") as err:
-        _fit(tmp_path, RankModel(scale_rank=1))
+        _fit(tmp_path, RankModel(scale_rank=1), nested=nested)
     assert "InitialLossCheck" in str(err.value)
     # both ranks ran HeadBiasInit with the global prior before the failure; rank zero saved the report
     for r in (0, 1):
