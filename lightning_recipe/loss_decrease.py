@@ -43,7 +43,7 @@ _BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the o
 class LossDecreaseCheck(RecipeCheck):
     """The training loss must be finite, must not diverge, must decrease, and must not plateau at the label prior.
 
-    Losses are written into a preallocated buffer on the device (no host sync per step) and read once every
+    Losses are kept as a list of detached tensors on the device (no host sync per step) and read once every
     ``check_every_n_steps`` training batches, at epoch end and at the end of training. At each read:
 
     * **finite**: a NaN/Inf loss fails (at the read following it).
@@ -69,7 +69,7 @@ class LossDecreaseCheck(RecipeCheck):
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
-        check_every_n_steps: batches between two reads of the loss buffer (one host sync each).
+        check_every_n_steps: batches between two reads of the kept losses (one host sync each).
         warmup_steps: batches before the decrease and plateau tests.
         window: batches averaged at each end of the curve (default ``clamp(warmup_steps // 5, 5, 50)``).
         min_rel_decrease: smallest relative decrease that counts without a significance test.
@@ -321,7 +321,7 @@ class LossDecreaseCheck(RecipeCheck):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # the pending losses are saved but stay in the buffer: the next read still checks them
+        # the pending losses are saved but stay pending: the next read still checks them
         pending = [v * self._accumulate for v in read_losses(self._pending)] if self._pending else []
         return {"losses": self.losses + pending, "epoch_ends": list(self.epoch_ends), "decrease_checked":
                 self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}

@@ -195,6 +195,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._grad_pending: list[tuple[Tensor, Tensor, Optional[Tensor]]] = []  # (layer index, norms, max |g|)
         self._gn_pending: list[Tensor] = []
         self._loss_pending: list[Tensor] = []
+        self._loss_scale: list[int] = []  # accumulate_grad_batches of each pending loss
         self._nonfinite_steps = 0
         self._nonfinite_dev: Optional[Tensor] = None
         self._relus: list[tuple[str, nn.Module]] = []
@@ -320,6 +321,7 @@ class OptimizationHealthCheck(RecipeCheck):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:  # rescaled by accumulate_grad_batches when read
             self._loss_pending.append(loss.detach())
+            self._loss_scale.append(trainer.accumulate_grad_batches)  # it may change between epochs
         if self._batches % self.check_every_n_steps == 0:
             self._read(trainer, pl_module)
             self._judge(trainer, final=False)
@@ -372,9 +374,9 @@ class OptimizationHealthCheck(RecipeCheck):
             self._layer_sum, self._layer_count = None, 0
         new_losses: list[float] = []
         if self._loss_pending:
-            scale = trainer.accumulate_grad_batches
-            new_losses = [v * scale for v in read_losses(self._loss_pending)]
+            new_losses = [v * k for v, k in zip(read_losses(self._loss_pending), self._loss_scale)]
             self._loss_pending.clear()
+            self._loss_scale.clear()
             self.losses.extend(new_losses)
             if self._first_window is None:
                 finite = [v for v in new_losses if math.isfinite(v)]

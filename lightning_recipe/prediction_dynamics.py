@@ -36,7 +36,10 @@ class PredictionDynamics(RecipeCheck):
     """Record the predictions on a fixed batch every ``every_n_steps`` batches and plot them with the labels.
 
     By default (``every_n_steps=None``) the fit gets about 50 records: every ``max(10, ceil(planned / 50))`` batches,
-    ``planned`` being the batches the fit plans to run (every 25 when unknown). A record is one forward of
+    ``planned`` being the batches the fit plans to run, at most one epoch apart (every 25 when unknown). A fit that
+    runs longer than the spacing foresaw (early stopping under Lightning's default ``max_epochs=1000`` plans far more
+    than it runs) drops every other record and doubles the spacing whenever it holds more than 100, so any fit keeps
+    evenly spaced records, at most 100. A record is one forward of
     ``num_samples`` examples, about a third of a training step on batches of 32 (the small CNN of
     ``benchmarks/overhead.py``): spaced like this it costs under 1% of a fit of 1,500 batches or more, and 50
     snapshots are plenty for the figure and the jitter index.
@@ -122,8 +125,7 @@ class PredictionDynamics(RecipeCheck):
         if self._batch is None:
             self._batch = take_examples(ctx.inputs, ctx.targets, self.num_samples)
         self._batches = 0
-        planned = planned_batches(trainer)
-        self._every = self.every_n_steps or (max(10, math.ceil(planned / _RECORDS)) if planned else _DEFAULT_EVERY)
+        self._every = self.every_n_steps or _auto_every(trainer)
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
 
@@ -155,6 +157,15 @@ class PredictionDynamics(RecipeCheck):
         with probe_mode(trainer, pl_module):
             out = run_forward(pl_module, x, self._settings.forward)
         self._pending.append((trainer.global_step, self._summarise(out.detach(), y).detach()))
+        if self.every_n_steps is None and len(self.steps) + len(self._pending) > 2 * _RECORDS:
+            self._thin()
+
+    def _thin(self) -> None:
+        """Keep every other record and double the spacing (the records stay evenly spaced, at most 100)."""
+        self._to_host()
+        self.steps, self.values = self.steps[::2], self.values[::2]
+        self._every *= 2
+        self._drawn_at //= 2
 
     @override
     def on_train_batch_end(
@@ -266,6 +277,18 @@ class PredictionDynamics(RecipeCheck):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = list(state_dict.get("steps", []))
         self.values = [np.asarray(v) for v in state_dict.get("values", [])]
+
+
+def _auto_every(trainer: "pl.Trainer") -> int:
+    """Batches between two records when ``every_n_steps`` is not given (see :class:`PredictionDynamics`)."""
+    planned = planned_batches(trainer)
+    if planned is None:
+        return _DEFAULT_EVERY
+    every = math.ceil(planned / _RECORDS)
+    per_epoch = float(trainer.num_training_batches)
+    if math.isfinite(per_epoch) and per_epoch >= 1:
+        every = min(every, int(per_epoch))
+    return max(10, every)
 
 
 _FROZEN = [

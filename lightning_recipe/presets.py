@@ -45,6 +45,8 @@ Exclude = Sequence[Union[str, type]]
 
 def _bundle(on_fail: Literal["raise", "warn"], overrides: dict[str, Any], exclude: Exclude = ()) -> list[Callback]:
     """The checks of the presets, in the order they run, less those in ``exclude`` (classes or class names)."""
+    if isinstance(exclude, (str, type)):  # one check given alone
+        exclude = [exclude]
     names = {c if isinstance(c, str) else getattr(c, "__name__", repr(c)) for c in exclude}
     unknown = sorted(names - {c.__name__ for c in _CHECKS})
     if unknown:
@@ -136,8 +138,11 @@ class Recipe(Callback):
     children's, so :func:`~lightning_recipe.collect_findings` and the report see them; the report is written by
     this callback when it is the last recipe callback of the trainer.
 
-    Per hook, only the children that implement it are called (the plan is made at ``setup``), so the bundle costs
-    Lightning one callback dispatch per hook instead of one per check.
+    Per hook, only the children that implement it are called (found at the hook's first call after ``setup``; a hook
+    a child gains later in the same stage is seen from the next stage on), so the bundle costs Lightning one callback
+    dispatch per hook instead of one per check. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
+    (a checkpoint resumes with another preset); a checkpoint written with the checks as separate callbacks is read
+    too. Two ``Recipe`` callbacks in one Trainer would share the key: hold all checks in one.
 
     Args:
         preset: ``"strict"`` (a failed check raises :class:`RecipeCheckError`) or ``"recommended"`` (it warns).
@@ -201,21 +206,12 @@ class Recipe(Callback):
             self.preset = preset
             self.callbacks = _bundle(_ON_FAIL[preset], overrides, exclude)
         self._dir: Optional[str] = None
-        self._plan: dict[str, list[Callable[..., Any]]] = {}
-        self._key: tuple[Any, str] = ((), "")
+        self._plan: dict[str, list[Callback]] = {}
+        self._handled = False  # the exception path ran (once per fit)
 
     @property
     def name(self) -> str:
         return type(self).__name__
-
-    @property
-    @override
-    def state_key(self) -> str:
-        # read by Lightning for every hook call (profiler names): computed once per set of children
-        kinds = (self.preset, *(type(cb).__name__ for cb in self.callbacks))
-        if self._key[0] != kinds:
-            self._key = (kinds, self._generate_state_key(preset=self.preset, callbacks=list(kinds[1:])))
-        return self._key[1]
 
     @property
     def _saved(self) -> bool:
@@ -243,6 +239,7 @@ class Recipe(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._plan = {}  # the children may have changed since the last stage
+        self._handled = False
         for cb in self.callbacks:
             cb.setup(trainer, pl_module, stage=stage)
         if stage == "fit":
@@ -256,7 +253,11 @@ class Recipe(Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        # like Lightning's own loop over callbacks: every child gets the hook, nothing raised from here
+        # like Lightning's own loop over callbacks: every child gets the hook, nothing raised from here. A failed
+        # check in strict mode runs this before raising (see RecipeCheck._conclude); Lightning then calls it again
+        if self._handled:
+            return
+        self._handled = True
         for cb in self.callbacks:
             try:
                 cb.on_exception(trainer, pl_module, exception)
@@ -282,6 +283,18 @@ class Recipe(Callback):
             if children.get(key):
                 cb.load_state_dict(children[key])
 
+    @override
+    def on_load_checkpoint(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]
+    ) -> None:
+        for cb in self.callbacks:
+            cb.on_load_checkpoint(trainer, pl_module, checkpoint)
+        saved = checkpoint.get("callbacks", {})
+        if self.state_key not in saved:  # written with the checks as separate callbacks: each under its own key
+            for key, cb in self._keyed():
+                if saved.get(key):
+                    cb.load_state_dict(saved[key])
+
     def _keyed(self) -> list[tuple[str, Callback]]:
         """Each child with a key unique within this callback (its ``state_key``, numbered when repeated)."""
         out: list[tuple[str, Callback]] = []
@@ -299,10 +312,12 @@ def _forwarder(hook: str) -> Callable[..., None]:
         self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any
     ) -> None:
         plan = self._plan.get(hook)
-        if plan is None:  # the children that implement the hook, bound once (a child keeping the no-op is not called)
-            plan = self._plan[hook] = [getattr(cb, hook) for cb in self.callbacks if _overrides(cb, hook)]
-        for fn in plan:
-            fn(trainer, pl_module, *args, **kwargs)
+        if plan is None:  # the children that implement the hook (a child keeping Callback's no-op is not called)
+            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook)]
+        for cb in plan:
+            fn = getattr(cb, hook)  # looked up at each call: a child may replace its hook
+            if callable(fn):  # as Lightning does: a hook set to None is skipped
+                fn(trainer, pl_module, *args, **kwargs)
 
     forward_hook.__name__ = forward_hook.__qualname__ = hook
     forward_hook.__doc__ = f"Forward ``{hook}`` to every child callback, in order."

@@ -176,3 +176,26 @@ def test_gradient_statistics_and_figure_match_a_direct_computation(tmp_path):
     weight_line, loss_line = w_ax.get_lines()[:2]
     assert np.allclose(weight_line.get_ydata(), w / w[0]) and np.allclose(loss_line.get_ydata(), loss / loss[0])
     assert any(p.endswith("optimization_health.png") for p in cb.figures)
+
+
+class _LossLog(TinyModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        self.seen.append(float(loss))
+        return loss
+
+
+def test_losses_keep_their_own_accumulation_factor(tmp_path):
+    """With accumulation changing between epochs (1, then 4), each loss is rescaled by the factor of its batch."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    x, y = blobs(320)
+    model = _LossLog()
+    cb = OptimizationHealthCheck(check_every_n_steps=50, figure=False)
+    trainer(tmp_path, [cb, GradientAccumulationScheduler({0: 1, 1: 4})], max_epochs=2).fit(model, loader(x, y))
+    assert len(cb.losses) == len(model.seen) == 20  # the 10 batches of epoch 0 were pending at the switch
+    assert cb.losses == pytest.approx(model.seen, rel=1e-6)

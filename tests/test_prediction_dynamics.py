@@ -68,3 +68,30 @@ def test_probe_does_not_change_training(tmp_path):
 
     a, b = run([]), run([PredictionDynamics(every_n_steps=3)])
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _StopAfter(L.Callback):
+    """Stops the fit after ``n`` batches, as early stopping would, without telling Lightning's plan."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.n:
+            trainer.should_stop = True
+
+
+def test_default_spacing_keeps_even_records_when_the_fit_stops_early(tmp_path):
+    """Lightning's default max_epochs=1000 plans 8,000 batches here; the fit stops after 1,200. The spacing is capped
+    at one epoch (8 batches, raised to the floor of 10) and doubled when the records pass 100: 0..1000 every 10 make
+    101 records, thinned to every 20, then 1020..1200."""
+    x, y = blobs(64)
+    cb = PredictionDynamics(num_samples=4)
+    t = trainer(tmp_path, [cb, _StopAfter(1200)], max_epochs=None)
+    t.fit(TinyModel(), loader(x, y, batch_size=8))
+    assert t.global_step == 1200
+    assert cb.steps == list(range(0, 1201, 20))
+    assert len(cb.values) == len(cb.steps) == 61
+    short = PredictionDynamics(num_samples=4)
+    trainer(tmp_path / "short", [short], max_epochs=5).fit(TinyModel(), loader(x, y, batch_size=8))
+    assert short.steps == [0, 10, 20, 30, 40]  # 40 planned batches: every max(10, ceil(40 / 50))
