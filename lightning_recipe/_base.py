@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Callable, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -49,9 +50,18 @@ class RecipeCheck(Callback):
         head: the last layer (attribute path such as ``"classifier"`` or ``"net.3"``, or the module) when it cannot be
             detected.
         task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` when the loss does not say.
+
+    A check instance may serve several fits. A fit of another LightningModule object starts it afresh (its
+    constructor runs again with the same arguments, then a checkpoint given as ``ckpt_path`` restores its state); a
+    second fit of the same module object continues (nothing that ran once runs again: the head bias is not reset).
     """
 
     _is_recipe_callback = True
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "RecipeCheck":
+        obj = super().__new__(cls)
+        obj._init_call = (args, kwargs)  # to start afresh for the fit of another model (see `setup`)
+        return obj
 
     def __init__(
         self,
@@ -125,6 +135,11 @@ class RecipeCheck(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
+            last = self.__dict__.get("_model")
+            if last is not None and last() is not pl_module:  # used before, for another model: start afresh
+                args, kwargs = self._init_call
+                type(self).__init__(self, *args, **kwargs)
+            self._model = weakref.ref(pl_module)
             new_fit(trainer)
             # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
             self.findings, self.figures, self._disabled, self._saved = [], [], False, False

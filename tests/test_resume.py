@@ -124,3 +124,34 @@ def test_checkpoint_between_reads_loses_no_loss(tmp_path: Any) -> None:
         t.fit(_NaNOnce(at=4), loader(x, y, batch_size=16))
     assert len(ld.losses) == 8 and math.isnan(ld.losses[4])
     assert sum(f.failed for f in ld.findings) == 1
+
+
+def test_one_preset_serves_fits_of_several_models(tmp_path: Any) -> None:
+    """The same callbacks (one ``strict()`` list) for a second model: every check runs again, as fresh instances
+    would; a second fit of the same model continues: the bias is not set again."""
+    import lightning_recipe as lr
+
+    x, y = blobs(n=128, priors=PRIORS)
+
+    def fit(callbacks: list[Callback], model: TinyModel, root: str, epochs: int = 3) -> list[tuple[str, str]]:
+        L.seed_everything(0)
+        t = trainer(tmp_path / root, callbacks, max_epochs=epochs)
+        t.fit(model, loader(x, y, batch_size=16))
+        return [(f.check, f.status) for f in collect_findings(t)]
+
+    shared = lr.strict()
+    L.seed_everything(0)
+    first = fit(shared, TinyModel(), "first")
+    L.seed_everything(1)
+    second_model = TinyModel()
+    second = fit(shared, second_model, "second")
+    L.seed_everything(1)
+    fresh = fit(lr.strict(), TinyModel(), "fresh")
+    assert second == fresh and len(second) == len(first) > 15
+    checks = {cb.name: cb for cb in shared[0].callbacks}
+    assert len(checks["LossDecreaseCheck"].losses) == 24  # this fit's 3 epochs of 8 batches, not both fits'
+    assert checks["PredictionDynamics"].steps[0] == 0 and len(checks["PredictionDynamics"].steps) == 3
+    bias, probe = second_model.net[-1].bias.detach().clone(), _BiasAtStart()
+    again = fit([*shared, probe], second_model, "again", epochs=4)  # the same model once more: a continued fit
+    assert ("HeadBiasInit", "skip") in again and ("InitialLossCheck", "pass") not in again
+    assert torch.equal(probe.bias, bias)  # the trained bias was kept, not set to the prior again
