@@ -53,7 +53,8 @@ class RecipeCheck(Callback):
 
     A check instance may serve several fits. A fit of another LightningModule object starts it afresh (its
     constructor runs again with the same arguments, then a checkpoint given as ``ckpt_path`` restores its state); a
-    second fit of the same module object continues (nothing that ran once runs again: the head bias is not reset).
+    second fit of the same module object continues (nothing that ran once runs again: the head bias is not reset), and
+    so does a copy made by pickling (``ddp_spawn``), which cannot tell which model it saw.
     """
 
     _is_recipe_callback = True
@@ -62,6 +63,11 @@ class RecipeCheck(Callback):
         obj = super().__new__(cls)
         obj._init_call = (args, kwargs)  # to start afresh for the fit of another model (see `setup`)
         return obj
+
+    def __getstate__(self) -> dict[str, Any]:
+        # ddp_spawn pickles the callbacks: leave out the weak reference to the last model and the last fit's shared
+        # context (it holds weak references too; each fit computes its own)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_model", "_ctx")}
 
     def __init__(
         self,

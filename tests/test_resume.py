@@ -155,3 +155,20 @@ def test_one_preset_serves_fits_of_several_models(tmp_path: Any) -> None:
     again = fit([*shared, probe], second_model, "again", epochs=4)  # the same model once more: a continued fit
     assert ("HeadBiasInit", "skip") in again and ("InitialLossCheck", "pass") not in again
     assert torch.equal(probe.bias, bias)  # the trained bias was kept, not set to the prior again
+
+
+def test_a_used_preset_still_pickles(tmp_path: Any) -> None:
+    """ddp_spawn pickles the callbacks: one used for a fit before must still pickle; the copy keeps its state."""
+    import pickle
+
+    import lightning_recipe as lr
+
+    x, y = blobs(n=64, priors=PRIORS)
+    (recipe,) = lr.strict()
+    trainer(tmp_path, [recipe], max_epochs=1).fit(TinyModel(), loader(x, y, batch_size=16))
+    copy = pickle.loads(pickle.dumps(recipe))
+    assert [type(cb) for cb in copy.callbacks] == [type(cb) for cb in recipe.callbacks]
+    head = next(cb for cb in copy.callbacks if isinstance(cb, HeadBiasInit))
+    decrease = next(cb for cb in copy.callbacks if type(cb).__name__ == "LossDecreaseCheck")
+    assert head.done and head.prior and "_model" not in vars(head)
+    assert len(decrease.losses) == 4  # one epoch of 4 batches
