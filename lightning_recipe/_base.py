@@ -52,7 +52,8 @@ class RecipeCheck(Callback):
         task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` when the loss does not say.
 
     A check instance may serve several fits. A fit of another LightningModule object starts it afresh (its
-    constructor runs again with the same arguments, then a checkpoint given as ``ckpt_path`` restores its state); a
+    constructor runs again with the same arguments, so attributes changed after construction are not kept; then a
+    checkpoint given as ``ckpt_path`` restores its state); a
     second fit of the same module object continues (nothing that ran once runs again: the head bias is not reset), and
     so does a copy made by pickling (``ddp_spawn``), which cannot tell which model it saw.
     """
