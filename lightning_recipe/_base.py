@@ -19,6 +19,12 @@ from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, Rec
 from lightning_recipe.findings import Finding, _write_reports, collect_findings
 
 OnFail = Literal["raise", "warn"]
+# the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
+# the stage (`RecipeCheck._retire`): Lightning's dispatch skips a hook that is None (no profiler context, no call)
+BATCH_HOOKS = (
+    "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start", "on_validation_batch_end",
+)
 
 
 def recipe_dir(trainer: "pl.Trainer") -> str:
@@ -50,6 +56,10 @@ class RecipeCheck(Callback):
         head: the last layer (attribute path such as ``"classifier"`` or ``"net.3"``, or the module) when it cannot be
             detected.
         task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` when the loss does not say.
+
+    A per-batch hook whose work is over for the stage (the first-step checks after their steps) is set to ``None``
+    on the instance (:meth:`_retire`), so Lightning, or the :class:`~lightning_recipe.Recipe`, stops calling it;
+    ``setup`` gives it back at the next stage.
 
     A check instance may serve several fits. A fit of another LightningModule object starts it afresh (its
     constructor runs again with the same arguments, so attributes changed after construction are not kept; then a
@@ -112,6 +122,19 @@ class RecipeCheck(Callback):
         self.findings.append(Finding(self.name, "skip", message))
         rank_zero_warn(message, category=RecipeWarning)
 
+    def _retire(self, *hooks: str) -> None:
+        """Stop receiving the per-batch ``hooks`` for the rest of this stage (``setup`` restores them)."""
+        retired = self.__dict__.setdefault("_retired", set())
+        for hook in hooks:
+            assert hook in BATCH_HOOKS, hook
+            self.__dict__[hook] = None
+            retired.add(hook)
+
+    def _restore_hooks(self) -> None:
+        for hook in self.__dict__.pop("_retired", ()):
+            if self.__dict__.get(hook, 0) is None:
+                del self.__dict__[hook]
+
     # -- results --------------------------------------------------------------------------------------------------
     def _conclude(self, trainer: "pl.Trainer", finding: Optional[Finding]) -> None:
         """Record ``finding`` and act on a failure the same way on every rank.
@@ -141,6 +164,7 @@ class RecipeCheck(Callback):
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._restore_hooks()
         if stage == "fit":
             last = self.__dict__.get("_model")
             if last is not None and last() is not pl_module:  # used before, for another model: start afresh

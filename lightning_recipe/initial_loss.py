@@ -82,7 +82,10 @@ class InitialLossCheck(_OnceCheck):
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        if self.done or self._disabled or self._expected is not None:
+        if self.done or self._disabled:
+            self._retire("on_train_batch_start", "on_train_batch_end")
+            return
+        if self._expected is not None:
             return
         ctx = self._context(trainer, pl_module)
         if ctx is None:
@@ -127,6 +130,7 @@ class InitialLossCheck(_OnceCheck):
         if self.done or self._disabled or self._expected is None:
             return
         self.done = True
+        self._retire("on_train_batch_start", "on_train_batch_end")
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         e = self._expected
         if loss is None:

@@ -104,6 +104,8 @@ class InputDependenceCheck(RecipeCheck):
             self._batch = sanity_examples(trainer, batch, batch_idx, dataloader_idx, split, self.num_examples)
             if self._batch is not None:
                 self._source = "validation"
+        if self._batch is not None or not trainer.sanity_checking:  # only the sanity check's first batch is taken
+            self._retire("on_validation_batch_start")
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -124,6 +126,7 @@ class InputDependenceCheck(RecipeCheck):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.done or self._disabled:
+            self._retire("on_train_batch_end")
             return
         self._batches += 1
         if self.after_steps is not None and self._batches >= self.after_steps:

@@ -158,12 +158,14 @@ class LossDecreaseCheck(RecipeCheck):
                 self.expected_initial_loss = ctx.constant_loss(ctx.current_constant())
             except Exception:
                 self.expected_initial_loss = None
+        self._retire("on_train_batch_start")  # only the first batch of a fit
 
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._stopped:
+            self._retire("on_train_batch_end")
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, Tensor) or loss.numel() != 1:  # manual optimization may return anything

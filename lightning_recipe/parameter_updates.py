@@ -155,6 +155,7 @@ class ParameterUpdateCheck(_OnceCheck):
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: Tensor) -> None:
         if not self._tracking or not self.check_zero_grad:
+            self._retire("on_before_backward")
             return
         self._empty_seen |= self._norms() == 0
         self._backwards_since = [b + 1 for b in self._backwards_since]
@@ -162,6 +163,7 @@ class ParameterUpdateCheck(_OnceCheck):
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
         if not self._tracking:
+            self._retire("on_before_optimizer_step")
             return
         k = next((i for i, o in enumerate(self._optimizers) if o is optimizer or getattr(optimizer, "optimizer", None) is o), None)
         norms = self._norms()
@@ -192,6 +194,7 @@ class ParameterUpdateCheck(_OnceCheck):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not self._tracking:
+            self._retire("on_train_batch_end")
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         s = self._opt_steps[0] - 1 if self._opt_steps else -1
@@ -209,6 +212,7 @@ class ParameterUpdateCheck(_OnceCheck):
     def _evaluate(self, trainer: "pl.Trainer") -> None:
         self._tracking = False
         self.done = True
+        self._retire("on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
         if self._total == 0:
             self._initial = []
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no optimizer step was taken."))

@@ -114,6 +114,8 @@ class PredictionDynamics(RecipeCheck):
         if self._batch is None:  # validation batches that do not split: a training batch is used instead
             split = self._settings.split_batch
             self._batch = sanity_examples(trainer, batch, batch_idx, dataloader_idx, split, self.num_samples)
+        if self._batch is not None or not trainer.sanity_checking:  # only the sanity check's first batch is taken
+            self._retire("on_validation_batch_start")
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

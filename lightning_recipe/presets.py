@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_recipe._base import RecipeCheck, recipe_dir
+from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, recipe_dir
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
@@ -138,9 +138,12 @@ class Recipe(Callback):
     children's, so :func:`~lightning_recipe.collect_findings` and the report see them; the report is written by
     this callback when it is the last recipe callback of the trainer.
 
-    Per hook, only the children that implement it are called (found at the hook's first call after ``setup``; a hook
-    a child gains later in the same stage is seen from the next stage on), so the bundle costs Lightning one callback
-    dispatch per hook instead of one per check. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
+    Per hook, only the children that implement it are called (found at ``setup`` for the per-batch hooks, at the
+    hook's first call for the others; a hook a child gains later in the same stage is seen from the next stage on),
+    so the bundle costs Lightning one callback dispatch per hook instead of one per check. A child hook set to
+    ``None`` is skipped for the rest of the stage (the checks do so once their per-batch work is over), and a
+    per-batch hook left with no child is set to ``None`` on the ``Recipe`` itself, which Lightning skips without a
+    call. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
     (a checkpoint resumes with another preset); a checkpoint written with the checks as separate callbacks is read
     too. Two ``Recipe`` callbacks in one Trainer would share the key: hold all checks in one.
 
@@ -242,6 +245,10 @@ class Recipe(Callback):
         self._handled = False
         for cb in self.callbacks:
             cb.setup(trainer, pl_module, stage=stage)
+        for hook in BATCH_HOOKS:  # a per-batch hook no child implements is None: Lightning skips it
+            self.__dict__.pop(hook, None)
+            if not self._planned(hook):
+                self.__dict__[hook] = None
         if stage == "fit":
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
 
@@ -295,6 +302,20 @@ class Recipe(Callback):
                 if saved.get(key):
                     cb.load_state_dict(saved[key])
 
+    def _planned(self, hook: str) -> list[Callback]:
+        """The children that implement ``hook`` (a child keeping Callback's no-op is not called)."""
+        plan = self._plan.get(hook)
+        if plan is None:
+            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook)]
+        return plan
+
+    def _drop(self, hook: str, cb: Callback) -> None:
+        """``cb`` set ``hook`` to None: leave it out for the rest of the stage, and the hook too once no child is left
+        (for a per-batch hook)."""
+        plan = self._plan[hook] = [c for c in self._plan[hook] if c is not cb]
+        if not plan and hook in BATCH_HOOKS:
+            self.__dict__[hook] = None
+
     def _keyed(self) -> list[tuple[str, Callback]]:
         """Each child with a key unique within this callback (its ``state_key``, numbered when repeated)."""
         out: list[tuple[str, Callback]] = []
@@ -311,13 +332,12 @@ def _forwarder(hook: str) -> Callable[..., None]:
     def forward_hook(
         self: Recipe, trainer: "pl.Trainer", pl_module: "pl.LightningModule", *args: Any, **kwargs: Any
     ) -> None:
-        plan = self._plan.get(hook)
-        if plan is None:  # the children that implement the hook (a child keeping Callback's no-op is not called)
-            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook)]
-        for cb in plan:
+        for cb in self._planned(hook):
             fn = getattr(cb, hook)  # looked up at each call: a child may replace its hook
-            if callable(fn):  # as Lightning does: a hook set to None is skipped
+            if callable(fn):
                 fn(trainer, pl_module, *args, **kwargs)
+            elif fn is None:  # as Lightning does, a hook set to None is skipped: for the rest of the stage
+                self._drop(hook, cb)
 
     forward_hook.__name__ = forward_hook.__qualname__ = hook
     forward_hook.__doc__ = f"Forward ``{hook}`` to every child callback, in order."

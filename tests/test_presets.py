@@ -266,3 +266,42 @@ def test_recipe_resumes_from_a_checkpoint_of_separate_checks(tmp_path):
     head = next(cb for cb in resumed.callbacks if isinstance(cb, HeadBiasInit))
     assert len(decrease.losses) == 12  # 8 restored + 4 of the third epoch
     assert head.done and [f.status for f in head.findings] == ["skip"]
+
+
+def test_checks_done_with_their_steps_leave_the_per_batch_hooks(tmp_path):
+    """A check whose per-batch work is over sets the hook to None; a per-batch hook left with no child is None on the
+    Recipe, so Lightning skips it (no call, no profiler context); the next fit gets every hook back."""
+    (recipe,) = recommended()
+    by = {type(cb).__name__: cb for cb in recipe.callbacks}
+    calls = {"start": 0, "backward": 0}
+    real_start, real_backward = recipe.on_train_batch_start, recipe.on_before_backward
+    x, y = blobs(256)
+    t = trainer(tmp_path, [recipe], max_epochs=2)  # 16 steps
+    t.fit(TinyModel(), loader(x, y))
+    assert by["InitialLossCheck"].on_train_batch_start is None and by["InitialLossCheck"].on_train_batch_end is None
+    assert by["ParameterUpdateCheck"].on_before_backward is None  # after its 5 steps
+    assert by["LossDecreaseCheck"].on_train_batch_start is None  # only the first batch
+    assert recipe.on_after_backward is None and recipe.on_before_zero_grad is None  # no child implements them
+    assert recipe.on_train_batch_start is None and recipe.on_before_backward is None  # every child retired
+    assert recipe._plan["on_before_optimizer_step"] == [by["OptimizationHealthCheck"]]
+    assert by["LossDecreaseCheck"] in recipe._plan["on_train_batch_end"] and len(by["LossDecreaseCheck"].losses) == 16
+
+    # Lightning calls a None hook no more: count the calls of the Recipe's own forwarders on a second model's fit,
+    # which starts every check afresh (the first-step checks run again, so their hooks are back)
+    def counted(key: str, fn: Any) -> Any:
+        def hook(*args: Any, **kwargs: Any) -> None:
+            calls[key] += 1
+            fn(*args, **kwargs)
+        return hook
+
+    type(recipe).on_train_batch_start, type(recipe).on_before_backward = (
+        counted("start", real_start.__func__), counted("backward", real_backward.__func__))
+    try:
+        t = trainer(tmp_path, [recipe], max_epochs=2)
+        t.fit(TinyModel(), loader(x, y))
+    finally:
+        type(recipe).on_train_batch_start, type(recipe).on_before_backward = real_start.__func__, real_backward.__func__
+    # the initial-loss check's first batch and the parameter check's 5 steps, plus the call at which the Recipe finds
+    # the children's hooks None and leaves the hook
+    assert calls == {"start": 2, "backward": 6}
+    assert [f.status for f in by["InitialLossCheck"].findings] == ["pass"]
