@@ -332,6 +332,11 @@ def _release(figure: Any) -> None:
         except Exception:  # pragma: no cover
             pass
     try:
-        figure.clear()  # drop the artists now instead of waiting for the cycle collector
+        # drop the axes and artists now instead of waiting for the cycle collector; not `figure.clear()`, which
+        # clears each axes first and so builds new ticks and spines for them (~15 ms a figure)
+        for ax in list(figure.axes):
+            figure.delaxes(ax)
+        for artists in (figure.artists, figure.lines, figure.patches, figure.texts, figure.images, figure.legends):
+            artists.clear()
     except Exception:  # pragma: no cover - not a matplotlib figure
         pass

@@ -709,7 +709,7 @@ def plot_optimization(
     """
     from matplotlib.figure import Figure
 
-    from lightning_recipe.plotting import log_y
+    from lightning_recipe.plotting import _lean, log_y
 
     fig = Figure(figsize=(12, 7))
     fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)
@@ -758,4 +758,4 @@ def plot_optimization(
         a_w.axhline(1.0, color="0.7", lw=0.8)
         a_w.legend(fontsize=7)
     a_w.set_title("weight norm and loss, relative to the first read", fontsize=9)
-    return fig
+    return _lean(fig)

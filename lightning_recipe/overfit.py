@@ -338,7 +338,7 @@ def _f(x: Optional[float]) -> str:
 def _figure(directory: str, spec: TaskSpec, losses: list[float], prior: float, threshold: float, out: Tensor, y: Tensor,
             score_name: str, score: float) -> str:
     from lightning_recipe.plotting import _figure as new_figure
-    from lightning_recipe.plotting import log_y
+    from lightning_recipe.plotting import _lean, log_y
 
     fig = new_figure(12, 4.5)
     ax, pr = fig.subplots(1, 2, width_ratios=[3, 2])
@@ -383,5 +383,5 @@ def _figure(directory: str, spec: TaskSpec, losses: list[float], prior: float, t
     pr.set_title(f"Predictions vs labels ({score_name} {score:.3g})")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "overfit_one_batch.png")
-    fig.savefig(path, dpi=100)
+    _lean(fig).savefig(path, dpi=100)
     return path

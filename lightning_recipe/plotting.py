@@ -27,9 +27,25 @@ def _figure(width: float = 10.0, height: float = 4.0) -> Any:
 
 
 def log_y(ax: Any) -> None:
-    """A logarithmic y axis without minor ticks (on a log axis they are most of the figure's drawing time)."""
+    """A logarithmic y axis without minor ticks (on a log axis they are most of the figure's drawing time), labelled
+    ``1e-03``, ``0.01``, ... (matplotlib's default ``10^{-3}`` labels go through its TeX parser: a few ms a label)."""
+    from matplotlib.ticker import LogFormatter
+
     ax.set_yscale("log")
     ax.minorticks_off()
+    ax.yaxis.set_major_formatter(LogFormatter())
+
+
+def _lean(fig: Any) -> Any:
+    """At most ~6 ticks on each linear axis of ``fig`` (matplotlib's default allows 10 on a wide axis; every tick
+    label is laid out and drawn as text, most of a panel's drawing time). Returns ``fig``."""
+    from matplotlib.ticker import AutoLocator, MaxNLocator
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if axis.get_scale() == "linear" and type(axis.get_major_locator()) is AutoLocator:
+                axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+    return fig
 
 
 def _colour(i: int) -> Any:
@@ -95,7 +111,7 @@ def plot_loss_curve(
     ax.set_ylabel("loss")
     ax.set_title("Training loss with its reference lines")
     ax.legend(loc="upper right", fontsize=8)
-    return fig
+    return _lean(fig)
 
 
 def plot_prediction_dynamics(
@@ -172,7 +188,7 @@ def _plot_multiclass(
     else:
         hm.set_ylabel("sample")
     fig.colorbar(im, ax=hm, label=what)
-    return fig
+    return _lean(fig)
 
 
 def _plot_labels(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
@@ -207,7 +223,7 @@ def _plot_labels(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray]
         fig.suptitle(title + "  (markers: labels; o = 1, x = 0)", fontsize=10)
     elif t is not None:
         axes[0].set_title(title + "\n(markers: labels; o = 1, x = 0)", fontsize=9)
-    return fig
+    return _lean(fig)
 
 
 def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
@@ -239,4 +255,4 @@ def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndar
         sc.set_xlabel("sample")
     sc.set_ylabel(f"prediction at step {int(steps[-1])}")
     sc.set_title("Final predictions vs targets", fontsize=10)
-    return fig
+    return _lean(fig)
