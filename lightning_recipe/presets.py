@@ -245,10 +245,12 @@ class Recipe(Callback):
         self._handled = False
         for cb in self.callbacks:
             cb.setup(trainer, pl_module, stage=stage)
+        for hook in self.__dict__.pop("_nulled", ()):  # the hooks left last stage are back
+            if self.__dict__.get(hook, 0) is None:
+                del self.__dict__[hook]
         for hook in BATCH_HOOKS:  # a per-batch hook no child implements is None: Lightning skips it
-            self.__dict__.pop(hook, None)
             if not self._planned(hook):
-                self.__dict__[hook] = None
+                self._null(hook)
         if stage == "fit":
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
 
@@ -314,7 +316,12 @@ class Recipe(Callback):
         (for a per-batch hook)."""
         plan = self._plan[hook] = [c for c in self._plan[hook] if c is not cb]
         if not plan and hook in BATCH_HOOKS:
+            self._null(hook)
+
+    def _null(self, hook: str) -> None:
+        if hook not in self.__dict__:  # an instance attribute set by someone else is left alone
             self.__dict__[hook] = None
+            self.__dict__.setdefault("_nulled", set()).add(hook)
 
     def _keyed(self) -> list[tuple[str, Callback]]:
         """Each child with a key unique within this callback (its ``state_key``, numbered when repeated)."""
