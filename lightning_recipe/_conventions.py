@@ -22,6 +22,7 @@ _OUTPUT_KEYS = ("logits", "preds", "output")
 _LOSS_ATTRS = ("loss_fn", "criterion", "loss")
 _MULTICLASS = ("CrossEntropyLoss", "NLLLoss")
 _LOGITS_BINARY = ("BCEWithLogitsLoss",)
+_PROBS_BINARY = ("BCELoss",)  # takes probabilities: the model applies the sigmoid (after its head)
 _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
 TASKS = ("multiclass", "binary", "multilabel", "regression")
 
@@ -158,6 +159,7 @@ class TaskSpec:
     reduction: str = "mean"
     floor: Optional[float] = 0.0
     notes: list[str] = field(default_factory=list)
+    probabilities: bool = False  # the model outputs probabilities (BCELoss): canonical outputs are their logits
 
     def canonical_targets(self, targets: Tensor) -> Tensor:
         """Targets in the canonical layout."""
@@ -168,9 +170,11 @@ class TaskSpec:
         return targets.reshape(-1, self.num_outputs).float()
 
     def canonical_outputs(self, outputs: Tensor) -> Tensor:
-        """Model outputs in the canonical layout ``(M, K)``."""
+        """Model outputs in the canonical layout ``(M, K)``: logits (the log-odds of probabilities for ``BCELoss``)."""
         if self.task == "multiclass" and outputs.ndim > 2 and self.class_dim == 1:
             outputs = outputs.movedim(1, -1)
+        if self.probabilities:
+            outputs = torch.logit(outputs.float(), eps=1e-7)
         return outputs.reshape(-1, self.num_outputs)
 
     def valid_mask(self, canonical_targets: Tensor) -> Optional[Tensor]:
@@ -185,11 +189,13 @@ def _loss_name(loss: Optional[Callable]) -> str:
 
 
 def _canonical_loss(loss: Callable, name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """Wrap the user's loss so it takes canonical logits: NLLLoss gets log-probabilities."""
+    """Wrap the user's loss so it takes canonical logits: NLLLoss gets log-probabilities, BCELoss probabilities."""
     if isinstance(loss, nn.Module):
         loss = _cpu_copy(loss)
     if name == "NLLLoss":
         return lambda out, y: loss(torch.log_softmax(out, dim=-1), y)
+    if name in _PROBS_BINARY:
+        return lambda out, y: loss(torch.sigmoid(out), y)
     return loss
 
 
@@ -214,7 +220,7 @@ def resolve_task(
     if task is None:
         if name in _MULTICLASS:
             task = "multiclass"
-        elif name in _LOGITS_BINARY:
+        elif name in _LOGITS_BINARY + _PROBS_BINARY:
             per_example = targets[0].numel() if targets.ndim > 0 and targets.shape[0] > 0 else 1
             task = "binary" if per_example == 1 else "multilabel"
         elif name in _REGRESSION:
@@ -261,7 +267,8 @@ def resolve_task(
             )
         num_outputs = per_out
     spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
-                    num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft)
+                    num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft,
+                    probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel"))
     if isinstance(loss_fn, nn.Module):
         w = getattr(loss_fn, "weight", None)
         spec.weight = w.detach().float().cpu() if isinstance(w, Tensor) and task == "multiclass" else None
@@ -271,7 +278,7 @@ def resolve_task(
         pw = getattr(loss_fn, "pos_weight", None)
         spec.pos_weight = pw.detach().float().cpu() if isinstance(pw, Tensor) else None
         spec.reduction = str(getattr(loss_fn, "reduction", "mean"))
-    if name not in _MULTICLASS + _LOGITS_BINARY + _REGRESSION:
+    if name not in _MULTICLASS + _LOGITS_BINARY + _PROBS_BINARY + _REGRESSION:
         spec.floor = None  # a user's loss: no known lower bound
     if inferred:
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "

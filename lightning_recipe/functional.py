@@ -204,7 +204,7 @@ def optimal_constant(
     if task in ("binary", "multilabel"):
         assert stats.positives is not None
         init = log_odds(stats.positives, stats.count, pos_weight)
-        if loss_name == "BCEWithLogitsLoss":
+        if loss_name in ("BCEWithLogitsLoss", "BCELoss"):  # BCELoss: the log-odds before the model's sigmoid
             return init, "log-odds"
         return numeric_constant(loss, stats.sample, init), "numeric"
     assert stats.mean is not None

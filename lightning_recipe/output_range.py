@@ -43,6 +43,9 @@ class OutputRangeCheck(_OnceCheck):
       check then runs the model on the inputs scaled by ``+-1000`` (floating inputs only): outputs that leave
       ``[0, 1]`` are logits → pass; outputs that change but stay inside are bounded, i.e. squashed → fail; outputs
       that do not change (a model insensitive to the input scale) or integer inputs → ``warn``.
+    * ``BCELoss`` (probabilities; the head's bias and the constant predictions are their log-odds): fails when the
+      output is ``sigmoid(sigmoid(.))`` of the head's output (a double sigmoid keeps every probability in
+      ``[0.5, 0.731]``).
     * ``NLLLoss``: the outputs must be log-probabilities (``logsumexp`` over classes = 0): probabilities (rows summing to
       1) or unnormalised logits fail.
     * a regression loss (MSE, L1, Huber) on targets that are **class labels** (integer dtype, or integer-valued
@@ -81,6 +84,8 @@ class OutputRangeCheck(_OnceCheck):
             finding = self._labels(ctx)
         elif spec.loss_name in _LOGIT_LOSSES + ("NLLLoss",):
             finding = self._range(trainer, pl_module, ctx)
+        elif spec.probabilities:
+            finding = self._probabilities(trainer, pl_module, ctx)
         else:
             finding = Finding(self.name, "skip", f"{self.name}: the loss {spec.loss_name or '<callable>'} has no known "
                               "output scale to check.")
@@ -145,6 +150,25 @@ class OutputRangeCheck(_OnceCheck):
         return Finding(self.name, "pass", f"{self.name}: the {what} are logits (range [{rows['min']:.4g}, "
                        f"{rows['max']:.4g}]), as {spec.loss_name} expects.",
                        rows["max_sum_error"] if spec.task == "multiclass" else rows["max"], None, 0, [], details)
+
+    def _probabilities(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any) -> Finding:
+        """``BCELoss`` takes probabilities: one sigmoid after the head, not two."""
+        spec = ctx.spec
+        out, head_out = self._probe(trainer, pl_module, ctx, ctx.inputs)
+        o = out.float().reshape(-1, spec.num_outputs)
+        atol = self.atol if out.dtype in (torch.float32, torch.float64) else max(self.atol, 1e-2)
+        lo, hi = float(o.min()), float(o.max())
+        what = f"outputs {tuple(out.shape)} of the model on the probe batch ({spec.loss_name}, {spec.task})"
+        details = {"min": lo, "max": hi, "loss": spec.loss_name, "head": ctx.head_name}
+        if head_out is not None and head_out.numel() == out.numel() and head_out is not out:
+            once = torch.sigmoid(head_out.float().reshape(o.shape))
+            if squashed_by(o, once, atol) == "sigmoid":
+                return Finding(self.name, "fail", f"{self.name}: the {what} are `sigmoid(sigmoid(.))` of the head's "
+                               f"output (`{ctx.head_name}`): a double sigmoid, so every probability lies in [0.5, 0.731] "
+                               f"(here [{lo:.4g}, {hi:.4g}]). HINT: apply one sigmoid in forward (or return logits and "
+                               "use BCEWithLogitsLoss).", hi, None, 0, list(_DOUBLE), details)
+        return Finding(self.name, "pass", f"{self.name}: the {what} are probabilities (range [{lo:.4g}, {hi:.4g}]), "
+                       f"as {spec.loss_name} expects.", hi, None, 0, [], details)
 
     def _nll(self, canon: Tensor, rows: dict[str, Any], details: dict[str, Any], what: str, atol: float) -> Finding:
         lse = torch.logsumexp(canon.double(), dim=-1).abs().max().item() if canon.numel() else 0.0
