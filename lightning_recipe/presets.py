@@ -8,6 +8,8 @@ A preset is one callback rather than eleven: Lightning pays about 3 microseconds
 
 from __future__ import annotations
 
+import os
+import traceback
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -17,7 +19,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, recipe_dir
-from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
@@ -143,7 +145,9 @@ class Recipe(Callback):
     so the bundle costs Lightning one callback dispatch per hook instead of one per check. A child hook set to
     ``None`` is skipped for the rest of the stage (the checks do so once their per-batch work is over), and a
     per-batch hook left with no child is set to ``None`` on the ``Recipe`` itself, which Lightning skips without a
-    call. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
+    call. An unexpected error of a child in ``"warn"`` mode, on one process, switches that child off for the rest of
+    the stage with a ``skip`` finding and a :class:`RecipeWarning` (``recommended()`` never stops a fit); in
+    ``"raise"`` mode, or under several processes, it is raised. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
     (a checkpoint resumes with another preset); a checkpoint written with the checks as separate callbacks is read
     too. Two ``Recipe`` callbacks in one Trainer would share the key: hold all checks in one.
 
@@ -210,6 +214,7 @@ class Recipe(Callback):
             self.callbacks = _bundle(_ON_FAIL[preset], overrides, exclude)
         self._dir: Optional[str] = None
         self._plan: dict[str, list[Callback]] = {}
+        self._broken: set[int] = set()
         self._handled = False  # the exception path ran (once per fit)
 
     @property
@@ -243,6 +248,7 @@ class Recipe(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._plan = {}  # the children may have changed since the last stage
         self._handled = False
+        self._broken: set[int] = set()  # ids of the children switched off by an internal error this stage
         for cb in self.callbacks:
             cb.setup(trainer, pl_module, stage=stage)
         for hook in self.__dict__.pop("_nulled", ()):  # the hooks left last stage are back
@@ -257,7 +263,11 @@ class Recipe(Callback):
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         for cb in self.callbacks:
-            cb.on_fit_end(trainer, pl_module)
+            if id(cb) not in self._broken:
+                try:
+                    cb.on_fit_end(trainer, pl_module)
+                except Exception as err:
+                    self._contain(trainer, cb, "on_fit_end", err)
         self._maybe_write_report(trainer)
 
     @override
@@ -308,8 +318,32 @@ class Recipe(Callback):
         """The children that implement ``hook`` (a child keeping Callback's no-op is not called)."""
         plan = self._plan.get(hook)
         if plan is None:
-            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook)]
+            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook) and id(cb) not in self._broken]
         return plan
+
+    def _contain(self, trainer: "pl.Trainer", cb: Callback, hook: str, err: Exception) -> None:
+        """An unexpected error of a check in ``"warn"`` mode, on a single process, switches that check off for the rest
+        of the stage with a ``skip`` finding and a warning: training and the other checks go on. Anything else is
+        raised again: a check's own verdict (``RecipeCheckError``, ``RecipeConfigError``), a check in ``"raise"``
+        mode, another callback, and any error under several processes (a check switched off on one rank would leave
+        the others waiting in its next collective)."""
+        if (isinstance(err, (RecipeCheckError, RecipeConfigError)) or getattr(cb, "on_fail", None) != "warn"
+                or not isinstance(getattr(cb, "findings", None), list) or trainer.world_size > 1):
+            raise err
+        self._broken.add(id(cb))
+        for h in list(self._plan):
+            if cb in self._plan[h]:
+                self._drop(h, cb)
+        frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
+        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
+        name = type(cb).__name__
+        message = (f"{name}: switched off for the rest of the fit by an internal error in `{hook}`{where}: "
+                   f"{type(err).__name__}: {err}. Training and the other checks go on. HINT: this is a bug of the "
+                   f"check or a convention it misread; run the check with on_fail='raise' for the traceback, or pass "
+                   "the override its message names.")
+        cb.findings.append(Finding(name, "skip", message, details={"error": f"{type(err).__name__}: {err}",
+                                                                  "hook": hook}))
+        rank_zero_warn(message, category=RecipeWarning)
 
     def _drop(self, hook: str, cb: Callback) -> None:
         """``cb`` set ``hook`` to None: leave it out for the rest of the stage, and the hook too once no child is left
@@ -342,7 +376,10 @@ def _forwarder(hook: str) -> Callable[..., None]:
         for cb in self._planned(hook):
             fn = getattr(cb, hook)  # looked up at each call: a child may replace its hook
             if callable(fn):
-                fn(trainer, pl_module, *args, **kwargs)
+                try:
+                    fn(trainer, pl_module, *args, **kwargs)
+                except Exception as err:
+                    self._contain(trainer, cb, hook, err)  # raises it again unless the check is switched off
             elif fn is None:  # as Lightning does, a hook set to None is skipped: for the rest of the stage
                 self._drop(hook, cb)
 

@@ -17,6 +17,7 @@ from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import collect_findings
 from lightning_recipe.head_bias import HeadBiasInit
+from lightning_recipe._base import RecipeCheck
 from lightning_recipe.presets import Recipe, _hooks, recommended, strict
 
 
@@ -305,3 +306,38 @@ def test_checks_done_with_their_steps_leave_the_per_batch_hooks(tmp_path):
     # the children's hooks None and leaves the hook
     assert calls == {"start": 2, "backward": 6}
     assert [f.status for f in by["InitialLossCheck"].findings] == ["pass"]
+
+
+class _Breaks(RecipeCheck):
+    """A check with a bug: it raises at its third training batch."""
+
+    def __init__(self, on_fail: str = "warn") -> None:
+        super().__init__(on_fail)
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batches += 1
+        if self.batches == 3:
+            raise ZeroDivisionError("a bug")
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.batches += 100  # never reached once switched off
+
+
+def test_an_internal_error_of_a_warn_check_switches_it_off_and_training_goes_on(tmp_path):
+    from lightning_recipe import LossDecreaseCheck
+
+    broken, decrease = _Breaks(), LossDecreaseCheck(on_fail="warn")
+    recipe = Recipe(callbacks=[broken, decrease])
+    x, y = blobs(256)
+    with pytest.warns(RecipeWarning, match=r"_Breaks: switched off .* `on_train_batch_end` at test_presets.py:\d+: "
+                                           "ZeroDivisionError: a bug"):
+        t = trainer(tmp_path, [recipe], max_epochs=2)
+        t.fit(TinyModel(), loader(x, y))
+    assert t.global_step == 16 and broken.batches == 3  # training finished; the broken check was not called again
+    assert [f.status for f in broken.findings] == ["skip"] and broken.findings[0].details["hook"] == "on_train_batch_end"
+    assert len(decrease.losses) == 16 and decrease.findings  # the other check went on
+    assert any(f["check"] == "_Breaks" for f in json.load(open(tmp_path / "recipe" / "report.json"))["findings"])
+    # in "raise" mode (and a Recipe's own verdicts) the error is raised as it is
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        trainer(tmp_path, [Recipe(callbacks=[_Breaks(on_fail="raise")])], max_epochs=1).fit(TinyModel(), loader(x, y))
