@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -245,9 +245,21 @@ def noise_band(
     return float(v.mean()), float(v.std()) if len(values) > 1 else 0.0
 
 
-def _mean_sd(x: Tensor) -> tuple[float, float]:
-    x = x.double()
-    return float(x.mean()), float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+def _values(x: Union[Tensor, Sequence[float]]) -> list[float]:
+    """Host values as Python floats: one ``tolist`` for a tensor (the statistics below run on the host)."""
+    return x.double().reshape(-1).tolist() if isinstance(x, Tensor) else [float(v) for v in x]
+
+
+def _mean_sd(x: Union[Tensor, Sequence[float]]) -> tuple[float, float]:
+    """Mean and standard error of the mean (unbiased variance)."""
+    v = _values(x)
+    n = len(v)
+    if n == 0:
+        return math.nan, 0.0
+    m = math.fsum(v) / n
+    if n == 1:
+        return m, 0.0
+    return m, math.sqrt(math.fsum((a - m) ** 2 for a in v) / (n - 1) / n)
 
 
 def decrease_test(first: Tensor, last: Tensor, floor: Optional[float], min_rel: float = 0.05, z: float = 3.0) -> dict:
@@ -296,7 +308,7 @@ def diverged(reference: float, last: Tensor, floor: Optional[float], factor: flo
     return {"reference": reference, "last": low, "growth": grown, "diverged": grown > factor and low > reference}
 
 
-def trend(values: Tensor) -> dict:
+def trend(values: Union[Tensor, Sequence[float]]) -> dict:
     """Least-squares slope of ``values`` over their index, its standard error and t-statistic.
 
     Example::
@@ -304,16 +316,44 @@ def trend(values: Tensor) -> dict:
         >>> round(trend(torch.arange(10.0) * -0.5)["slope"], 6)
         -0.5
     """
-    y = values.double().reshape(-1)
-    n = y.numel()
+    y = _values(values)
+    n = len(y)
     if n < 3:
         return {"slope": 0.0, "se": float("inf"), "t": 0.0}
-    x = torch.arange(n, dtype=torch.float64)
-    x = x - x.mean()
-    slope = float((x * (y - y.mean())).sum() / (x**2).sum())
-    resid = y - y.mean() - slope * x
-    se = float((resid.pow(2).sum() / (n - 2) / (x**2).sum()).sqrt())
+    ym = math.fsum(y) / n
+    x = [i - (n - 1) / 2 for i in range(n)]
+    sxx = math.fsum(a * a for a in x)
+    slope = math.fsum(a * (b - ym) for a, b in zip(x, y)) / sxx
+    se = math.sqrt(math.fsum((b - ym - slope * a) ** 2 for a, b in zip(x, y)) / (n - 2) / sxx)
     return {"slope": slope, "se": se, "t": slope / se if se > 0 else (0.0 if slope == 0 else math.copysign(math.inf, slope))}
+
+
+def above_prior_test(windows: Sequence[Sequence[float]], prior_loss: float, floor: Optional[float], rtol: float = 0.05,
+                     z: float = 3.0) -> dict:
+    """Is the loss worse than the best constant prediction, and staying there?
+
+    Above: the mean of every window in ``windows`` (consecutive stretches of steps) exceeds the prior loss by more than
+    ``rtol`` of its distance to the floor and by more than ``z`` standard errors of that mean, and the losses of all
+    windows together show no significant downward trend (``t < -z``): a network that predicts worse than the label
+    prior for every input, and is not recovering from a transient spike.
+
+    Example::
+
+        >>> above_prior_test([[1.2] * 10, [1.2] * 10], prior_loss=0.65, floor=0.0)["above"]
+        True
+        >>> above_prior_test([[0.66] * 10, [0.64] * 10], prior_loss=0.65, floor=0.0)["above"]
+        False
+    """
+    scale = max(abs(prior_loss - floor) if floor is not None else abs(prior_loss), 1e-12)
+    means, margins = [], []
+    for w in windows:
+        m, s = _mean_sd(w)
+        means.append(m)
+        margins.append(max(rtol * scale, z * s))
+    slope = trend([v for w in windows for v in _values(w)])
+    above = all(m - prior_loss > b for m, b in zip(means, margins)) and slope["t"] >= -z
+    return {"means": means, "margins": margins, "prior_loss": prior_loss, "trend": slope, "above": above,
+            "recent": means[-1]}
 
 
 def plateau_test(recent: Tensor, prior_loss: float, floor: Optional[float], rtol: float = 0.05, z: float = 3.0) -> dict:

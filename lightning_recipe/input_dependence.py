@@ -173,6 +173,14 @@ class InputDependenceCheck(RecipeCheck):
         zl = per_example_loss(spec.loss, canon_zero, yt, n)
         p = per_example_loss(spec.loss, const, yt, n)
         keep = torch.isfinite(r) & torch.isfinite(zl) & torch.isfinite(p)
+        if not bool(keep.any()):
+            bad = int((~torch.isfinite(canon_real)).sum())
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: the loss is not finite on any of the {n} "
+                                            f"{self._source} examples ({bad} of {canon_real.numel()} outputs with the "
+                                            "real inputs are NaN/Inf): nothing to compare. The weights are probably "
+                                            "NaN after a non-finite loss (see LossDecreaseCheck.finite and "
+                                            "DataCheck.finite).", step=trainer.global_step))
+            return
         res = input_dependence_test(r[keep], zl[keep], p[keep], spec.floor, self.rel_margin, self.z)
         res["max_output_change"] = float((canon_real - canon_zero).abs().max()) if canon_real.numel() else 0.0
         res["source"], res["examples"] = self._source, int(keep.sum())

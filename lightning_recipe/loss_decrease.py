@@ -15,7 +15,7 @@ from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe._conventions import planned_batches, read_losses
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import decrease_test, diverged, plateau_test, trend
+from lightning_recipe.functional import above_prior_test, decrease_test, diverged, plateau_test, trend
 
 _NONFINITE = [
     "learning rate too high (the loss exploded to inf/NaN)",
@@ -37,6 +37,12 @@ _PLATEAU = [
     "learning stalled: learning rate too low or weight decay too strong",
     "regression targets on a large scale (e.g. mean 150, std 77): standardise the targets or raise the learning rate",
 ]
+_ABOVE_PRIOR = [
+    "learning rate too high: every step overshoots, so the network stays worse than a constant prediction",
+    "the loss is computed on outputs it does not fit (e.g. probabilities fed to a logits loss, targets misaligned "
+    "with the outputs)",
+    "a term added to the loss in training_step that outweighs the data term (then pass `loss_fn=` with the full loss)",
+]
 _BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the optimiser maximises the loss"]
 
 
@@ -55,6 +61,12 @@ class LossDecreaseCheck(RecipeCheck):
     * after ``warmup_steps`` batches, once: **decreasing**: the last window's mean must be below the first window's
       by ``min_rel_decrease`` of its distance to the floor, or significantly (``z`` standard errors); the windows
       have ``window`` batches.
+    * after ``warmup_steps``, at every read after the decrease test: **not above the prior**: the means of the last two
+      windows both above the loss of a constant prediction (the larger of the best one's and the untrained network's,
+      the expected initial loss) by more than ``plateau_rtol`` of its distance to the floor and ``z`` standard errors,
+      with no significant downward trend over them, fail: a network that stays worse than a constant prediction,
+      after its loss went down (from an explosion, say), is not learning (a learning rate that overshoots at every
+      step).
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
       ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy, target
       variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)`` losses
@@ -274,10 +286,21 @@ class LossDecreaseCheck(RecipeCheck):
                                f"significant at z={self.z:g}).{diag}\n  HINT: if the model is meant to learn this "
                                "slowly, raise `warmup_steps` or lower `min_rel_decrease`.", d["last"], d["first"], step,
                                (list(_PLATEAU[:3]) if at_prior else []) + list(_FLAT), {**d, "plateau": plateau})
+        reference = max(self.prior_loss or 0.0, self.expected_initial_loss or -math.inf)
+        if plateau is not None and math.isfinite(reference):
+            above = above_prior_test([losses[-2 * w : -w], losses[-w:]], reference, self._floor,
+                                     self.plateau_rtol, self.z)
+            if above["above"]:
+                return Finding(f"{self.name}.above_prior", "fail", f"{self.name}: after {len(losses)} steps the loss "
+                               f"({above['means'][0]:.6g}, then {above['means'][1]:.6g} over the last two windows of {w} "
+                               f"steps) stays ABOVE {reference:.6g}, the loss of a constant prediction (the best one, "
+                               f"{self.prior_loss:.6g}, and the untrained network's, {_fmt(self.expected_initial_loss)}), "
+                               "and is not coming down: the network predicts worse than knowing nothing about the "
+                               "input.", above["recent"], reference, step, list(_ABOVE_PRIOR), above)
         span = max(w, self._warmup // 2)
         if plateau is not None and plateau["plateau"] and len(losses) >= w + span:
             # a plateau is flat: a slow learner passing through the prior level is still going down
-            slope = trend(torch.tensor(losses[-(w + span) :]))
+            slope = trend(losses[-(w + span) :])
             plateau["trend"] = slope
             if slope["t"] < -self.z:
                 return None

@@ -91,3 +91,18 @@ def test_pickle_and_state():
     cb = pickle.loads(pickle.dumps(InputDependenceCheck(after_steps=7)))
     cb.load_state_dict({"done": False, "batches": 5})
     assert cb.after_steps == 7 and cb.state_dict() == {"done": False, "batches": 5}
+
+
+def test_nan_weights_are_a_skip_naming_the_cause_not_a_verdict(tmp_path):
+    """A NaN loss makes every weight NaN: there is no loss to compare, and the message says so."""
+
+    class NaNAfter(TinyModel):
+        def training_step(self, batch, batch_idx):
+            loss = self.compute_loss(batch)
+            return loss * float("nan") if batch_idx == 3 else loss
+
+    L.seed_everything(0)
+    x, y = blobs(n=512)
+    f = _fit(tmp_path, NaNAfter(), loader(x, y), after_steps=10)
+    assert f.status == "skip" and "not finite on any of the 32 training examples (128 of 128 outputs" in f.message
+    assert "LossDecreaseCheck.finite" in f.message

@@ -121,3 +121,48 @@ def test_short_planned_fit_is_judged_at_half_its_length(tmp_path):
     cb, t = _fit(tmp_path, TinyModel(lr=1e-2), loader(x, y), epochs=12)
     assert cb._warmup == 36 and cb.window == 7
     assert [f.status for f in cb.findings] == ["pass"] and t.global_step == 72
+
+
+class _BreastCancerMLP(L.LightningModule):
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+        self.loss_fn, self.lr = nn.BCEWithLogitsLoss(), lr
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def _breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    return x, torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+
+
+def test_loss_staying_above_the_prior_fails_and_a_healthy_rate_passes(tmp_path):
+    """SGD at lr=5 on breast cancer: the loss explodes, comes back down, and settles ABOVE the label entropy (worse than
+    a constant prediction), which neither the decrease test (it went down from the explosion) nor the divergence test
+    (under x2) sees (here the loss also rose between two early epochs); the same model at lr=0.01 ends far below."""
+    x, y = _breast_cancer()
+    q = y.mean().item()
+    entropy = -(q * math.log(q) + (1 - q) * math.log(1 - q))
+    with pytest.warns(RecipeWarning, match="stays ABOVE"):
+        cb, _ = _fit(tmp_path, _BreastCancerMLP(lr=5.0), loader(x, y, batch_size=16), epochs=6, cbs=[HeadBiasInit()],
+                     on_fail="warn")
+    failed = {f.check: f for f in cb.findings if f.failed}
+    assert "LossDecreaseCheck.decrease" not in failed and "LossDecreaseCheck.diverge" not in failed
+    f = failed["LossDecreaseCheck.above_prior"]
+    assert f.expected == pytest.approx(entropy, rel=1e-4)  # after the bias init: the untrained loss is the prior
+    means, margins = f.details["means"], f.details["margins"]
+    assert all(m > entropy + b for m, b in zip(means, margins)) and f.details["trend"]["t"] >= -3
+    cb, _ = _fit(tmp_path, _BreastCancerMLP(lr=0.01), loader(x, y, batch_size=16), epochs=6, cbs=[HeadBiasInit()])
+    assert [f.status for f in cb.findings] == ["pass"] and cb.findings[0].measured < 0.25 * entropy
