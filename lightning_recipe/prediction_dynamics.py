@@ -58,6 +58,14 @@ class PredictionDynamics(RecipeCheck):
     O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
     1 s on a CPU), and at the end of the fit.
 
+    **Eval mode** (``PredictionDynamics.eval_mode``, at the first record; a ``warn``, it never stops the fit): two
+    forwards of the fixed batch in eval mode from two different seeds must give the same predictions (within
+    ``1e-3`` of their scale: GPU rounding passes, a dropped unit does not), since dropout is off and BatchNorm uses its
+    running statistics in eval. When they differ, forward hooks name the first submodule whose output differs and
+    whether its input already did: a functional ``F.dropout(x, p)`` (``training`` defaults to True) between two
+    modules, or a module switched back to train mode inside ``forward``. A model that samples on purpose (a VAE, MC
+    dropout) gets this warning by design.
+
     **Jitter.** Each drawing also logs ``recipe/prediction_jitter``, the :func:`jitter_index` of the snapshots: how
     much the predictions move back and forth from one snapshot to the next, beyond their trend, relative to how far
     they travel (0: every prediction moves monotonically; 1: every snapshot reverses the previous one). At the end of
@@ -130,6 +138,62 @@ class PredictionDynamics(RecipeCheck):
         self._every = self.every_n_steps or _auto_every(trainer)
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
+            finding = self._eval_randomness(trainer, pl_module)
+            if finding.status == "warn":
+                rank_zero_warn(finding.message, category=RecipeWarning)
+            self.findings.append(finding)
+
+    def _eval_randomness(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Finding:
+        """Two forwards of the fixed batch in eval mode, from two different seeds, must agree (dropout is off in
+        eval); where they do not, the first submodule (in execution order) whose output differs is named."""
+        assert self._batch is not None
+        x = self._batch[0]
+        names = {m: n for n, m in pl_module.named_modules()}
+
+        def run(seed: int) -> tuple[Tensor, list[tuple[str, Tensor]]]:
+            seen: list[tuple[str, Tensor]] = []  # per call: module name, (input, output) fingerprints
+
+            def hook(module: Any, args: Any, out: Any) -> None:
+                inp = next((a for a in args if isinstance(a, Tensor)), None)
+                seen.append((names.get(module, "?"), torch.stack([_fingerprint(inp), _fingerprint(out)])))
+
+            handles = [m.register_forward_hook(hook) for m in pl_module.modules() if m is not pl_module]
+            try:
+                with probe_mode(trainer, pl_module):
+                    torch.manual_seed(seed)  # inside the isolated random state
+                    out = run_forward(pl_module, x, self._settings.forward).detach().float()
+            finally:
+                for h in handles:
+                    h.remove()
+            return out, seen
+
+        (a, seen_a), (b, seen_b) = run(1), run(2)
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        name = f"{self.name}.eval_mode"
+        if not diff > _EVAL_RTOL * max(scale, 1e-12):
+            return Finding(name, "pass", f"{self.name}: two forwards of the fixed batch in eval mode from different "
+                           "seeds give the same predictions (dropout and other noise are off in eval).", diff,
+                           _EVAL_RTOL * scale, trainer.global_step)
+        where = ""
+        if len(seen_a) == len(seen_b):
+            fa = torch.stack([f for _, f in seen_a]) if seen_a else torch.empty(0, 2, 2)  # (calls, in/out, 2 sums)
+            fb = torch.stack([f for _, f in seen_b]) if seen_b else torch.empty(0, 2, 2)
+            differs = ((fa - fb).abs() > _EVAL_RTOL * (fa.abs() + fb.abs() + 1e-12)).any(-1).tolist()
+            first = next((i for i, (_, out_differs) in enumerate(differs) if out_differs), None)
+            if first is not None:
+                module = seen_a[first][0]
+                where = (f" The first module whose output differs is `{module}`, and its input already differs: the "
+                         "randomness is in code between modules (a functional `F.dropout(x, p)`, which defaults to "
+                         "training=True, or noise added in a forward)." if differs[first][0] else
+                         f" The first module whose output differs is `{module}`, on the same input: the module itself "
+                         "is random in eval mode (switched back to train mode, or noise inside it).")
+        return Finding(name, "warn", f"{self.name}: two forwards of the fixed batch in EVAL mode from different seeds "
+                       f"give different predictions (largest difference {diff:.4g}, predictions up to {scale:.4g}): "
+                       f"something random runs when the model is evaluated, so validation metrics are noisy and "
+                       f"biased.{where} HINT: if the model samples on purpose (a VAE, MC dropout), this is expected.",
+                       diff, _EVAL_RTOL * scale, trainer.global_step, list(_EVAL_RANDOM),
+                       {"max_difference": diff, "scale": scale})
 
     # -- records --------------------------------------------------------------------------------------------------
     def _summarise(self, out: Tensor, y: Tensor) -> Tensor:
@@ -291,6 +355,22 @@ def _auto_every(trainer: "pl.Trainer") -> int:
     if math.isfinite(per_epoch) and per_epoch >= 1:
         every = min(every, int(per_epoch))
     return max(10, every)
+
+
+_EVAL_RTOL = 1e-3  # relative difference between two eval forwards that is not rounding
+_EVAL_RANDOM = [
+    "functional dropout `F.dropout(x, p)`: its `training` argument defaults to True; pass `training=self.training`",
+    "noise or sampling in forward that does not check `self.training`",
+    "a Dropout/BatchNorm module switched back to train mode inside forward (`.train()`)",
+]
+
+
+def _fingerprint(t: Any) -> Tensor:
+    """Two sums that tell two tensors apart (without keeping the activations), on the tensor's device."""
+    if not isinstance(t, Tensor) or not t.numel() or not (t.is_floating_point() or t.is_complex()):
+        return torch.zeros(2)
+    v = t.detach().float()
+    return torch.stack([v.sum(), v.abs().sum()]).cpu()
 
 
 _FROZEN = [

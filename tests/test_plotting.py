@@ -214,7 +214,8 @@ def _dynamics_fit(tmp_path, logger=False, **model_kwargs):
 def test_healthy_training_has_low_jitter_and_logs_it(tmp_path):
     csv_logger = CSVLogger(str(tmp_path))
     cb = _dynamics_fit(tmp_path, csv_logger, lr=1e-2)
-    (finding,) = cb.findings
+    eval_mode, finding = cb.findings  # the eval-mode determinism check at the start, the jitter at the end
+    assert eval_mode.check == "PredictionDynamics.eval_mode" and eval_mode.status == "pass"
     assert finding.status == "pass" and finding.check == "PredictionDynamics"
     assert finding.expected == pytest.approx(jitter_index(np.random.default_rng(0).standard_normal((25, 512)))[
         "index"] / 2, rel=0.02)
@@ -228,7 +229,8 @@ def test_healthy_training_has_low_jitter_and_logs_it(tmp_path):
 def test_learning_rate_too_high_thrashes(tmp_path):
     with pytest.warns(RecipeWarning, match="THRASH"):
         cb = _dynamics_fit(tmp_path, lr=6.0, optimizer="sgd")
-    (finding,) = cb.findings
+    eval_mode, finding = cb.findings  # the eval-mode determinism check at the start, the jitter at the end
+    assert eval_mode.check == "PredictionDynamics.eval_mode" and eval_mode.status == "pass"
     assert finding.status == "warn" and finding.check == "PredictionDynamics.jitter"
     assert finding.measured > 1.5 * finding.expected and finding.details["jitter"] > 0.01  # 0.25 vs 0.111
     assert "learning rate too high: each step overshoots and the next one corrects" in finding.causes
@@ -237,6 +239,7 @@ def test_learning_rate_too_high_thrashes(tmp_path):
 def test_learning_rate_zero_freezes_the_predictions(tmp_path):
     with pytest.warns(RecipeWarning, match="FROZEN"):
         cb = _dynamics_fit(tmp_path, lr=0.0, optimizer="sgd")
-    (finding,) = cb.findings
+    eval_mode, finding = cb.findings  # the eval-mode determinism check at the start, the jitter at the end
+    assert eval_mode.check == "PredictionDynamics.eval_mode" and eval_mode.status == "pass"
     assert finding.status == "warn" and finding.measured == 0.0 and finding.details["frozen"]
     assert finding.details["snapshots"] == 25

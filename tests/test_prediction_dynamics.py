@@ -95,3 +95,52 @@ def test_default_spacing_keeps_even_records_when_the_fit_stops_early(tmp_path):
     short = PredictionDynamics(num_samples=4)
     trainer(tmp_path / "short", [short], max_epochs=5).fit(TinyModel(), loader(x, y, batch_size=8))
     assert short.steps == [0, 10, 20, 30, 40]  # 40 planned batches: every max(10, ceil(40 / 50))
+
+
+class _FunctionalDropout(TinyModel):
+    """Broken: ``F.dropout`` without ``training=self.training`` also drops units in eval mode."""
+
+    def forward(self, x):
+        h = torch.nn.functional.dropout(self.net[1](self.net[0](x)), 0.3)
+        return self.net[2](h)
+
+
+class _DropoutForcedOn(TinyModel):
+    """Broken: a Dropout module switched back to train mode inside forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 4))
+
+    def forward(self, x):
+        self.net[2].train()
+        return self.net(x)
+
+
+class _Dropout(_DropoutForcedOn):
+    def forward(self, x):
+        return self.net(x)
+
+
+def _eval_mode(tmp_path, model):
+    L.seed_everything(0)
+    x, y = blobs(n=128)
+    cb = PredictionDynamics(every_n_steps=4)
+    trainer(tmp_path, [cb], max_steps=2).fit(model, loader(x, y))
+    return next(f for f in cb.findings if f.check == "PredictionDynamics.eval_mode")
+
+
+def test_randomness_in_eval_mode_warns_and_names_where_it_starts(tmp_path):
+    import pytest
+
+    from lightning_recipe import RecipeWarning
+
+    with pytest.warns(RecipeWarning, match="EVAL mode"):
+        f = _eval_mode(tmp_path, _FunctionalDropout())
+    assert f.status == "warn" and "`net.2`, and its input already differs" in f.message
+    assert f.measured > f.expected > 0 and "F.dropout" in f.causes[0]
+    f = _eval_mode(tmp_path, _DropoutForcedOn())
+    assert f.status == "warn" and "`net.2`, on the same input: the module itself is random" in f.message
+    # nn.Dropout, switched off by eval(): two forwards agree exactly
+    f = _eval_mode(tmp_path, _Dropout())
+    assert f.status == "pass" and f.measured == 0.0
