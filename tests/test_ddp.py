@@ -64,7 +64,15 @@ class Probe(Callback):
             f.write(event + "\n")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        import atexit
+
         import matplotlib.figure
+        from lightning.fabric.utilities.distributed import _destroy_dist_connection
+
+        # Lightning destroys an NCCL process group at exit, not a gloo one: a gloo group left to the interpreter's
+        # finalisation now and then aborts the worker ("terminate called without an active exception") after the fit
+        # has finished, which fails the spawn. Destroy it at exit, as Lightning does for NCCL.
+        atexit.register(_destroy_dist_connection)
 
         import lightning_recipe._base as base
 
