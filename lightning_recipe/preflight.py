@@ -230,6 +230,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model_cls = _import(args.model or _class_path(config.get("model")), "MODEL")
         data_path = args.data or _class_path(config.get("data"))
         data_cls = _import(data_path, "DATA") if data_path else None
+        seed = args.seed if args.seed is not None else int(config.get("seed_everything") or 0)
+        pl.seed_everything(seed, verbose=False)  # before the classes are built, as LightningCLI does: the same init
         model = _instantiate(model_cls, _init_args(config.get("model")), "model")
         data = _instantiate(data_cls, _init_args(config.get("data")), "data") if data_cls is not None else None
         if data is not None and not isinstance(data, pl.LightningDataModule):
@@ -239,7 +241,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if data is None and type(model).train_dataloader is pl.LightningModule.train_dataloader:
             raise RecipeConfigError(f"{type(model).__name__} has no train_dataloader(): pass a LightningDataModule "
                                     "as DATA (or `data:` with `class_path` in --config).")
-        seed = args.seed if args.seed is not None else int(config.get("seed_everything") or 0)
         callables = {k: _import(getattr(args, k), f"--{k.replace('_', '-')}", call=True) if getattr(args, k) else None
                      for k in ("loss_fn", "split_batch", "forward")}
     except (RecipeConfigError, ImportError, AttributeError, TypeError, ValueError, OSError) as err:

@@ -50,6 +50,10 @@ def test_healthy_module_passes(tmp_path, capsys):
     initial = next(f for f in report["findings"] if f["check"] == "InitialLossCheck")
     assert initial["expected"] == pytest.approx(math.log(3), abs=0.1)  # ~label entropy of three wine cultivars
     assert "preflight passed" in out and "report: " in out and "report.html" in out
+    # the seed is set before the classes are built: a second run gives the same numbers
+    assert _run(tmp_path / "again", f"{DEMO}:Model", f"{DEMO}:DataModule", "--steps", "50", "--overfit-steps", "100") == 0
+    again = _report(tmp_path / "again")
+    assert [(f["check"], f["measured"]) for f in again["findings"]] == [(f["check"], f["measured"]) for f in report["findings"]]
 
 
 def test_broken_module_fails_with_the_check_that_catches_it(tmp_path, capsys):
