@@ -138,7 +138,11 @@ class PredictionDynamics(RecipeCheck):
         self._every = self.every_n_steps or _auto_every(trainer)
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
-            finding = self._eval_randomness(trainer, pl_module)
+            try:
+                finding = self._eval_randomness(trainer, pl_module)
+            except Exception as err:  # an aid, never a reason to stop the records
+                finding = Finding(f"{self.name}.eval_mode", "skip", f"{self.name}: the eval-mode comparison could not "
+                                  f"run: {type(err).__name__}: {err}.")
             if finding.status == "warn":
                 rank_zero_warn(finding.message, category=RecipeWarning)
             self.findings.append(finding)
@@ -157,8 +161,14 @@ class PredictionDynamics(RecipeCheck):
                 inp = next((a for a in args if isinstance(a, Tensor)), None)
                 seen.append((names.get(module, "?"), torch.stack([_fingerprint(inp), _fingerprint(out)])))
 
-            handles = [m.register_forward_hook(hook) for m in pl_module.modules() if m is not pl_module]
+            handles = []
             try:
+                for m in pl_module.modules():
+                    if m is not pl_module:
+                        try:
+                            handles.append(m.register_forward_hook(hook))
+                        except RuntimeError:  # a scripted/traced submodule takes no hook: it goes unnamed
+                            pass
                 with probe_mode(trainer, pl_module):
                     torch.manual_seed(seed)  # inside the isolated random state
                     out = run_forward(pl_module, x, self._settings.forward).detach().float()
@@ -171,29 +181,32 @@ class PredictionDynamics(RecipeCheck):
         diff = float((a - b).abs().max()) if a.numel() else 0.0
         scale = float(a.abs().max()) if a.numel() else 0.0
         name = f"{self.name}.eval_mode"
-        if not diff > _EVAL_RTOL * max(scale, 1e-12):
-            return Finding(name, "pass", f"{self.name}: two forwards of the fixed batch in eval mode from different "
-                           "seeds give the same predictions (dropout and other noise are off in eval).", diff,
-                           _EVAL_RTOL * scale, trainer.global_step)
-        where = ""
-        if len(seen_a) == len(seen_b):
-            fa = torch.stack([f for _, f in seen_a]) if seen_a else torch.empty(0, 2, 2)  # (calls, in/out, 2 sums)
-            fb = torch.stack([f for _, f in seen_b]) if seen_b else torch.empty(0, 2, 2)
+        first: Optional[int] = None
+        differs: list[list[bool]] = []
+        if len(seen_a) == len(seen_b) and seen_a:
+            fa = torch.stack([f for _, f in seen_a])  # (calls, input/output, 2 sums)
+            fb = torch.stack([f for _, f in seen_b])
             differs = ((fa - fb).abs() > _EVAL_RTOL * (fa.abs() + fb.abs() + 1e-12)).any(-1).tolist()
-            first = next((i for i, (_, out_differs) in enumerate(differs) if out_differs), None)
-            if first is not None:
-                module = seen_a[first][0]
-                where = (f" The first module whose output differs is `{module}`, and its input already differs: the "
-                         "randomness is in code between modules (a functional `F.dropout(x, p)`, which defaults to "
-                         "training=True, or noise added in a forward)." if differs[first][0] else
-                         f" The first module whose output differs is `{module}`, on the same input: the module itself "
-                         "is random in eval mode (switched back to train mode, or noise inside it).")
+            first = next((i for i, row in enumerate(differs) if any(row)), None)  # its input or its output
+        if not diff > _EVAL_RTOL * max(scale, 1e-12) and first is None:
+            return Finding(name, "pass", f"{self.name}: two forwards of the fixed batch in eval mode from different "
+                           "seeds give the same predictions, module by module (dropout and other noise are off in "
+                           "eval).", diff, _EVAL_RTOL * scale, trainer.global_step)
+        where = ""
+        if first is not None:
+            module = seen_a[first][0]
+            where = (f" The first module whose input or output differs is `{module}`, and its input differs: the "
+                     "randomness is in code between modules (a functional `F.dropout(x, p)`, which defaults to "
+                     "training=True, or noise added in a forward)." if differs[first][0] else
+                     f" The first module whose output differs is `{module}`, on the same input: the module itself "
+                     "is random in eval mode (switched back to train mode, or noise inside it).")
         return Finding(name, "warn", f"{self.name}: two forwards of the fixed batch in EVAL mode from different seeds "
-                       f"give different predictions (largest difference {diff:.4g}, predictions up to {scale:.4g}): "
-                       f"something random runs when the model is evaluated, so validation metrics are noisy and "
-                       f"biased.{where} HINT: if the model samples on purpose (a VAE, MC dropout), this is expected.",
-                       diff, _EVAL_RTOL * scale, trainer.global_step, list(_EVAL_RANDOM),
-                       {"max_difference": diff, "scale": scale})
+                       f"give different results (largest difference of the predictions {diff:.4g}, predictions up to "
+                       f"{scale:.4g}): something random runs when the model is evaluated, so validation metrics are "
+                       f"noisy and biased.{where} HINT: if the model samples on purpose (a VAE, MC dropout), this is "
+                       "expected.", diff, _EVAL_RTOL * scale, trainer.global_step, list(_EVAL_RANDOM),
+                       {"max_difference": diff, "scale": scale, "first_module": seen_a[first][0] if first is not None
+                        else None})
 
     # -- records --------------------------------------------------------------------------------------------------
     def _summarise(self, out: Tensor, y: Tensor) -> Tensor:

@@ -137,10 +137,26 @@ def test_randomness_in_eval_mode_warns_and_names_where_it_starts(tmp_path):
 
     with pytest.warns(RecipeWarning, match="EVAL mode"):
         f = _eval_mode(tmp_path, _FunctionalDropout())
-    assert f.status == "warn" and "`net.2`, and its input already differs" in f.message
+    assert f.status == "warn" and "`net.2`, and its input differs" in f.message
     assert f.measured > f.expected > 0 and "F.dropout" in f.causes[0]
     f = _eval_mode(tmp_path, _DropoutForcedOn())
     assert f.status == "warn" and "`net.2`, on the same input: the module itself is random" in f.message
     # nn.Dropout, switched off by eval(): two forwards agree exactly
     f = _eval_mode(tmp_path, _Dropout())
     assert f.status == "pass" and f.measured == 0.0
+
+
+def test_eval_randomness_hidden_by_a_zero_head_and_a_scripted_submodule(tmp_path):
+    """The modules are compared one by one: dropout left on before a zero-initialised head still shows; a scripted
+    submodule (which takes no hook) does not stop the records."""
+    model = _FunctionalDropout()
+    torch.nn.init.zeros_(model.net[2].weight)  # the predictions are the bias alone, whatever the dropout does
+    f = _eval_mode(tmp_path, model)
+    assert f.status == "warn" and f.measured == 0.0 and f.details["first_module"] == "net.2"
+    scripted = _Dropout()
+    scripted.net[0] = torch.jit.script(scripted.net[0])
+    L.seed_everything(0)
+    x, y = blobs(n=128)
+    cb = PredictionDynamics(every_n_steps=4, head="net.3")  # given: head detection hooks every biased module
+    trainer(tmp_path, [cb], max_steps=8).fit(scripted, loader(x, y))
+    assert [f.status for f in cb.findings] == ["pass", "pass"] and cb.steps[:2] == [0, 4]
