@@ -54,6 +54,9 @@ class FitContext:
                 out, self.head_how = call(), "given by `head=`"
         self.initial_output = out.detach()
         self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task)
+        if self.spec.probabilities and self.head is not None and self.head_how.startswith("output identical"):
+            # BCELoss on the head's own output: logits that happen to lie in [0, 1]; training_step applies the sigmoid
+            self.spec.probabilities = False
         canon = self.spec.canonical_outputs(out.detach().float())
         self.head_error: Optional[str] = None
         if self.head is None:

@@ -268,7 +268,8 @@ def resolve_task(
         num_outputs = per_out
     spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
                     num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft,
-                    probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel"))
+                    probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel") and outputs.numel() > 0
+                    and bool(((outputs >= 0) & (outputs <= 1)).all()))
     if isinstance(loss_fn, nn.Module):
         w = getattr(loss_fn, "weight", None)
         spec.weight = w.detach().float().cpu() if isinstance(w, Tensor) and task == "multiclass" else None

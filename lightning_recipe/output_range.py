@@ -86,6 +86,9 @@ class OutputRangeCheck(_OnceCheck):
             finding = self._range(trainer, pl_module, ctx)
         elif spec.probabilities:
             finding = self._probabilities(trainer, pl_module, ctx)
+        elif spec.loss_name == "BCELoss":
+            finding = Finding(self.name, "pass", f"{self.name}: the model's outputs are logits (not all in [0, 1], or "
+                              f"the head's own output), so training_step applies the sigmoid before {spec.loss_name}.")
         else:
             finding = Finding(self.name, "skip", f"{self.name}: the loss {spec.loss_name or '<callable>'} has no known "
                               "output scale to check.")

@@ -66,3 +66,29 @@ def test_double_sigmoid_before_bceloss_fails_and_a_healthy_fit_passes_strict(tmp
     q = y.mean().item()
     assert decrease.expected == pytest.approx(_bce(q, q), rel=1e-5)  # the prior loss: the label entropy
     assert decrease.measured < 0.5 * decrease.expected  # the model learned
+
+
+class _LogitsThenSigmoidInStep(TinyModel):
+    """forward returns logits; training_step applies the sigmoid before ``nn.BCELoss`` (also common)."""
+
+    def __init__(self) -> None:
+        super().__init__(out_dim=1, loss_fn=nn.BCELoss())
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return self.loss_fn(torch.sigmoid(self(x)), y)
+
+
+def test_bceloss_on_logits_returned_by_forward(tmp_path):
+    x, y = _data()
+    p = y.mean().item()
+    model = _LogitsThenSigmoidInStep()
+    with torch.no_grad():
+        model.net[-1].bias.fill_(0.5)
+        model.net[-1].weight.mul_(1e-3)  # every initial logit near 0.5: inside [0, 1], yet logits
+    bias, outputs, initial = HeadBiasInit(), OutputRangeCheck(), InitialLossCheck()
+    trainer(tmp_path, [bias, outputs, initial], max_steps=1).fit(model, loader(x, y, shuffle=False))
+    assert outputs.findings[0].status == "pass" and "training_step applies the sigmoid" in outputs.findings[0].message
+    assert bias.findings[0].measured == pytest.approx(_bce(p, p), rel=1e-5)
+    assert initial.findings[0].status == "pass"
+    assert initial.findings[0].expected == pytest.approx(_bce(p, y[:32].mean().item()), rel=1e-5)
