@@ -334,8 +334,9 @@ def above_prior_test(windows: Sequence[Sequence[float]], prior_loss: float, floo
 
     Above: the mean of every window in ``windows`` (consecutive stretches of steps) exceeds the prior loss by more than
     ``rtol`` of its distance to the floor and by more than ``z`` standard errors of that mean, and the losses of all
-    windows together show no significant downward trend (``t < -z``): a network that predicts worse than the label
-    prior for every input, and is not recovering from a transient spike.
+    windows together show no significant downward trend (``t < -z``) nor the last window a mean below the first's by
+    more than ``z`` standard errors of their difference: a network that predicts worse than the label prior for every
+    input, and is not recovering from a transient spike.
 
     Example::
 
@@ -345,13 +346,15 @@ def above_prior_test(windows: Sequence[Sequence[float]], prior_loss: float, floo
         False
     """
     scale = max(abs(prior_loss - floor) if floor is not None else abs(prior_loss), 1e-12)
-    means, margins = [], []
+    means, margins, ses = [], [], []
     for w in windows:
         m, s = _mean_sd(w)
         means.append(m)
+        ses.append(s)
         margins.append(max(rtol * scale, z * s))
     slope = trend([v for w in windows for v in _values(w)])
-    above = all(m - prior_loss > b for m, b in zip(means, margins)) and slope["t"] >= -z
+    falling = means[0] - means[-1] > z * math.sqrt(ses[0] ** 2 + ses[-1] ** 2)
+    above = all(m - prior_loss > b for m, b in zip(means, margins)) and slope["t"] >= -z and not falling
     return {"means": means, "margins": margins, "prior_loss": prior_loss, "trend": slope, "above": above,
             "recent": means[-1]}
 

@@ -64,7 +64,9 @@ class LossDecreaseCheck(RecipeCheck):
     * after ``warmup_steps``, at every read after the decrease test: **not above the prior**: the means of the last two
       windows both above the loss of a constant prediction (the larger of the best one's and the untrained network's,
       the expected initial loss) by more than ``plateau_rtol`` of its distance to the floor and ``z`` standard errors,
-      with no significant downward trend over them, fail: a network that stays worse than a constant prediction,
+      with no significant downward trend over them and the last not significantly below the other, fail (only when
+      the first loss was within ``divergence_ratio`` of that constant prediction's, measured from the floor: a
+      training_step that adds auxiliary or penalty terms to the loss starts far above it and is not judged): a network that stays worse than a constant prediction,
       after its loss went down (from an explosion, say), is not learning (a learning rate that overshoots at every
       step).
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
@@ -287,7 +289,11 @@ class LossDecreaseCheck(RecipeCheck):
                                "slowly, raise `warmup_steps` or lower `min_rel_decrease`.", d["last"], d["first"], step,
                                (list(_PLATEAU[:3]) if at_prior else []) + list(_FLAT), {**d, "plateau": plateau})
         reference = max(self.prior_loss or 0.0, self.expected_initial_loss or -math.inf)
-        if plateau is not None and math.isfinite(reference):
+        # only when the training loss is the loss the prior is computed with: the first loss agrees with the
+        # constant prediction's (a training_step that adds auxiliary or penalty terms starts far above it)
+        base = self._floor if self._floor is not None else 0.0
+        comparable = math.isfinite(losses[0]) and losses[0] - base <= self.divergence_ratio * abs(reference - base)
+        if plateau is not None and math.isfinite(reference) and comparable:
             above = above_prior_test([losses[-2 * w : -w], losses[-w:]], reference, self._floor,
                                      self.plateau_rtol, self.z)
             if above["above"]:

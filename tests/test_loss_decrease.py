@@ -166,3 +166,26 @@ def test_loss_staying_above_the_prior_fails_and_a_healthy_rate_passes(tmp_path):
     assert all(m > entropy + b for m, b in zip(means, margins)) and f.details["trend"]["t"] >= -3
     cb, _ = _fit(tmp_path, _BreastCancerMLP(lr=0.01), loader(x, y, batch_size=16), epochs=6, cbs=[HeadBiasInit()])
     assert [f.status for f in cb.findings] == ["pass"] and cb.findings[0].measured < 0.25 * entropy
+
+
+def test_a_training_loss_with_an_auxiliary_term_is_not_judged_against_the_prior(tmp_path):
+    """Class cross-entropy plus an auxiliary MSE on a noisy target: the training loss stays above log 4 for good
+    (the auxiliary term's noise floor), but it starts far above the constant prediction's loss, so it is not compared
+    with it; it decreases, and passes."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class MultiTask(TinyModel):
+        def __init__(self):
+            super().__init__(lr=3e-3)
+            self.aux = nn.Linear(8, 1)
+
+        def training_step(self, batch, batch_idx):
+            x, y, z = batch
+            return self.loss_fn(self(x), y) + F.mse_loss(self.aux(x), z)
+
+    x, y = blobs(n=1024)
+    z = x[:, :1] + 1.2 * torch.randn(len(x), 1, generator=torch.Generator().manual_seed(1))  # noise floor ~1.44
+    cb, t = _fit(tmp_path, MultiTask(), DataLoader(TensorDataset(x, y, z), batch_size=32, shuffle=True), epochs=10)
+    assert [f.status for f in cb.findings] == ["pass"]
+    assert cb.losses[0] > 2 * cb.prior_loss and min(cb.losses[-32:]) > cb.prior_loss  # above the prior for good
