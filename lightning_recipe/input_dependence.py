@@ -174,12 +174,14 @@ class InputDependenceCheck(RecipeCheck):
         p = per_example_loss(spec.loss, const, yt, n)
         keep = torch.isfinite(r) & torch.isfinite(zl) & torch.isfinite(p)
         if not bool(keep.any()):
-            bad = int((~torch.isfinite(canon_real)).sum())
-            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: the loss is not finite on any of the {n} "
-                                            f"{self._source} examples ({bad} of {canon_real.numel()} outputs with the "
-                                            "real inputs are NaN/Inf): nothing to compare. The weights are probably "
-                                            "NaN after a non-finite loss (see LossDecreaseCheck.finite and "
-                                            "DataCheck.finite).", step=trainer.global_step))
+            bad_real, bad_zero = int((~torch.isfinite(r)).sum()), int((~torch.isfinite(zl)).sum())
+            why = (f"the model's own outputs are NaN/Inf on {bad_real} of them: the weights are probably NaN after a "
+                   "non-finite loss (see LossDecreaseCheck.finite and DataCheck.finite)" if bad_real else
+                   f"the zeroed inputs give NaN/Inf on {bad_zero} of them (a model that normalises its input divides "
+                   "by zero): pass `baseline=` (e.g. inputs shuffled across the batch)" if bad_zero else
+                   "the label-prior loss is not finite")
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no loss to compare on the {n} "
+                                            f"{self._source} examples: {why}.", step=trainer.global_step))
             return
         res = input_dependence_test(r[keep], zl[keep], p[keep], spec.floor, self.rel_margin, self.z)
         res["max_output_change"] = float((canon_real - canon_zero).abs().max()) if canon_real.numel() else 0.0

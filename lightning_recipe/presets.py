@@ -145,9 +145,10 @@ class Recipe(Callback):
     so the bundle costs Lightning one callback dispatch per hook instead of one per check. A child hook set to
     ``None`` is skipped for the rest of the stage (the checks do so once their per-batch work is over), and a
     per-batch hook left with no child is set to ``None`` on the ``Recipe`` itself, which Lightning skips without a
-    call. An unexpected error of a child in ``"warn"`` mode, on one process, switches that child off for the rest of
-    the stage with a ``skip`` finding and a :class:`RecipeWarning` (``recommended()`` never stops a fit); in
-    ``"raise"`` mode, or under several processes, it is raised. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
+    call. An unexpected error of a child in ``"warn"`` mode, on one process, in a hook of the fit (``on_*``; not
+    ``setup`` or the checkpoint hooks) switches that child off for the rest of the stage (its ``teardown`` still
+    runs) with a ``skip`` finding and a :class:`RecipeWarning`; in ``"raise"`` mode, or under several processes, it
+    is raised. Its ``state_key`` is ``"Recipe"`` whatever the preset or ``exclude``
     (a checkpoint resumes with another preset); a checkpoint written with the checks as separate callbacks is read
     too. Two ``Recipe`` callbacks in one Trainer would share the key: hold all checks in one.
 
@@ -318,7 +319,8 @@ class Recipe(Callback):
         """The children that implement ``hook`` (a child keeping Callback's no-op is not called)."""
         plan = self._plan.get(hook)
         if plan is None:
-            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook) and id(cb) not in self._broken]
+            plan = self._plan[hook] = [cb for cb in self.callbacks if _overrides(cb, hook)
+                                       and (id(cb) not in self._broken or hook == "teardown")]
         return plan
 
     def _contain(self, trainer: "pl.Trainer", cb: Callback, hook: str, err: Exception) -> None:
@@ -332,7 +334,7 @@ class Recipe(Callback):
             raise err
         self._broken.add(id(cb))
         for h in list(self._plan):
-            if cb in self._plan[h]:
+            if cb in self._plan[h] and h != "teardown":  # teardown still reaches it: it releases what it holds
                 self._drop(h, cb)
         frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
         where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""

@@ -104,5 +104,16 @@ def test_nan_weights_are_a_skip_naming_the_cause_not_a_verdict(tmp_path):
     L.seed_everything(0)
     x, y = blobs(n=512)
     f = _fit(tmp_path, NaNAfter(), loader(x, y), after_steps=10)
-    assert f.status == "skip" and "not finite on any of the 32 training examples (128 of 128 outputs" in f.message
+    assert f.status == "skip" and "own outputs are NaN/Inf on 32 of them: the weights are probably NaN" in f.message
     assert "LossDecreaseCheck.finite" in f.message
+
+
+def test_a_model_that_normalises_its_input_gets_the_baseline_hint(tmp_path):
+    class Normalises(TinyModel):
+        def forward(self, x):
+            return self.net(x / x.norm(dim=1, keepdim=True))  # zeroed inputs: 0 / 0
+
+    L.seed_everything(0)
+    x, y = blobs(n=512)
+    f = _fit(tmp_path, Normalises(), loader(x, y), after_steps=10)
+    assert f.status == "skip" and "zeroed inputs give NaN/Inf on 32 of them" in f.message and "`baseline=`" in f.message

@@ -323,6 +323,9 @@ class _Breaks(RecipeCheck):
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.batches += 100  # never reached once switched off
 
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.torn_down = stage  # still reached: it releases what it holds
+
 
 def test_an_internal_error_of_a_warn_check_switches_it_off_and_training_goes_on(tmp_path):
     from lightning_recipe import LossDecreaseCheck
@@ -335,6 +338,7 @@ def test_an_internal_error_of_a_warn_check_switches_it_off_and_training_goes_on(
         t = trainer(tmp_path, [recipe], max_epochs=2)
         t.fit(TinyModel(), loader(x, y))
     assert t.global_step == 16 and broken.batches == 3  # training finished; the broken check was not called again
+    assert broken.torn_down == "fit"
     assert [f.status for f in broken.findings] == ["skip"] and broken.findings[0].details["hook"] == "on_train_batch_end"
     assert len(decrease.losses) == 16 and decrease.findings  # the other check went on
     assert any(f["check"] == "_Breaks" for f in json.load(open(tmp_path / "recipe" / "report.json"))["findings"])
