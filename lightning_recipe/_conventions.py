@@ -350,10 +350,13 @@ def find_head(pl_module: nn.Module, call: Callable[[], Tensor]) -> tuple[Optiona
     names = {m: n for n, m in pl_module.named_modules()}
     seen: list[tuple[nn.Module, Any]] = []
     handles = []
-    for m in pl_module.modules():
-        if isinstance(getattr(m, "bias", None), nn.Parameter):
-            handles.append(m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out))))
     try:
+        for m in pl_module.modules():
+            if isinstance(getattr(m, "bias", None), nn.Parameter):
+                try:
+                    handles.append(m.register_forward_hook(lambda mod, _i, out: seen.append((mod, out))))
+                except RuntimeError:  # a scripted/traced submodule takes no hook: it cannot be found (pass `head=`)
+                    pass
         output = call()
     finally:
         for h in handles:

@@ -132,10 +132,10 @@ class BatchIndependenceCheck(_OnceCheck):
         x = inputs[:n].detach()
         try:
             model = copy.deepcopy(pl_module)
-        except Exception as err:  # an uncopyable module: say so rather than touch the training model
+            for p in model.parameters():
+                p.requires_grad_(False)
+        except Exception as err:  # an uncopyable module (e.g. a scripted part): say so rather than touch the original
             return self._skip(f"could not copy the model ({type(err).__name__}: {err}).")
-        for p in model.parameters():
-            p.requires_grad_(False)
         holder: dict[str, Any] = {}
         handles = []
         what = "the inputs"

@@ -205,3 +205,23 @@ def test_multiple_train_dataloaders(tmp_path: Any, kind: str) -> None:
     initial = next(f for f in findings if f.check == "InitialLossCheck")
     assert initial.status == "skip" and "`split_batch=" in initial.message
     assert _status(findings, "PredictionDynamics") == ["pass"]
+
+
+def test_a_scripted_submodule_works_under_strict(tmp_path):
+    """torch.jit modules take no forward hook and do not copy like eager ones: the head is found among the others,
+    the batch-independence check (which runs on a copy) is skipped with its reason, the rest runs."""
+    import lightning_recipe as lr
+
+    class Scripted(TinyModel):
+        def __init__(self):
+            super().__init__()
+            self.net[0] = torch.jit.script(torch.nn.Linear(8, 32))
+
+    L.seed_everything(0)
+    x, y = blobs(512)
+    t = trainer(tmp_path, lr.strict(), max_epochs=4)
+    t.fit(Scripted(), loader(x, y))
+    status = {f.check: f.status for f in lr.collect_findings(t)}
+    assert status["BatchIndependenceCheck"] == "skip" and status["HeadBiasInit"] == "pass"
+    assert status["InitialLossCheck"] == "pass" and status["PredictionDynamics.eval_mode"] == "pass"
+    assert "fail" not in status.values()
