@@ -27,6 +27,23 @@ BATCH_HOOKS = (
 )
 
 
+def null_hook(obj: Callback, hook: str, replace: bool = True) -> None:
+    """Set the per-batch ``hook`` of ``obj`` to None for the rest of the stage (Lightning skips a None hook);
+    :func:`restore_hooks` gives it back. With ``replace=False`` an instance attribute already there is left alone."""
+    assert hook in BATCH_HOOKS, hook
+    if not replace and hook in obj.__dict__:
+        return
+    obj.__dict__[hook] = None
+    obj.__dict__.setdefault("_retired", set()).add(hook)
+
+
+def restore_hooks(obj: Callback) -> None:
+    """Undo :func:`null_hook` (at ``setup``: each stage starts with every hook)."""
+    for hook in obj.__dict__.pop("_retired", ()):
+        if obj.__dict__.get(hook, 0) is None:
+            del obj.__dict__[hook]
+
+
 def recipe_dir(trainer: "pl.Trainer") -> str:
     """``<log_dir>/recipe``. Call it on every rank (``trainer.log_dir`` broadcasts under DDP)."""
     base = trainer.log_dir or trainer.default_root_dir
@@ -124,16 +141,8 @@ class RecipeCheck(Callback):
 
     def _retire(self, *hooks: str) -> None:
         """Stop receiving the per-batch ``hooks`` for the rest of this stage (``setup`` restores them)."""
-        retired = self.__dict__.setdefault("_retired", set())
         for hook in hooks:
-            assert hook in BATCH_HOOKS, hook
-            self.__dict__[hook] = None
-            retired.add(hook)
-
-    def _restore_hooks(self) -> None:
-        for hook in self.__dict__.pop("_retired", ()):
-            if self.__dict__.get(hook, 0) is None:
-                del self.__dict__[hook]
+            null_hook(self, hook)
 
     # -- results --------------------------------------------------------------------------------------------------
     def _conclude(self, trainer: "pl.Trainer", finding: Optional[Finding]) -> None:
@@ -164,7 +173,7 @@ class RecipeCheck(Callback):
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._restore_hooks()
+        restore_hooks(self)
         if stage == "fit":
             last = self.__dict__.get("_model")
             if last is not None and last() is not pl_module:  # used before, for another model: start afresh

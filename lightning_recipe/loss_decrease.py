@@ -41,7 +41,8 @@ _ABOVE_PRIOR = [
     "learning rate too high: every step overshoots, so the network stays worse than a constant prediction",
     "the loss is computed on outputs it does not fit (e.g. probabilities fed to a logits loss, targets misaligned "
     "with the outputs)",
-    "a term added to the loss in training_step that outweighs the data term (then pass `loss_fn=` with the full loss)",
+    "a term added to the loss in training_step that grows during training (an annealed KL or penalty weight) and "
+    "outweighs the data term",
 ]
 _BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the optimiser maximises the loss"]
 
@@ -66,9 +67,9 @@ class LossDecreaseCheck(RecipeCheck):
       the expected initial loss) by more than ``plateau_rtol`` of its distance to the floor and ``z`` standard errors,
       with no significant downward trend over them and the last not significantly below the other, fail (only when
       the first loss was within ``divergence_ratio`` of that constant prediction's, measured from the floor: a
-      training_step that adds auxiliary or penalty terms to the loss starts far above it and is not judged): a network that stays worse than a constant prediction,
-      after its loss went down (from an explosion, say), is not learning (a learning rate that overshoots at every
-      step).
+      training_step that adds auxiliary or penalty terms to the loss starts far above it and is not judged): a
+      network that stays worse than a constant prediction, after its loss went down (from an explosion, say), is not
+      learning (a learning rate that overshoots at every step).
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
       ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy, target
       variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)`` losses

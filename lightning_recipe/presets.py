@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, recipe_dir
+from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
@@ -249,15 +249,13 @@ class Recipe(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._plan = {}  # the children may have changed since the last stage
         self._handled = False
-        self._broken: set[int] = set()  # ids of the children switched off by an internal error this stage
+        self._broken = set()  # ids of the children switched off by an internal error this stage
         for cb in self.callbacks:
             cb.setup(trainer, pl_module, stage=stage)
-        for hook in self.__dict__.pop("_nulled", ()):  # the hooks left last stage are back
-            if self.__dict__.get(hook, 0) is None:
-                del self.__dict__[hook]
+        restore_hooks(self)  # the hooks left last stage are back
         for hook in BATCH_HOOKS:  # a per-batch hook no child implements is None: Lightning skips it
             if not self._planned(hook):
-                self._null(hook)
+                null_hook(self, hook, replace=False)  # an instance attribute set by someone else is left alone
         if stage == "fit":
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
 
@@ -352,12 +350,7 @@ class Recipe(Callback):
         (for a per-batch hook)."""
         plan = self._plan[hook] = [c for c in self._plan[hook] if c is not cb]
         if not plan and hook in BATCH_HOOKS:
-            self._null(hook)
-
-    def _null(self, hook: str) -> None:
-        if hook not in self.__dict__:  # an instance attribute set by someone else is left alone
-            self.__dict__[hook] = None
-            self.__dict__.setdefault("_nulled", set()).add(hook)
+            null_hook(self, hook, replace=False)
 
     def _keyed(self) -> list[tuple[str, Callback]]:
         """Each child with a key unique within this callback (its ``state_key``, numbered when repeated)."""
