@@ -160,6 +160,7 @@ class TaskSpec:
     floor: Optional[float] = 0.0
     notes: list[str] = field(default_factory=list)
     probabilities: bool = False  # the model outputs probabilities (BCELoss): canonical outputs are their logits
+    time_major: bool = False  # outputs (T, N, C) for targets (N, T): a sequence model without batch_first
 
     def canonical_targets(self, targets: Tensor) -> Tensor:
         """Targets in the canonical layout."""
@@ -173,6 +174,8 @@ class TaskSpec:
         """Model outputs in the canonical layout ``(M, K)``: logits (the log-odds of probabilities for ``BCELoss``)."""
         if self.task == "multiclass" and outputs.ndim > 2 and self.class_dim == 1:
             outputs = outputs.movedim(1, -1)
+        if self.time_major and outputs.ndim == 3:
+            outputs = outputs.transpose(0, 1)  # (T, N, C) -> (N, T, C), the targets' order
         if self.probabilities:
             outputs = torch.logit(outputs.float(), eps=1e-7)
         return outputs.reshape(-1, self.num_outputs)
@@ -268,6 +271,7 @@ def resolve_task(
         num_outputs = per_out
     spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
                     num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft,
+                    time_major=task == "multiclass" and not soft and _time_major(outputs, targets),
                     probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel") and outputs.numel() > 0
                     and bool(((outputs >= 0) & (outputs <= 1)).all()))
     if isinstance(loss_fn, nn.Module):
@@ -294,13 +298,21 @@ def _binary_like(outputs: Tensor, targets: Tensor) -> bool:
     return targets.numel() > 0 and n_out == n_tgt and bool(((targets == 0) | (targets == 1)).all())
 
 
+def _time_major(outputs: Tensor, targets: Tensor) -> bool:
+    """Outputs ``(T, N, C)`` for targets ``(N, T)`` (``T != N``: the order is then unambiguous), as a recurrent or
+    transformer layer without ``batch_first=True`` returns them."""
+    o, t = tuple(outputs.shape), tuple(targets.shape)
+    return len(o) == 3 and len(t) == 2 and t[0] != t[1] and o[:2] == (t[1], t[0])
+
+
 def _class_dim(outputs: Tensor, targets: Tensor) -> int:
-    """Class dimension for class-index targets: ``(N, C)``/``(N, C, d...)`` → 1, ``(N, T, C)`` → -1."""
+    """Class dimension for class-index targets: ``(N, C)``/``(N, C, d...)`` → 1, ``(N, T, C)`` and the time-major
+    ``(T, N, C)`` → -1."""
     o, t = tuple(outputs.shape), tuple(targets.shape)
     if len(o) == len(t) + 1:
         if o[0] == t[0] and o[2:] == t[1:]:
             return 1
-        if o[:-1] == t:
+        if o[:-1] == t or _time_major(outputs, targets):
             return -1
     if len(o) == 2 and len(t) == 2 and t[1] == 1 and o[0] == t[0]:
         return 1
@@ -308,7 +320,7 @@ def _class_dim(outputs: Tensor, targets: Tensor) -> int:
         return 1  # the model flattens (N*T, C) itself
     raise RecipeConfigError(
         f"Cannot match the model outputs {o} to class-index targets {t}: expected (N, C) with (N,), (N, C, d...) "
-        "with (N, d...) or (N, T, C) with (N, T). HINT: pass `forward=` returning logits in one of these layouts, or "
+        "with (N, d...), or (N, T, C) or (T, N, C) with (N, T). HINT: pass `forward=` returning logits in one of these layouts, or "
         "`split_batch=` if the wrong tensor is taken as targets."
     )
 

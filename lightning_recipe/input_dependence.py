@@ -175,11 +175,13 @@ class InputDependenceCheck(RecipeCheck):
         keep = torch.isfinite(r) & torch.isfinite(zl) & torch.isfinite(p)
         if not bool(keep.any()):
             bad_real, bad_zero = int((~torch.isfinite(r)).sum()), int((~torch.isfinite(zl)).sum())
+            tokens = isinstance(x, Tensor) and not x.is_floating_point()
+            cause = ("token ids all set to 0, which is often the padding id: attention over a fully masked sequence "
+                     "is NaN" if tokens else "a model that normalises its input divides by zero")
             why = (f"the model's own outputs are NaN/Inf on {bad_real} of them: the weights are probably NaN after a "
                    "non-finite loss (see LossDecreaseCheck.finite and DataCheck.finite)" if bad_real else
-                   f"the zeroed inputs give NaN/Inf on {bad_zero} of them (a model that normalises its input divides "
-                   "by zero): pass `baseline=` (e.g. inputs shuffled across the batch)" if bad_zero else
-                   "the label-prior loss is not finite")
+                   f"the zeroed inputs give NaN/Inf on {bad_zero} of them ({cause}): pass `baseline=` (e.g. inputs "
+                   "shuffled across the batch)" if bad_zero else "the label-prior loss is not finite")
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no loss to compare on the {n} "
                                             f"{self._source} examples: {why}.", step=trainer.global_step))
             return

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
@@ -26,6 +26,7 @@ _LABELS = [
     "of class ids",
 ]
 _LOGIT_LOSSES = ("CrossEntropyLoss", "BCEWithLogitsLoss")
+_AFFINE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # layers whose output cannot be squashed
 _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
 _SCALE = 1000.0
 
@@ -39,10 +40,12 @@ class OutputRangeCheck(_OnceCheck):
       dimension lies in ``[0, 1]`` and sums to 1 (within ``atol``; a set of logits does that only by accident) →
       fail, "double softmax". Also fails when the output is ``sigmoid`` of the head's output.
     * ``BCEWithLogitsLoss``: fails when the output is ``sigmoid``/``softmax`` of the head's output (measured with a
-      forward hook on the head). Outputs merely all inside ``[0, 1]`` are ambiguous (logits near zero are too): the
-      check then runs the model on the inputs scaled by ``+-1000`` (floating inputs only): outputs that leave
-      ``[0, 1]`` are logits → pass; outputs that change but stay inside are bounded, i.e. squashed → fail; outputs
-      that do not change (a model insensitive to the input scale) or integer inputs → ``warn``.
+      forward hook on the head). Outputs merely all inside ``[0, 1]`` are ambiguous (logits near zero are too): when
+      the output is the head's own output and the head is an affine layer (``Linear``, ``Conv``, ``Bilinear``, nothing
+      applied after it) they are logits → pass; otherwise the check runs the model on the inputs scaled by
+      ``+-1000`` (floating inputs only): outputs that leave ``[0, 1]`` are logits → pass; outputs that change but stay
+      inside are bounded, i.e. squashed → fail; outputs that do not change (a model insensitive to the input scale) or
+      integer inputs → ``warn``.
     * ``BCELoss`` (probabilities; the head's bias and the constant predictions are their log-odds): fails when the
       output is ``sigmoid(sigmoid(.))`` of the head's output (a double sigmoid keeps every probability in
       ``[0.5, 0.731]``).
@@ -138,6 +141,10 @@ class OutputRangeCheck(_OnceCheck):
             return Finding(self.name, "fail", f"{self.name}: the {what} are `{squash}` of the head's output "
                            f"(`{ctx.head_name}`), in [{rows['min']:.4g}, {rows['max']:.4g}], but {spec.loss_name} expects "
                            f"logits: a double {squash}.{inferred}{hint}", rows["max"], None, 0, list(_DOUBLE), details)
+        if spec.task in ("binary", "multilabel") and rows["in_unit"] and _affine_output(ctx):
+            return Finding(self.name, "pass", f"{self.name}: the {what} are the head's own output (`{ctx.head_name}`, "
+                           f"{type(ctx.head).__name__}, nothing applied after it): logits, which happen to lie in "
+                           f"[{rows['min']:.4g}, {rows['max']:.4g}].", rows["max"], None, 0, [], details)
         if spec.task in ("binary", "multilabel") and rows["in_unit"]:
             bounded = self._bounded(trainer, pl_module, ctx, spec, atol, canon)
             details["bounded_under_scaling"] = bounded
@@ -228,6 +235,12 @@ class OutputRangeCheck(_OnceCheck):
                        f"distinct values in {res['count']} labels).", float(res["distinct"]), float(self.max_classes), 0,
                        [], details)
 
+
+
+def _affine_output(ctx: Any) -> bool:
+    """The model output is the detected head's own output and the head is an affine layer (``Linear``, ``Conv``):
+    logits by construction, whatever their range."""
+    return ctx.head_how.startswith("output identical") and isinstance(ctx.head, _AFFINE)
 
 
 def probability_rows(outputs: Tensor, atol: float = 1e-4) -> dict[str, Any]:

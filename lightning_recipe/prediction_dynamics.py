@@ -76,10 +76,13 @@ class PredictionDynamics(RecipeCheck):
       optimizer that holds other parameters than the model's;
     * **thrashing**: the index is above half of what pure snapshot-to-snapshot noise (predictions with no trend at
       all) gives for the same number of snapshots (about 0.14 for 10 snapshots, 0.11 for 25), and the jitter is at
-      least 1% of the prediction scale (probabilities: 1; regression: the targets' standard deviation): the
+      least 10% of the prediction scale (probabilities: 1; regression: the targets' standard deviation): the
       learning rate is too high, or the batch too small for it. Measured: healthy fits of digits, wine, breast
       cancer and diabetes (Adam 3e-4 to 1e-2, 8 to 229 snapshots) 0 to 0.057 against thresholds 0.08 to 0.15;
-      Gaussian blobs with SGD at lr=6 (far too high) 0.14 to 0.29 against 0.11.
+      Gaussian blobs with SGD at lr=6 (far too high) 0.14 to 0.29 against 0.11. The index alone is not enough: a
+      model that has stopped trending (converged on a hard task) is left with minibatch noise only, and healthy
+      transformer classifiers of 80% accuracy reached 1.1 to 1.25 times the threshold, but with jitters of 0.07 to
+      0.08; learning rates that were too high gave 0.14 to 0.34.
 
     Args:
         every_n_steps: batches between two records (``None``: about 50 records over the planned fit, see above).
@@ -402,7 +405,7 @@ _THRASH = [
 ]
 
 _FROZEN_RTOL = 1e-6  # ~8 float32 ulps: changes below this are rounding, not learning
-_MIN_JITTER = 0.01  # of the prediction scale: smaller jumps are invisible on the figure and harmless
+_MIN_JITTER = 0.1  # of the prediction scale: smaller reversals are the ordinary minibatch noise of a hard task
 
 
 def jitter_index(values: np.ndarray, scale: float = 1.0, steps: Optional[np.ndarray] = None) -> dict[str, Any]:
@@ -420,7 +423,7 @@ def jitter_index(values: np.ndarray, scale: float = 1.0, steps: Optional[np.ndar
       snapshots, computed with a fixed private generator (0.37 for 4 snapshots, 0.28 for 10, 0.23 for 20, 0.16 for
       200: a longer record has a larger range for the same noise);
     * ``thrash``: ``index > threshold = noise_reference / 2`` (the reversals are at least half as large, relative to
-      the travel, as if there were no trend at all) and ``jitter > 1%`` of ``scale``; needs 4 snapshots or more;
+      the travel, as if there were no trend at all) and ``jitter > 10%`` of ``scale``; needs 4 snapshots or more;
     * ``frozen``: no column changed between any two snapshots by more than ``1e-6 * max(1, max |V|)`` (rounding),
       although the snapshots lie at different steps (when ``steps`` is given).
 

@@ -117,3 +117,22 @@ def test_a_model_that_normalises_its_input_gets_the_baseline_hint(tmp_path):
     x, y = blobs(n=512)
     f = _fit(tmp_path, Normalises(), loader(x, y), after_steps=10)
     assert f.status == "skip" and "zeroed inputs give NaN/Inf on 32 of them" in f.message and "`baseline=`" in f.message
+
+
+def test_token_ids_zeroed_to_padding_get_the_padding_hint(tmp_path):
+    class MaskedMean(TinyModel):  # mean of the embeddings of the non-padding tokens: all padding gives 0 / 0
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, padding_idx=0)
+
+        def forward(self, x):
+            keep = (x != 0).float().unsqueeze(-1)
+            return self.net((self.emb(x) * keep).sum(1) / keep.sum(1))
+
+    L.seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 20, (512, 6), generator=g)
+    y = (x[:, 0] % 4).long()
+    f = _fit(tmp_path, MaskedMean(), loader(x, y), after_steps=10)
+    assert f.status == "skip" and "zeroed inputs give NaN/Inf on 32 of them" in f.message
+    assert "padding id" in f.message and "`baseline=`" in f.message

@@ -34,6 +34,17 @@ class _Sequence(TinyModel):
         return self.loss_fn(self(x).reshape(-1, 6), y.reshape(-1))
 
 
+class _TimeMajor(_Sequence):
+    """(T, N, C) logits (a sequence layer without ``batch_first``); training_step puts the batch first again."""
+
+    def forward(self, x):
+        return self.net(x.t())
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return self.loss_fn(self(x).transpose(0, 1).reshape(-1, 6), y.reshape(-1))
+
+
 class _FunctionalBCE(TinyModel):
     """No loss module: ``F.binary_cross_entropy_with_logits`` on float 0/1 targets (the loss is inferred)."""
 
@@ -69,11 +80,11 @@ def _data(kind):
         return _SmallCNN(), x.reshape(-1, 1, 8, 8), y
     # sequence: the next token is the current one plus one (mod 6)
     x = torch.randint(0, 6, (768, 10), generator=g)
-    return _Sequence(), x, (x + 1) % 6
+    return (_TimeMajor() if kind == "time_major" else _Sequence()), x, (x + 1) % 6
 
 
 @pytest.mark.parametrize(
-    "kind", ["multiclass", "binary", "binary_functional", "multilabel", "regression", "image", "sequence"]
+    "kind", ["multiclass", "binary", "binary_functional", "multilabel", "regression", "image", "sequence", "time_major"]
 )
 def test_strict_raises_nothing_on_healthy_training(tmp_path, kind):
     L.seed_everything(0)

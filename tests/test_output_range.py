@@ -71,7 +71,16 @@ def test_logits_inside_unit_interval_are_not_a_double_sigmoid(tmp_path):
     with torch.no_grad():
         m.net[2].weight.mul_(0.01)
         m.net[2].bias.fill_(0.5)  # every initial logit near 0.5, inside [0, 1]
-    f = _fit(tmp_path, m, _binary())
+    f = _fit(tmp_path, m, _binary())  # the head's own output: logits by construction
+    assert f.status == "pass" and f.details["in_unit"] is True and "head's own output" in f.message
+
+    class Halved(TinyModel):  # not the head's own output: the +-1000 scaling tells, the outputs leave [0, 1]
+        def forward(self, x):
+            return 0.5 * self.net(x)
+
+    m2 = Halved(out_dim=1, loss_fn=nn.BCEWithLogitsLoss())
+    m2.load_state_dict(m.state_dict())
+    f = _fit(tmp_path, m2, _binary())
     assert f.status == "pass" and f.details["in_unit"] is True and f.details["bounded_under_scaling"] is False
 
 
@@ -113,3 +122,26 @@ def test_pickle_and_state():
     cb = pickle.loads(pickle.dumps(OutputRangeCheck(max_classes=5)))
     cb.load_state_dict({"done": True})
     assert cb.max_classes == 5 and cb.state_dict() == {"done": True}
+
+
+def test_head_output_inside_unit_interval_of_a_scale_invariant_model_is_logits(tmp_path):
+    """A LayerNorm on the inputs makes the outputs bounded under the +-1000 scaling (they flip with the sign but stay
+    inside [0, 1]); they are still the last Linear's own output, i.e. logits."""
+    class Normalised(TinyModel):
+        def __init__(self, squash: bool):
+            super().__init__(out_dim=1, loss_fn=nn.BCEWithLogitsLoss())
+            self.norm, self.squash = nn.LayerNorm(8), squash
+            with torch.no_grad():
+                self.net[2].weight.mul_(0.01)
+                self.net[2].bias.fill_(0.5)
+
+        def forward(self, x):
+            z = self.net(self.norm(x))
+            return torch.sigmoid(2 * z) if self.squash else z
+
+    f = _fit(tmp_path, Normalised(squash=False), _binary())
+    assert f.status == "pass" and f.details["in_unit"] is True and "head's own output" in f.message
+    assert 0.4 < f.details["min"] <= f.details["max"] < 0.6  # 0.5 +- 0.01 * |h|: inside [0, 1], as the bug's would be
+    with pytest.warns(RecipeWarning, match="double sigmoid"):  # a sigmoid after the head is still suspected
+        f = _fit(tmp_path, Normalised(squash=True), _binary(), on_fail="warn")
+    assert f.status == "warn" and f.details["bounded_under_scaling"] is None  # barely moves: cannot tell, so a warning

@@ -198,6 +198,14 @@ def test_jitter_index_closed_forms():
     assert frozen["frozen"] and frozen["max_change"] == 0.0 and not frozen["thrash"]
     assert not jitter_index(np.full((6, 4), 0.3), steps=np.zeros(6))["frozen"]  # no training step between them
     assert math.isnan(jitter_index(np.ones((2, 3)))["index"])  # too few snapshots
+    # a slow trend 0.01 s with a reversal of +-0.05 at every snapshot: residuals +-0.09, travel 0.23 - (-0.04)
+    k = np.arange(20)
+    wobble = (0.01 * k + 0.05 * (-1.0) ** k)[:, None]
+    j = jitter_index(wobble)
+    assert j["jitter"] == pytest.approx(0.09) and j["movement"] == pytest.approx(0.27)
+    assert j["index"] == pytest.approx(1 / 3) and j["index"] > j["threshold"]  # reverses like noise, but ...
+    assert not j["thrash"]  # ... jumps of 9% of the probability scale: minibatch noise, not a thrash
+    assert jitter_index(3 * wobble)["thrash"]  # the same shape with jumps of 27%: a thrash
     noise = np.random.default_rng(0).standard_normal((10, 512))
     assert jitter_index(noise)["index"] == pytest.approx(jitter_index(noise)["noise_reference"])
 
@@ -232,7 +240,7 @@ def test_learning_rate_too_high_thrashes(tmp_path):
     eval_mode, finding = cb.findings  # the eval-mode determinism check at the start, the jitter at the end
     assert eval_mode.check == "PredictionDynamics.eval_mode" and eval_mode.status == "pass"
     assert finding.status == "warn" and finding.check == "PredictionDynamics.jitter"
-    assert finding.measured > 1.5 * finding.expected and finding.details["jitter"] > 0.01  # 0.25 vs 0.111
+    assert finding.measured > 1.5 * finding.expected and finding.details["jitter"] > 0.1  # 0.25 vs 0.111
     assert "learning rate too high: each step overshoots and the next one corrects" in finding.causes
 
 
