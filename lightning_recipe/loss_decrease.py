@@ -23,6 +23,11 @@ _NONFINITE = [
     "log/sqrt/division of a non-positive value inside the loss or the model",
 ]
 _DIVERGE = ["learning rate too high", "loss sign flipped (maximising)", "a bug that feeds a growing input"]
+_BLOWUP = [
+    "learning rate too high (adaptive optimisers such as RMSprop and Adam take full-size steps from the first one)",
+    "no learning-rate warm-up: the first steps, with the optimiser's statistics not yet settled, are the largest",
+    "no gradient clipping: one large gradient throws the weights far away (set the Trainer's `gradient_clip_val`)",
+]
 _FLAT = [
     "learning rate too low, or decayed to zero by the schedule",
     "weight decay or gradient clipping so strong that nothing moves",
@@ -59,6 +64,14 @@ class LossDecreaseCheck(RecipeCheck):
     * **not diverging**: every one of the last ``k`` losses above ``divergence_ratio`` times the reference's distance
       to the floor fails; the reference is the larger of the first loss and the loss of the constant prediction
       (``k = min(window, max(3, steps // 4))``: a single spike is not divergence).
+    * **no transient blow-up** (warn, in both modes: the fit goes on): two consecutive losses above ``blowup_ratio``
+      (10) times that reference's distance to the floor, at any step, even if the loss comes back down later. A loss
+      that explodes and recovers usually leaves the network damaged (dead units, saturated outputs, a worse region)
+      and settles worse than a stable run, which neither the divergence test (it recovered) nor the comparison with
+      the prior (it may settle below it) sees. A mini-batch of a constant predictor averages at most its largest
+      per-example loss, so batch composition alone stays far below ten times the prior unless the classes are
+      very imbalanced, and then it takes two such batches in a row; a healthy run's loss goes down from its first
+      value. The losses are the ones already read every ``check_every_n_steps`` batches (no further sync).
     * after ``warmup_steps`` batches, once: **decreasing**: the last window's mean must be below the first window's
       by ``min_rel_decrease`` of its distance to the floor, or significantly (``z`` standard errors); the windows
       have ``window`` batches.
@@ -93,6 +106,8 @@ class LossDecreaseCheck(RecipeCheck):
         z: standard errors for the significance tests.
         early_epochs: epochs whose mean loss must go down.
         loss_floor: ``"auto"`` (0 for the known losses, none for others), a number, or ``None``.
+        blowup_ratio: growth (relative to the floor) of two consecutive losses over the reference that counts as a
+            blow-up; ``None`` turns the test off.
         **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
 
     Example::
@@ -113,12 +128,16 @@ class LossDecreaseCheck(RecipeCheck):
         z: float = 3.0,
         early_epochs: int = 3,
         loss_floor: Union[float, None, Literal["auto"]] = "auto",
+        blowup_ratio: Optional[float] = 10.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(on_fail, **kwargs)
         for name, v in (("check_every_n_steps", check_every_n_steps), ("warmup_steps", warmup_steps)):
             if not isinstance(v, int) or v < 1:
                 raise RecipeConfigError(f"{self.name}: `{name}` must be a positive int, got {v!r}.")
+        if blowup_ratio is not None and not blowup_ratio > 1:
+            raise RecipeConfigError(f"{self.name}: `blowup_ratio` must be > 1 or None, got {blowup_ratio!r}.")
+        self.blowup_ratio = blowup_ratio
         self.check_every_n_steps = check_every_n_steps
         self.warmup_steps = warmup_steps
         self._window_arg = window
@@ -231,6 +250,12 @@ class LossDecreaseCheck(RecipeCheck):
 
     def _flush_and_check(self, trainer: "pl.Trainer") -> None:
         new = self._flush()
+        blowup = self._blowup(len(new), trainer.global_step) if new else None
+        if blowup is not None:  # a warning in both modes; local (no collective): the fit goes on on every rank
+            blowup.message += f"\n  learning rate now: {_learning_rates(trainer)}"
+            self.findings.append(blowup)
+            rank_zero_warn(blowup.message + "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in blowup.causes),
+                           category=RecipeWarning)
         finding = self._evaluate(new, trainer.global_step) if new else None
         if finding is not None and finding.failed and finding.check != f"{self.name}.floor":
             finding.message += f"\n  learning rate now: {_learning_rates(trainer)}"
@@ -241,6 +266,39 @@ class LossDecreaseCheck(RecipeCheck):
                 self._reported.add(finding.check)
                 self._stopped = self.on_fail == "raise"
         self._conclude(trainer, finding)
+
+    def _reference(self) -> float:
+        """The larger of the first loss and the losses of the constant predictions (the best one, the untrained one)."""
+        refs = [self.losses[0]] + [v for v in (self.expected_initial_loss, self.prior_loss) if v is not None]
+        return max((v for v in refs if math.isfinite(v)), default=math.nan)
+
+    def _blowup(self, n_new: int, step: int) -> Optional[Finding]:
+        """A warning when two consecutive losses, among the ``n_new`` just read and the one before them, rose above
+        ``blowup_ratio`` times the reference (measured from the floor), once per fit."""
+        name = f"{self.name}.blowup"
+        losses, ref = self.losses, self._reference()
+        if self.blowup_ratio is None or name in self._reported or not math.isfinite(ref):
+            return None
+        start = max(1, len(losses) - n_new)
+        pairs = [min(losses[i - 1], losses[i]) for i in range(start, len(losses))]
+        high = max((v for v in pairs if math.isfinite(v)), default=None)
+        if high is None or not diverged(ref, torch.tensor([high]), self._floor, self.blowup_ratio)["diverged"]:
+            return None
+        self._reported.add(name)
+        finite = [(v, i) for i, v in enumerate(losses) if math.isfinite(v)]
+        peak, at = max(finite)
+        d = diverged(ref, torch.tensor([peak]), self._floor, self.blowup_ratio)
+        recent = _mean(losses[-self.window :])
+        return Finding(name, "warn", f"{self.name}: the loss blew up: it rose to {peak:.6g} at training batch {at} of "
+                       f"this fit, x{d['growth']:.3g} the reference {ref:.6g} (the larger of the first loss "
+                       f"{losses[0]:.6g} and the loss of the constant prediction, {_fmt(self.prior_loss)}), measured "
+                       f"from the floor; limit x{self.blowup_ratio:g} at two consecutive batches (read at global step "
+                       f"{step}). The mean of the last {min(self.window, len(losses))} losses is {recent:.6g}. Even when "
+                       "the loss comes back down, a blow-up like this can leave the network damaged (dead units, "
+                       "saturated outputs) and worse than a stable run.\n  HINT: lower the learning rate, add a "
+                       "warm-up or set the Trainer's `gradient_clip_val`; pass `blowup_ratio=` to change the limit "
+                       "(None turns this test off).", peak, ref, step, list(_BLOWUP),
+                       {**d, "batch": at, "ratio": self.blowup_ratio, "consecutive_low": high, "recent_mean": recent})
 
     def _evaluate(self, new: list[float], step: int) -> Optional[Finding]:
         losses, w = self.losses, self.window
@@ -262,8 +320,7 @@ class LossDecreaseCheck(RecipeCheck):
                                list(_BELOW_FLOOR))
         k = min(w, max(3, len(losses) // 4))
         if len(losses) >= 2 * k:
-            refs = [losses[0]] + [v for v in (self.expected_initial_loss, self.prior_loss) if v is not None]
-            ref = max(v for v in refs if math.isfinite(v))
+            ref = self._reference()
             d = diverged(ref, torch.tensor(losses[-k:]), self._floor, self.divergence_ratio)
             if d["diverged"]:
                 return Finding(f"{self.name}.diverge", "fail", f"{self.name}: the loss diverges: each of the last {k} "

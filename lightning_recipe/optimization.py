@@ -28,7 +28,7 @@ _LR = [
     "a per-epoch schedule (StepLR, MultiStepLR, ExponentialLR) stepped every batch: "
     "return {'scheduler': ..., 'interval': 'epoch'} from configure_optimizers",
     "a schedule length (step_size, T_max, total_steps, milestones) copied from another dataset or batch size",
-    "warm restarts or a decay factor meant for far longer training",
+    "warm restarts whose first cycle is longer than the training, or a decay factor meant for far longer training",
 ]
 _CLIP = [
     "gradient_clip_val far below the gradient norm (e.g. 1e-4 with norms ~1): every step is scaled down by the "
@@ -65,11 +65,18 @@ class OptimizationHealthCheck(RecipeCheck):
     * **lr_schedule**: the learning rate of every parameter group, read from ``trainer.optimizers`` at each batch
       (a Python float, no device sync), relative to its peak so far. Before ``schedule_fraction`` (a quarter) of the
       planned optimizer steps (``trainer.estimated_stepping_batches``) it must not fall below ``min_lr_fraction``
-      (10 %) of the peak: warn below 10 %, fail below ``min_lr_fraction**2`` (1 %), which no intended schedule does
-      (a cosine schedule is at 85 % of its peak at a quarter, a step decay by 10 at a third of training at 100 %).
-      Catches ``StepLR(step_size=1, gamma=0.5)`` stepped per batch: 0.5**k of the start after ``k`` batches.
-      Warm-up does not count (the reference is the peak so far). Skipped when the number of planned steps is
-      unknown (``max_steps=-1`` and ``max_epochs=-1``).
+      (10 %) of the peak *and stay there*: when it falls below at step ``s``, the decision waits until step ``2 s``
+      (the learning rate has then been low for as long as it took to get there; or the end of the fit, if sooner).
+      If by then it came back above ``min_lr_fraction`` of the peak, the schedule restarts (warm restarts such as
+      ``CosineAnnealingWarmRestarts``, a cyclic schedule: each cycle spends more than its first half above the
+      threshold, a cosine one 80 %) and the check passes, saying so; if not, warn, and fail when the smallest ratio
+      before ``schedule_fraction`` is below ``min_lr_fraction**2`` (1 %), which no intended schedule reaches for
+      good (a cosine schedule is at 85 % of its peak at a quarter, a step decay by 10 at a third of training at
+      100 %). Catches ``StepLR(step_size=1, gamma=0.5)`` stepped per batch (0.5**k of the start after ``k``
+      batches: below 10 % at batch 4, judged at batch 8), ``ExponentialLR`` and ``MultiStepLR`` with epoch
+      milestones stepped per batch. Only the parameter group that fell below first is followed for a restart (the
+      groups of one scheduler move together). Warm-up does not count (the reference is the peak so far). Skipped
+      when the number of planned steps is unknown (``max_steps=-1`` and ``max_epochs=-1``).
     * **clipping** (when ``trainer.gradient_clip_val`` is set): the gradient norm before clipping (the norm of all
       gradients of the optimizer for ``"norm"``, their largest absolute value for ``"value"``), computed in
       ``on_before_optimizer_step`` on the device. When at least ``clip_steps`` (90 %) of the steps are clipped and
@@ -187,6 +194,8 @@ class OptimizationHealthCheck(RecipeCheck):
         self._track_until: Optional[float] = None  # the step up to which the schedule is judged
         self._peaks: list[float] = []
         self._min_ratio_early: Optional[tuple[float, int, int]] = None  # ratio, group, step
+        self._low: Optional[tuple[int, int]] = None  # group, step: the first fall below min_lr_fraction of the peak
+        self._back: Optional[int] = None  # the step at which that group came back above it (by twice that step)
         self._layer_of: dict[int, int] = {}
         self._numel: Optional[Tensor] = None
         self._opt_cache: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
@@ -313,7 +322,8 @@ class OptimizationHealthCheck(RecipeCheck):
         self._batches += 1
         lrs = [float(g.get("lr", 0.0)) for opt in trainer.optimizers for g in opt.param_groups]
         self.lrs.append(lrs)
-        if self._track_until is not None and trainer.global_step <= self._track_until:
+        if self._track_until is not None and (trainer.global_step <= self._track_until or self._awaiting_restart(
+                trainer.global_step)):
             self._track_lr(lrs, trainer.global_step)
         if self._has_wd and len(lrs) == len(self._wds):
             for j, (lr, wd) in enumerate(zip(lrs, self._wds)):
@@ -326,15 +336,27 @@ class OptimizationHealthCheck(RecipeCheck):
             self._read(trainer, pl_module)
             self._judge(trainer, final=False)
 
+    def _awaiting_restart(self, step: int) -> bool:
+        """Whether the learning rate fell below ``min_lr_fraction`` of its peak and may still come back by ``step``."""
+        return self._low is not None and self._back is None and step <= 2 * self._low[1]
+
     def _track_lr(self, lrs: list[float], step: int) -> None:
         if len(lrs) != len(self._peaks):
             return
+        assert self._track_until is not None
+        early = step <= self._track_until
         for j, lr in enumerate(lrs):
             self._peaks[j] = max(self._peaks[j], lr)
-            if self._peaks[j] > 0:
-                r = lr / self._peaks[j]
-                if self._min_ratio_early is None or r < self._min_ratio_early[0]:
-                    self._min_ratio_early = (r, j, step)
+            if not self._peaks[j] > 0:
+                continue
+            r = lr / self._peaks[j]
+            if early and (self._min_ratio_early is None or r < self._min_ratio_early[0]):
+                self._min_ratio_early = (r, j, step)
+            if early and self._low is None and r < self.min_lr_fraction:
+                self._low = (j, step)
+            elif self._low is not None and self._low[0] == j and self._awaiting_restart(step) and \
+                    r >= self.min_lr_fraction:
+                self._back = step
 
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._relus or self._probe_inputs is None:
@@ -431,17 +453,30 @@ class OptimizationHealthCheck(RecipeCheck):
                            "max_epochs=-1): the learning-rate schedule is not judged.", step=step) if final else None
         quarter = self.schedule_fraction * self._planned
         m = self._min_ratio_early
-        if m is not None and m[0] < self.min_lr_fraction:
-            r, j, at = m
+        if self._low is not None and m is not None:
+            (j, fell), (r, jm, at) = self._low, m
+            details = {"peak": self._peaks[jm], "group": jm, "planned_steps": self._planned, "low_step": fell,
+                       "restart_step": self._back}
+            if self._back is not None:
+                return Finding(name, "pass", f"{self.name}: the learning rate of parameter group {j} fell below "
+                               f"{self.min_lr_fraction:g} of its peak {self._peaks[j]:.4g} at step {fell} (down to "
+                               f"{r:.3g} of it at step {at}) and came back above it at step {self._back}: the schedule "
+                               "restarts (warm restarts, a cyclic schedule), training does not run on at a learning "
+                               "rate too small to learn.", r, self.min_lr_fraction, step, details=details)
+            if step < 2 * fell and not final:
+                return None  # a restart may still bring it back
             status = "fail" if r < self.min_lr_fraction**2 else "warn"
-            return Finding(name, status, f"{self.name}: the learning rate of parameter group {j} fell to {r:.3g} of its "
-                           f"peak {self._peaks[j]:.4g} at step {at}, before {self.schedule_fraction:g} of the "
-                           f"{int(self._planned)} planned steps (step {quarter:.0f}); expected at least "
-                           f"{self.min_lr_fraction:g} of the peak until then. The rest of training runs at a learning "
-                           "rate too small to learn. HINT: step per-epoch schedulers per epoch (`'interval': 'epoch'`) "
-                           "or size the schedule to trainer.estimated_stepping_batches; pass `min_lr_fraction=` if "
-                           "the schedule is intended.", r, self.min_lr_fraction, at, list(_LR),
-                           {"peak": self._peaks[j], "group": j, "planned_steps": self._planned})
+            until = (f"step {2 * fell} (twice the step at which it fell below {self.min_lr_fraction:g} of the peak)"
+                     if step >= 2 * fell else f"the end of the fit (step {step})")
+            return Finding(name, status, f"{self.name}: the learning rate of parameter group {jm} fell to {r:.3g} of "
+                           f"its peak {self._peaks[jm]:.4g} at step {at}, before {self.schedule_fraction:g} of the "
+                           f"{int(self._planned)} planned steps (step {quarter:.0f}), and had not come back above "
+                           f"{self.min_lr_fraction:g} of the peak by {until}; expected at least "
+                           f"{self.min_lr_fraction:g} of the peak until step {quarter:.0f}, or a restart. The rest of "
+                           "training runs at a learning rate too small to learn. HINT: step per-epoch schedulers per "
+                           "epoch (`'interval': 'epoch'`) or size the schedule to trainer.estimated_stepping_batches; "
+                           "pass `min_lr_fraction=` if the schedule is intended.", r, self.min_lr_fraction, at,
+                           list(_LR), details)
         if step > quarter or final:
             r = m[0] if m is not None else 1.0
             return Finding(name, "pass", f"{self.name}: the learning rate stayed at or above {r:.0%} of its peak during "
@@ -549,8 +584,8 @@ class OptimizationHealthCheck(RecipeCheck):
         h = self.weight_history
         if self._weight0 is None or not self._weight0 > 0 or len(h) < 3 or self._batches < self.warmup_steps:
             if final:
-                return Finding(name, "skip", f"{self.name}: {self._batches} batches, fewer than warmup_steps="
-                               f"{self.warmup_steps} (or fewer than 3 reads): weight decay not judged.", step=step)
+                why = _wd_skip_reason(self._batches, self.warmup_steps, len(h), self.check_every_n_steps, self._weight0)
+                return Finding(name, "skip", f"{self.name}: {why}: weight decay not judged.", step=step)
             return None
         w0, w = self._weight0, h[-1][1]
         shrink = w / w0
@@ -639,6 +674,27 @@ def _norms(tensors: list[Tensor], ord: float) -> Tensor:
 def _decoupled(optimizer: Any, group: dict) -> bool:
     """Whether weight decay is decoupled from the gradient (AdamW), i.e. a plain factor ``1 - lr * wd`` per step."""
     return type(optimizer).__name__ == "AdamW" or bool(group.get("decoupled_weight_decay", False))
+
+
+def _wd_skip_reason(batches: int, warmup_steps: int, reads: int, every: int, weight0: Optional[float]) -> str:
+    """Why the weight-decay test did not run: only the reasons that apply, with their numbers.
+
+    Example::
+
+        >>> _wd_skip_reason(82, 50, 2, 50, 3.2)
+        'only 2 reads of the weight norm (one every check_every_n_steps=50 batches and at the end), fewer than 3'
+        >>> _wd_skip_reason(20, 50, 3, 5, 3.2)
+        '20 batches, fewer than warmup_steps=50'
+    """
+    reasons = []
+    if batches < warmup_steps:
+        reasons.append(f"{batches} batches, fewer than warmup_steps={warmup_steps}")
+    if reads < 3:
+        reasons.append(f"only {reads} read{'' if reads == 1 else 's'} of the weight norm (one every "
+                       f"check_every_n_steps={every} batches and at the end), fewer than 3")
+    if weight0 is None or not weight0 > 0:
+        reasons.append(f"the weight norm at fit start is {weight0} (no trainable weights)")
+    return "; ".join(reasons)
 
 
 def _weight_norm(module: nn.Module) -> Tensor:

@@ -189,3 +189,70 @@ def test_a_training_loss_with_an_auxiliary_term_is_not_judged_against_the_prior(
     cb, t = _fit(tmp_path, MultiTask(), DataLoader(TensorDataset(x, y, z), batch_size=32, shuffle=True), epochs=10)
     assert [f.status for f in cb.findings] == ["pass"]
     assert cb.losses[0] > 2 * cb.prior_loss and min(cb.losses[-32:]) > cb.prior_loss  # above the prior for good
+
+
+class _RMSprop(TinyModel):
+    def configure_optimizers(self):
+        return torch.optim.RMSprop(self.parameters(), lr=self.lr)
+
+
+def _seeded(cls, **kw):
+    L.seed_everything(0, verbose=False)  # the initialisation decides how far the first steps throw the weights
+    return cls(**kw)
+
+
+def test_a_loss_that_blows_up_and_recovers_warns_in_both_modes(tmp_path):
+    """RMSprop at lr=0.2 (20x its default): in the first steps the loss jumps to more than 100x its first value (1.39),
+    then comes back down (far below the prior by the end), so the divergence test (it recovered), the decrease test
+    and the comparison with the prior pass; the blow-up warns, without stopping the fit even in raise mode."""
+    x, y = blobs(512)
+    with pytest.warns(RecipeWarning, match="the loss blew up: it rose to"):
+        cb, t = _fit(tmp_path, _seeded(_RMSprop, lr=0.2), loader(x, y), cbs=[HeadBiasInit()], check_every_n_steps=10)
+    assert [f.status for f in cb.findings] == ["warn", "pass"] and t.global_step == 128
+    f = cb.findings[0]
+    ref = max(cb.losses[0], cb.prior_loss, cb.expected_initial_loss)
+    assert f.check == "LossDecreaseCheck.blowup" and f.step == 10  # at the first read
+    assert f.measured == max(cb.losses) == cb.losses[f.details["batch"]] and f.details["batch"] < 10
+    assert f.expected == ref and f.details["growth"] == pytest.approx(f.measured / ref) and f.details["growth"] > 100
+    assert f.details["consecutive_low"] > 10 * ref and f"x{f.details['growth']:.3g} the reference" in f.message
+    assert cb.findings[1].measured < 0.1 * cb.prior_loss  # recovered: the end-of-fit mean is far below the prior
+    cb, _ = _fit(tmp_path, _seeded(_RMSprop, lr=0.2), loader(x, y), cbs=[HeadBiasInit()], blowup_ratio=None)
+    assert [f.status for f in cb.findings] == ["pass"]
+
+
+class _Spiky(TinyModel):
+    """Reports ``factor`` times its loss at the ``spikes`` steps (the gradient is the plain loss's): a loss curve that
+    jumps and comes straight back, with the training itself untouched."""
+
+    def __init__(self, spikes, factor=50.0):
+        super().__init__()
+        self.spikes, self.factor, self.raw = spikes, factor, []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        self.raw.append(float(loss))
+        return loss + (self.factor - 1) * loss.detach() if self.global_step in self.spikes else loss
+
+
+def test_two_consecutive_high_losses_are_a_blow_up_and_one_is_not(tmp_path):
+    x, y = blobs(512)
+    cb, _ = _fit(tmp_path, _seeded(_Spiky, spikes={5}), loader(x, y), cbs=[HeadBiasInit()], check_every_n_steps=10)
+    ref = max(cb.losses[0], cb.prior_loss, cb.expected_initial_loss)
+    assert [f.status for f in cb.findings] == ["pass"] and cb.losses[5] > 10 * ref  # one batch: no blow-up
+    with pytest.warns(RecipeWarning, match="the loss blew up"):
+        model = _seeded(_Spiky, spikes={5, 6})
+        cb, _ = _fit(tmp_path, model, loader(x, y), cbs=[HeadBiasInit()], check_every_n_steps=10)
+    f = cb.findings[0]
+    assert [g.status for g in cb.findings] == ["warn", "pass"] and f.details["batch"] in (5, 6)
+    assert f.measured == pytest.approx(50 * model.raw[f.details["batch"]], rel=1e-6)
+    assert f.expected == pytest.approx(max(model.raw[0], cb.prior_loss, cb.expected_initial_loss), rel=1e-6)
+    assert f.details["consecutive_low"] == pytest.approx(50 * min(model.raw[5:7]), rel=1e-6)
+    assert f.details["growth"] == pytest.approx(f.measured / f.expected) and f.details["growth"] > 10
+
+
+def test_healthy_fits_do_not_warn_of_a_blow_up(tmp_path):
+    """Adam and RMSprop at 1e-2: the loss never rises above its first value."""
+    x, y = blobs(512)
+    for cls in (TinyModel, _RMSprop):
+        cb, _ = _fit(tmp_path, _seeded(cls, lr=1e-2), loader(x, y), cbs=[HeadBiasInit()], check_every_n_steps=10)
+        assert [f.status for f in cb.findings] == ["pass"] and max(cb.losses) <= cb.losses[0] * 1.01
