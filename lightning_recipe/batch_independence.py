@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import probe_mode, resolve_module, run_forward
+from lightning_recipe.data_checks import NEXT_TOKEN_FRACTION, token_alignment
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -31,8 +32,8 @@ _MODEL_PARALLEL = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy",
 
 
 class BatchIndependenceCheck(_OnceCheck):
-    """The output of example ``i`` must depend on example ``i`` of the batch only (and, with ``causal=True``, the
-    output at position ``t`` on positions ``<= t`` only).
+    """The output of example ``i`` must depend on example ``i`` of the batch only (and, in causal mode, the output at
+    position ``t`` on positions ``<= t`` only).
 
     At fit start, on a deep copy of the model in eval mode (BatchNorm uses its running statistics, dropout is off;
     the training model, its gradients and the random state are not touched), the check takes the probe batch (at
@@ -43,20 +44,29 @@ class BatchIndependenceCheck(_OnceCheck):
     (token ids) cannot be differentiated: the gradient is taken with respect to the output of the ``nn.Embedding``
     that consumes them (or the module named by ``embedding=``).
 
-    With ``causal=True`` (autoregressive models, inputs and outputs ``(N, T, ...)`` with time on ``time_dim``), for
-    ``num_positions`` positions ``t`` the gradient of output ``(i, t)`` must also vanish on input positions after
-    ``t``: a missing attention mask, a bidirectional layer or a target fed as an input shows up here.
+    In causal mode (autoregressive models, inputs and outputs ``(N, T, ...)`` with time on ``time_dim``), for
+    ``num_positions`` positions ``t``, each on another example ``i`` of the batch, the gradient of output ``(i, t)``
+    must also vanish on the input positions of ``i`` after ``t``: a missing attention mask, a bidirectional layer or
+    a target fed as an input shows up here. The positions share one backward pass (their examples are distinct and
+    do not mix, so each gradient stays within its own example); when examples do mix, the batch failure is reported
+    and the causal verdict is not given. Causal mode is on with ``causal=True``, off with ``causal=False``, and by
+    default (``causal=None``) turned on automatically when the probe batch is next-token prediction: integer
+    ``(N, T)`` inputs and targets, ``T > 1``, the targets the inputs shifted by one (``y[:, t] == x[:, t + 1]``) on
+    at least 95% of the labelled positions (see :func:`~lightning_recipe.data_checks.token_alignment`); the finding
+    says so. When the outputs are not ``(N, T, ...)`` (a model that flattens them itself) the automatic causal mode
+    is left out with a note instead of an error.
 
-    One host sync in all. Skipped on a resume and under model-parallel strategies (FSDP, DeepSpeed), where a copy
-    of the model cannot run on its own.
+    Two host syncs in all (the automatic causal detection and the gradients). Skipped on a resume and under
+    model-parallel strategies (FSDP, DeepSpeed), where a copy of the model cannot run on its own.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
         num_examples: examples ``i`` whose output is differentiated (spread over the batch).
-        causal: also check that no output depends on later positions.
-        time_dim: time dimension of the inputs (or of the embedding output) for ``causal=True``; the outputs have
-            time on dimension 1.
-        num_positions: positions ``t`` checked per example with ``causal=True``.
+        causal: also check that no output depends on later positions: ``True``, ``False``, or ``None`` (default) to
+            turn it on when the targets are the inputs shifted by one position.
+        time_dim: time dimension of the inputs (or of the embedding output) in causal mode; the outputs have time on
+            dimension 1 (class-first logits ``(N, C, T)`` of a ``CrossEntropyLoss`` are read as ``(N, T, C)``).
+        num_positions: positions ``t`` checked in causal mode (at most one per example of the probe batch).
         max_batch_size: examples of the probe batch used.
         rtol: relative size of a gradient that counts as a dependence.
         embedding: for integer inputs, the module whose output is differentiated (attribute path or module);
@@ -74,7 +84,7 @@ class BatchIndependenceCheck(_OnceCheck):
         self,
         on_fail: OnFail = "raise",
         num_examples: int = 3,
-        causal: bool = False,
+        causal: Optional[bool] = None,
         time_dim: int = 1,
         num_positions: int = 4,
         max_batch_size: int = 64,
@@ -94,7 +104,7 @@ class BatchIndependenceCheck(_OnceCheck):
             raise RecipeConfigError(f"{self.name}: `embedding` must be an attribute path or a module, got "
                                     f"{type(embedding).__name__}.")
         self.num_examples = num_examples
-        self.causal = bool(causal)
+        self.causal = None if causal is None else bool(causal)
         self.time_dim = int(time_dim)
         self.num_positions = num_positions
         self.max_batch_size = max_batch_size
@@ -108,8 +118,13 @@ class BatchIndependenceCheck(_OnceCheck):
         ctx = self._start(trainer, pl_module)
         if ctx is None:
             return
+        causal, auto = self.causal, None
+        if causal is None:
+            auto = _next_token(ctx.inputs, ctx.targets, ctx.spec.ignore_index)
+            causal = auto is not None
         try:
-            finding = self._measure(trainer, pl_module, ctx.inputs)
+            class_first = ctx.spec.task == "multiclass" and ctx.spec.class_dim == 1
+            finding = self._measure(trainer, pl_module, ctx.inputs, causal, auto, class_first)
         except RecipeConfigError as err:
             self._config_error(str(err))
             return
@@ -119,7 +134,21 @@ class BatchIndependenceCheck(_OnceCheck):
     def _skip(self, why: str) -> Finding:
         return Finding(self.name, "skip", f"{self.name}: {why}")
 
-    def _measure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any) -> Finding:
+    def _measure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any, causal: bool,
+                 auto: Optional[float] = None, class_first: bool = False) -> Finding:
+        """The finding; ``auto`` is the fraction of next-token positions when causal mode was turned on by itself,
+        ``class_first`` says that the outputs are class-first logits ``(N, C, T, ...)``."""
+        finding = self._probe(trainer, pl_module, inputs, causal, auto, class_first)
+        if auto is not None and finding.details.get("causal"):
+            finding.details["causal"] = "auto"
+            finding.details["next_token_fraction"] = auto
+            finding.message += (" Causal mode was turned on automatically: the targets are the inputs shifted by one "
+                                f"position (next-token prediction, on {auto:.1%} of the labelled positions of the "
+                                "probe batch); pass `causal=False` to turn it off.")
+        return finding
+
+    def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any, causal: bool,
+               auto: Optional[float], class_first: bool) -> Finding:
         if type(trainer.strategy).__name__ in _MODEL_PARALLEL:
             return self._skip(f"not run under {type(trainer.strategy).__name__} (a copy of a sharded model cannot "
                               "run on one rank).")
@@ -162,6 +191,8 @@ class BatchIndependenceCheck(_OnceCheck):
             with probe_mode(trainer, model), torch.enable_grad():
                 try:
                     out = run_forward(model, feed, self._settings.forward)
+                    if class_first and out.ndim > 2:
+                        out = out.movedim(1, -1)  # (N, C, T, ...) logits, PyTorch's layout: time on dimension 1
                 except RecipeConfigError:
                     raise
                 except Exception as err:  # e.g. a forward that needs `self.trainer`, which a copy does not have
@@ -172,7 +203,7 @@ class BatchIndependenceCheck(_OnceCheck):
                 if "module" in holder:
                     name = next((k for k, m in model.named_modules() if m is holder["module"]), "embedding")
                     what = f"the output of `{name}`"
-                return self._gradients(out, leaf, n, what)
+                return self._gradients(out, leaf, n, what, causal, auto is not None)
         finally:
             for h in handles:
                 h.remove()
@@ -188,7 +219,7 @@ class BatchIndependenceCheck(_OnceCheck):
             raise RecipeConfigError(f"`embedding` is not a submodule of {type(original).__name__}.")
         return [model.get_submodule(name)]
 
-    def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str) -> Finding:
+    def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str, causal: bool, auto: bool) -> Finding:
         if out.ndim == 0 or out.shape[0] != n:
             return self._skip(f"the output has shape {tuple(out.shape)}; its first dimension is not the batch ({n}). "
                               "HINT: pass `forward=` returning per-example outputs (N, ...).")
@@ -197,37 +228,44 @@ class BatchIndependenceCheck(_OnceCheck):
                               "InputDependenceCheck.")
         gen = torch.Generator().manual_seed(self.seed)
         proj = torch.randn(tuple(out.shape[1:]), generator=gen).to(device=out.device, dtype=torch.float32)
-        examples = sorted({int(round(v)) for v in torch.linspace(0, n - 1, min(self.num_examples, n)).tolist()})
-        rows: list[Tensor] = []  # per probed output: (n,) dependence on each example
-        causal_rows: list[Tensor] = []  # per (example, position): (T,) dependence on each position of that example
-        causal_keys: list[tuple[int, int]] = []
-        owners: list[int] = []
+        examples = _spread(n - 1, min(self.num_examples, n))
         t_dim = self.time_dim if self.time_dim >= 0 else leaf.ndim + self.time_dim
-        if self.causal:
-            if out.ndim < 2 or leaf.ndim <= t_dim or t_dim == 0 or leaf.shape[t_dim] != out.shape[1]:
+        note = ""
+        if causal and (out.ndim < 2 or leaf.ndim <= t_dim or t_dim == 0 or leaf.shape[t_dim] != out.shape[1]):
+            shapes = f"outputs {tuple(out.shape)} and {what} {tuple(leaf.shape)}"
+            if not auto:
                 raise RecipeConfigError(
                     f"`causal=True` needs outputs (N, T, ...) and inputs with the same T on `time_dim`="
-                    f"{self.time_dim}; got outputs {tuple(out.shape)} and {what} {tuple(leaf.shape)}. HINT: set "
-                    "`time_dim=` or pass `forward=` returning (N, T, ...) outputs.")
-            steps = out.shape[1]
-            positions = sorted({int(round(v)) for v in torch.linspace(0, max(steps - 2, 0), min(self.num_positions, max(steps - 1, 1))).tolist()})
+                    f"{self.time_dim}; got {shapes}. HINT: set `time_dim=` or pass `forward=` returning (N, T, ...) "
+                    "outputs.")
+            causal = False
+            note = (f" The targets are the inputs shifted by one, but causal mode could not run on {shapes} (no time "
+                    "axis T on dimension 1 of the outputs): pass `forward=` returning (N, T, ...) outputs, or "
+                    "`causal=False`.")
+        rows: list[Tensor] = []  # per probed output: (n,) dependence on each example
         for i in examples:
-            targets = [(i, None)] + ([(i, t) for t in positions] if self.causal and i == examples[0] else [])
-            for ex, t in targets:
-                scalar = (out[ex].float() * proj).sum() if t is None else (out[ex, t].float() * proj[t]).sum()
-                (grad,) = torch.autograd.grad(scalar, leaf, retain_graph=True, allow_unused=True)
-                if grad is None:
-                    grad = torch.zeros_like(leaf)
-                g = grad.detach().float().abs()
-                rows.append(g.reshape(n, -1).sum(1))
-                owners.append(ex)
-                if t is not None:
-                    per_pos = g[ex].movedim(t_dim - 1, 0).reshape(g.shape[t_dim], -1).sum(1)
-                    causal_rows.append(per_pos)
-                    causal_keys.append((ex, t))
+            scalar = (out[i].float() * proj).sum()
+            rows.append(self._grad(scalar, leaf).reshape(n, -1).sum(1))
+        causal_m, causal_keys = None, []
+        if causal and out.shape[1] > 1:
+            # one position per example, all in one backward: examples do not mix, so each gradient stays in its own
+            steps = out.shape[1]
+            positions = _spread(steps - 2, min(self.num_positions, steps - 1, n))
+            owners = _spread(n - 1, len(positions))
+            scalar = sum((out[ex, t].float() * proj[t]).sum() for ex, t in zip(owners, positions))
+            g = self._grad(scalar, leaf)[owners]  # (P, ..., T on t_dim, ...)
+            causal_m = g.movedim(t_dim, 1).reshape(len(owners), g.shape[t_dim], -1).sum(2)
+            causal_keys = list(zip(owners, positions))
         batch_m = torch.stack(rows).cpu()  # the one host sync (with the next line)
-        causal_m = torch.stack(causal_rows).cpu() if causal_rows else None
-        return self._judge(batch_m, owners, causal_m, causal_keys, n, what)
+        finding = self._judge(batch_m, examples, causal_m.cpu() if causal_m is not None else None, causal_keys, n, what)
+        finding.message += note
+        return finding
+
+    @staticmethod
+    def _grad(scalar: Tensor, leaf: Tensor) -> Tensor:
+        """``|d scalar / d leaf|`` (zeros where the scalar does not depend on the leaf)."""
+        (grad,) = torch.autograd.grad(scalar, leaf, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(leaf, dtype=torch.float32) if grad is None else grad.detach().float().abs()
 
     def _judge(self, batch_m: Tensor, owners: list[int], causal_m: Optional[Tensor], causal_keys: list[tuple[int, int]],
                n: int, what: str) -> Finding:
@@ -240,14 +278,14 @@ class BatchIndependenceCheck(_OnceCheck):
                 leaks.setdefault(i, res)
         future = {}
         worst_future = 0.0
-        if causal_m is not None:
+        if causal_m is not None and not leaks:  # examples that mix would spread one position's gradient to others
             for row, (ex, t) in zip(causal_m, causal_keys):
                 res = future_leaks(row, t, self.rtol)
                 worst_future = max(worst_future, res["ratio"])
                 if res["leaking"]:
                     future[(ex, t)] = res
         details = {"batch_size": n, "examples": sorted(set(owners)), "max_leak_ratio": worst,
-                   "max_future_ratio": worst_future, "wrt": what, "rtol": self.rtol}
+                   "max_future_ratio": worst_future, "wrt": what, "rtol": self.rtol, "causal": causal_m is not None}
         msgs, causes = [], []
         if leaks:
             parts = []
@@ -260,6 +298,8 @@ class BatchIndependenceCheck(_OnceCheck):
                         f"zero outside that example, measured: " + "; ".join(parts) + ".")
             causes += _BATCH_CAUSES
             details["leaks"] = {str(i): r["leaking"] for i, r in leaks.items()}
+            if causal_m is not None:
+                msgs.append("causal mode not judged while examples mix.")
         if future:
             parts = []
             for (ex, t), res in list(future.items())[:3]:
@@ -279,11 +319,27 @@ class BatchIndependenceCheck(_OnceCheck):
                            0, causes, details)
         scope = f"{len(set(owners))} outputs over a batch of {n}"
         if causal_m is not None:
-            scope += f", and {len(causal_keys)} positions depend on no later position"
+            scope += f"; {len(causal_keys)} positions, one per example, depend on no later position"
         return Finding(self.name, "pass", f"{self.name}: the gradient of each probed output w.r.t. {what} is zero "
                        f"outside its own example ({scope}; largest relative leak {worst:.3g}).", worst, 0.0, 0, [],
                        details)
 
+
+
+def _spread(last: int, k: int) -> list[int]:
+    """``k`` integers spread evenly over ``[0, last]`` (distinct when ``k <= last + 1``)."""
+    return sorted({int(round(v)) for v in torch.linspace(0, last, k).tolist()})
+
+
+def _next_token(inputs: Any, targets: Any, ignore_index: Optional[int]) -> Optional[float]:
+    """The fraction of labelled positions where ``y[:, t] == x[:, t + 1]`` when the batch is next-token prediction
+    (integer ``(N, T)`` inputs and targets, ``T > 1``, at least ``NEXT_TOKEN_FRACTION``), else ``None``."""
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)) or inputs.ndim != 2 or inputs.shape[1] < 2:
+        return None
+    a = token_alignment(inputs, targets, ignore_index)
+    if a is None or a["shifted"] is None or a["shifted"] < NEXT_TOKEN_FRACTION:
+        return None
+    return a["shifted"]
 
 
 def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any]:

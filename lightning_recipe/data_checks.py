@@ -8,7 +8,8 @@ sampled with a private seeded generator, so training's iterators and random stat
 * inputs far from a standardised scale, per feature (per channel for images) (warn);
 * duplicated examples (rows hashed; warn, fail when a large fraction, e.g. a dataset concatenated twice);
 * examples shared between the training and the validation set (hashed; fail above a small fraction);
-* class balance (pass with the counts; warn on heavy imbalance);
+* class balance (pass with the counts; warn on heavy imbalance of per-example classes the loss does not weight);
+* class-index targets that are a copy of the integer inputs (a language model whose targets were not shifted; fail);
 
 and a figure of the first batch exactly as it goes into the network (after ``transfer_batch_to_device`` and
 ``on_after_batch_transfer``) is saved through the loggers: an image grid, per-feature histograms, or decoded
@@ -25,17 +26,23 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import split_batch
+from lightning_recipe._conventions import find_loss, probe_mode, run_forward, split_batch
 from lightning_recipe._labels import _private_loader, _single_loader, _to_device
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
 Layout = Literal["auto", "image", "features"]
+# "nearly all": the fraction of positions at which targets that are the inputs shifted by one match them (exactly 1.0
+# for `x, y = s[:, :-1], s[:, 1:]`; a few positions may differ through padding or special tokens)
+NEXT_TOKEN_FRACTION = 0.95
+# normalisation layers that standardise each feature (channel) separately, and those that standardise each example
+_PER_FEATURE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_PER_EXAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
 
 _NONFINITE = [
     "missing values in the features (NaN) not imputed",
@@ -56,6 +63,12 @@ _OVERLAP = [
     "validation split taken from the training set (or a subset of it)",
     "duplicated examples that landed on both sides of the split (deduplicate before splitting)",
     "the same files listed in both splits",
+]
+_LEAK = [
+    "a language model whose targets were not shifted by one (`y = tokens[:, :-1]` instead of `tokens[:, 1:]`): the "
+    "target of each position is its own input, so the model learns to copy",
+    "the same tensor returned as inputs and targets (a dataset yielding `(x, x)`, a wrong key in `split_batch`)",
+    "the label column left among the input features",
 ]
 _IMBALANCE = [
     "heavy class imbalance: accuracy is misleading; HeadBiasInit sets the head bias to the class prior so the "
@@ -79,7 +92,12 @@ class DataCheck(_OnceCheck):
       ``0 < std < 1 / scale_factor**2`` (a nearly constant feature in the wrong unit; the small side is looser
       because networks cope better with small inputs than with large ones, e.g. scikit-learn's diabetes features have
       std 0.048). Not judged: integer inputs other than ``uint8`` images (token ids), booleans, features whose values
-      are all 0 or 1 (binary, one-hot), constant features.
+      are all 0 or 1 (binary, one-hot), constant features. A model that normalises its own input passes with a note:
+      only when something is off scale, one probe forward of the first batch (eval mode, as the other probes) finds
+      the first layer with parameters or buffers that the inputs reach; when it receives as many values as the inputs
+      hold and is a ``BatchNorm*``/``InstanceNorm*`` (each feature or channel standardised), or a ``LayerNorm``/
+      ``GroupNorm`` on images (each example standardised: right for pixels, all in one unit, but not for tabular
+      features in mixed units, where it still warns), the scale of the raw inputs does not matter.
     * **duplicates**: inputs are hashed row by row (two independent 64-bit linear hashes of the raw bytes).
       When every row was read the measured value is the fraction of rows that are extra copies
       (``1 - unique / rows``: 0.5 for a dataset concatenated twice); when only a sample of ``k`` of ``n`` rows was
@@ -95,7 +113,20 @@ class DataCheck(_OnceCheck):
       a random split (one pair in iris) only warn.
     * **balance**: class counts of integer targets (negative values such as ``ignore_index=-100`` left out), or of
       each label of 0/1 float targets. Pass with the counts; warn when the largest over the smallest count exceeds
-      ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance).
+      ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance), unless the
+      imbalance is expected or handled, which passes with a note: targets with a class per position (dimensions beyond
+      the batch: ``(N, T)`` token sequences, ``(N, H, W)`` segmentation maps; float 0/1 maps with at least 2 dimensions
+      beyond N), whose frequencies are naturally skewed (spaces and ``e`` in text, background pixels) and not
+      actionable; or a loss that weights the classes (``CrossEntropyLoss``/``NLLLoss`` with a non-uniform ``weight=``,
+      ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1).
+    * **leak** (fail): class-index targets compared with every integer input tensor of the same shape (token ids,
+      categories; not ``uint8`` images, bool or float inputs) on the first batch (:func:`token_alignment`): the
+      fraction of labelled positions whose target equals the input at the same position. Above
+      ``max_copied_targets`` the targets are a copy of the inputs, and the model learns to copy (a language model whose
+      targets were not shifted: the loss falls to ~0, every other check passes). Passes saying so when the targets are
+      the inputs shifted by one (next-token prediction: ``y[:, t] == x[:, t + 1]`` on at least 95% of the positions).
+      Float inputs are never compared: regressing on the inputs (an autoencoder) is legitimate. Skipped when no input
+      has the targets' shape.
 
     Hashing sees the examples as the dataset returns them, before ``on_after_batch_transfer``: random augmentation
     inside the dataset makes copies look different, so they go undetected (no false alarm). Under DDP each rank
@@ -112,6 +143,9 @@ class DataCheck(_OnceCheck):
         max_duplicates: fraction of duplicated training rows above which to warn.
         max_overlap: fraction of validation rows found in the training set above which to fail.
         max_imbalance: largest ratio of the most to the least frequent class before a warning.
+        max_copied_targets: fraction of class-index targets equal to the input at the same position above which the
+            targets are a copy of the inputs (fail); ``1.0`` turns the rule off, for a copy task (the target is meant
+            to be the input).
         layout: ``"auto"``, ``"image"`` (dimension 1 is the channel) or ``"features"`` (the last dimension is the
             feature) for inputs with more than 2 dimensions.
         decode: ``callable(list_of_token_ids) -> str`` to show integer inputs as text in the figure.
@@ -132,6 +166,7 @@ class DataCheck(_OnceCheck):
         max_duplicates: float = 0.05,
         max_overlap: float = 0.01,
         max_imbalance: float = 10.0,
+        max_copied_targets: float = 0.95,
         layout: Layout = "auto",
         decode: Optional[Callable[[list[int]], str]] = None,
         figure: bool = True,
@@ -147,6 +182,8 @@ class DataCheck(_OnceCheck):
                 raise RecipeConfigError(f"{self.name}: `{name}` must be in [0, 1), got {v!r}.")
         if not max_imbalance >= 1:
             raise RecipeConfigError(f"{self.name}: `max_imbalance` must be >= 1, got {max_imbalance!r}.")
+        if not 0 <= max_copied_targets <= 1:
+            raise RecipeConfigError(f"{self.name}: `max_copied_targets` must be in [0, 1], got {max_copied_targets!r}.")
         if layout not in ("auto", "image", "features"):
             raise RecipeConfigError(f"{self.name}: `layout` must be 'auto', 'image' or 'features', got {layout!r}.")
         if decode is not None and not callable(decode):
@@ -156,6 +193,7 @@ class DataCheck(_OnceCheck):
         self.max_duplicates = float(max_duplicates)
         self.max_overlap = float(max_overlap)
         self.max_imbalance = float(max_imbalance)
+        self.max_copied_targets = float(max_copied_targets)
         self.layout = layout
         self.decode = decode
         self.figure = figure
@@ -180,12 +218,14 @@ class DataCheck(_OnceCheck):
         val_loader = _single_loader(trainer.val_dataloaders, "val") if trainer.val_dataloaders is not None else None
         val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None else None
         step = trainer.global_step
+        loss = find_loss(pl_module, self._settings.loss_fn)
         findings = [
             self._finite(train, step),
-            self._scale(train, step),
+            self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
             self._duplicates(train, step),
             self._overlap(train, val, step),
-            self._balance(train, step),
+            self._balance(train, step, loss),
+            self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
             self._draw(trainer, train.first)
@@ -226,6 +266,8 @@ class DataCheck(_OnceCheck):
                     hx, _ = split_batch(raw, self._settings.split_batch)
                 except RecipeConfigError:
                     hx = x
+                if keep_first and scan.first is None:
+                    scan.first_inputs = x  # on the device, for a probe forward
                 x, y, hx = _to_cpu(x), _to_cpu(y), _to_cpu(hx)
                 scan.add(x, y, hx)
                 if keep_first and scan.first is None:
@@ -252,7 +294,7 @@ class DataCheck(_OnceCheck):
             )
         return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read.", 0.0, 0.0, step)
 
-    def _scale(self, s: "_Scan", step: int) -> Finding:
+    def _scale(self, s: "_Scan", step: int, input_norm: Callable[[], Optional[tuple[str, nn.Module]]]) -> Finding:
         name = f"{self.name}.scale"
         summary = s.scale_summary(self.scale_factor)
         if summary is None:
@@ -267,8 +309,18 @@ class DataCheck(_OnceCheck):
                    f"range [{summary['min']:.4g}, {summary['max']:.4g}])")
         details = {k: v for k, v in summary.items() if k != "off"} | {"off": off[:64]}
         if off:
-            return Finding(name, "warn", f"{self.name}: inputs are far from a standardised scale: {numbers}. HINT: "
-                           "standardise the inputs; if this scale is intended, raise `scale_factor`.",
+            norm = input_norm()
+            layer = f"`{norm[0]}` ({type(norm[1]).__name__})" if norm is not None else ""
+            if norm is not None and (isinstance(norm[1], _PER_FEATURE_NORMS) or summary["image"]):
+                how = "each feature (channel)" if isinstance(norm[1], _PER_FEATURE_NORMS) else "each example"
+                details["input_norm"] = norm[0]
+                return Finding(name, "pass", f"{self.name}: the raw inputs are off scale ({numbers}), but the first "
+                               f"layer they reach, {layer}, standardises {how}: the model normalises its own input.",
+                               len(off) / judged, 0.0, step, details=details)
+            note = (f" The first layer the inputs reach, {layer}, standardises each example across its features, which "
+                    "does not bring features in mixed units to one scale." if norm is not None else "")
+            return Finding(name, "warn", f"{self.name}: inputs are far from a standardised scale: {numbers}.{note} "
+                           "HINT: standardise the inputs; if this scale is intended, raise `scale_factor`.",
                            len(off) / judged, 0.0, step, list(_SCALE), details)
         return Finding(name, "pass", f"{self.name}: inputs on a standardised scale: {numbers}.", 0.0, 0.0, step,
                        details=details)
@@ -324,7 +376,7 @@ class DataCheck(_OnceCheck):
         return Finding(name, "pass", f"{self.name}: train/validation overlap: {numbers}.", frac, self.max_overlap, step,
                        details=details)
 
-    def _balance(self, s: "_Scan", step: int) -> Finding:
+    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable]) -> Finding:
         name = f"{self.name}.balance"
         counts = s.class_counts()
         if counts is None:
@@ -346,12 +398,89 @@ class DataCheck(_OnceCheck):
             what = (f"positives per label among {int(n)} rows read: {[int(v) for v in pos.tolist()[:20]]}; most "
                     f"imbalanced label {j}: majority/minority = {ratio:.3g}")
             details = {"positives": [int(v) for v in pos.tolist()[:1000]], "rows": int(n), "ratio": ratio}
+        weighted = _class_weighting(loss, kind)
+        details["per_position"], details["weighted"] = s.per_position, weighted
+        if ratio > self.max_imbalance and (s.per_position or weighted):
+            why = []
+            if s.per_position:
+                shape = ", ".join(["N", *map(str, s.target_shape)])
+                why.append(f"the targets hold a class per position (shape ({shape})): token and pixel "
+                           "frequencies are naturally skewed (spaces in text, background in segmentation maps)")
+            if weighted:
+                why.append(f"the loss weights the classes ({weighted})")
+            return Finding(name, "pass", f"{self.name}: {what} (more than {self.max_imbalance:g}); not warned about: "
+                           + "; ".join(why) + ".", ratio, self.max_imbalance, step, details=details)
         if ratio > self.max_imbalance:
             return Finding(name, "warn", f"{self.name}: heavy class imbalance: {what} (more than {self.max_imbalance:g}). "
                            "HeadBiasInit sets the head bias to the prior; watch per-class metrics, not accuracy. HINT: "
                            "pass `max_imbalance=` to change the threshold.", ratio, self.max_imbalance, step,
                            list(_IMBALANCE), details)
         return Finding(name, "pass", f"{self.name}: {what}.", ratio, self.max_imbalance, step, details=details)
+
+    def _leak(self, s: "_Scan", step: int, loss: Optional[Callable]) -> Finding:
+        name = f"{self.name}.leak"
+        x, y = s.first if s.first is not None else (None, None)
+        ignore = getattr(loss, "ignore_index", None)
+        best: Optional[tuple[str, dict[str, Any]]] = None
+        if isinstance(y, Tensor):
+            for tname, t in _tensors(x):
+                a = token_alignment(t, y, ignore if isinstance(ignore, int) else None)
+                if a is not None and (best is None or a["equal"] > best[1]["equal"]):
+                    best = (tname, a)
+        if best is None:
+            return Finding(name, "skip", f"{self.name}: no class-index targets with an integer input of the same "
+                           "shape: nothing to compare (float targets equal to the inputs, as in an autoencoder, are "
+                           "legitimate and never flagged).", step=step)
+        tname, a = best
+        where = "" if tname == "inputs" else f" `{tname}`"
+        numbers = (f"{a['equal']:.1%} of the {a['positions']} labelled target positions of the first batch equal the "
+                   f"input{where} at the same position")
+        if a["shifted"] is not None:
+            numbers += f", {a['shifted']:.1%} the input at the next position"
+        details = {"input": tname, **a}
+        limit = self.max_copied_targets
+        if a["equal"] > limit:
+            return Finding(name, "fail", f"{self.name}: the targets are a copy of the inputs: {numbers} (expected at "
+                           f"most {limit:.0%}). A model that copies its input reaches a loss near 0 and learns "
+                           "nothing. HINT: for next-token prediction shift the targets by one (`x, y = tokens[:, :-1], "
+                           "tokens[:, 1:]`); for a copy task (the target is meant to be the input) pass "
+                           "`max_copied_targets=1.0`.", a["equal"], limit, step, list(_LEAK), details)
+        if a["shifted"] is not None and a["shifted"] >= NEXT_TOKEN_FRACTION:
+            return Finding(name, "pass", f"{self.name}: the targets are the inputs shifted by one position (next-token "
+                           f"prediction): {numbers}.", a["equal"], limit, step, details=details)
+        copied = a["equal"] >= NEXT_TOKEN_FRACTION  # a copy task allowed by `max_copied_targets`
+        what = f"a copy of the inputs (allowed by `max_copied_targets={limit:g}`)" if copied else "not a copy"
+        return Finding(name, "pass", f"{self.name}: the targets are {what}: {numbers}.", a["equal"], limit, step,
+                       details=details)
+
+    def _input_norm(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                    s: "_Scan") -> Optional[tuple[str, nn.Module]]:
+        """The first layer the first batch's inputs reach, ``(name, module)``, when it is a normalisation layer that
+        receives as many values as the inputs hold (one probe forward, as the shared context's: eval mode, no grad,
+        private random state)."""
+        x = s.first_inputs
+        if not isinstance(x, Tensor):
+            return None
+        seen: list[tuple[nn.Module, tuple]] = []
+        handles = []
+        try:
+            for m in pl_module.modules():
+                if _stateful_leaf(m):
+                    handles.append(m.register_forward_pre_hook(lambda mod, a: None if seen else seen.append((mod, a))))
+            with probe_mode(trainer, pl_module):
+                run_forward(pl_module, x, self._settings.forward)
+        except Exception:  # a forward that cannot run here (or a module that takes no hook): no note, the warning stays
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        if not seen:
+            return None
+        mod, args = seen[0]
+        fed = args[0] if args and isinstance(args[0], Tensor) else None
+        if not isinstance(mod, _PER_FEATURE_NORMS + _PER_EXAMPLE_NORMS) or fed is None or fed.numel() != x.numel():
+            return None
+        return next((n for n, m in pl_module.named_modules() if m is mod), type(mod).__name__), mod
 
     # -- figure -----------------------------------------------------------------------------------------------------
     def _draw(self, trainer: "pl.Trainer", first: tuple[Any, Any]) -> None:
@@ -440,7 +569,60 @@ def off_scale(mean: Tensor, std: Tensor, factor: float = 10.0) -> Tensor:
     return (mean.abs() > factor) | (std > factor) | ((std > 0) & (std < 1.0 / factor**2))
 
 
+def token_alignment(inputs: Tensor, targets: Tensor, ignore_index: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """How class-index targets line up with integer inputs of the same shape (token ids, categories).
+
+    ``equal``: the fraction of labelled positions whose target equals the input at the same position (1.0 when the
+    targets are a copy of the inputs). ``shifted``: for ``(N, T)`` tensors with ``T > 1``, the fraction of labelled
+    positions ``t < T - 1`` whose target equals the input at ``t + 1`` (1.0 for next-token prediction,
+    ``x, y = s[:, :-1], s[:, 1:]``), else ``None``. Targets that are negative (``ignore_index=-100``) or equal to
+    ``ignore_index`` are not labelled. ``None`` when the two cannot be compared: float, bool or ``uint8`` (image)
+    inputs, float or bool targets, different shapes, or no labelled position. One host sync.
+
+    Example::
+
+        >>> s = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+        >>> token_alignment(s[:, :-1], s[:, 1:])
+        {'equal': 0.0, 'shifted': 1.0, 'positions': 6}
+        >>> token_alignment(s[:, :-1], s[:, :-1])["equal"]
+        1.0
+    """
+    if (inputs.ndim == 0 or inputs.shape != targets.shape or inputs.is_floating_point() or inputs.is_complex()
+            or inputs.dtype in (torch.bool, torch.uint8) or targets.is_floating_point() or targets.is_complex()
+            or targets.dtype == torch.bool):
+        return None
+    valid = targets >= 0
+    if ignore_index is not None:
+        valid &= targets != ignore_index
+    sums = [valid.sum(), (valid & (inputs == targets)).sum()]
+    if inputs.ndim == 2 and inputs.shape[1] > 1:
+        v = valid[:, :-1]
+        sums += [v.sum(), (v & (targets[:, :-1] == inputs[:, 1:])).sum()]
+    counts = torch.stack(sums).tolist()  # the one host sync
+    if counts[0] == 0:
+        return None
+    shifted = counts[3] / counts[2] if len(counts) == 4 and counts[2] else None
+    return {"equal": counts[1] / counts[0], "shifted": shifted, "positions": int(counts[0])}
+
+
 # -- private --------------------------------------------------------------------------------------------------------
+def _class_weighting(loss: Optional[Callable], kind: str) -> Optional[str]:
+    """How the loss weights the classes (``kind`` ``"classes"``) or the positives (``"labels"``), or ``None``."""
+    attr = "weight" if kind == "classes" else "pos_weight"
+    w = getattr(loss, attr, None)
+    if not isinstance(w, Tensor) or w.numel() == 0:
+        return None
+    w = w.detach().float()
+    uniform = bool((w == w.reshape(-1)[0]).all()) if kind == "classes" else bool((w == 1).all())
+    return None if uniform else f"`{attr}=` of {type(loss).__name__}"
+
+
+def _stateful_leaf(m: nn.Module) -> bool:
+    """A module without children that holds parameters or buffers of its own (not a reshape, an activation, ...)."""
+    own = next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+    return own and next(m.children(), None) is None
+
+
 def _to_cpu(x: Any) -> Any:
     from lightning_utilities.core.apply_func import apply_to_collection
 
@@ -538,6 +720,9 @@ class _Scan:
         self.population: Optional[int] = None
         self.width: Optional[int] = None
         self.first: Optional[tuple[Any, Any]] = None
+        self.first_inputs: Any = None  # the first batch's inputs on the device
+        self.target_shape: Optional[tuple[int, ...]] = None  # of one example's targets
+        self.target_float = False
         self.nonfinite_x = 0
         self.nonfinite_y = 0
         self._nonfinite_feat: dict[tuple[str, int], int] = {}
@@ -599,6 +784,8 @@ class _Scan:
             if _judged(t, self.layout):
                 self._accumulate(name, t)
         if isinstance(y, Tensor):
+            if self.target_shape is None:
+                self.target_shape, self.target_float = tuple(y.shape[1:]), y.is_floating_point()
             if y.is_floating_point():
                 self.nonfinite_y += int((~torch.isfinite(y)).sum())
             self._targets.append(y.reshape(y.shape[0], -1) if y.ndim else y.reshape(1, 1))
@@ -712,6 +899,15 @@ class _Scan:
             return True
         log_space = float(distinct.double().log().sum())
         return log_space > 2 * math.log(max(k, 2)) + math.log(100)
+
+    @property
+    def per_position(self) -> bool:
+        """Whether the targets hold a class per position (token sequences, segmentation maps), not one per example:
+        class indices with more than one value per example, 0/1 floats with at least 2 dimensions beyond N
+        (``(N, L)`` floats are the labels of a multilabel task)."""
+        if self.target_shape is None:
+            return False
+        return len(self.target_shape) >= 2 if self.target_float else math.prod(self.target_shape) > 1
 
     def class_counts(self) -> Optional[tuple[str, Any]]:
         if not self._targets:

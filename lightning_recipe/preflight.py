@@ -58,7 +58,7 @@ def preflight(
     *,
     steps: int = 100,
     overfit_steps: int = 200,
-    causal: bool = False,
+    causal: Optional[bool] = None,
     output: str = os.path.join("recipe_runs", "preflight"),
     seed: int = 0,
     accelerator: str = "auto",
@@ -74,7 +74,7 @@ def preflight(
        (``overfit_steps`` steps on 8 examples; ``overfit_steps=0`` turns it off).
     2. A fit of ``steps`` optimizer steps with the checks of :func:`~lightning_recipe.recommended` in warn mode
        (head bias init, initial loss, loss decrease judged over the whole short run, prediction dynamics, and the
-       other checks of the preset), plus ``BatchIndependenceCheck`` (``causal=True`` for autoregressive models) and
+       other checks of the preset), plus ``BatchIndependenceCheck`` (causal mode for autoregressive models) and
        ``InputDependenceCheck`` (at the last step) where they are installed; one validation batch per epoch.
 
     Nothing stops early: every check runs and reports. Findings, figures and ``report.html``/``.md``/``.json`` go
@@ -85,7 +85,8 @@ def preflight(
         datamodule: its data, unless the model defines ``train_dataloader``.
         steps: optimizer steps of the short fit (at least 10).
         overfit_steps: steps of the overfit-one-batch utility (0: skip it).
-        causal: also check that outputs at position ``t`` do not depend on later inputs.
+        causal: also check that outputs at position ``t`` do not depend on later inputs (``None``: when the targets
+            are the inputs shifted by one, see :class:`~lightning_recipe.BatchIndependenceCheck`).
         output: the folder of the run.
         seed: seed of the run (``seed_everything``).
         accelerator: Lightning accelerator (one device).
@@ -142,13 +143,13 @@ def preflight(
     )
 
 
-def preflight_callbacks(steps: int, causal: bool = False, overrides: Optional[dict[str, Any]] = None) -> list[Callback]:
+def preflight_callbacks(steps: int, causal: Optional[bool] = None, overrides: Optional[dict[str, Any]] = None) -> list[Callback]:
     """The checks of a preflight run of ``steps`` steps: the ``recommended()`` preset tuned for a short run, plus the
     early checks that exist in this installation (batch and input dependence).
 
     Args:
         steps: optimizer steps of the run.
-        causal: ``causal=True`` for the batch-independence check.
+        causal: ``causal=`` of the batch-independence check (``None``: automatic for next-token targets).
         overrides: ``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``.
 
     Example::
@@ -211,7 +212,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "seed_everything:); may be repeated, later files win")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of the short fit (default 100)")
     parser.add_argument("--overfit-steps", type=int, default=200, help="steps of overfit-one-batch (0: skip)")
-    parser.add_argument("--causal", action="store_true", help="autoregressive model: outputs must not see the future")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                        help="autoregressive model: outputs must not see the future (default: on when the targets are "
+                        "the inputs shifted by one)")
     parser.add_argument("--output", default=os.path.join("recipe_runs", "preflight"),
                         help="folder of the run and the report (default recipe_runs/preflight)")
     parser.add_argument("--seed", type=int, default=None, help="seed (default: the config's seed_everything, else 0)")

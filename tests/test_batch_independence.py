@@ -141,7 +141,8 @@ def test_causal_mode(tmp_path):
     cb = _fit(tmp_path, TokenModel(causal=False), _tokens(), causal=True, on_fail="warn")
     f = cb.findings[0]
     assert f.status == "fail" and "sees the future" in f.message
-    assert f.details["future"]["0,0"] == list(range(1, 8))  # position 0 attends to every later position
+    # positions 0, 2, 4, 6 on examples 0, 2, 5, 7, in one backward: each attends to every later position
+    assert f.details["future"] == {"0,0": list(range(1, 8)), "2,2": list(range(3, 8)), "5,4": [5, 6, 7], "7,6": [7]}
     assert 0.01 < f.details["max_future_ratio"] <= 1.0
     assert "leaks" not in f.details  # examples stay independent
 
@@ -157,3 +158,110 @@ def test_pickle_and_state():
 
     cb = pickle.loads(pickle.dumps(BatchIndependenceCheck(causal=True, num_examples=2)))
     assert cb.causal and cb.num_examples == 2 and cb.state_dict() == {"done": False}
+
+
+def _char_windows(t: int = 16, stride: int = 24, n: int = 64):
+    """Character windows of Python stdlib source (``json.decoder``) as ids: ``(n, t + 1)``, and the vocabulary size."""
+    import inspect
+    import json.decoder
+
+    text = inspect.getsource(json.decoder)
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text])
+    starts = torch.arange(n) * stride
+    return ids[starts[:, None] + torch.arange(t + 1)], len(vocab)
+
+
+class CharTransformer(L.LightningModule):
+    """A character LM: embedding, positions, one nn.TransformerEncoder layer; `causal` toggles the mask."""
+
+    def __init__(self, vocab: int, causal: bool, dim: int = 16):
+        super().__init__()
+        self.causal = causal
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(32, dim) * 0.1)
+        layer = nn.TransformerEncoderLayer(dim, 2, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, vocab)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device) if self.causal else None
+        return self.head(self.encoder(self.emb(ids) + self.pos[:t], mask=mask, is_causal=self.causal))
+
+    def training_step(self, batch, batch_idx):
+        ids, tgt = batch
+        return self.loss_fn(self(ids).flatten(0, 1), tgt.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class LookAhead(CharTransformer):
+    """Broken: the representation of position t adds the embedding of position t + 1 (the next target)."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab, causal=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        return self.head(self.mlp(e + nn.functional.pad(e[:, 1:], (0, 0, 0, 1))))
+
+
+def test_causal_mode_turns_on_for_next_token_targets(tmp_path):
+    """A transformer LM without its causal mask, under the default arguments (as in `recommended()`): caught."""
+    w, vocab = _char_windows()
+    data = loader(w[:, :-1], w[:, 1:], batch_size=16)
+    L.seed_everything(0)
+    cb = _fit(tmp_path, CharTransformer(vocab, causal=True), data)
+    f = cb.findings[0]
+    assert f.status == "pass" and f.measured == 0.0 and f.details["max_future_ratio"] == 0.0
+    assert f.details["causal"] == "auto" and f.details["next_token_fraction"] == 1.0
+    assert "turned on automatically" in f.message and "`causal=False`" in f.message
+    assert "4 positions, one per example" in f.message
+    with pytest.warns(RecipeWarning, match="sees the future") as rec:
+        cb = _fit(tmp_path, CharTransformer(vocab, causal=False), data, on_fail="warn")
+    f = cb.findings[0]
+    assert f.status == "fail" and f.details["causal"] == "auto" and "leaks" not in f.details
+    assert any("turned on automatically" in str(r.message) for r in rec if r.category is RecipeWarning)
+    # positions 0, 5, 9, 14 on examples 0, 5, 10, 15 of the 16: each attends to every later position
+    assert f.details["future"] == {"0,0": list(range(1, 16)), "5,5": list(range(6, 16)), "10,9": list(range(10, 16)),
+                                   "15,14": [15]}
+    assert f.measured == f.details["max_future_ratio"] and 0.01 < f.measured <= 1.0
+
+
+def test_look_ahead_measured_exactly_and_causal_false_turns_it_off(tmp_path):
+    w, vocab = _char_windows()
+    data = loader(w[:, :-1], w[:, 1:], batch_size=16)
+    cb = _fit(tmp_path, LookAhead(vocab), data, on_fail="warn", num_positions=2)
+    f = cb.findings[0]
+    assert f.status == "fail" and f.details["future"] == {"0,0": [1], "15,14": [15]}
+    # output t sees e_t + e_{t+1} through the same path: the gradient on position t + 1 equals the one on t
+    assert f.measured == pytest.approx(1.0, rel=1e-6)
+    cb = _fit(tmp_path, LookAhead(vocab), data, causal=False)
+    f = cb.findings[0]
+    assert f.status == "pass" and not f.details["causal"] and "automatically" not in f.message
+
+
+def test_causal_mode_stays_off_for_other_targets(tmp_path):
+    """Per-position targets that are not the inputs shifted by one, and per-example targets: no causal mode."""
+    w, vocab = _char_windows()
+    cb = _fit(tmp_path, LookAhead(vocab), loader(w[:, :-1], (w[:, :-1] + 1) % vocab, batch_size=16))
+    f = cb.findings[0]
+    assert f.status == "pass" and not f.details["causal"] and "automatically" not in f.message
+    x, y = blobs(n=64)
+    f = _fit(tmp_path, TinyModel(), loader(x, y)).findings[0]
+    assert f.status == "pass" and not f.details["causal"]
+
+
+def test_causal_probe_leaves_training_untouched(tmp_path):
+    w, vocab = _char_windows()
+    weights = []
+    for cbs in ([], [BatchIndependenceCheck(on_fail="warn")]):
+        L.seed_everything(0)
+        m = CharTransformer(vocab, causal=False)
+        trainer(tmp_path, cbs, max_steps=3).fit(m, loader(w[:, :-1], w[:, 1:], batch_size=16))
+        weights.append(torch.cat([p.detach().flatten() for p in m.state_dict().values()]))
+    assert cbs[0].findings[0].details["causal"] == "auto" and torch.equal(weights[0], weights[1])

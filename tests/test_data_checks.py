@@ -8,7 +8,7 @@ from helpers import TinyModel, blobs, loader, trainer
 from sklearn.datasets import load_digits
 from torch import nn
 
-from lightning_recipe.data_checks import DataCheck, duplicate_fraction, plot_first_batch, row_hashes
+from lightning_recipe.data_checks import DataCheck, duplicate_fraction, plot_first_batch, row_hashes, token_alignment
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
 
 
@@ -52,7 +52,7 @@ def test_healthy_standardized_digits_pass(tmp_path):
                   figure=True)
     f = _by_name(cb)
     assert {k: v.status for k, v in f.items()} == {
-        "finite": "pass", "scale": "pass", "duplicates": "pass", "overlap": "pass", "balance": "pass"}
+        "finite": "pass", "scale": "pass", "duplicates": "pass", "overlap": "pass", "balance": "pass", "leak": "skip"}
     assert f["finite"].measured == 0 and f["finite"].details == {} and f["duplicates"].measured == 0.0
     assert f["overlap"].measured == 0.0 and f["overlap"].details["val_rows"] == 297
     counts = torch.bincount(yt).double()
@@ -204,3 +204,158 @@ def test_image_grid_is_one_image_of_tiles_with_the_batch_colour_scale():
     assert np.isnan(canvas[:, 0]).all()  # the space between tiles is background, not a pixel value
     assert im.get_clim() == (0.0, float(x.max()))
     assert [t.get_text() for t in ax.texts] == ["y=3", "y=1", "y=4", "y=1", "y=5", "y=9"]
+
+
+def _char_windows(t: int = 32, stride: int = 16):
+    """Character windows of Python stdlib source (``json.decoder``) as ids ``(n, t + 1)``, and the vocabulary size."""
+    import inspect
+    import json.decoder
+
+    text = inspect.getsource(json.decoder)
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(c) for c in text])
+    starts = torch.arange(0, len(ids) - t - 1, stride)
+    return ids[starts[:, None] + torch.arange(t + 1)], len(vocab)
+
+
+class _CharLM(TinyModel):
+    """Per-position character model: (N, T) ids -> (N, T, V) logits, flattened in training_step."""
+
+    def __init__(self, vocab):
+        super().__init__(in_dim=16, out_dim=vocab)
+        self.emb = nn.Embedding(vocab, 16)
+
+    def forward(self, x):
+        return self.net(self.emb(x))
+
+    def compute_loss(self, batch):
+        x, y = batch
+        return self.loss_fn(self(x).flatten(0, 1), y.flatten())
+
+
+def test_token_alignment():
+    s = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert token_alignment(s[:, :-1], s[:, 1:]) == {"equal": 0.0, "shifted": 1.0, "positions": 6}
+    assert token_alignment(s[:, :-1], s[:, :-1]) == {"equal": 1.0, "shifted": 0.0, "positions": 6}
+    y = s[:, 1:].clone()
+    y[:, -1] = -100  # ignored positions are not counted
+    assert token_alignment(s[:, :-1], y) == {"equal": 0.0, "shifted": 1.0, "positions": 4}
+    assert token_alignment(s[:, 0], s[:, 0]) == {"equal": 1.0, "shifted": None, "positions": 2}
+    assert token_alignment(s.float(), s) is None and token_alignment(s.to(torch.uint8), s) is None
+    assert token_alignment(s, s.float()) is None and token_alignment(s[:, :-1], s[:, :2]) is None
+
+
+def test_unshifted_language_model_targets_fail(tmp_path):
+    w, vocab = _char_windows()
+    x = w[:, :-1]
+    with pytest.raises(RecipeCheckError, match="the targets are a copy of the inputs") as err:
+        _fit(tmp_path, _CharLM(vocab), loader(x, x.clone(), 64))  # the shift by one forgotten
+    assert "tokens[:, 1:]" in str(err.value) and "`max_copied_targets=1.0`" in str(err.value)
+    assert "100.0% of the 2048 labelled target positions" in str(err.value) and "not shifted by one" in str(err.value)
+    cb = _fit(tmp_path, _CharLM(vocab), loader(x, x.clone(), 64), on_fail="warn")
+    f = _by_name(cb)["leak"]
+    assert f.status == "fail" and f.measured == 1.0 and f.expected == 0.95 and f.details["positions"] == 64 * 32
+    # a copy task opts out
+    f = _by_name(_fit(tmp_path, _CharLM(vocab), loader(x, x.clone(), 64), max_copied_targets=1.0))["leak"]
+    assert f.status == "pass" and f.measured == 1.0 and "allowed by `max_copied_targets=1`" in f.message
+
+
+def test_shifted_language_model_passes_and_says_so(tmp_path):
+    w, vocab = _char_windows()
+    x, y = w[:, :-1], w[:, 1:]
+    cb = _fit(tmp_path, _CharLM(vocab), loader(x, y, len(x)))  # one batch: the first batch is the whole set
+    f = _by_name(cb)
+    assert f["leak"].status == "pass" and "shifted by one position (next-token prediction)" in f["leak"].message
+    assert f["leak"].details["shifted"] == 1.0
+    # a character equal to the next one (runs of indentation spaces, "ee"): natural, far below the limit
+    assert f["leak"].measured == pytest.approx(float((x == y).double().mean()))
+    assert f["leak"].measured == pytest.approx(0.234, abs=1e-3)
+
+
+def test_autoencoder_on_its_own_inputs_is_not_a_leak(tmp_path):
+    xt, _, _, _ = _standardized_split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=64, loss_fn=nn.MSELoss()), loader(xt, xt.clone(), 64))
+    f = _by_name(cb)
+    assert f["leak"].status == "skip" and "autoencoder" in f["leak"].message
+    assert f["balance"].status == "skip"
+
+
+def test_per_position_class_imbalance_passes_with_counts(tmp_path):
+    """Character frequencies are naturally skewed: counted and shown, not warned about."""
+    w, vocab = _char_windows()
+    x, y = w[:, :-1], w[:, 1:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        cb = _fit(tmp_path, _CharLM(vocab), loader(x, y, 64))
+    f = _by_name(cb)["balance"]
+    counts = torch.bincount(y.reshape(-1)).double()
+    assert f.status == "pass" and f.details["per_position"] and f.details["class_counts"] == counts.long().tolist()
+    assert f.measured == pytest.approx(float(counts.max() / counts.min())) and f.measured > 1000  # spaces vs rare chars
+    assert "a class per position (shape (N, 32))" in f.message and "naturally skewed" in f.message
+
+
+@pytest.mark.parametrize("loss", ["ce_weight", "bce_pos_weight", "none"])
+def test_binary_imbalance_weighted_by_the_loss_passes(tmp_path, loss):
+    x, y = blobs(n=1000, classes=2, priors=[0.95, 0.05])
+    counts = torch.bincount(y, minlength=2).double()
+    ratio = float(counts.max() / counts.min())
+    if loss == "ce_weight":
+        model, target = TinyModel(out_dim=2, loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([1.0, 19.0]))), y
+    elif loss == "bce_pos_weight":
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([19.0]))
+        model, target = TinyModel(out_dim=1, loss_fn=loss_fn), y.float()[:, None]
+    else:
+        model, target = TinyModel(out_dim=2), y
+    if loss == "none":
+        with pytest.warns(RecipeWarning, match="heavy class imbalance"):
+            f = _by_name(_fit(tmp_path, model, loader(x, target, 100)))["balance"]
+        assert f.status == "warn" and f.measured == pytest.approx(ratio) and f.details["weighted"] is None
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        f = _by_name(_fit(tmp_path, model, loader(x, target, 100)))["balance"]
+    assert f.status == "pass" and f.measured == pytest.approx(ratio) and ratio > 10  # 95/5: about 19
+    name = "`weight=` of CrossEntropyLoss" if loss == "ce_weight" else "`pos_weight=` of BCEWithLogitsLoss"
+    assert f.details["weighted"] == name and f"the loss weights the classes ({name})" in f.message
+
+
+class _NormFirst(TinyModel):
+    def __init__(self, norm):
+        super().__init__(in_dim=30, out_dim=2)
+        self.net = nn.Sequential(norm, nn.Linear(30, 32), nn.ReLU(), nn.Linear(32, 2))
+
+
+def _breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def test_raw_features_into_batchnorm_pass_with_a_note(tmp_path):
+    x, y = _breast_cancer()  # raw: e.g. mean area ~650, std ~350
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        f = _by_name(_fit(tmp_path, _NormFirst(nn.BatchNorm1d(30)), loader(x, y, 64)))["scale"]
+    assert f.status == "pass" and f.details["input_norm"] == "net.0" and f.measured > 0
+    assert "`net.0` (BatchNorm1d), standardises each feature" in f.message
+    with pytest.warns(RecipeWarning, match="far from a standardised scale"):  # a Linear first: the scale matters
+        f = _by_name(_fit(tmp_path, TinyModel(in_dim=30, out_dim=2), loader(x, y, 64)))["scale"]
+    assert f.status == "warn" and "input_norm" not in f.details
+    # LayerNorm standardises each example across its features: features in mixed units stay mixed
+    with pytest.warns(RecipeWarning, match="does not bring features in mixed units to one scale"):
+        f = _by_name(_fit(tmp_path, _NormFirst(nn.LayerNorm(30)), loader(x, y, 64)))["scale"]
+    assert f.status == "warn"
+
+
+def test_norm_probe_leaves_training_untouched(tmp_path):
+    x, y = _breast_cancer()
+    weights = []
+    for cbs in ([], [DataCheck(on_fail="warn", figure=False)]):
+        torch.manual_seed(0)
+        m = _NormFirst(nn.BatchNorm1d(30))
+        trainer(tmp_path, cbs, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0).fit(m, loader(x, y, 64))
+        weights.append(torch.cat([p.detach().float().flatten() for p in m.state_dict().values()]))
+    assert _by_name(cbs[0])["scale"].details["input_norm"] == "net.0" and torch.equal(weights[0], weights[1])
