@@ -55,6 +55,15 @@ class HeadBiasInit(RecipeCheck):
             self._config_error(ctx.head_error)
             return
         c, how = ctx.optimal()
+        if not bool(torch.isfinite(c).all()):  # never write a non-finite bias: the model would train on NaN
+            self.done = True
+            self.findings.append(Finding(
+                self.name, "skip", f"{self.name}: no finite constant minimises {ctx.spec.loss_name} over constant "
+                f"outputs ({how} minimisation gave {[round(float(v), 4) for v in c.reshape(-1)[:5]]}): the loss is not "
+                "bounded below for constant outputs of the model (it may take transformed outputs, e.g. "
+                f"log-probabilities), so `{ctx.head_name}.bias` is left as it is. HINT: pass `loss_fn=` taking the "
+                "model's own outputs, or `task=`.", step=trainer.global_step, details={"method": how}))
+            return
         bias = ctx.head.bias
         before = bias.detach().float().reshape(-1).cpu().clone()
         with torch.no_grad():

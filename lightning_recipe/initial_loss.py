@@ -6,12 +6,13 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import split_batch
-from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import constant_loss, noise_band
 from lightning_recipe.loggers import log_scalars
@@ -48,6 +49,11 @@ class InitialLossCheck(_OnceCheck):
     * fails **low** when the loss is below the expected value by more than ``z`` standard deviations of the
       simulated loss at ``s`` = the measured spread of the initial outputs (clipped to ``[0.5, max_output_std]``):
       the model knows something about the labels before training (leakage, a pretrained head, a flipped sign).
+
+    When the loss was inferred from the targets (no loss module on the LightningModule and no ``loss_fn=``), the two
+    tests above give a ``warn`` instead: ``training_step`` may compute a loss of its own (a focal loss, a sum instead
+    of a mean) whose numbers differ from the guess. A non-finite first loss, or one below the loss's minimum, fails
+    either way.
 
     ``max_output_std=2`` was calibrated on healthy models with PyTorch's default initialisation, whose initial
     outputs have a standard deviation of about 0.1-0.8 (MLPs, CNNs, with or without normalisation layers); a head
@@ -139,6 +145,8 @@ class InitialLossCheck(_OnceCheck):
             return
         measured = float(loss.detach()) * trainer.accumulate_grad_batches
         finding = self._judge(measured, e, trainer.global_step)
+        if finding.status == "warn":
+            rank_zero_warn(finding.message, category=RecipeWarning)
         log_scalars(trainer, {"recipe/initial_loss": measured, "recipe/expected_initial_loss": e["expected"]})
         self._conclude(trainer, finding)
 
@@ -168,14 +176,20 @@ class InitialLossCheck(_OnceCheck):
                            f"{spec.floor:g}, the smallest value {spec.loss_name} can take: training_step returns the "
                            f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}{notes}",
                            measured, e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
+        # a guessed loss (no loss module found) may not be the one training_step computes (a focal loss, a sum): a
+        # mismatch is then a warning, not a verdict
+        status = "warn" if spec.inferred else "fail"
+        if spec.inferred:
+            notes += ("\n  note: the loss was inferred, not found on the module: a loss of its own in training_step "
+                      "(focal, summed, scaled) gives other numbers, hence a warning; pass `loss_fn=` for a verdict")
         if measured > e["upper"]:
-            return Finding(self.name, "fail", f"{self.name}: the first training loss is far ABOVE what an untrained "
+            return Finding(self.name, status, f"{self.name}: the first training loss is far ABOVE what an untrained "
                            f"network should give; {clue} (healthy: up to {self.max_output_std:g}).\n{numbers}{notes}\n"
                            "  HINT: if the guess of loss or head is wrong, pass `loss_fn=` / `head=`; if large initial "
                            "outputs are intended, raise `max_output_std`.", measured, e["expected"], step,
                            list(_HIGH_CAUSES), details)
         if measured < e["lower"]:
-            return Finding(self.name, "fail", f"{self.name}: the first training loss is far BELOW the loss of a "
+            return Finding(self.name, status, f"{self.name}: the first training loss is far BELOW the loss of a "
                            f"constant prediction, so the model knows the labels before training.\n{numbers}{notes}",
                            measured, e["expected"], step, list(_LOW_CAUSES), details)
         return Finding(self.name, "pass", f"{self.name}: the first training loss {measured:.4g} matches the expected "

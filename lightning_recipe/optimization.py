@@ -68,8 +68,11 @@ class OptimizationHealthCheck(RecipeCheck):
       (10 %) of the peak *and stay there*: when it falls below at step ``s``, the decision waits until step ``2 s``
       (the learning rate has then been low for as long as it took to get there; or the end of the fit, if sooner).
       If by then it came back above ``min_lr_fraction`` of the peak, the schedule restarts (warm restarts such as
-      ``CosineAnnealingWarmRestarts``, a cyclic schedule: each cycle spends more than its first half above the
-      threshold, a cosine one 80 %) and the check passes, saying so; if not, warn, and fail when the smallest ratio
+      ``CosineAnnealingWarmRestarts``, a cyclic schedule) and is judged at ``schedule_fraction`` by the share of
+      the steps until then with a group below ``min_lr_fraction`` of its peak: under half passes, saying so (a cosine
+      cycle spends 80 % of its length above, a triangular one from a tenth of the peak all of it); half or more is a
+      schedule that comes back but does not stay (cycles that shrink, a cycle sized in epochs and stepped per batch),
+      judged like a decay. If it did not come back by step ``2 s``, warn, and fail when the smallest ratio
       before ``schedule_fraction`` is below ``min_lr_fraction**2`` (1 %), which no intended schedule reaches for
       good (a cosine schedule is at 85 % of its peak at a quarter, a step decay by 10 at a third of training at
       100 %). Catches ``StepLR(step_size=1, gamma=0.5)`` stepped per batch (0.5**k of the start after ``k``
@@ -196,6 +199,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._min_ratio_early: Optional[tuple[float, int, int]] = None  # ratio, group, step
         self._low: Optional[tuple[int, int]] = None  # group, step: the first fall below min_lr_fraction of the peak
         self._back: Optional[int] = None  # the step at which that group came back above it (by twice that step)
+        self._early_steps = self._low_steps = 0  # steps before schedule_fraction, and those with a group below
         self._layer_of: dict[int, int] = {}
         self._numel: Optional[Tensor] = None
         self._opt_cache: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
@@ -345,6 +349,8 @@ class OptimizationHealthCheck(RecipeCheck):
             return
         assert self._track_until is not None
         early = step <= self._track_until
+        self._early_steps += early
+        low_now = False
         for j, lr in enumerate(lrs):
             self._peaks[j] = max(self._peaks[j], lr)
             if not self._peaks[j] > 0:
@@ -352,11 +358,13 @@ class OptimizationHealthCheck(RecipeCheck):
             r = lr / self._peaks[j]
             if early and (self._min_ratio_early is None or r < self._min_ratio_early[0]):
                 self._min_ratio_early = (r, j, step)
+            low_now |= r < self.min_lr_fraction
             if early and self._low is None and r < self.min_lr_fraction:
                 self._low = (j, step)
             elif self._low is not None and self._low[0] == j and self._awaiting_restart(step) and \
                     r >= self.min_lr_fraction:
                 self._back = step
+        self._low_steps += early and low_now
 
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._relus or self._probe_inputs is None:
@@ -457,12 +465,28 @@ class OptimizationHealthCheck(RecipeCheck):
             (j, fell), (r, jm, at) = self._low, m
             details = {"peak": self._peaks[jm], "group": jm, "planned_steps": self._planned, "low_step": fell,
                        "restart_step": self._back}
-            if self._back is not None:
+            low = self._low_steps / max(self._early_steps, 1)
+            details["fraction_low"] = low
+            if self._back is not None and not (step > quarter or final):
+                return None  # it came back: judged at the end of the inspected part, by the time spent low
+            if self._back is not None and low < 0.5:
                 return Finding(name, "pass", f"{self.name}: the learning rate of parameter group {j} fell below "
                                f"{self.min_lr_fraction:g} of its peak {self._peaks[j]:.4g} at step {fell} (down to "
                                f"{r:.3g} of it at step {at}) and came back above it at step {self._back}: the schedule "
-                               "restarts (warm restarts, a cyclic schedule), training does not run on at a learning "
-                               "rate too small to learn.", r, self.min_lr_fraction, step, details=details)
+                               f"restarts (warm restarts, a cyclic schedule), below {self.min_lr_fraction:g} of the "
+                               f"peak for {low:.0%} of the first {self.schedule_fraction:g} of the planned steps.", r,
+                               self.min_lr_fraction, step, details=details)
+            if self._back is not None:
+                status = "fail" if r < self.min_lr_fraction**2 else "warn"
+                return Finding(name, status, f"{self.name}: the learning rate was below {self.min_lr_fraction:g} of "
+                               f"its peak {self._peaks[jm]:.4g} for {low:.0%} of the first {self.schedule_fraction:g} "
+                               f"of the {int(self._planned)} planned steps (down to {r:.3g} of it at step {at}): it "
+                               f"came back above at step {self._back} but does not stay, so most of training runs at "
+                               "a learning rate too small to learn (a cyclic schedule whose cycles shrink, or sized in "
+                               "epochs and stepped per batch). HINT: step per-epoch schedulers per epoch "
+                               "(`'interval': 'epoch'`) or size the schedule to trainer.estimated_stepping_batches; "
+                               "pass `min_lr_fraction=` if the schedule is intended.", low, 0.5, at, list(_LR),
+                               details)
             if step < 2 * fell and not final:
                 return None  # a restart may still bring it back
             status = "fail" if r < self.min_lr_fraction**2 else "warn"

@@ -44,17 +44,18 @@ class NoBiasHead(Counting):
 
 
 class BoolTargets(Counting):
-    """Boolean targets and no loss module: the task cannot be inferred."""
+    """Boolean targets, four outputs and no loss module: the task cannot be inferred (one output per 0/1 target
+    would be read as binary labels)."""
 
     def __init__(self) -> None:
-        super().__init__(out_dim=1)
+        super().__init__(out_dim=4)
         del self.loss_fn
         self.loss_fn = None
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         self.steps_run += 1
         x, y = batch
-        return nn.functional.binary_cross_entropy_with_logits(self(x).squeeze(-1), y.float())
+        return nn.functional.binary_cross_entropy_with_logits(self(x)[:, 0], y.float())
 
 
 class FloatTargetsForCE(Counting):

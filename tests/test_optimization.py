@@ -70,9 +70,27 @@ def test_warm_restarts_stepped_per_batch_pass(tmp_path):
     f = _get(cb, "lr_schedule")
     assert f.status == "pass" and "the schedule restarts" in f.message
     assert f.measured == pytest.approx((1 + math.cos(math.pi * 19 / 20)) / 2) and f.measured < 0.01  # at step 19
-    assert f.details["low_step"] == 16 and f.details["restart_step"] == 20 and f.step == 20
+    assert f.details["low_step"] == 16 and f.details["restart_step"] == 20 and f.step == 40  # first read after 36
+    assert f.details["fraction_low"] == pytest.approx(4 / 36)  # steps 16-19 of the first 36 below a tenth
     assert (1 + math.cos(math.pi * 16 / 20)) / 2 < 0.1 < (1 + math.cos(math.pi * 15 / 20)) / 2
     assert [row[0] for row in cb.lrs][19] == pytest.approx(0.1)  # back at the peak after the 20th step
+
+
+def test_a_schedule_that_comes_back_but_does_not_stay_fails(tmp_path):
+    """CyclicLR triangular2 with cycles of 4 batches (a step size meant in epochs, stepped per batch): the
+    amplitude halves every cycle, so the learning rate comes back above a tenth of its peak once and then stays
+    below it for most of the first quarter."""
+    x, y = blobs(512)
+    make = lambda opt: torch.optim.lr_scheduler.CyclicLR(  # noqa: E731
+        opt, base_lr=1e-4, max_lr=0.1, step_size_up=2, mode="triangular2")
+    cb = OptimizationHealthCheck(check_every_n_steps=10, figure=False)
+    with pytest.raises(RecipeCheckError, match="but does not stay"):
+        trainer(tmp_path, [cb], max_steps=144, max_epochs=100).fit(_Scheduled(make), loader(x, y))
+    f = _get(cb, "lr_schedule")
+    lrs = [row[0] for row in cb.lrs][:36]  # after each of the first 36 steps (a quarter of 144)
+    peaks = [max(lrs[: k + 1] + [1e-4]) for k in range(36)]
+    low = sum(lr / p < 0.1 for lr, p in zip(lrs, peaks)) / 36
+    assert f.status == "fail" and f.measured == pytest.approx(low) and low >= 0.5 and f.details["restart_step"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,95 @@
+"""Losses without a class-index target: KLDivLoss against soft targets (distillation), and a loss that no constant
+minimises (HeadBiasInit must leave the bias alone rather than write NaN)."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TinyModel, blobs, loader, trainer
+from torch import nn
+
+import lightning_recipe as lr
+
+
+class Distilled(TinyModel):
+    """A student trained on a teacher's probabilities with ``KLDivLoss(log_softmax(student), teacher_probs)``."""
+
+    def __init__(self):
+        super().__init__(loss_fn=nn.KLDivLoss(reduction="batchmean"))
+
+    def compute_loss(self, batch):
+        x, p = batch
+        return self.loss_fn(F.log_softmax(self(x), -1), p)
+
+
+def _soft_targets():
+    x, y = blobs(n=512)
+    teacher = F.one_hot(y, 4).float() * 0.7 + 0.3 / 4  # a teacher that is 70% sure of the true class
+    return x, teacher
+
+
+def test_kl_divergence_to_soft_targets_is_a_multiclass_task(tmp_path):
+    L.seed_everything(0)
+    x, p = _soft_targets()
+    t = trainer(tmp_path, lr.strict(), max_epochs=6)
+    t.fit(Distilled(), loader(x[:448], p[:448]), loader(x[448:], p[448:], shuffle=False))
+    findings = {f.check: f for f in lr.collect_findings(t)}
+    assert not [f.message for f in findings.values() if f.failed]
+    head = findings["HeadBiasInit"]
+    mean = p[:448].mean(0)
+    assert head.details["bias"] == pytest.approx(mean.log().tolist(), abs=1e-4)  # log of the mean teacher output
+    # the constant's loss: the mean KL(p_i || mean p), i.e. H(mean p) - mean H(p_i) with batchmean reduction
+    expected = float(-(mean * mean.log()).sum() + (p[:448] * p[:448].log()).sum(1).mean())
+    assert head.measured == pytest.approx(expected, rel=1e-3)
+    init = findings["InitialLossCheck"]
+    assert init.status == "pass" and init.expected == pytest.approx(expected, rel=0.05)  # on the first batch
+    assert findings["LossDecreaseCheck"].status == "pass"
+
+
+def test_a_loss_no_constant_minimises_leaves_the_bias_alone(tmp_path):
+    class Unbounded(TinyModel):  # a linear score: unbounded below for a constant output
+        def __init__(self):
+            super().__init__(out_dim=1, loss_fn=lambda out, y: -(out * y).mean())
+
+    L.seed_everything(0)
+    x, y = blobs(n=256)
+    model = Unbounded()
+    before = model.net[2].bias.detach().clone()
+    cb = lr.HeadBiasInit(loss_fn=model.loss_fn, task="regression")
+    trainer(tmp_path, [cb], max_steps=1).fit(model, loader(x, y.float().unsqueeze(1)))
+    (f,) = cb.findings
+    assert f.status == "skip" and "no finite constant minimises" in f.message
+    assert torch.isfinite(model.net[2].bias).all()
+    assert not torch.equal(model.net[2].bias, before)  # trained one step from the untouched bias, not from NaN
+
+
+class Focal(TinyModel):
+    """A focal loss written in training_step (no loss module), on integer 0/1 labels and one logit per example."""
+
+    def __init__(self):
+        super().__init__(out_dim=1)
+        self.loss_fn = None
+
+    def compute_loss(self, batch):
+        x, y = batch
+        logit = self(x).squeeze(-1)
+        ce = F.binary_cross_entropy_with_logits(logit, y.float(), reduction="none")
+        return ((1 - torch.exp(-ce)) ** 2 * ce).mean()
+
+
+def test_integer_zero_one_labels_with_one_output_are_binary_and_a_guessed_loss_only_warns(tmp_path):
+    L.seed_everything(0)
+    x, y = blobs(n=512, classes=2, priors=[0.8, 0.2])
+    t = trainer(tmp_path, lr.strict(), max_epochs=4)
+    with pytest.warns(lr.RecipeWarning, match="far BELOW"):  # the focal loss is below the guessed cross-entropy
+        t.fit(Focal(), loader(x[:448], y[:448]), loader(x[448:], y[448:], shuffle=False))
+    findings = {f.check: f for f in lr.collect_findings(t)}
+    assert not [f.message for f in findings.values() if f.failed]
+    head = findings["HeadBiasInit"]
+    rate = float(y[:448].float().mean())
+    assert head.details["bias"] == pytest.approx([math.log(rate / (1 - rate))], abs=1e-4)  # log-odds: binary
+    init = findings["InitialLossCheck"]
+    # the guess (BCE at the log-odds) is the label entropy of the first batch; the focal loss there is far below it
+    assert init.status == "warn" and "inferred" in init.message and init.measured < 0.5 * init.expected
