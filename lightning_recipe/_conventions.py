@@ -21,7 +21,6 @@ _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 _OUTPUT_KEYS = ("logits", "preds", "output")
 _LOSS_ATTRS = ("loss_fn", "criterion", "loss")
 _MULTICLASS = ("CrossEntropyLoss", "NLLLoss")
-_KL = ("KLDivLoss",)  # log-probabilities against target probabilities (distillation): soft-target multiclass
 _LOGITS_BINARY = ("BCEWithLogitsLoss",)
 _PROBS_BINARY = ("BCELoss",)  # takes probabilities: the model applies the sigmoid (after its head)
 _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
@@ -193,11 +192,10 @@ def _loss_name(loss: Optional[Callable]) -> str:
 
 
 def _canonical_loss(loss: Callable, name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    """Wrap the user's loss so it takes canonical logits: NLLLoss and KLDivLoss get log-probabilities, BCELoss
-    probabilities."""
+    """Wrap the user's loss so it takes canonical logits: NLLLoss gets log-probabilities, BCELoss probabilities."""
     if isinstance(loss, nn.Module):
         loss = _cpu_copy(loss)
-    if name == "NLLLoss" or name in _KL:
+    if name == "NLLLoss":
         return lambda out, y: loss(torch.log_softmax(out, dim=-1), y)
     if name in _PROBS_BINARY:
         return lambda out, y: loss(torch.sigmoid(out), y)
@@ -223,7 +221,7 @@ def resolve_task(
     name = _loss_name(loss_fn) if loss_fn is not None else ""
     inferred = False
     if task is None:
-        if name in _MULTICLASS or (name in _KL and not getattr(loss_fn, "log_target", False)):
+        if name in _MULTICLASS:
             task = "multiclass"
         elif name in _LOGITS_BINARY + _PROBS_BINARY:
             per_example = targets[0].numel() if targets.ndim > 0 and targets.shape[0] > 0 else 1
@@ -285,7 +283,7 @@ def resolve_task(
         pw = getattr(loss_fn, "pos_weight", None)
         spec.pos_weight = pw.detach().float().cpu() if isinstance(pw, Tensor) else None
         spec.reduction = str(getattr(loss_fn, "reduction", "mean"))
-    if name not in _MULTICLASS + _KL + _LOGITS_BINARY + _PROBS_BINARY + _REGRESSION:
+    if name not in _MULTICLASS + _LOGITS_BINARY + _PROBS_BINARY + _REGRESSION:
         spec.floor = None  # a user's loss: no known lower bound
     if inferred:
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "

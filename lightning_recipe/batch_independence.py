@@ -124,7 +124,8 @@ class BatchIndependenceCheck(_OnceCheck):
             causal = auto is not None
         try:
             class_first = ctx.spec.task == "multiclass" and ctx.spec.class_dim == 1
-            finding = self._measure(trainer, pl_module, ctx.inputs, causal, auto, class_first)
+            labelled = _labelled(ctx.targets, ctx.spec.ignore_index) if causal else None
+            finding = self._measure(trainer, pl_module, ctx.inputs, causal, auto, class_first, labelled)
         except RecipeConfigError as err:
             self._config_error(str(err))
             return
@@ -135,10 +136,11 @@ class BatchIndependenceCheck(_OnceCheck):
         return Finding(self.name, "skip", f"{self.name}: {why}")
 
     def _measure(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any, causal: bool,
-                 auto: Optional[float] = None, class_first: bool = False) -> Finding:
+                 auto: Optional[float] = None, class_first: bool = False,
+                 labelled: Optional[Tensor] = None) -> Finding:
         """The finding; ``auto`` is the fraction of next-token positions when causal mode was turned on by itself,
         ``class_first`` says that the outputs are class-first logits ``(N, C, T, ...)``."""
-        finding = self._probe(trainer, pl_module, inputs, causal, auto, class_first)
+        finding = self._probe(trainer, pl_module, inputs, causal, auto, class_first, labelled)
         if auto is not None and finding.details.get("causal"):
             finding.details["causal"] = "auto"
             finding.details["next_token_fraction"] = auto
@@ -148,7 +150,7 @@ class BatchIndependenceCheck(_OnceCheck):
         return finding
 
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any, causal: bool,
-               auto: Optional[float], class_first: bool) -> Finding:
+               auto: Optional[float], class_first: bool, labelled: Optional[Tensor] = None) -> Finding:
         if type(trainer.strategy).__name__ in _MODEL_PARALLEL:
             return self._skip(f"not run under {type(trainer.strategy).__name__} (a copy of a sharded model cannot "
                               "run on one rank).")
@@ -203,7 +205,7 @@ class BatchIndependenceCheck(_OnceCheck):
                 if "module" in holder:
                     name = next((k for k, m in model.named_modules() if m is holder["module"]), "embedding")
                     what = f"the output of `{name}`"
-                return self._gradients(out, leaf, n, what, causal, auto is not None)
+                return self._gradients(out, leaf, n, what, causal, auto is not None, labelled)
         finally:
             for h in handles:
                 h.remove()
@@ -219,7 +221,8 @@ class BatchIndependenceCheck(_OnceCheck):
             raise RecipeConfigError(f"`embedding` is not a submodule of {type(original).__name__}.")
         return [model.get_submodule(name)]
 
-    def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str, causal: bool, auto: bool) -> Finding:
+    def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str, causal: bool, auto: bool,
+                   labelled: Optional[Tensor] = None) -> Finding:
         if out.ndim == 0 or out.shape[0] != n:
             return self._skip(f"the output has shape {tuple(out.shape)}; its first dimension is not the batch ({n}). "
                               "HINT: pass `forward=` returning per-example outputs (N, ...).")
@@ -246,12 +249,18 @@ class BatchIndependenceCheck(_OnceCheck):
         for i in examples:
             scalar = (out[i].float() * proj).sum()
             rows.append(self._grad(scalar, leaf).reshape(n, -1).sum(1))
-        causal_m, causal_keys = None, []
+        causal_m, causal_keys, owners = None, [], []
         if causal and out.shape[1] > 1:
             # one position per example, all in one backward: examples do not mix, so each gradient stays in its own
             steps = out.shape[1]
             positions = _spread(steps - 2, min(self.num_positions, steps - 1, n))
             owners = _spread(n - 1, len(positions))
+            if labelled is not None and labelled.shape[0] >= n and labelled.shape[1] == steps:
+                # only outputs that are trained: a prefix language model's unlabelled prefix sees both ways on purpose
+                pairs = [(ex, min(ok, key=lambda u: abs(u - t))) for ex, t in zip(owners, positions)
+                         if (ok := labelled[ex, : steps - 1].nonzero().flatten().tolist())]
+                owners, positions = [ex for ex, _ in pairs], [t for _, t in pairs]
+        if owners:
             scalar = sum((out[ex, t].float() * proj[t]).sum() for ex, t in zip(owners, positions))
             g = self._grad(scalar, leaf)[owners]  # (P, ..., T on t_dim, ...)
             causal_m = g.movedim(t_dim, 1).reshape(len(owners), g.shape[t_dim], -1).sum(2)
@@ -329,6 +338,17 @@ class BatchIndependenceCheck(_OnceCheck):
 def _spread(last: int, k: int) -> list[int]:
     """``k`` integers spread evenly over ``[0, last]`` (distinct when ``k <= last + 1``)."""
     return sorted({int(round(v)) for v in torch.linspace(0, last, k).tolist()})
+
+
+def _labelled(targets: Any, ignore_index: Optional[int]) -> Optional[Tensor]:
+    """``(N, T)`` positions of class-index targets that carry a label (not negative, not ``ignore_index``), on the
+    host, or ``None`` for other targets."""
+    if not isinstance(targets, Tensor) or targets.ndim != 2 or targets.is_floating_point() or targets.dtype == torch.bool:
+        return None
+    keep = targets >= 0
+    if ignore_index is not None:
+        keep &= targets != ignore_index
+    return keep.cpu()
 
 
 def _next_token(inputs: Any, targets: Any, ignore_index: Optional[int]) -> Optional[float]:

@@ -196,7 +196,7 @@ def optimal_constant(
     """
     if task == "multiclass":
         assert stats.class_counts is not None
-        closed = loss_name in ("CrossEntropyLoss", "NLLLoss", "KLDivLoss")
+        closed = loss_name in ("CrossEntropyLoss", "NLLLoss")
         if closed and not (weight is not None and label_smoothing):
             return log_prior(stats.class_counts, weight, label_smoothing), "log class prior"
         init = log_prior(stats.class_counts)

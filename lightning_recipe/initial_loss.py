@@ -53,7 +53,8 @@ class InitialLossCheck(_OnceCheck):
     When the loss was inferred from the targets (no loss module on the LightningModule and no ``loss_fn=``), the two
     tests above give a ``warn`` instead: ``training_step`` may compute a loss of its own (a focal loss, a sum instead
     of a mean) whose numbers differ from the guess. A non-finite first loss, or one below the loss's minimum, fails
-    either way.
+    either way. The same for ``KLDivLoss`` (distillation: ``training_step`` usually divides the logits by a
+    temperature and multiplies the loss by its square).
 
     ``max_output_std=2`` was calibrated on healthy models with PyTorch's default initialisation, whose initial
     outputs have a standard deviation of about 0.1-0.8 (MLPs, CNNs, with or without normalisation layers); a head
@@ -178,10 +179,13 @@ class InitialLossCheck(_OnceCheck):
                            measured, e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
         # a guessed loss (no loss module found) may not be the one training_step computes (a focal loss, a sum): a
         # mismatch is then a warning, not a verdict
-        status = "warn" if spec.inferred else "fail"
+        status = "warn" if spec.inferred or spec.loss_name == "KLDivLoss" else "fail"
         if spec.inferred:
             notes += ("\n  note: the loss was inferred, not found on the module: a loss of its own in training_step "
                       "(focal, summed, scaled) gives other numbers, hence a warning; pass `loss_fn=` for a verdict")
+        elif spec.loss_name == "KLDivLoss":
+            notes += ("\n  note: distillation usually divides the logits by a temperature T and multiplies the loss "
+                      "by T**2 in training_step, which changes these numbers: hence a warning")
         if measured > e["upper"]:
             return Finding(self.name, status, f"{self.name}: the first training loss is far ABOVE what an untrained "
                            f"network should give; {clue} (healthy: up to {self.max_output_std:g}).\n{numbers}{notes}\n"

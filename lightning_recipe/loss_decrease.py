@@ -83,11 +83,12 @@ class LossDecreaseCheck(RecipeCheck):
       training_step that adds auxiliary or penalty terms to the loss starts far above it and is not judged): a
       network that stays worse than a constant prediction, after its loss went down (from an explosion, say), is not
       learning (a learning rate that overshoots at every step).
-    * after ``warmup_steps``, at every read: **no plateau at the prior**: the last window's mean within
-      ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy, target
-      variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)`` losses
-      not significantly negative at ``z``) fails with "the model learned only the label prior". A slow learner that
-      passes through the prior level on its way down is not a plateau.
+    * after ``warmup_steps``, at every read: **no plateau at the prior**: the means of the last two windows both
+      within ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy,
+      target variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)``
+      losses not significantly negative at ``z``) fails with "the model learned only the label prior". A slow learner
+      that passes through the prior level on its way down is not a plateau, nor one window of a noisy loss (heavy-
+      tailed targets, batches of a few examples) whose mean an outlier batch pushed up to the prior level.
     * at each of the first ``early_epochs`` epoch ends: the epoch mean must not be significantly above the previous
       one.
 
@@ -363,6 +364,11 @@ class LossDecreaseCheck(RecipeCheck):
                                "input.", above["recent"], reference, step, list(_ABOVE_PRIOR), above)
         span = max(w, self._warmup // 2)
         if plateau is not None and plateau["plateau"] and len(losses) >= w + span:
+            before = plateau_test(torch.tensor(losses[-2 * w : -w]), self.prior_loss, self._floor, self.plateau_rtol,
+                                  self.z)
+            plateau["previous_window"] = before["recent"]
+            if not before["plateau"]:
+                return None  # one window at the prior level: noise, unless the next one is there too
             # a plateau is flat: a slow learner passing through the prior level is still going down
             slope = trend(losses[-(w + span) :])
             plateau["trend"] = slope

@@ -265,3 +265,32 @@ def test_causal_probe_leaves_training_untouched(tmp_path):
         trainer(tmp_path, cbs, max_steps=3).fit(m, loader(w[:, :-1], w[:, 1:], batch_size=16))
         weights.append(torch.cat([p.detach().flatten() for p in m.state_dict().values()]))
     assert cbs[0].findings[0].details["causal"] == "auto" and torch.equal(weights[0], weights[1])
+
+
+class PrefixLM(CharTransformer):
+    """A prefix language model: the first `prefix` positions attend to the whole prefix (both ways, on purpose: they
+    carry no label), the rest causally."""
+
+    def __init__(self, vocab: int, prefix: int = 6):
+        super().__init__(vocab, causal=True)
+        self.prefix = prefix
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, device=ids.device)
+        mask[: self.prefix, : self.prefix] = 0.0  # the prefix sees itself whole
+        return self.head(self.encoder(self.emb(ids) + self.pos[:t], mask=mask))
+
+
+def test_an_unlabelled_prefix_that_sees_both_ways_is_not_a_causal_leak(tmp_path):
+    w, vocab = _char_windows()
+    y = w[:, 1:].clone()
+    y[:, :6] = -100  # the loss is on the continuation only
+    cb = _fit(tmp_path, PrefixLM(vocab), loader(w[:, :-1], y, batch_size=16), num_positions=4)
+    f = cb.findings[0]
+    assert f.status == "pass" and f.details["causal"] == "auto" and f.details["next_token_fraction"] == 1.0
+    assert f.details["max_future_ratio"] == 0.0
+    # the same model with every position labelled: its prefix positions do see later ones
+    cb = _fit(tmp_path, PrefixLM(vocab), loader(w[:, :-1], w[:, 1:], batch_size=16), on_fail="warn", num_positions=4)
+    f = cb.findings[0]
+    assert f.status == "fail" and any(int(k.split(",")[1]) < 5 for k in f.details["future"])

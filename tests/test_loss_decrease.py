@@ -256,3 +256,40 @@ def test_healthy_fits_do_not_warn_of_a_blow_up(tmp_path):
     for cls in (TinyModel, _RMSprop):
         cb, _ = _fit(tmp_path, _seeded(cls, lr=1e-2), loader(x, y), cbs=[HeadBiasInit()], check_every_n_steps=10)
         assert [f.status for f in cb.findings] == ["pass"] and max(cb.losses) <= cb.losses[0] * 1.01
+
+
+class _Reported(TinyModel):
+    """Reports the given values instead of its loss at some steps (training itself is untouched): outlier batches."""
+
+    def __init__(self, reported):
+        super().__init__()
+        self.reported, self.raw = reported, []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.compute_loss(batch)
+        self.raw.append(float(loss))
+        value = self.reported.get(self.global_step)
+        return loss if value is None else loss + (value - loss.detach())
+
+
+def test_one_window_pushed_to_the_prior_by_an_outlier_is_not_a_plateau(tmp_path):
+    """A healthy fit (loss ~0.05 late) whose last window of 12 batches has one outlier batch that lifts its mean to the
+    prior exactly (log 4 on balanced blobs): a noisy loss, not a plateau. The same outliers in the two last windows are
+    one (the rule needs two windows at the prior)."""
+    x, y = blobs(512)
+    clean, _ = _fit(tmp_path, _seeded(_Reported, reported={}), loader(x, y), cbs=[HeadBiasInit()])
+    w, n, prior = clean.window, len(clean.losses), clean.prior_loss
+    assert (w, n) == (12, 128) and [f.status for f in clean.findings] == ["pass"]
+
+    def lifting(window_end):  # the value at step window_end - 6 that makes the mean of that window the prior
+        raw = clean.losses[window_end - w : window_end]
+        return w * prior - (sum(raw) - raw[w // 2])
+
+    one = {n - w // 2: lifting(n)}
+    cb, _ = _fit(tmp_path, _seeded(_Reported, reported=one), loader(x, y), cbs=[HeadBiasInit()])
+    assert sum(cb.losses[-w:]) / w == pytest.approx(prior, rel=1e-5)  # the last window is at the prior level...
+    assert sum(cb.losses[-2 * w : -w]) / w < 0.2 * prior  # ... the one before far below it
+    assert [f.status for f in cb.findings] == ["pass"]
+    two = {**one, n - w - w // 2: lifting(n - w)}
+    with pytest.raises(RecipeCheckError, match="learned only the label prior"):
+        _fit(tmp_path, _seeded(_Reported, reported=two), loader(x, y), cbs=[HeadBiasInit()])

@@ -30,22 +30,23 @@ def _soft_targets():
     return x, teacher
 
 
-def test_kl_divergence_to_soft_targets_is_a_multiclass_task(tmp_path):
+def test_distillation_with_kl_divergence_is_left_alone_not_broken(tmp_path):
+    """``KLDivLoss`` takes transformed outputs (log-probabilities, often at a temperature) that the checks cannot see:
+    on the model's own outputs it is linear, so no constant minimises it. HeadBiasInit leaves the bias alone (it used
+    to write NaN), the checks that need the constant prediction skip, the first loss only warns: nothing fails and
+    the student trains as it would without the callbacks."""
     L.seed_everything(0)
     x, p = _soft_targets()
     t = trainer(tmp_path, lr.strict(), max_epochs=6)
-    t.fit(Distilled(), loader(x[:448], p[:448]), loader(x[448:], p[448:], shuffle=False))
+    model = Distilled()
+    t.fit(model, loader(x[:448], p[:448]), loader(x[448:], p[448:], shuffle=False))
     findings = {f.check: f for f in lr.collect_findings(t)}
     assert not [f.message for f in findings.values() if f.failed]
-    head = findings["HeadBiasInit"]
-    mean = p[:448].mean(0)
-    assert head.details["bias"] == pytest.approx(mean.log().tolist(), abs=1e-4)  # log of the mean teacher output
-    # the constant's loss: the mean KL(p_i || mean p), i.e. H(mean p) - mean H(p_i) with batchmean reduction
-    expected = float(-(mean * mean.log()).sum() + (p[:448] * p[:448].log()).sum(1).mean())
-    assert head.measured == pytest.approx(expected, rel=1e-3)
-    init = findings["InitialLossCheck"]
-    assert init.status == "pass" and init.expected == pytest.approx(expected, rel=0.05)  # on the first batch
-    assert findings["LossDecreaseCheck"].status == "pass"
+    assert findings["HeadBiasInit"].status == "skip" and "no finite constant minimises" in findings["HeadBiasInit"].message
+    assert all(torch.isfinite(q).all() for q in model.parameters())
+    assert findings["LossDecreaseCheck"].status == "pass"  # finite, decreasing
+    acc = float((model(x[448:]).argmax(1) == p[448:].argmax(1)).float().mean())
+    assert acc > 0.9  # the student learned the teacher's classes
 
 
 def test_a_loss_no_constant_minimises_leaves_the_bias_alone(tmp_path):
@@ -93,3 +94,19 @@ def test_integer_zero_one_labels_with_one_output_are_binary_and_a_guessed_loss_o
     init = findings["InitialLossCheck"]
     # the guess (BCE at the log-odds) is the label entropy of the first batch; the focal loss there is far below it
     assert init.status == "warn" and "inferred" in init.message and init.measured < 0.5 * init.expected
+
+
+def test_distillation_with_a_temperature_only_warns_at_the_first_loss(tmp_path):
+    class Tempered(Distilled):  # the usual recipe: logits / T, loss * T**2
+        def compute_loss(self, batch):
+            x, p = batch
+            return self.loss_fn(F.log_softmax(self(x) / 3.0, -1), p) * 9.0
+
+    L.seed_everything(0)
+    x, p = _soft_targets()
+    t = trainer(tmp_path, lr.strict(), max_epochs=6)
+    t.fit(Tempered(), loader(x[:448], p[:448]), loader(x[448:], p[448:], shuffle=False))
+    findings = lr.collect_findings(t)
+    assert not [f.message for f in findings if f.failed]
+    init = next(f for f in findings if f.check == "InitialLossCheck")
+    assert init.status in ("pass", "warn") and init.measured > 0
