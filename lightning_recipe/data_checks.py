@@ -399,8 +399,11 @@ class DataCheck(_OnceCheck):
             what = (f"positives per label among {int(n)} rows read: {[int(v) for v in pos.tolist()[:20]]}; most "
                     f"imbalanced label {j}: majority/minority = {ratio:.3g}")
             details = {"positives": [int(v) for v in pos.tolist()[:1000]], "rows": int(n), "ratio": ratio}
-        weighted = _class_weighting(loss, kind)
-        details["per_position"], details["weighted"] = s.per_position, weighted
+        weighted, against = _class_weighting(loss, kind, c, j if kind == "labels" else 0)
+        if against:  # a weight that favours the majority handles nothing: judged as unweighted, and said so
+            what += f"; the loss's {weighted} weights the rare side LESS than the frequent one, making it worse"
+            weighted = None
+        details["per_position"], details["weighted"], details["weight_against"] = s.per_position, weighted, against
         if ratio > self.max_imbalance and (s.per_position or weighted):
             why = []
             if s.per_position:
@@ -609,15 +612,35 @@ def token_alignment(inputs: Tensor, targets: Tensor, ignore_index: Optional[int]
 
 
 # -- private --------------------------------------------------------------------------------------------------------
-def _class_weighting(loss: Optional[Callable], kind: str) -> Optional[str]:
-    """How the loss weights the classes (``kind`` ``"classes"``) or the positives (``"labels"``), or ``None``."""
+def _class_weighting(loss: Optional[Callable], kind: str, counts: Any, label: int = 0) -> tuple[Optional[str], bool]:
+    """How the loss weights the classes (``kind`` ``"classes"``) or the positives (``"labels"``), or ``None``; and
+    whether that weight works against the imbalance (the rarest class, or the minority side of the most imbalanced
+    label, weighted less than the most frequent one: the imbalance made worse).
+
+    Example::
+
+        >>> bce = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor([0.03]))
+        >>> _class_weighting(bce, "labels", (torch.tensor([30.0]), 1000))  # 30 positives of 1000, weighted down
+        ('`pos_weight=` of BCEWithLogitsLoss', True)
+    """
     attr = "weight" if kind == "classes" else "pos_weight"
     w = getattr(loss, attr, None)
     if not isinstance(w, Tensor) or w.numel() == 0:
-        return None
-    w = w.detach().float()
-    uniform = bool((w == w.reshape(-1)[0]).all()) if kind == "classes" else bool((w == 1).all())
-    return None if uniform else f"`{attr}=` of {type(loss).__name__}"
+        return None, False
+    w = w.detach().float().cpu().reshape(-1)
+    if kind == "classes":
+        if bool((w == w[0]).all()) or w.numel() != len(counts):
+            return (None if bool((w == w[0]).all()) else f"`{attr}=` of {type(loss).__name__}"), False
+        c = torch.as_tensor(counts, dtype=torch.float64)
+        against = bool(w[int(c.argmin())] < w[int(c.argmax())])
+    else:
+        if bool((w == 1).all()):
+            return None, False
+        pos, n = counts
+        pw = float(w[label] if w.numel() > label else w[0])
+        minority_positive = float(pos[label]) < n - float(pos[label])
+        against = pw < 1 if minority_positive else pw > 1
+    return f"`{attr}=` of {type(loss).__name__}", against
 
 
 def _stateful_leaf(m: nn.Module) -> bool:

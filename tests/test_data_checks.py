@@ -334,6 +334,22 @@ def test_binary_imbalance_weighted_by_the_loss_passes(tmp_path, loss):
     assert f.details["weighted"] == name and f"the loss weights the classes ({name})" in f.message
 
 
+@pytest.mark.parametrize("loss", ["ce_weight", "bce_pos_weight"])
+def test_a_weight_that_favours_the_majority_still_warns(tmp_path, loss):
+    """Weights inverted (the rare class weighted 1/19 of the frequent one): the imbalance is made worse."""
+    x, y = blobs(n=1000, classes=2, priors=[0.95, 0.05])
+    if loss == "ce_weight":
+        model, target = TinyModel(out_dim=2, loss_fn=nn.CrossEntropyLoss(weight=torch.tensor([19.0, 1.0]))), y
+    else:
+        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([1 / 19]))
+        model, target = TinyModel(out_dim=1, loss_fn=loss_fn), y.float()[:, None]
+    with pytest.warns(RecipeWarning, match="weights the rare side LESS"):
+        f = _by_name(_fit(tmp_path, model, loader(x, target, 100)))["balance"]
+    counts = torch.bincount(y, minlength=2).double()
+    assert f.status == "warn" and f.details["weight_against"] is True and f.details["weighted"] is None
+    assert f.measured == pytest.approx(float(counts.max() / counts.min()))
+
+
 class _NormFirst(TinyModel):
     def __init__(self, norm):
         super().__init__(in_dim=30, out_dim=2)
