@@ -228,11 +228,11 @@ def resolve_task(
             task = "binary" if per_example == 1 else "multilabel"
         elif name in _REGRESSION:
             task = "regression"
-        elif not targets.is_floating_point() and targets.dtype != torch.bool and not _binary_like(outputs, targets):
-            task = "multiclass"
         elif _binary_like(outputs, targets):  # 0/1 labels (floats, or integers with one output each): a sigmoid
             per_example = targets[0].numel() if targets.ndim > 0 and targets.shape[0] > 0 else 1
             task = "binary" if per_example == 1 else "multilabel"
+        elif not targets.is_floating_point() and targets.dtype != torch.bool:
+            task = "multiclass"
         elif targets.is_floating_point():
             task = "regression"
         else:

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import probe_mode, resolve_module, run_forward
-from lightning_recipe.data_checks import NEXT_TOKEN_FRACTION, token_alignment
+from lightning_recipe.data_checks import NEXT_TOKEN_FRACTION, labelled_positions, token_alignment
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -345,10 +345,7 @@ def _labelled(targets: Any, ignore_index: Optional[int]) -> Optional[Tensor]:
     host, or ``None`` for other targets."""
     if not isinstance(targets, Tensor) or targets.ndim != 2 or targets.is_floating_point() or targets.dtype == torch.bool:
         return None
-    keep = targets >= 0
-    if ignore_index is not None:
-        keep &= targets != ignore_index
-    return keep.cpu()
+    return labelled_positions(targets, ignore_index).cpu()
 
 
 def _next_token(inputs: Any, targets: Any, ignore_index: Optional[int]) -> Optional[float]:

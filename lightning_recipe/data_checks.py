@@ -118,14 +118,16 @@ class DataCheck(_OnceCheck):
       the batch: ``(N, T)`` token sequences, ``(N, H, W)`` segmentation maps; float 0/1 maps with at least 2 dimensions
       beyond N), whose frequencies are naturally skewed (spaces and ``e`` in text, background pixels) and not
       actionable; or a loss that weights the classes (``CrossEntropyLoss``/``NLLLoss`` with a non-uniform ``weight=``,
-      ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1).
+      ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1) towards the rare side: a weight that favours the
+      frequent side makes the imbalance worse, and still warns, saying so.
     * **leak** (fail): class-index targets compared with every integer input tensor of the same shape (token ids,
       categories; not ``uint8`` images, bool or float inputs) on the first batch (:func:`token_alignment`): the
       fraction of labelled positions whose target equals the input at the same position. Above
       ``max_copied_targets`` (99.9 %) the targets are a copy of the inputs, and the model learns to copy (a language
       model whose targets were not shifted: the loss falls to ~0, every other check passes); tasks that mostly copy
-      (spelling correction, truecasing, denoising: 97-99 % of the positions equal) change a few positions and pass. Passes saying so when the targets are
-      the inputs shifted by one (next-token prediction: ``y[:, t] == x[:, t + 1]`` on at least 95% of the positions).
+      (spelling correction, truecasing, denoising: 97-99 % of the positions equal) change a few positions and pass.
+      Passes saying so when the targets are the inputs shifted by one (next-token prediction:
+      ``y[:, t] == x[:, t + 1]`` on at least 95% of the positions).
       Float inputs are never compared: regressing on the inputs (an autoencoder) is legitimate. Skipped when no input
       has the targets' shape.
 
@@ -597,9 +599,7 @@ def token_alignment(inputs: Tensor, targets: Tensor, ignore_index: Optional[int]
             or inputs.dtype in (torch.bool, torch.uint8) or targets.is_floating_point() or targets.is_complex()
             or targets.dtype == torch.bool):
         return None
-    valid = targets >= 0
-    if ignore_index is not None:
-        valid &= targets != ignore_index
+    valid = labelled_positions(targets, ignore_index)
     sums = [valid.sum(), (valid & (inputs == targets)).sum()]
     if inputs.ndim == 2 and inputs.shape[1] > 1:
         v = valid[:, :-1]
@@ -609,6 +609,19 @@ def token_alignment(inputs: Tensor, targets: Tensor, ignore_index: Optional[int]
         return None
     shifted = counts[3] / counts[2] if len(counts) == 4 and counts[2] else None
     return {"equal": counts[1] / counts[0], "shifted": shifted, "positions": int(counts[0])}
+
+
+def labelled_positions(targets: Tensor, ignore_index: Optional[int] = None) -> Tensor:
+    """Where class-index targets carry a label: not negative (``-100``, PyTorch's default ``ignore_index``) and not
+    ``ignore_index``.
+
+    Example::
+
+        >>> labelled_positions(torch.tensor([[3, -100, 0]]), ignore_index=0).tolist()
+        [[True, False, False]]
+    """
+    keep = targets >= 0
+    return keep & (targets != ignore_index) if ignore_index is not None else keep
 
 
 # -- private --------------------------------------------------------------------------------------------------------
@@ -628,19 +641,20 @@ def _class_weighting(loss: Optional[Callable], kind: str, counts: Any, label: in
     if not isinstance(w, Tensor) or w.numel() == 0:
         return None, False
     w = w.detach().float().cpu().reshape(-1)
+    if bool((w == (w[0] if kind == "classes" else 1)).all()):  # uniform class weights, or pos_weight 1
+        return None, False
+    name = f"`{attr}=` of {type(loss).__name__}"
     if kind == "classes":
-        if bool((w == w[0]).all()) or w.numel() != len(counts):
-            return (None if bool((w == w[0]).all()) else f"`{attr}=` of {type(loss).__name__}"), False
+        if w.numel() != len(counts):
+            return name, False
         c = torch.as_tensor(counts, dtype=torch.float64)
         against = bool(w[int(c.argmin())] < w[int(c.argmax())])
     else:
-        if bool((w == 1).all()):
-            return None, False
         pos, n = counts
         pw = float(w[label] if w.numel() > label else w[0])
         minority_positive = float(pos[label]) < n - float(pos[label])
         against = pw < 1 if minority_positive else pw > 1
-    return f"`{attr}=` of {type(loss).__name__}", against
+    return name, against
 
 
 def _stateful_leaf(m: nn.Module) -> bool:

@@ -467,6 +467,9 @@ class OptimizationHealthCheck(RecipeCheck):
                        "restart_step": self._back}
             low = self._low_steps / max(self._early_steps, 1)
             details["fraction_low"] = low
+            status = "fail" if r < self.min_lr_fraction**2 else "warn"
+            hint = ("HINT: step per-epoch schedulers per epoch (`'interval': 'epoch'`) or size the schedule to "
+                    "trainer.estimated_stepping_batches; pass `min_lr_fraction=` if the schedule is intended.")
             if self._back is not None and not (step > quarter or final):
                 return None  # it came back: judged at the end of the inspected part, by the time spent low
             if self._back is not None and low < 0.5:
@@ -477,19 +480,14 @@ class OptimizationHealthCheck(RecipeCheck):
                                f"peak for {low:.0%} of the first {self.schedule_fraction:g} of the planned steps.", r,
                                self.min_lr_fraction, step, details=details)
             if self._back is not None:
-                status = "fail" if r < self.min_lr_fraction**2 else "warn"
                 return Finding(name, status, f"{self.name}: the learning rate was below {self.min_lr_fraction:g} of "
                                f"its peak {self._peaks[jm]:.4g} for {low:.0%} of the first {self.schedule_fraction:g} "
                                f"of the {int(self._planned)} planned steps (down to {r:.3g} of it at step {at}): it "
                                f"came back above at step {self._back} but does not stay, so most of training runs at "
                                "a learning rate too small to learn (a cyclic schedule whose cycles shrink, or sized in "
-                               "epochs and stepped per batch). HINT: step per-epoch schedulers per epoch "
-                               "(`'interval': 'epoch'`) or size the schedule to trainer.estimated_stepping_batches; "
-                               "pass `min_lr_fraction=` if the schedule is intended.", low, 0.5, at, list(_LR),
-                               details)
+                               f"epochs and stepped per batch). {hint}", low, 0.5, at, list(_LR), details)
             if step < 2 * fell and not final:
                 return None  # a restart may still bring it back
-            status = "fail" if r < self.min_lr_fraction**2 else "warn"
             until = (f"step {2 * fell} (twice the step at which it fell below {self.min_lr_fraction:g} of the peak)"
                      if step >= 2 * fell else f"the end of the fit (step {step})")
             return Finding(name, status, f"{self.name}: the learning rate of parameter group {jm} fell to {r:.3g} of "
@@ -497,9 +495,7 @@ class OptimizationHealthCheck(RecipeCheck):
                            f"{int(self._planned)} planned steps (step {quarter:.0f}), and had not come back above "
                            f"{self.min_lr_fraction:g} of the peak by {until}; expected at least "
                            f"{self.min_lr_fraction:g} of the peak until step {quarter:.0f}, or a restart. The rest of "
-                           "training runs at a learning rate too small to learn. HINT: step per-epoch schedulers per "
-                           "epoch (`'interval': 'epoch'`) or size the schedule to trainer.estimated_stepping_batches; "
-                           "pass `min_lr_fraction=` if the schedule is intended.", r, self.min_lr_fraction, at,
+                           f"training runs at a learning rate too small to learn. {hint}", r, self.min_lr_fraction, at,
                            list(_LR), details)
         if step > quarter or final:
             r = m[0] if m is not None else 1.0
