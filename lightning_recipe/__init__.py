@@ -5,6 +5,7 @@ from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding, collect_findings
+from lightning_recipe.generalization import GeneralizationCheck
 from lightning_recipe.head_bias import HeadBiasInit
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.input_dependence import InputDependenceCheck
@@ -23,6 +24,7 @@ __all__ = [
     "BatchIndependenceCheck",
     "DataCheck",
     "Finding",
+    "GeneralizationCheck",
     "HeadBiasInit",
     "InitialLossCheck",
     "InputDependenceCheck",

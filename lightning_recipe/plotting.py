@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["plot_loss_curve", "plot_prediction_dynamics"]
+__all__ = ["plot_generalization", "plot_loss_curve", "plot_prediction_dynamics"]
 
 _MAX_PANELS = 4  # label panels of a multilabel figure; more labels get a labels x steps heatmap instead
 
@@ -255,4 +255,62 @@ def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndar
         sc.set_xlabel("sample")
     sc.set_ylabel(f"prediction at step {int(steps[-1])}")
     sc.set_title("Final predictions vs targets", fontsize=10)
+    return _lean(fig)
+
+
+def plot_generalization(
+    steps: Sequence[int],
+    train_losses: Sequence[float],
+    val_losses: Sequence[float],
+    prior_loss: Optional[float] = None,
+    epochs: Optional[Sequence[int]] = None,
+) -> Any:
+    """Training and validation loss on fixed samples at each validation, with the constant-prediction line and the
+    best validation loss marked.
+
+    Validation rising while training falls is overfitting (the best epoch is where to stop); validation at or above
+    the dashed line (the loss of the best constant prediction) while training is far below means the model does not
+    transfer.
+
+    Args:
+        steps: the training step of each evaluation.
+        train_losses: loss on the fixed training sample at each evaluation.
+        val_losses: loss on the fixed validation sample at each evaluation.
+        prior_loss: the loss of the best constant prediction (label prior).
+        epochs: the epoch of each evaluation (named at the best point).
+
+    Returns:
+        The figure (one axes: training line, validation line, then the reference line).
+
+    Example::
+
+        >>> fig = plot_generalization([10, 20, 30], [1.0, 0.5, 0.2], [1.1, 0.7, 0.9], prior_loss=2.3, epochs=[0, 1, 2])
+        >>> ax = fig.axes[0]; [list(ln.get_ydata()) for ln in ax.get_lines()[:2]], ax.get_xlabel()
+        ([[1.0, 0.5, 0.2], [1.1, 0.7, 0.9]], 'training step')
+    """
+    fig = _figure(10, 4)
+    ax = fig.add_subplot()
+    x = np.asarray(steps, dtype=float)
+    tr = np.asarray(train_losses, dtype=float)
+    va = np.asarray(val_losses, dtype=float)
+    marker = "o" if len(x) <= 60 else None
+    ax.plot(x, tr, color="tab:blue", lw=1.6, marker=marker, ms=3, label="training loss (fixed sample, eval mode)")
+    ax.plot(x, va, color="tab:green", lw=1.6, marker=marker, ms=3, label="validation loss (fixed sample)")
+    if prior_loss is not None and np.isfinite(prior_loss):
+        ax.axhline(prior_loss, color="tab:orange", ls="--", lw=1.5,
+                   label=f"constant-prediction loss {prior_loss:.4g}")
+    if np.isfinite(va).any():
+        b = int(np.nanargmin(va))
+        where = f"epoch {epochs[b]}" if epochs is not None and len(epochs) > b else f"step {int(x[b])}"
+        ax.plot([x[b]], [va[b]], marker="*", ms=14, color="tab:red", ls="none",
+                label=f"best validation loss {va[b]:.4g} ({where})")
+    both = np.concatenate([tr, va])
+    pos = both[np.isfinite(both)]
+    if pos.size and pos.min() > 0 and pos.max() / pos.min() > 50:
+        log_y(ax)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training vs validation loss (the bias/variance picture)")
+    fig.subplots_adjust(left=0.09)  # room for log-axis tick labels such as 1e-01 and the axis label
+    ax.legend(loc="best", fontsize=8)
     return _lean(fig)

@@ -23,6 +23,7 @@ from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, Rec
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
+from lightning_recipe.generalization import GeneralizationCheck
 from lightning_recipe.head_bias import HeadBiasInit
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.input_dependence import InputDependenceCheck
@@ -40,7 +41,7 @@ _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended
 # monitors come last
 _CHECKS: tuple[type[RecipeCheck], ...] = (
     DataCheck, HeadBiasInit, OutputRangeCheck, InitialLossCheck, BatchIndependenceCheck, ParameterUpdateCheck,
-    LossDecreaseCheck, InputDependenceCheck, OptimizationHealthCheck, ReproducibilityCheck, PredictionDynamics,
+    LossDecreaseCheck, InputDependenceCheck, GeneralizationCheck, OptimizationHealthCheck, ReproducibilityCheck, PredictionDynamics,
 )
 Exclude = Sequence[Union[str, type]]
 
