@@ -73,6 +73,11 @@ class GeneralizationCheck(RecipeCheck):
     * ``GeneralizationCheck.verdict`` (note, at the end): train and validation ``r`` (and accuracy), the gap, and
       high bias (``r_train > bias_threshold``) / high variance (``r_val - r_train > variance_gap``) / both / neither,
       with what to try.
+    * ``GeneralizationCheck.worst`` (note, at the end): the ``top_k`` examples of the validation sample (the training
+      sample when no validation run ended) with the highest loss, listed with label, prediction and loss and drawn in the figure
+      ``recipe/worst_examples``; for classification, label-issue candidates: examples predicted as another class with
+      probability >= ``confident``, ranked by the probability of their given label (``cleanlab``'s
+      ``find_label_issues`` on these held-out predictions when ``cleanlab`` is installed).
     * Without a validation loop a ``skip`` finding says so.
 
     A figure (``recipe/generalization``) shows both losses per evaluation with the constant-prediction line and the
@@ -87,6 +92,8 @@ class GeneralizationCheck(RecipeCheck):
         z: standard errors that count as significant.
         bias_threshold: share of the prior loss left on training above which the verdict says high bias.
         variance_gap: difference of that share between validation and training above which it says high variance.
+        top_k: examples with the highest loss listed and drawn at the end (0: none).
+        confident: probability of another class above which a misclassified example is a label-issue candidate.
         **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
 
     Example::
@@ -104,6 +111,8 @@ class GeneralizationCheck(RecipeCheck):
         z: float = 3.0,
         bias_threshold: float = 0.5,
         variance_gap: float = 0.25,
+        top_k: int = 8,
+        confident: float = 0.9,
         **kwargs: Any,
     ) -> None:
         super().__init__(on_fail, **kwargs)
@@ -115,6 +124,9 @@ class GeneralizationCheck(RecipeCheck):
                 raise RecipeConfigError(f"{self.name}: `{name}` must be in (0, 1], got {v!r}.")
         self.num_examples, self.patience, self.min_rise, self.z = num_examples, patience, float(min_rise), float(z)
         self.bias_threshold, self.variance_gap = float(bias_threshold), float(variance_gap)
+        if not isinstance(top_k, int) or top_k < 0:
+            raise RecipeConfigError(f"{self.name}: `top_k` must be an int >= 0, got {top_k!r}.")
+        self.top_k, self.confident = top_k, float(confident)
         self.history: list[dict[str, Any]] = []
         self._train: list[tuple[Any, Tensor]] = []
         self._val: list[tuple[Any, Tensor]] = []
@@ -330,7 +342,64 @@ class GeneralizationCheck(RecipeCheck):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._disabled:
             self.findings.append(self._verdict(trainer))
+            if getattr(self, "_ctx", None) is not None and self.top_k and (self._val or self._train):
+                self.findings.append(self._worst(trainer, pl_module))
         super().on_fit_end(trainer, pl_module)
+
+    def _worst(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Finding:
+        """The ``top_k`` examples of the validation sample (the training sample without one) with the highest loss,
+        and label-issue candidates: examples whose given label the model finds least likely while it predicts another
+        class with probability >= ``confident`` (cleanlab's ``find_label_issues`` when installed)."""
+        store, split = (self._val, "validation") if self._val else (self._train, "training")
+        spec = self._ctx.spec
+        with probe_mode(trainer, pl_module):
+            outs = [run_forward(pl_module, x, self._settings.forward).detach() for x, _ in store]
+        canon = torch.cat([spec.canonical_outputs(o.float()).cpu() for o in outs])
+        targets = torch.cat([spec.canonical_targets(y.detach()).cpu() for _, y in store])
+        n = sum(int(y.shape[0]) for _, y in store)
+        losses = per_example_loss(spec.loss, canon, targets, n)
+        order = torch.argsort(torch.nan_to_num(losses, nan=math.inf), descending=True)[: self.top_k].tolist()
+        rows = canon.shape[0] // max(n, 1)
+        single = rows == 1 and spec.task == "multiclass" and not spec.soft_targets
+        probs = canon.softmax(-1) if single else None
+        captions, listed = [], []
+        for i in order:
+            if probs is not None:
+                y, pred = int(targets[i]), int(probs[i].argmax())
+                captions.append(f"y={y} pred={pred} p(y)={float(probs[i, y]):.2f}")
+            elif rows == 1 and spec.task == "regression":
+                captions.append(f"y={float(targets[i, 0]):.4g} pred={float(canon[i, 0]):.4g}")
+            else:
+                captions.append(f"example {i}")
+            listed.append(f"{captions[-1]} loss={float(losses[i]):.4g}")
+        issues: list[int] = []
+        how = ""
+        if probs is not None:
+            labels = targets.long()
+            p_given = probs[torch.arange(n), labels]
+            confident = (probs.argmax(-1) != labels) & (probs.max(-1).values >= self.confident)
+            issues = [int(i) for i in torch.argsort(p_given) if bool(confident[i])]
+            how = f"predicted as another class with probability >= {self.confident:g}, least likely given label first"
+            try:  # optional: cleanlab's confident learning on the held-out predictions
+                from cleanlab.filter import find_label_issues
+
+                issues = [int(i) for i in find_label_issues(labels.numpy(), probs.double().numpy(),
+                                                            return_indices_ranked_by="self_confidence")]
+                how = "cleanlab.filter.find_label_issues on the held-out predictions"
+            except Exception:  # noqa: S110 - not installed, or too few examples per class: the plain ranking stays
+                pass
+        self._worst_draw = (_first(store, order), listed, split)
+        shown = "; ".join(listed)
+        candidates = (f" Label-issue candidates ({how}): {len(issues)} of {n}"
+                      + (f", first {issues[:self.top_k]} (positions in the sample)" if issues else "") + "."
+                      if probs is not None else "")
+        return Finding(f"{self.name}.worst", "note", f"{self.name}: the {len(order)} {split} examples (of {n} in the "
+                       f"fixed sample) with the highest loss: {shown}.{candidates} Look at them (figure "
+                       "`recipe/worst_examples`): outliers uncover label noise and preprocessing bugs.",
+                       float(losses[order[0]]) if order else None, None, trainer.global_step, [],
+                       {"split": split, "positions": order, "losses": [float(losses[i]) for i in order],
+                        "captions": captions,
+                        "label_issues": issues[:100]})
 
     def _verdict(self, trainer: "pl.Trainer") -> Finding:
         name = f"{self.name}.verdict"
@@ -355,12 +424,24 @@ class GeneralizationCheck(RecipeCheck):
 
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
-        if not trainer.is_global_zero or not self.history or self._dir is None:
+        if not trainer.is_global_zero or self._dir is None:
             return
         from lightning_recipe.loggers import log_figure
         from lightning_recipe.plotting import plot_generalization
 
+        drawn = getattr(self, "_worst_draw", None)
+        if drawn is not None:
+            from lightning_recipe.plotting import plot_worst_examples
+
+            inputs, captions, split = drawn
+            fig = plot_worst_examples(inputs, captions, f"The {split} examples with the highest loss at the end of "
+                                      "the fit (label, prediction)")
+            path = log_figure(trainer, "recipe/worst_examples", fig, trainer.global_step, self._dir)
+            if path and path not in self.figures:
+                self.figures.append(path)
         h = self.history
+        if not h:
+            return
         fig = plot_generalization([r["step"] for r in h], [r["train_loss"] for r in h], [r["val_loss"] for r in h],
                                   h[-1]["val_prior"], [r["epoch"] for r in h])
         path = log_figure(trainer, "recipe/generalization", fig, trainer.global_step, self._dir)
@@ -377,6 +458,15 @@ class GeneralizationCheck(RecipeCheck):
         self.history = list(state_dict.get("history", []))
         self._transfer_done = bool(state_dict.get("transfer_done", False))
         self._overfit_done = bool(state_dict.get("overfit_done", False))
+
+
+def _first(store: list, order: list[int]) -> Optional[Tensor]:
+    """The input tensors of the examples at ``order`` (positions in the concatenated sample); ``None`` unless the
+    inputs are single tensors."""
+    if not all(isinstance(x, Tensor) for x, _ in store):
+        return None
+    xs = torch.cat([x.detach().cpu() for x, _ in store])
+    return xs[order] if order else None
 
 
 def _correct(spec: TaskSpec, canon: Tensor, targets: Tensor, n: int) -> Optional[Tensor]:

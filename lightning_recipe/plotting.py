@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["plot_generalization", "plot_loss_curve", "plot_prediction_dynamics"]
+__all__ = ["plot_generalization", "plot_loss_curve", "plot_prediction_dynamics", "plot_worst_examples"]
 
 _MAX_PANELS = 4  # label panels of a multilabel figure; more labels get a labels x steps heatmap instead
 
@@ -285,7 +285,7 @@ def plot_generalization(
     Example::
 
         >>> fig = plot_generalization([10, 20, 30], [1.0, 0.5, 0.2], [1.1, 0.7, 0.9], prior_loss=2.3, epochs=[0, 1, 2])
-        >>> ax = fig.axes[0]; [list(ln.get_ydata()) for ln in ax.get_lines()[:2]], ax.get_xlabel()
+        >>> ax = fig.axes[0]; [ln.get_ydata().tolist() for ln in ax.get_lines()[:2]], ax.get_xlabel()
         ([[1.0, 0.5, 0.2], [1.1, 0.7, 0.9]], 'training step')
     """
     fig = _figure(10, 4)
@@ -314,3 +314,60 @@ def plot_generalization(
     fig.subplots_adjust(left=0.09)  # room for log-axis tick labels such as 1e-01 and the axis label
     ax.legend(loc="best", fontsize=8)
     return _lean(fig)
+
+
+def plot_worst_examples(inputs: Any, captions: Sequence[str], title: str, max_items: int = 8) -> Any:
+    """The examples with the highest loss, each with its caption (label, prediction, loss).
+
+    Image-like inputs (``(N, C, H, W)`` or ``(N, H, W)`` floats) are drawn as a row of tiles on one colour scale;
+    anything else as one line of text per example (the first values of its features or token ids).
+
+    Args:
+        inputs: the examples, worst first (a tensor; anything else gets the text form with its captions only).
+        captions: one caption per example.
+        title: the figure's title.
+        max_items: how many examples at most.
+
+    Returns:
+        The figure.
+
+    Example::
+
+        >>> import torch
+        >>> fig = plot_worst_examples(torch.rand(3, 1, 8, 8), ["y=1 pred=2", "y=0 pred=3", "y=4 pred=4"], "worst")
+        >>> [t.get_text() for t in fig.axes[0].texts]
+        ['y=1 pred=2', 'y=0 pred=3', 'y=4 pred=4']
+    """
+    import torch
+
+    n = min(len(captions), max_items)
+    x = inputs.detach().float().cpu()[:n] if isinstance(inputs, torch.Tensor) else None
+    image = x is not None and x.ndim in (3, 4) and x.shape[-1] >= 4 and x.shape[-2] >= 4
+    if image:
+        imgs = (x[:, 0] if x.ndim == 4 else x).numpy()
+        h, w = imgs.shape[1], imgs.shape[2]
+        canvas = np.full((h, n * (w + 1) - 1), np.nan)
+        for i in range(n):
+            canvas[:, i * (w + 1):i * (w + 1) + w] = imgs[i]
+        fig = _figure(max(2.2 * n, 4), 2.9)
+        ax = fig.add_axes((0.01, 0.02, 0.98, 0.72))
+        import matplotlib
+
+        cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
+        ax.imshow(canvas, cmap=cmap, interpolation="nearest", aspect="equal")
+        ax.axis("off")
+        for i in range(n):
+            ax.text(i * (w + 1) + w / 2, -0.8, captions[i], ha="center", va="bottom", fontsize=7)
+    else:
+        fig = _figure(12, 0.35 * n + 1.0)
+        ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.6 / fig.get_figheight()))
+        ax.axis("off")
+        for i in range(n):
+            values = ""
+            if x is not None and x.ndim >= 2:
+                row = x[i].reshape(-1)[:10].tolist()
+                values = "  x=[" + ", ".join(f"{v:.3g}" for v in row) + (", ...]" if x[i].numel() > 10 else "]")
+            ax.text(0, 1 - (i + 0.5) / max(n, 1), f"{captions[i]}{values}"[:160], va="center", family="monospace",
+                    fontsize=8, transform=ax.transAxes)
+    fig.suptitle(title, fontsize=9)
+    return fig

@@ -161,3 +161,24 @@ def test_bad_arguments():
         lr.GeneralizationCheck(patience=0)
     with pytest.raises(lr.RecipeConfigError, match="min_rise"):
         lr.GeneralizationCheck(min_rise=0)
+
+
+def test_worst_examples_find_flipped_validation_labels(tmp_path):
+    torch.manual_seed(0)
+    xt, yt, xv, yv = _digits()
+    xv, yv = xv[:256], yv[:256].clone()
+    flipped = torch.randperm(256, generator=torch.Generator().manual_seed(1))[:10]
+    yv[flipped] = (yv[flipped] + 1) % 10
+    check = lr.GeneralizationCheck(on_fail="warn")
+    recipe_warnings = _fit(tmp_path, check, TinyModel(64, 10, hidden=64), (xt, yt), (xv, yv), 6)
+    assert not recipe_warnings
+    f = _by_check(check)["GeneralizationCheck.worst"]
+    assert f.status == "note" and f.details["split"] == "validation" and len(f.details["losses"]) == 8
+    found = set(f.details["label_issues"]) & set(flipped.tolist())
+    assert len(found) >= 8, (f.details["label_issues"], flipped.tolist())
+    # mislabelled examples carry the highest losses: at least 6 of the 8 worst are flipped ones
+    assert len(set(f.details["positions"]) & set(flipped.tolist())) >= 6
+    y0, pred0 = f.details["captions"][0].split()[:2]
+    assert y0 != pred0.replace("pred", "y")  # the worst one is misclassified
+    assert f.details["losses"] == sorted(f.details["losses"], reverse=True)
+    assert any(p.endswith("worst_examples.png") for p in check.figures)
