@@ -9,8 +9,8 @@ good value (accuracy, R², or validation loss against the constant prediction's 
 that rule has a warn or fail finding (a crash alarms the rule ``crash``). A broken fit is *caught* when any rule has a
 warn or fail finding.
 
-    python benchmarks/calibration.py                    # the whole corpus (~10-15 min on 2 CPU cores)
-    python benchmarks/calibration.py --quick            # a ~12-fit subset
+    python benchmarks/calibration.py                    # the whole corpus (20 min on 2 busy CPU cores)
+    python benchmarks/calibration.py --quick            # a 14-fit subset (3-5 min)
     python benchmarks/calibration.py --only healthy --family transformer
     python benchmarks/calibration.py --json results.json
 
@@ -30,8 +30,6 @@ import os
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -41,64 +39,45 @@ import corpus  # noqa: E402
 
 
 def run_fit(name: str) -> dict[str, Any]:
-    """Fit one training of the corpus under ``recommended()``; its findings, RecipeWarnings and held-out metric."""
-    import lightning as L
+    """Fit one training of the corpus (by name) in a temporary directory; see :func:`corpus.run`."""
     import torch
-
-    import lightning_recipe as lr
 
     torch.set_num_threads(1)
     for log in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(log).setLevel(logging.ERROR)
-    fit = corpus.BY_NAME[name]
-    res: dict[str, Any] = {"name": name, "family": fit.family, "kind": fit.kind, "bug": fit.bug, "findings": [],
-                           "recipe_warnings": [], "crash": None, "metric": None}
-    t0 = time.time()
-    L.seed_everything(0, verbose=False)
-    built = fit.build()
-    root = tempfile.mkdtemp(prefix="calibration-")
-    trainer = L.Trainer(max_epochs=built.epochs, callbacks=lr.recommended(**built.recipe_kw), logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", devices=1, default_root_dir=root, num_sanity_val_steps=0,
-                        **built.trainer_kw)
     sink = io.StringIO()
-    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sink), \
-            contextlib.redirect_stderr(sink):
-        warnings.simplefilter("always")
-        try:
-            trainer.fit(built.module, built.train, built.val)
-        except Exception as err:  # a crash alarms the rule "crash"
-            tb = traceback.extract_tb(err.__traceback__)
-            where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb)
-                          if "lightning_recipe" in f.filename), "")
-            res["crash"] = f"{type(err).__name__}: {err} [{where}]"[:400]
-    res["recipe_warnings"] = [str(w.message)[:400] for w in caught if issubclass(w.category, lr.RecipeWarning)]
-    res["findings"] = [{"check": f.check, "status": f.status, "message": f.message}
-                       for f in lr.collect_findings(trainer) if f.status in ("warn", "fail")]
-    if res["crash"] is None:
-        try:
-            m, v, base, good = corpus.evaluate(built)
-            res["metric"] = {"name": m, "value": v, "baseline": base, "good": good, "threshold": built.good}
-        except Exception as err:
-            res["metric"] = {"name": "error", "value": float("nan"), "baseline": float("nan"), "good": False,
-                             "threshold": built.good, "error": f"{type(err).__name__}: {err}"[:200]}
-    res["seconds"] = time.time() - t0
-    return res
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        return corpus.run(corpus.BY_NAME[name], tempfile.mkdtemp(prefix="calibration-"))
 
 
 def _rules(r: dict[str, Any]) -> list[str]:
-    rules = sorted({f["check"] for f in r["findings"]})
-    return rules + (["crash"] if r["crash"] else [])
+    """The rules that alarmed: warn/fail findings, a RecipeWarning that no such finding accounts for, a crash."""
+    rules = {f["check"] for f in r["findings"]}
+    classes = {rule.split(".")[0] for rule in rules}
+    for w in r["recipe_warnings"]:
+        cls = w.split(":")[0].strip()
+        if cls.split(".")[0] not in classes:
+            rules.add(f"{cls} (RecipeWarning only)")
+    return sorted(rules) + (["crash"] if r["crash"] else [])
+
+
+def _row(r: dict[str, Any]) -> None:
+    m = r["metric"]
+    mtxt = (f"{m['name']} {m['value']:.3f} (base {m['baseline']:.3f}, {'good' if m['good'] else 'NOT GOOD'})"
+            if m else ("BUILD ERROR " + r["build_error"] if r.get("build_error") else "-"))
+    verdict = ("ok" if not _rules(r) else "ALARM") if r["kind"] == "healthy" else ("caught" if _rules(r) else "MISSED")
+    print(f"{r['name']:52s} {verdict:6s} {r['seconds']:5.1f}s  {mtxt:44s} {', '.join(_rules(r))}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a ~12-fit subset")
+    p.add_argument("--quick", action="store_true", help="a 14-fit subset")
     p.add_argument("--only", choices=["healthy", "broken"])
     p.add_argument("--family", choices=sorted(corpus.BUILDERS))
     p.add_argument("--name", nargs="*", help="fits by name (substring match)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="write every result to this file")
+    p.add_argument("--from-json", help="summarise the results written by an earlier run instead of fitting")
     args = p.parse_args()
     fits = [f for f in corpus.FITS if (not args.quick or f.quick) and (not args.only or f.kind == args.only)
             and (not args.family or f.family == args.family)
@@ -107,6 +86,12 @@ def main() -> None:
           f"{sum(f.kind == 'broken' for f in fits)} broken), {args.workers} workers", flush=True)
     t0 = time.time()
     results: list[dict[str, Any]] = []
+    if args.from_json:
+        with open(args.from_json) as fh:
+            results = [r for r in json.load(fh) if r["name"] in {f.name for f in fits}]
+        for r in results:
+            _row(r)
+        fits = []
     with cf.ProcessPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_fit, f.name): f for f in fits}
         for fut in cf.as_completed(futures):
@@ -118,12 +103,7 @@ def main() -> None:
                      "recipe_warnings": [], "crash": None, "metric": None, "seconds": 0.0,
                      "build_error": f"{type(err).__name__}: {err}"[:300]}
             results.append(r)
-            m = r["metric"]
-            mtxt = (f"{m['name']} {m['value']:.3f} (base {m['baseline']:.3f}, {'good' if m['good'] else 'NOT GOOD'})"
-                    if m else ("BUILD ERROR " + r["build_error"] if r.get("build_error") else "-"))
-            verdict = ("ok" if not _rules(r) else "ALARM") if r["kind"] == "healthy" else \
-                ("caught" if _rules(r) else "MISSED")
-            print(f"{r['name']:52s} {verdict:6s} {r['seconds']:5.1f}s  {mtxt:44s} {', '.join(_rules(r))}", flush=True)
+            _row(r)
     order = {f.name: i for i, f in enumerate(corpus.FITS)}
     results.sort(key=lambda r: order[r["name"]])
     healthy = [r for r in results if r["kind"] == "healthy" and r["metric"] and r["metric"]["good"]]
@@ -165,8 +145,9 @@ def main() -> None:
         for r in not_good:
             m = r["metric"]
             print(f"  {r['name']}: {m if m else r.get('build_error')}")
-    print(f"\n{len(results)} fits in {time.time() - t0:.0f} s")
-    if args.json:
+    print(f"\n{len(results)} fits in {time.time() - t0:.0f} s" if not args.from_json else
+          f"\n{len(results)} fits, {sum(r['seconds'] for r in results):.0f} s of fitting")
+    if args.json and not args.from_json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1, default=str)
 

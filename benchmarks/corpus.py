@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import math
 import os
+import time
+import traceback
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -473,9 +476,13 @@ class RowRNN(nn.Module):
         if self.bug == "view instead of permute":  # the sequence-first RNN gets a reshaped batch
             h, _ = self.rnn(seq.reshape(seq.shape[1], seq.shape[0], 8))
             last = h[-1]
-        else:
+        elif self.bug == "last step of a bidirectional RNN":  # the reverse direction has read one step there
             h, _ = self.rnn(seq)
             last = h[:, -1]
+        else:  # the final hidden state of each direction
+            _, hn = self.rnn(seq)
+            hn = hn[0] if isinstance(hn, tuple) else hn
+            last = hn.transpose(0, 1).reshape(len(seq), -1)
         if self.bug == ".detach() branch":
             last = last.detach()
         return self.head(last)
@@ -912,10 +919,10 @@ HEALTHY: list[Fit] = [
     _h("resnet", "adam_bs256", lr=3e-3, bs=256, epochs=20),
     _h("resnet", "label_smoothing", smoothing=0.1),
     _h("resnet", "mixup", mixup=0.4, epochs=6),
-    _h("resnet", "grad_accumulation_4", bs=8, acc=4, epochs=4),
-    _h("resnet", "sgd_bs4", opt="sgd", lr=0.01, bs=4, epochs=1),
+    _h("resnet", "grad_accumulation_4", bs=8, acc=4, lr=2e-3, epochs=4),
+    _h("resnet", "sgd_bs4", opt="sgd", lr=0.01, bs=4, epochs=2),
     _h("resnet", "adamw_cosine", opt="adamw", lr=2e-3, epochs=6, sched="cosine"),
-    _h("resnet", "steplr_per_epoch", epochs=6, sched="steplr"),
+    _h("resnet", "steplr_per_epoch", lr=3e-3, epochs=9, sched="steplr"),
     # transformers with padding masks; causal character language models on the standard library
     _h("transformer", "topic_adam_warmup", quick=True),
     _h("transformer", "topic_adamw_onecycle_bs64", opt="adamw", lr=3e-3, bs=64, epochs=6, sched="onecycle"),
@@ -967,7 +974,7 @@ HEALTHY: list[Fit] = [
     _h("tabular", "embeddings_warmup", sched="warmup", epochs=8),
     # multi-task heads
     _h("multitask", "digits_tuple_class_parity", quick=True),
-    _h("multitask", "digits_cnn_dict", conv=True, out="dict"),
+    _h("multitask", "digits_cnn_dict", conv=True, out="dict", lr=3e-3, epochs=10),
     _h("multitask", "breast_cancer_tuple_aux_regression", data="breast_cancer", epochs=15),
     _h("multitask", "wine_dict_aux_regression", data="wine", out="dict", epochs=30, bs=16),
     _h("multitask", "diabetes_two_regressions", data="diabetes", epochs=30, bs=16, lr=1e-3),
@@ -993,6 +1000,7 @@ BROKEN: list[Fit] = [
     _b("rnn", "view instead of permute"), _b("rnn", ".detach() branch"), _b("rnn", "lr too low"),
     _b("rnn", "shuffled labels"), _b("rnn", "steplr per batch"),
     _b("rnn", "bidirectional LM", task="lm", lr=5e-3, bs=64, epochs=3),
+    _b("rnn", "last step of a bidirectional RNN", bidirectional=True),
     _b("rnn", "zeroed inputs", task="packed", epochs=6),
     _b("rnn", "duplicated dataset", task="packed_binary", epochs=4),
     _b("attention", "softmax over the batch"), _b("attention", "shuffled labels"), _b("attention", ".detach() branch"),
@@ -1017,3 +1025,42 @@ BROKEN: list[Fit] = [
 FITS: list[Fit] = HEALTHY + BROKEN
 BY_NAME: dict[str, Fit] = {f.name: f for f in FITS}
 assert len(BY_NAME) == len(FITS), "fit names must be unique"
+
+
+def run(fit: Fit, root: str) -> dict[str, Any]:
+    """Fit ``fit`` under ``lightning_recipe.recommended()`` (seed 0, CPU, logs under ``root``).
+
+    Returns its warn/fail findings (``lr.collect_findings``), every ``RecipeWarning`` (recorded with
+    ``warnings.catch_warnings``), the crash if any (with the library frame it came from) and the held-out metric."""
+    import lightning_recipe as lr
+
+    res: dict[str, Any] = {"name": fit.name, "family": fit.family, "kind": fit.kind, "bug": fit.bug, "findings": [],
+                           "recipe_warnings": [], "crash": None, "metric": None}
+    t0 = time.time()
+    L.seed_everything(0, verbose=False)
+    built = fit.build()
+    trainer = L.Trainer(max_epochs=built.epochs, callbacks=lr.recommended(**built.recipe_kw), logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", devices=1, default_root_dir=root, num_sanity_val_steps=0,
+                        **built.trainer_kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(built.module, built.train, built.val)
+        except Exception as err:  # a crash alarms the rule "crash"
+            tb = traceback.extract_tb(err.__traceback__)
+            where = next((f"{os.path.basename(f.filename)}:{f.lineno}" for f in reversed(tb)
+                          if "lightning_recipe" in f.filename), "")
+            res["crash"] = f"{type(err).__name__}: {err} [{where}]"[:400]
+    res["recipe_warnings"] = [str(w.message)[:400] for w in caught if issubclass(w.category, lr.RecipeWarning)]
+    res["findings"] = [{"check": f.check, "status": f.status, "message": f.message}
+                       for f in lr.collect_findings(trainer) if f.status in ("warn", "fail")]
+    if res["crash"] is None:
+        try:
+            m, v, base, good = evaluate(built)
+            res["metric"] = {"name": m, "value": v, "baseline": base, "good": good, "threshold": built.good}
+        except Exception as err:
+            res["metric"] = {"name": "error", "value": float("nan"), "baseline": float("nan"), "good": False,
+                             "threshold": built.good, "error": f"{type(err).__name__}: {err}"[:200]}
+    res["seconds"] = time.time() - t0
+    return res
