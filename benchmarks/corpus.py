@@ -613,7 +613,9 @@ class AttentionPool(nn.Module):
     def forward(self, inputs: Any) -> torch.Tensor:
         x, mask = inputs
         h = self.enc(x)
-        s = self.score(h.detach() if self.bug == ".detach() branch" else h).squeeze(-1)
+        if self.bug == ".detach() branch":  # features detached: the instance encoder never trains
+            h = h.detach()
+        s = self.score(h).squeeze(-1)
         s = s.masked_fill(~mask, float("-inf"))
         w = s.softmax(0 if self.bug == "softmax over the batch" else 1)
         w = torch.nan_to_num(w) if self.bug == "softmax over the batch" else w
