@@ -1,149 +1,155 @@
-"""Calibration matrix: the core checks on healthy and broken trainings of real data sets.
+"""Calibration: every check under ``lightning_recipe.recommended()`` on the corpus of healthy and broken trainings.
 
-For each data set that scikit-learn ships (digits, breast cancer, iris, wine, diabetes; 80/20 random split, the 20%
-as a validation loader) this trains small models under
-``lightning_recipe.recommended()`` in healthy variants (optimisers, batch sizes, dropout/BatchNorm, with and without
-the bias init) and in broken ones (labels shuffled, inputs x1000, learning rate 1e-9, loss sign flipped, NaN in the
-features, and a double softmax on the multiclass sets). Regression targets are standardised. A healthy run must end
-with no failed finding; a broken one must have at least one.
+The corpus (``benchmarks/corpus.py``) holds healthy fits of the families users train (residual CNNs with BatchNorm,
+transformers with padding masks and causal language models, LSTM/GRU on packed sequences, attention pooling,
+autoencoders, segmentation with per-pixel CE/BCE, embeddings for tabular data, multi-task heads, plain MLPs) under the
+regimes they use (mixup, label smoothing, gradient accumulation, warm-up, OneCycle, SGD with momentum, AdamW, batches
+of 4 to 256), and broken fits with one named bug each. A healthy fit counts only when its held-out metric reaches a
+good value (accuracy, R², or validation loss against the constant prediction's loss); it is *alarmed* on a rule when
+that rule has a warn or fail finding (a crash alarms the rule ``crash``). A broken fit is *caught* when any rule has a
+warn or fail finding.
 
-    python benchmarks/calibration.py            # the whole matrix (a few minutes on a laptop CPU)
-    python benchmarks/calibration.py --quick    # one healthy and a few broken runs per data set
+    python benchmarks/calibration.py                    # the whole corpus (20 min on 2 busy CPU cores)
+    python benchmarks/calibration.py --quick            # a 14-fit subset (3-5 min)
+    python benchmarks/calibration.py --only healthy --family transformer
+    python benchmarks/calibration.py --json results.json
+
+Output: one row per fit (metric, time, the rules that warned or failed), then per rule the healthy fits alarmed and
+the broken fits caught, then every alarm on a healthy fit with its message, and every broken fit missed.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
 import time
-import warnings
+from collections import defaultdict
 from typing import Any
 
-import lightning as L
-import numpy as np
-import torch
-from sklearn import datasets
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lightning_recipe as lr
+import corpus  # noqa: E402
 
 
-def _data(name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer, "iris": datasets.load_iris,
-              "wine": datasets.load_wine, "diabetes": datasets.load_diabetes}[name]
-    x, y = loader(return_X_y=True)
-    task = "regression" if name == "diabetes" else ("binary" if name == "breast_cancer" else "multiclass")
-    return x.astype(np.float32), y, task
+def run_fit(name: str) -> dict[str, Any]:
+    """Fit one training of the corpus (by name) in a temporary directory; see :func:`corpus.run`."""
+    import torch
+
+    torch.set_num_threads(1)
+    for log in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(log).setLevel(logging.ERROR)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        return corpus.run(corpus.BY_NAME[name], tempfile.mkdtemp(prefix="calibration-"))
 
 
-class _Net(L.LightningModule):
-    def __init__(self, d_in: int, d_out: int, loss: nn.Module, lr: float, opt: str, norm: bool, dropout: float,
-                 flip: bool = False, softmax: bool = False) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(d_in, 64)]
-        if norm:
-            layers.append(nn.BatchNorm1d(64))
-        layers += [nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, d_out)]
-        self.net = nn.Sequential(*layers)
-        self.loss_fn, self.lr, self.opt, self.flip, self.softmax = loss, lr, opt, flip, softmax
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        return torch.softmax(out, -1) if self.softmax else out
-
-    def training_step(self, batch: Any, i: int) -> torch.Tensor:
-        x, y = batch
-        loss = self.loss_fn(self(x), y)
-        return -loss if self.flip else loss
-
-    def validation_step(self, batch: Any, i: int) -> None:
-        x, y = batch
-        self.log("val_loss", self.loss_fn(self(x), y))
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.opt == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+def _rules(r: dict[str, Any]) -> list[str]:
+    """The rules that alarmed: warn/fail findings, a RecipeWarning that no such finding accounts for, a crash."""
+    rules = {f["check"] for f in r["findings"]}
+    classes = {rule.split(".")[0] for rule in rules}
+    for w in r["recipe_warnings"]:
+        cls = w.split(":")[0].strip()
+        if cls.split(".")[0] not in classes:
+            rules.add(f"{cls} (RecipeWarning only)")
+    return sorted(rules) + (["crash"] if r["crash"] else [])
 
 
-def run(name: str, variant: str, epochs: int, bs: int, lr_: float, opt: str, norm: bool, dropout: float,
-        bias_init: bool, seed: int) -> tuple[int, list[str]]:
-    x, y, task = _data(name)
-    rng = np.random.default_rng(seed)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    if task == "regression":  # standardised targets: raw ones (mean 152, std 77) need a tuned learning rate
-        y = (y - y.mean()) / y.std()
-    kw: dict[str, Any] = {}
-    if variant == "shuffled":
-        y = rng.permutation(y)
-    elif variant == "x1000":
-        x = x * 1000
-    elif variant == "lr0":
-        lr_ = 1e-9
-    elif variant == "flip":
-        kw["flip"] = True
-    elif variant == "nan":
-        x = x.copy()
-        x[rng.random(x.shape) < 0.01] = np.nan
-    elif variant == "double_softmax":
-        kw["softmax"] = True
-    if task == "multiclass":
-        yt, d_out, loss = torch.tensor(y, dtype=torch.long), int(y.max()) + 1, nn.CrossEntropyLoss()
-    elif task == "binary":
-        yt, d_out, loss = torch.tensor(y, dtype=torch.float32).unsqueeze(1), 1, nn.BCEWithLogitsLoss()
-    else:
-        yt, d_out, loss = torch.tensor(y, dtype=torch.float32).unsqueeze(1), 1, nn.MSELoss()
-    L.seed_everything(seed, verbose=False)
-    order = torch.randperm(len(yt), generator=torch.Generator().manual_seed(seed))  # an 80/20 random split
-    cut = int(0.8 * len(order))
-    xs = torch.tensor(x)
-    dl = DataLoader(TensorDataset(xs[order[:cut]], yt[order[:cut]]), batch_size=bs, shuffle=True)
-    val = DataLoader(TensorDataset(xs[order[cut:]], yt[order[cut:]]), batch_size=256)
-    cbs = lr.recommended(exclude=[] if bias_init else [lr.HeadBiasInit])
-    trainer = L.Trainer(max_epochs=epochs, callbacks=cbs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                        default_root_dir=f"/tmp/calibration/{name}-{variant}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            trainer.fit(_Net(x.shape[1], d_out, loss, lr_, opt, norm, dropout, **kw), dl, val)
-        except Exception as err:  # a crash is a finding too
-            return 1, [f"crash: {type(err).__name__}: {err}"[:120]]
-    fails = [f.check for f in lr.collect_findings(trainer) if f.status == "fail"]
-    return len(fails), fails
+def _row(r: dict[str, Any]) -> None:
+    m = r["metric"]
+    mtxt = (f"{m['name']} {m['value']:.3f} (base {m['baseline']:.3f}, {'good' if m['good'] else 'NOT GOOD'})"
+            if m else ("BUILD ERROR " + r["build_error"] if r.get("build_error") else "-"))
+    verdict = ("ok" if not _rules(r) else "ALARM") if r["kind"] == "healthy" else ("caught" if _rules(r) else "MISSED")
+    print(f"{r['name']:52s} {verdict:6s} {r['seconds']:5.1f}s  {mtxt:44s} {', '.join(_rules(r))}", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--datasets", nargs="*", default=["digits", "breast_cancer", "iris", "wine", "diabetes"])
+    p.add_argument("--quick", action="store_true", help="a 14-fit subset")
+    p.add_argument("--only", choices=["healthy", "broken"])
+    p.add_argument("--family", choices=sorted(corpus.BUILDERS))
+    p.add_argument("--name", nargs="*", help="fits by name (substring match)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="write every result to this file")
+    p.add_argument("--from-json", help="summarise the results written by an earlier run instead of fitting")
     args = p.parse_args()
-    healthy = [dict(bs=32, lr_=1e-3, opt="adam", norm=False, dropout=0.0, bias_init=True)]
-    if not args.quick:
-        healthy += [
-            dict(bs=16, lr_=1e-2, opt="sgd", norm=False, dropout=0.0, bias_init=True),
-            dict(bs=64, lr_=3e-3, opt="adam", norm=True, dropout=0.3, bias_init=True),
-            dict(bs=32, lr_=1e-3, opt="adam", norm=False, dropout=0.0, bias_init=False),
-            dict(bs=128, lr_=3e-4, opt="adam", norm=False, dropout=0.1, bias_init=False),
-        ]
-    broken = ["shuffled", "x1000", "lr0", "flip", "nan"] + ([] if args.quick else ["double_softmax"])
-    rows, false_alarms, missed = [], 0, 0
-    for name in args.datasets:
-        for i, h in enumerate(healthy):
-            t0 = time.time()
-            n, fails = run(name, "healthy", 12, seed=i, **h)
-            false_alarms += n > 0
-            rows.append((name, f"healthy#{i} {h['opt']} bs{h['bs']} lr{h['lr_']:g}", "ok" if n == 0 else "FALSE ALARM", fails, time.time() - t0))
-        for v in broken:
-            if v == "double_softmax" and name in ("breast_cancer", "diabetes", "iris"):
-                continue
-            t0 = time.time()
-            n, fails = run(name, v, 12, seed=0, **healthy[0])
-            missed += n == 0
-            rows.append((name, v, "caught" if n else "MISSED", fails, time.time() - t0))
-    for r in rows:
-        print(f"{r[0]:14s} {r[1]:34s} {r[2]:12s} {r[4]:5.1f}s  {', '.join(r[3])}")
-    print(f"\nfalse alarms on healthy runs: {false_alarms}; broken runs missed: {missed}")
+    fits = [f for f in corpus.FITS if (not args.quick or f.quick) and (not args.only or f.kind == args.only)
+            and (not args.family or f.family == args.family)
+            and (not args.name or any(s in f.name for s in args.name))]
+    print(f"{len(fits)} fits ({sum(f.kind == 'healthy' for f in fits)} healthy, "
+          f"{sum(f.kind == 'broken' for f in fits)} broken), {args.workers} workers", flush=True)
+    t0 = time.time()
+    results: list[dict[str, Any]] = []
+    if args.from_json:
+        with open(args.from_json) as fh:
+            results = [r for r in json.load(fh) if r["name"] in {f.name for f in fits}]
+        for r in results:
+            _row(r)
+        fits = []
+    with cf.ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = {pool.submit(run_fit, f.name): f for f in fits}
+        for fut in cf.as_completed(futures):
+            try:
+                r = fut.result()
+            except Exception as err:  # the build itself failed: a bug of the corpus, shown as such
+                f = futures[fut]
+                r = {"name": f.name, "family": f.family, "kind": f.kind, "bug": f.bug, "findings": [],
+                     "recipe_warnings": [], "crash": None, "metric": None, "seconds": 0.0,
+                     "build_error": f"{type(err).__name__}: {err}"[:300]}
+            results.append(r)
+            _row(r)
+    order = {f.name: i for i, f in enumerate(corpus.FITS)}
+    results.sort(key=lambda r: order[r["name"]])
+    healthy = [r for r in results if r["kind"] == "healthy" and r["metric"] and r["metric"]["good"]]
+    not_good = [r for r in results if r["kind"] == "healthy" and not (r["metric"] and r["metric"]["good"])
+                and not r["crash"]]
+    broken = [r for r in results if r["kind"] == "broken"]
+    crashed_healthy = [r for r in results if r["kind"] == "healthy" and r["crash"]]
+    healthy_all = healthy + crashed_healthy  # a crash is an alarm; its metric is unknown
+    alarmed: dict[str, list[str]] = defaultdict(list)
+    caught: dict[str, list[str]] = defaultdict(list)
+    for r in healthy_all:
+        for rule in _rules(r):
+            alarmed[rule].append(r["name"])
+    for r in broken:
+        for rule in _rules(r):
+            caught[rule].append(r["name"])
+    print(f"\n{'rule':44s} {'healthy alarmed':>16s} {'broken caught':>14s}")
+    for rule in sorted(set(alarmed) | set(caught)):
+        print(f"{rule:44s} {len(alarmed[rule]):>7d}/{len(healthy_all):<8d} {len(caught[rule]):>6d}/{len(broken):<7d}")
+    n_alarmed = sum(bool(_rules(r)) for r in healthy_all)
+    n_caught = sum(bool(_rules(r)) for r in broken)
+    n_warned = sum(bool(r["recipe_warnings"]) for r in healthy_all)
+    print(f"{'any':44s} {n_alarmed:>7d}/{len(healthy_all):<8d} {n_caught:>6d}/{len(broken):<7d}")
+    print(f"healthy fits with a RecipeWarning: {n_warned}/{len(healthy_all)}")
+    print("\nalarms on healthy fits:")
+    for r in healthy_all:
+        for f in r["findings"]:
+            print(f"  {r['name']}: {f['check']} [{f['status']}] {f['message']}")
+        if r["crash"]:
+            print(f"  {r['name']}: crash {r['crash']}")
+        if r["recipe_warnings"] and not r["findings"]:
+            for w in r["recipe_warnings"]:
+                print(f"  {r['name']}: RecipeWarning without a warn/fail finding: {w}")
+    print("\nbroken fits (bug -> rules):")
+    for r in broken:
+        print(f"  {r['name']:48s} {', '.join(_rules(r)) or 'MISSED'}")
+    if not_good:
+        print("\nhealthy fits left out (held-out metric not good, or the corpus failed to build):")
+        for r in not_good:
+            m = r["metric"]
+            print(f"  {r['name']}: {m if m else r.get('build_error')}")
+    print(f"\n{len(results)} fits in {time.time() - t0:.0f} s" if not args.from_json else
+          f"\n{len(results)} fits, {sum(r['seconds'] for r in results):.0f} s of fitting")
+    if args.json and not args.from_json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1, default=str)
 
 
 if __name__ == "__main__":
