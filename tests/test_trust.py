@@ -198,3 +198,36 @@ def test_extreme_imbalance_warns_even_with_head_bias_init(tmp_path, case):
     b = f["balance"]
     assert b.status == "warn" and b.measured == pytest.approx(ratio) and b.details["rarest_examples"] == rare
     assert b.details["head_bias_init"]
+
+
+# -- other rules: demoted where healthy fits trip them ------------------------------------------------------------
+def test_a_tiny_clip_value_under_adam_is_a_note(tmp_path):
+    """Adam divides by the gradient's running scale: a clip value far below the gradient norm is meaningless but
+    harmless (a note); under SGD the same clip value fails (tests/test_optimization.py)."""
+    from lightning_recipe import OptimizationHealthCheck
+
+    x, y = blobs(n=512)
+    cb = OptimizationHealthCheck(on_fail="raise", check_every_n_steps=10)
+    with _NoWarnings():
+        trainer(tmp_path, [cb], max_steps=40, gradient_clip_val=1e-4).fit(TinyModel(lr=1e-2), loader(x, y))
+    f = next(f for f in cb.findings if f.check.endswith("clipping"))
+    assert f.status == "note" and f.details["clipped_fraction"] == 1.0 and f.measured >= 100
+    assert "the clip value is meaningless" in f.message
+
+
+def test_recommended_on_a_healthy_unseeded_fit_emits_no_recipe_warning(tmp_path, monkeypatch):
+    """SGD + momentum on digits in [0, 1], no seed: before the note level it warned twice (no seed; jitter 0.123
+    against 0.111). Every rule of the bundle runs; what is worth a look is in the report as notes."""
+    import lightning_recipe as lr
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    model, x, y = healthy_fixtures()["mlp_sgd_momentum"]
+    tr = trainer(tmp_path, lr.recommended(), max_epochs=3)
+    with _NoWarnings():
+        tr.fit(model, seq_loader(x[:1500], y[:1500]), seq_loader(x[1500:], y[1500:], shuffle=False))
+    findings = collect_findings(tr)
+    counts = status_counts(findings)
+    assert counts["fail"] == counts["warn"] == 0 and counts["pass"] >= 15
+    assert "ReproducibilityCheck.seed" in [f.check for f in findings if f.status == "note"]
+    report = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    assert report["summary"] == counts
