@@ -231,3 +231,18 @@ def test_recommended_on_a_healthy_unseeded_fit_emits_no_recipe_warning(tmp_path,
     assert "ReproducibilityCheck.seed" in [f.check for f in findings if f.status == "note"]
     report = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert report["summary"] == counts
+
+
+def test_preflight_prints_a_note_with_its_own_label_and_count():
+    import io
+
+    from lightning_recipe.findings import Finding
+    from lightning_recipe.preflight import PreflightResult, print_result
+
+    result = PreflightResult([Finding("DataCheck.balance", "note", "DataCheck: class imbalance: 19.8:1; a note"),
+                              Finding("InitialLossCheck", "pass", "InitialLossCheck: matches")])
+    out = io.StringIO()
+    print_result(result, file=out)
+    text = out.getvalue()
+    assert "NOTE" in text and "NOTE DataCheck.balance" in text and "class imbalance: 19.8:1" in text
+    assert "0 fail, 0 warn, 1 note, 1 pass, 0 skip" in text.splitlines() and not result.failed
