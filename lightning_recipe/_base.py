@@ -148,9 +148,11 @@ class RecipeCheck(Callback):
     def _conclude(self, trainer: "pl.Trainer", finding: Optional[Finding]) -> None:
         """Record ``finding`` and act on a failure the same way on every rank.
 
+        Only a ``fail`` acts (raises or warns, per ``on_fail``); a ``warn`` is emitted by the check that made it, and
+        a ``note``, ``pass`` or ``skip`` is only recorded: a note never becomes a warning or an exception.
         Must be reached on every rank at the same point (it runs a collective under DDP).
         """
-        local_fail = finding is not None and finding.failed
+        local_fail = finding is not None and finding.status == "fail"
         if local_fail and finding is not None:
             for note in _context_notes(trainer, self._settings):
                 if note not in finding.message:  # e.g. a loss guessed from the targets: say so where it matters

@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lightning_recipe.findings import Finding
 
-_ORDER = ("fail", "warn", "pass", "skip")
+_ORDER = ("fail", "warn", "note", "pass", "skip")  # worst first, as `findings.STATUSES`
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 h1{margin-bottom:.2em}.summary span{display:inline-block;padding:.2em .7em;margin-right:.4em;border-radius:1em;font-weight:bold}
 table{border-collapse:collapse;width:100%;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}.num{font-family:ui-monospace,monospace;white-space:nowrap}
-.fail{background:#fdd}.warn{background:#fff3cd}.pass{background:#e7f6e7}.skip{background:#eee}
+.fail{background:#fdd}.warn{background:#fff3cd}.note{background:#e3effb}.pass{background:#e7f6e7}.skip{background:#eee}
 .status{font-weight:bold;text-transform:uppercase}pre{white-space:pre-wrap;margin:0;font-family:inherit}
 ul.causes{margin:.3em 0 0 1.2em;padding:0}details{margin-top:.3em;font-size:.9em}
 figure{margin:1.5em 0}img{max-width:100%;border:1px solid #ddd}figcaption{color:#555;font-size:.9em}
@@ -57,7 +57,7 @@ def render_html(findings: list["Finding"], figures: list[str], meta: dict[str, A
     """Render the report as one HTML page with the figures inlined as base64 PNGs.
 
     Args:
-        findings: every finding, in callback order (shown worst first: fail, warn, pass, skip).
+        findings: every finding, in callback order (shown worst first: fail, warn, note, pass, skip).
         figures: PNG paths (absolute, or relative to ``directory``); each is shown once.
         meta: run facts shown at the top.
         directory: where relative figure paths live.

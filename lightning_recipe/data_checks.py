@@ -5,10 +5,12 @@ sampled with a private seeded generator, so training's iterators and random stat
 ``max_batches`` batches of it, and checked for:
 
 * non-finite inputs or targets (fail);
-* inputs far from a standardised scale, per feature (per channel for images) (warn);
+* inputs far from a standardised scale, per feature (per channel for images): too large, or too small in every value
+  (warn);
 * duplicated examples (rows hashed; warn, fail when a large fraction, e.g. a dataset concatenated twice);
 * examples shared between the training and the validation set (hashed; fail above a small fraction);
-* class balance (pass with the counts; warn on heavy imbalance of per-example classes the loss does not weight);
+* class balance (pass with the counts; a note on an imbalance the head bias handles; warn on heavy imbalance of
+  per-example classes that nothing handles, or an extreme one);
 * class-index targets that are a copy of the integer inputs (a language model whose targets were not shifted; fail);
 
 and a figure of the first batch exactly as it goes into the network (after ``transfer_batch_to_device`` and
@@ -70,6 +72,10 @@ _LEAK = [
     "the same tensor returned as inputs and targets (a dataset yielding `(x, x)`, a wrong key in `split_batch`)",
     "the label column left among the input features",
 ]
+# class balance: beyond this ratio, or with fewer examples of a class than this, an imbalance warns even when the head
+# bias is set to the prior (a model can ignore the class; per-class metrics have too few examples to mean anything)
+EXTREME_IMBALANCE = 1000.0
+MIN_CLASS_EXAMPLES = 10
 _IMBALANCE = [
     "heavy class imbalance: accuracy is misleading; HeadBiasInit sets the head bias to the class prior so the "
     "initial loss is right; consider class weights or resampling if the rare classes matter",
@@ -87,11 +93,15 @@ class DataCheck(_OnceCheck):
     * **finite** (fail): the count of NaN/Inf values among the inputs and targets read.
     * **scale** (warn): per feature of 2-D inputs ``(N, D)``, per channel of image-like inputs (4-D ``(N, C, H, W)``,
       3-D ``(N, H, W)`` judged as one channel, ``layout="features"`` judges 3-D ``(N, T, D)`` per last dimension), the
-      mean and standard deviation of the values that go into the network. A feature is *off scale* when
-      ``|mean| > scale_factor`` or ``std > scale_factor`` (raw 0-255 pixels: mean ~100, std ~80), or when
-      ``0 < std < 1 / scale_factor**2`` (a nearly constant feature in the wrong unit; the small side is looser
-      because networks cope better with small inputs than with large ones, e.g. scikit-learn's diabetes features have
-      std 0.048). Not judged: integer inputs other than ``uint8`` images (token ids), booleans, features whose values
+      mean, standard deviation and largest magnitude of the values that go into the network. A feature is *off
+      scale* when ``|mean| > scale_factor`` or ``std > scale_factor`` (too large: raw 0-255 pixels, mean ~78, std
+      ~96; features in mixed units such as an income in dollars), or when every value is smaller in magnitude than
+      ``1 / scale_factor**2`` (too small: a feature in the wrong unit; judged by ``max |x|``, not by the std, so a
+      nearly constant feature, such as a border pixel of digits scaled to [0, 1] with mean 5e-5 and std 0.0017 but
+      values up to 0.0625, or a rare one-hot column, is on scale; the small side is looser because networks cope
+      better with small inputs than with large ones, e.g. scikit-learn's diabetes features have std 0.048). Inputs in
+      [0, 1] or [-1, 1] are on scale. Digits in raw units 0-16 warn: 8 of 64 pixels have a mean above 10 (up to 12.1).
+      Not judged: integer inputs other than ``uint8`` images (token ids), booleans, features whose values
       are all 0 or 1 (binary, one-hot), constant features. A model that normalises its own input passes with a note:
       only when something is off scale, one probe forward of the first batch (eval mode, as the other probes) finds
       the first layer with parameters or buffers that the inputs reach; when it receives as many values as the inputs
@@ -102,24 +112,32 @@ class DataCheck(_OnceCheck):
       When every row was read the measured value is the fraction of rows that are extra copies
       (``1 - unique / rows``: 0.5 for a dataset concatenated twice); when only a sample of ``k`` of ``n`` rows was
       read, the number of equal pairs ``P`` in the sample estimates it as ``P (n - 1) / (k (k - 1))`` (exact for
-      pairs). Warn above ``max_duplicates``; fail above ``5 * max_duplicates`` when equal rows cannot arise by chance
-      (the product of the per-column numbers of distinct values exceeds ``100 k²``, or a column is continuous with at
-      least ``k / 2`` distinct values), else warn (small categorical input spaces repeat rows naturally; integer
-      inputs such as token ids always warn: text repeats phrases).
+      pairs). When equal rows cannot arise by chance (the product of the per-column numbers of distinct values
+      exceeds ``100 k²``, or a column is continuous with at least ``k / 2`` distinct values): warn above
+      ``max_duplicates``, fail above ``5 * max_duplicates``. Otherwise a ``note`` above ``max_duplicates`` (small
+      categorical input spaces repeat rows naturally; integer inputs such as token ids too: text repeats phrases).
     * **overlap**: validation rows whose hash is among the training hashes, as a fraction of the validation rows
-      read, scaled by ``n / k`` of the training side when the training set was sampled. Warn above ``max_overlap``;
-      fail above ``5 * max_overlap`` with at least 3 rows found, when chance coincidences are impossible (as above):
-      a split bug puts a large share of the validation rows in train, while a few natural duplicates that straddle
-      a random split (one pair in iris) only warn.
+      read, scaled by ``n / k`` of the training side when the training set was sampled. Above ``max_overlap``, when
+      chance coincidences are impossible (as above) and at least 3 rows were found: fail above ``5 * max_overlap``
+      (a split bug puts a large share of the validation rows in train), else warn; a ``note`` otherwise: one or two
+      natural duplicates that straddle a random split (one pair in iris), or rows that can be equal by chance.
     * **balance**: class counts of integer targets (negative values such as ``ignore_index=-100`` left out), or of
-      each label of 0/1 float targets. Pass with the counts; warn when the largest over the smallest count exceeds
-      ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance), unless the
-      imbalance is expected or handled, which passes with a note: targets with a class per position (dimensions beyond
-      the batch: ``(N, T)`` token sequences, ``(N, H, W)`` segmentation maps; float 0/1 maps with at least 2 dimensions
-      beyond N), whose frequencies are naturally skewed (spaces and ``e`` in text, background pixels) and not
-      actionable; or a loss that weights the classes (``CrossEntropyLoss``/``NLLLoss`` with a non-uniform ``weight=``,
-      ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1) towards the rare side: a weight that favours the
-      frequent side makes the imbalance worse, and still warns, saying so.
+      each label of 0/1 float targets. Pass with the counts when the largest over the smallest count is at most
+      ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance). Above it:
+
+      - a ``note`` (never a warning) when :class:`~lightning_recipe.HeadBiasInit` is in use (it sets the head bias to
+        the prior, which is what an imbalance needs to train from the right loss), or for multilabel targets (rare
+        labels are the norm: a multilabel task whose rarest label has 5% positives, 19:1, is healthy);
+      - a ``warn`` when no head-bias init is in use (training starts far from the right loss), and, with or without
+        it (but not for the expected or handled cases below), when the imbalance is extreme: more than ``1000:1``, or a class with fewer than 10 examples in the
+        training set (estimated from the rows read, scaled by the dataset's length when only a sample was read),
+        where a model can ignore the class and per-class metrics have too few examples to mean anything;
+      - a pass, saying why, when the imbalance is expected or handled: targets with a class per position (dimensions
+        beyond the batch: ``(N, T)`` token sequences, ``(N, H, W)`` segmentation maps; float 0/1 maps with at least 2
+        dimensions beyond N), whose frequencies are naturally skewed (spaces and ``e`` in text, background pixels) and
+        not actionable; or a loss that weights the classes (``CrossEntropyLoss``/``NLLLoss`` with a non-uniform
+        ``weight=``, ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1) towards the rare side: a weight that
+        favours the frequent side makes the imbalance worse, and is judged as no weight, saying so.
     * **leak** (fail): class-index targets compared with every integer input tensor of the same shape (token ids,
       categories; not ``uint8`` images, bool or float inputs) on the first batch (:func:`token_alignment`): the
       fraction of labelled positions whose target equals the input at the same position. Above
@@ -227,7 +245,7 @@ class DataCheck(_OnceCheck):
             self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
             self._duplicates(train, step),
             self._overlap(train, val, step),
-            self._balance(train, step, loss),
+            self._balance(train, step, loss, _head_bias_in_use(trainer)),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
@@ -307,9 +325,10 @@ class DataCheck(_OnceCheck):
         unit = "channel" if summary["image"] else "feature"
         worst = summary["worst"]
         numbers = (f"{len(off)} of {judged} judged input {unit}s off scale; worst {unit} {worst['index']} of "
-                   f"`{worst['tensor']}`: mean {worst['mean']:.4g}, std {worst['std']:.4g} (expected |mean| <= "
-                   f"{self.scale_factor:g} and {1 / self.scale_factor**2:g} <= std <= {self.scale_factor:g}; overall "
-                   f"range [{summary['min']:.4g}, {summary['max']:.4g}])")
+                   f"`{worst['tensor']}`: mean {worst['mean']:.4g}, std {worst['std']:.4g}, max |x| "
+                   f"{worst['max_abs']:.4g} (expected |mean| <= {self.scale_factor:g}, std <= {self.scale_factor:g} "
+                   f"and max |x| >= {1 / self.scale_factor**2:g}; overall range [{summary['min']:.4g}, "
+                   f"{summary['max']:.4g}])")
         details = {k: v for k, v in summary.items() if k != "off"} | {"off": off[:64]}
         if off:
             norm = input_norm()
@@ -345,8 +364,10 @@ class DataCheck(_OnceCheck):
                            "dataset; if the repetition is intended (oversampling), pass `max_duplicates=`.", frac,
                            limit, step, list(_DUPLICATES), details)
         if frac > self.max_duplicates:
+            # where equal rows arise by chance (token ids, small categorical spaces) healthy data repeats: a note
             tail = "" if chance_free else " (the input space is small enough that equal rows can occur by chance)"
-            return Finding(name, "warn", f"{self.name}: {frac:.3g} of the training examples are exact duplicates ({how}); "
+            return Finding(name, "warn" if chance_free else "note", f"{self.name}: {frac:.3g} of the training "
+                           f"examples are exact duplicates ({how}); "
                            f"expected at most {self.max_duplicates:g}{tail}.", frac, self.max_duplicates, step,
                            list(_DUPLICATES), details)
         return Finding(name, "pass", f"{self.name}: duplicated training examples: {frac:.3g} ({how}).", frac,
@@ -371,7 +392,10 @@ class DataCheck(_OnceCheck):
         if frac > self.max_overlap:
             # a split bug (validation taken from train, a dataset duplicated before splitting) puts a large share of
             # the validation rows in train; a few natural duplicates straddling a split only warn
-            status = "fail" if chance_free and frac > 5 * self.max_overlap and found >= 3 else "warn"
+            # ... and where equal rows can arise by chance, or only one or two rows straddle the split (one pair in
+            # iris), healthy data does it: a note
+            status = ("fail" if chance_free and frac > 5 * self.max_overlap and found >= 3 else
+                      "warn" if chance_free and found >= 3 else "note")
             return Finding(name, status, f"{self.name}: validation examples also occur in the training set: {numbers}; "
                            f"expected at most {self.max_overlap:g}. Validation metrics overstate generalisation. HINT: "
                            "split before any duplication; pass `max_overlap=` if the overlap is intended.", frac,
@@ -379,7 +403,7 @@ class DataCheck(_OnceCheck):
         return Finding(name, "pass", f"{self.name}: train/validation overlap: {numbers}.", frac, self.max_overlap, step,
                        details=details)
 
-    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable]) -> Finding:
+    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable], bias_init: bool = False) -> Finding:
         name = f"{self.name}.balance"
         counts = s.class_counts()
         if counts is None:
@@ -416,10 +440,29 @@ class DataCheck(_OnceCheck):
                 why.append(f"the loss weights the classes ({weighted})")
             return Finding(name, "pass", f"{self.name}: {what} (more than {self.max_imbalance:g}); not warned about: "
                            + "; ".join(why) + ".", ratio, self.max_imbalance, step, details=details)
+        multilabel = kind == "labels" and int(c[0].numel()) > 1
+        # the rarest class (label side) as it occurs in the whole training set, estimated from the rows read
+        rarest = float(c.min()) if kind == "classes" else float(torch.minimum(pos, neg)[j])
+        if s.population and s.population > s.rows:
+            rarest *= s.population / s.rows
+        details["rarest_examples"], details["head_bias_init"], details["multilabel"] = rarest, bias_init, multilabel
+        extreme = not multilabel and (ratio > EXTREME_IMBALANCE or rarest < MIN_CLASS_EXAMPLES)
+        if ratio > self.max_imbalance and not extreme and (bias_init or multilabel):
+            why = ("HeadBiasInit sets the head bias to the class prior, so training starts at the right loss"
+                   if bias_init else "rare labels are the norm of a multilabel task; the loss treats each label "
+                   "on its own")
+            return Finding(name, "note", f"{self.name}: class imbalance: {what} (more than {self.max_imbalance:g}); "
+                           f"a note, not a warning: {why}. Watch per-class metrics, not accuracy.", ratio,
+                           self.max_imbalance, step, list(_IMBALANCE), details)
         if ratio > self.max_imbalance:
-            return Finding(name, "warn", f"{self.name}: heavy class imbalance: {what} (more than {self.max_imbalance:g}). "
-                           "HeadBiasInit sets the head bias to the prior; watch per-class metrics, not accuracy. HINT: "
-                           "pass `max_imbalance=` to change the threshold.", ratio, self.max_imbalance, step,
+            why = (f" The rarest class has about {rarest:.3g} examples in the training set (fewer than "
+                   f"{MIN_CLASS_EXAMPLES}): too few to learn it or to measure it." if rarest < MIN_CLASS_EXAMPLES else
+                   f" Beyond {EXTREME_IMBALANCE:g}:1 a model can reach a low loss while never predicting the rare "
+                   "class." if ratio > EXTREME_IMBALANCE else
+                   " No HeadBiasInit sets the head bias to the prior, so training starts far from the right loss.")
+            return Finding(name, "warn", f"{self.name}: heavy class imbalance: {what} (more than {self.max_imbalance:g})."
+                           f"{why} Watch per-class metrics, not accuracy. HINT: add HeadBiasInit, weight the loss, "
+                           "or pass `max_imbalance=` to change the threshold.", ratio, self.max_imbalance, step,
                            list(_IMBALANCE), details)
         return Finding(name, "pass", f"{self.name}: {what}.", ratio, self.max_imbalance, step, details=details)
 
@@ -565,16 +608,38 @@ def duplicate_fraction(hashes: Tensor, population: Optional[int] = None) -> tupl
     return min(1.0, pairs * (n - 1) / (k * (k - 1))), pairs
 
 
-def off_scale(mean: Tensor, std: Tensor, factor: float = 10.0) -> Tensor:
-    """Which features are far from a standardised scale: ``|mean| > factor``, ``std > factor`` or
-    ``0 < std < 1 / factor**2`` (constant features, ``std == 0``, are not judged).
+def _head_bias_in_use(trainer: "pl.Trainer") -> bool:
+    """Whether a callback of the trainer (or of a bundle it holds) sets the head bias to the prior this fit."""
+    stack = list(trainer.callbacks)
+    while stack:
+        cb = stack.pop()
+        if getattr(cb, "_sets_head_bias", False) and not getattr(cb, "skip", False):
+            return True
+        stack.extend(c for c in (getattr(cb, "callbacks", None) or []) if c is not cb)
+    return False
+
+
+def off_scale(mean: Tensor, std: Tensor, max_abs: Tensor, factor: float = 10.0) -> Tensor:
+    """Which features are far from a standardised scale: too large, ``|mean| > factor`` or ``std > factor`` (raw
+    pixels 0-255, an income in dollars), or too small, ``0 < max |x| < 1 / factor**2`` (every value of the feature
+    under 0.01 in magnitude: a feature in the wrong unit). The small side is judged by the feature's magnitude, not
+    its spread: a nearly constant feature (a border pixel that is almost always 0, a rare one-hot column) has a tiny
+    std but values of the usual size, and is on scale; so is any feature within [0, 1] or [-1, 1] that reaches 0.01.
+    Constant features (``std == 0``) are not judged.
+
+    Args:
+        mean: per-feature mean.
+        std: per-feature standard deviation.
+        max_abs: per-feature largest ``|x|``.
+        factor: how far from mean 0 / std 1 a feature may be.
 
     Example::
 
-        >>> off_scale(torch.tensor([0.1, 120.0, 0.0, 0.0]), torch.tensor([1.2, 70.0, 0.0, 1e-3])).tolist()
-        [False, True, False, True]
+        >>> mean, std = torch.tensor([0.1, 120.0, 0.0, 0.0, 5e-5]), torch.tensor([1.2, 70.0, 0.0, 1e-3, 1.7e-3])
+        >>> off_scale(mean, std, torch.tensor([4.0, 255.0, 0.0, 3e-3, 0.0625])).tolist()  # the last: a border pixel
+        [False, True, False, True, False]
     """
-    return (mean.abs() > factor) | (std > factor) | ((std > 0) & (std < 1.0 / factor**2))
+    return (mean.abs() > factor) | (std > factor) | ((std > 0) & (max_abs < 1.0 / factor**2))
 
 
 def token_alignment(inputs: Tensor, targets: Tensor, ignore_index: Optional[int] = None) -> Optional[dict[str, Any]]:
@@ -851,6 +916,7 @@ class _Scan:
         s = self._stats.setdefault(name, {
             "n": torch.zeros(m.shape[1], dtype=torch.float64), "s1": torch.zeros(m.shape[1], dtype=torch.float64),
             "s2": torch.zeros(m.shape[1], dtype=torch.float64), "binary": torch.ones(m.shape[1], dtype=torch.bool),
+            "absmax": torch.zeros(m.shape[1], dtype=torch.float64),
             "min": math.inf, "max": -math.inf, "image": _is_image(t, self.layout),
         })
         if s["n"].shape[0] != m.shape[1]:
@@ -859,6 +925,8 @@ class _Scan:
         s["s1"] += m0.sum(0)
         s["s2"] += (m0 * m0).sum(0)
         s["binary"] &= ((m0 == 0) | (m0 == 1)).all(0)
+        if m0.shape[0]:
+            s["absmax"] = torch.maximum(s["absmax"], m0.abs().amax(0))
         vals = m if all_finite else m[finite]
         if vals.numel():
             lo, hi = torch.aminmax(vals)
@@ -882,14 +950,17 @@ class _Scan:
                 continue
             image = image or s["image"]
             lo, hi = min(lo, s["min"]), max(hi, s["max"])
-            bad = off_scale(mean, std, factor) & mask
+            absmax = s["absmax"]
+            bad = off_scale(mean, std, absmax, factor) & mask
             judged += int(mask.sum())
             off += [f"{name}[{j}]" if name != "inputs" else str(j) for j in torch.nonzero(bad).reshape(-1).tolist()]
-            score = torch.maximum(torch.maximum(mean.abs(), std), 1.0 / (factor * std.clamp_min(1e-300)))
+            # how far off, in units of `factor`: too large by |mean| or std, too small by the largest magnitude
+            score = torch.maximum(torch.maximum(mean.abs(), std), 1.0 / (factor * absmax.clamp_min(1e-300)))
             score = torch.where(mask, score, torch.full_like(score, -1.0))
             j = int(score.argmax())
             if worst is None or float(score[j]) > worst["score"]:
-                worst = {"tensor": name, "index": j, "mean": float(mean[j]), "std": float(std[j]), "score": float(score[j])}
+                worst = {"tensor": name, "index": j, "mean": float(mean[j]), "std": float(std[j]),
+                         "max_abs": float(absmax[j]), "score": float(score[j])}
         if worst is None:
             return None
         return {"off": off, "judged": judged, "worst": worst, "min": lo, "max": hi, "image": image}

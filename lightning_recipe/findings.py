@@ -1,4 +1,18 @@
-"""Findings: the results of the checks, and the report written next to the logs."""
+"""Findings: the results of the checks, and the report written next to the logs.
+
+Severity policy (every check follows it):
+
+* ``fail``: a bug with near certainty (a NaN input, a double softmax, targets that copy the inputs). What happens then
+  is the callback's ``on_fail``: :class:`~lightning_recipe.RecipeCheckError` (``"raise"``) or a
+  :class:`~lightning_recipe.RecipeWarning` (``"warn"``).
+* ``warn``: a likely problem that a person should act on, shown by calibration never to fire on healthy fits of the
+  families users train (the numbers are in each rule's docstring). Always a :class:`~lightning_recipe.RecipeWarning`,
+  never an exception.
+* ``note``: everything else worth a look (a measurement that healthy and broken fits share, an imbalance the head bias
+  handles): shown in the report (md, html, json) and listed by :func:`collect_findings`, never a
+  :class:`~lightning_recipe.RecipeWarning`, never an exception.
+* ``pass``: checked, nothing found; ``skip``: the check could not run (the message says why).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +26,9 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-Status = Literal["pass", "warn", "fail", "skip"]
+Status = Literal["pass", "warn", "fail", "skip", "note"]
+# every status, worst first: the order of the counts and of the html report
+STATUSES: tuple[str, ...] = ("fail", "warn", "note", "pass", "skip")
 
 
 @dataclass
@@ -21,8 +37,10 @@ class Finding:
 
     Args:
         check: name of the check (the callback's class name, or a sub-check such as ``"LossDecreaseCheck.plateau"``).
-        status: ``"pass"``, ``"warn"`` (worth a look, never stops a fit), ``"fail"`` (the check failed; what happens
-            then is the callback's ``on_fail``) or ``"skip"`` (the check could not run; the message says why).
+        status: ``"fail"`` (a bug with near certainty; what happens then is the callback's ``on_fail``), ``"warn"``
+            (a likely problem to act on, calibrated never to fire on healthy fits; a :class:`RecipeWarning`, never
+            stops a fit), ``"note"`` (worth a look: in the report and :func:`collect_findings` only, never a warning
+            or an exception), ``"pass"`` or ``"skip"`` (the check could not run; the message says why).
         message: what was measured, what was expected and, for a failure, the likely causes.
         measured: the measured number, when there is one.
         expected: the expected number (or threshold), when there is one.
@@ -34,6 +52,8 @@ class Finding:
 
         >>> f = Finding("InitialLossCheck", "pass", "loss 2.31 ~ log(10)", measured=2.31, expected=2.303)
         >>> f.failed
+        False
+        >>> Finding("DataCheck.balance", "note", "19.8:1, handled by the head bias").failed
         False
     """
 
@@ -76,6 +96,20 @@ def collect_findings(trainer: "pl.Trainer") -> list[Finding]:
         if getattr(cb, "_is_recipe_callback", False) and isinstance(findings, list):
             out.extend(findings)
     return out
+
+
+def status_counts(findings: list[Finding]) -> dict[str, int]:
+    """How many findings have each status, worst first (``fail, warn, note, pass, skip``).
+
+    Args:
+        findings: the findings to count.
+
+    Example::
+
+        >>> status_counts([Finding("A", "note", "n"), Finding("B", "pass", "p"), Finding("C", "note", "n")])
+        {'fail': 0, 'warn': 0, 'note': 2, 'pass': 1, 'skip': 0}
+    """
+    return {s: sum(f.status == s for f in findings) for s in STATUSES}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -125,7 +159,7 @@ def _write_reports(
 
     os.makedirs(directory, exist_ok=True)
     meta = {**meta, "environment": _environment()}
-    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "pass", "skip")}
+    counts = status_counts(findings)
     paths = {
         "json": os.path.join(directory, "report.json"),
         "md": os.path.join(directory, "report.md"),
@@ -142,7 +176,7 @@ def _write_reports(
 
 
 def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[dict[str, Any]] = None) -> str:
-    """The findings as a Markdown report (a table, then each failure and warning in full).
+    """The findings as a Markdown report (a table, then each failure and warning in full, then each note).
 
     Args:
         findings: the findings to report.
@@ -156,7 +190,7 @@ def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[
         True
     """
     meta = meta or {}
-    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "pass", "skip")}
+    counts = status_counts(findings)
     lines = ["# lightning_recipe report", ""]
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     lines.append("")
@@ -169,13 +203,14 @@ def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[
             f"| {f.check} | {f.status} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
             f"{'' if f.step is None else f.step} | {msg.replace('|', '/')} |"
         )
-    notable = [f for f in findings if f.status in ("fail", "warn")]
-    if notable:
-        lines += ["", "## Failures and warnings", ""]
-        for f in notable:
-            lines += [f"### {f.check} ({f.status})", "", f.message, ""]
-            if f.causes:
-                lines += ["Likely causes:", ""] + [f"- {c}" for c in f.causes] + [""]
+    for title, kinds in (("Failures and warnings", ("fail", "warn")), ("Notes", ("note",))):
+        notable = [f for f in findings if f.status in kinds]
+        if notable:
+            lines += ["", f"## {title}", ""]
+            for f in notable:
+                lines += [f"### {f.check} ({f.status})", "", f.message, ""]
+                if f.causes:
+                    lines += ["Likely causes:", ""] + [f"- {c}" for c in f.causes] + [""]
     if figures:
         lines += ["", "## Figures", ""]
         for p in figures:

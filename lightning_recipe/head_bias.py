@@ -36,6 +36,8 @@ class HeadBiasInit(RecipeCheck):
         >>> trainer = L.Trainer(callbacks=[HeadBiasInit()], logger=False)
     """
 
+    _sets_head_bias = True  # other checks look for this marker (a check never imports another check)
+
     def __init__(self, on_fail: OnFail = "raise", skip: bool = False, **kwargs: Any) -> None:
         super().__init__(on_fail, **kwargs)
         self.skip = skip

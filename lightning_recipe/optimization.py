@@ -85,8 +85,8 @@ class OptimizationHealthCheck(RecipeCheck):
       ``on_before_optimizer_step`` on the device. When at least ``clip_steps`` (90 %) of the steps are clipped and
       the median ratio of the norm to ``gradient_clip_val`` is at least ``clip_ratio`` (100), clipping is not a
       safeguard but the effective learning rate: fail for SGD-like optimizers (every update is shrunk by that
-      ratio), warn for adaptive ones (Adam and kin divide the gradient by its running scale, so the clip value is
-      meaningless but does little harm).
+      ratio), a ``note`` for adaptive ones (Adam and kin divide the gradient by its running scale, so the clip value
+      is meaningless but does little harm: nothing a person must act on).
     * **gradients** (warn): per layer (the parameters of one module), the gradient norm per step divided by the
       square root of its number of values (the RMS gradient, comparable across widths), averaged over each window.
       Warn when the largest layer RMS exceeds the smallest (non-zero) by more than ``max_grad_spread``: vanishing
@@ -524,7 +524,7 @@ class OptimizationHealthCheck(RecipeCheck):
                    f"{med:.3g} x gradient_clip_val={float(clip):g}")
         details = {"clipped_fraction": clipped, "median_ratio": med, "steps": int(g.size), "clip_val": float(clip)}
         if clipped >= self.clip_steps and med >= self.clip_ratio:
-            status = "warn" if self._adaptive else "fail"
+            status = "note" if self._adaptive else "fail"  # adaptive: meaningless but harmless, a note
             effect = ("an adaptive optimizer rescales gradients anyway, so the clip value is meaningless"
                       if self._adaptive else f"every update is shrunk ~{med:.3g}x: the effective learning rate is the "
                       "learning rate divided by that")

@@ -53,7 +53,8 @@ class OutputRangeCheck(_OnceCheck):
       1) or unnormalised logits fail.
     * a regression loss (MSE, L1, Huber) on targets that are **class labels** (integer dtype, or integer-valued
       floats with at most ``max_classes`` distinct values and at least 5 examples per value, on the training label
-      sample) → ``warn``: the loss does not fit a classification task (fine for genuinely ordinal or count targets).
+      sample) → a ``note`` (never a warning): the loss does not fit a classification task, but healthy ordinal and
+      count regressions (ratings 1-5, quality scores, event counts) look exactly the same.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -226,7 +227,8 @@ class OutputRangeCheck(_OnceCheck):
         details["values"] = res["values"][:20]
         if res["class_like"]:
             shown = ", ".join(f"{v:g}" for v in res["values"][:10])
-            return Finding(self.name, "warn", f"{self.name}: {spec.loss_name} regresses targets that look like class "
+            # a note: ratings and counts regressed on purpose are integer targets with few values too
+            return Finding(self.name, "note", f"{self.name}: {spec.loss_name} regresses targets that look like class "
                            f"labels: {res['distinct']} distinct integer values ({shown}) over {res['count']} labels. A "
                            "regression loss treats class ids as numbers. HINT: for classes, output one logit per class "
                            "and use CrossEntropyLoss (targets as class indices, dtype long). For ordinal or count "

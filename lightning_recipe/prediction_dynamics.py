@@ -69,20 +69,26 @@ class PredictionDynamics(RecipeCheck):
     **Jitter.** Each drawing also logs ``recipe/prediction_jitter``, the :func:`jitter_index` of the snapshots: how
     much the predictions move back and forth from one snapshot to the next, beyond their trend, relative to how far
     they travel (0: every prediction moves monotonically; 1: every snapshot reverses the previous one). At the end of
-    the fit a ``warn`` finding (``PredictionDynamics.jitter``; it never stops the fit) reports predictions that are
+    the fit a finding ``PredictionDynamics.jitter`` (it never stops the fit) reports predictions that are
 
-    * **frozen**: no prediction changed between any two snapshots although training steps ran between them (beyond
-      float rounding, ``1e-6`` of the largest prediction): learning rate zero, frozen or detached parameters, an
-      optimizer that holds other parameters than the model's;
-    * **thrashing**: the index is above half of what pure snapshot-to-snapshot noise (predictions with no trend at
-      all) gives for the same number of snapshots (about 0.14 for 10 snapshots, 0.11 for 25), and the jitter is at
-      least 10% of the prediction scale (probabilities: 1; regression: the targets' standard deviation): the
-      learning rate is too high, or the batch too small for it. Measured: healthy fits of digits, wine, breast
-      cancer and diabetes (Adam 3e-4 to 1e-2, 8 to 229 snapshots) 0 to 0.057 against thresholds 0.08 to 0.15;
-      Gaussian blobs with SGD at lr=6 (far too high) 0.14 to 0.29 against 0.11. The index alone is not enough: a
-      model that has stopped trending (converged on a hard task) is left with minibatch noise only, and healthy
-      transformer classifiers of 80% accuracy reached 1.1 to 1.25 times the threshold, but with jitters of 0.07 to
-      0.08; learning rates that were too high gave 0.14 to 0.34.
+    * **frozen** (``warn``): no prediction changed between any two snapshots although training steps ran between them
+      (beyond float rounding, ``1e-6`` of the largest prediction): learning rate zero, frozen or detached parameters,
+      an optimizer that holds other parameters than the model's. A fit that trains at all moves some prediction by
+      far more than rounding, so this never fires on a healthy fit;
+    * **thrashing** (a ``note``, never a :class:`~lightning_recipe.RecipeWarning`): the index is above half of what
+      pure snapshot-to-snapshot noise (predictions with no trend at all) gives for the same number of snapshots (about
+      0.14 for 10 snapshots, 0.11 for 25, 0.097 for 50), and the jitter is at least 10% of the prediction scale
+      (probabilities: 1; regression: the targets' standard deviation): the learning rate may be too high, or the batch
+      too small for it. A note, because healthy and too-high-learning-rate fits overlap on every signal measured
+      here. Measured (23 to 50 snapshots, 32 fixed validation samples): healthy fits of a small ResNet with
+      BatchNorm, an LSTM with attention pooling, a transformer encoder with a padding mask, an MLP with SGD + momentum
+      and one with a linear warm-up reached indices up to 0.22 (thresholds 0.097 to 0.112) with jitters up to 0.15
+      once converged (a transformer at Adam 3e-3, 78-88% accuracy: 0.18 to 0.22; minibatch noise is all that is
+      left once the trend stops); too-high learning rates gave 0.16 to 0.25 with jitters of 0.13 to 0.23, and Adam
+      at lr=0.3 on an MLP 0.15 with a jitter of 0.09 (under the 10% bar). The loss on the fixed batch does not
+      separate them either: the last snapshot's loss was 0.14 to 0.43 of the first in healthy fits and 0.13 to 0.77
+      in too-high-learning-rate ones. A loss that does not fall, or diverges, is
+      :class:`~lightning_recipe.LossDecreaseCheck`'s to judge.
 
     Args:
         every_n_steps: batches between two records (``None``: about 50 records over the planned fit, see above).
@@ -317,13 +323,14 @@ class PredictionDynamics(RecipeCheck):
                            f"between two snapshots is {j['max_change']:.3g} (rounding level {j['frozen_tol']:.3g}) although "
                            f"{self.steps[-1] - self.steps[0]} optimizer steps ran. Nothing learns.", j["max_change"],
                            j["frozen_tol"], trainer.global_step, list(_FROZEN), details)
-        if j["thrash"]:
-            return Finding(f"{self.name}.jitter", "warn", f"{head}: the predictions THRASH: jitter index "
+        if j["thrash"]:  # a note: healthy fits of converged models reach it too (see the class docstring)
+            return Finding(f"{self.name}.jitter", "note", f"{head}: the predictions THRASH: jitter index "
                            f"{j['index']:.3g} above {j['threshold']:.3g} (half the index of pure snapshot-to-snapshot noise, "
                            f"{j['noise_reference']:.3g}, for {n_snap} snapshots); they jump by {j['jitter']:.3g} (RMS) "
-                           f"against a travel of {j['movement']:.3g}. HINT: lower the learning rate, or record more "
-                           "often (`every_n_steps`) to see the oscillation.", j["index"], j["threshold"],
-                           trainer.global_step, list(_THRASH), details)
+                           f"against a travel of {j['movement']:.3g}. Healthy fits that have converged reach this "
+                           "too (minibatch noise is all that is left): worth a look if the loss is not falling. HINT: "
+                           "lower the learning rate, or record more often (`every_n_steps`) to see the oscillation.",
+                           j["index"], j["threshold"], trainer.global_step, list(_THRASH), details)
         if not np.isfinite(j["index"]):
             note = "too few snapshots (or non-finite predictions) to measure the jitter"
             return Finding(self.name, "pass", f"{head}; {note}.", None, None, trainer.global_step, [], details)

@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeConfigError
-from lightning_recipe.findings import Finding, _fmt, collect_findings
+from lightning_recipe.findings import Finding, _fmt, collect_findings, status_counts
 
 _OVERRIDE_PREFIXES = ("model", "data")
 
@@ -270,7 +270,7 @@ def print_result(result: PreflightResult, title: str = "preflight", file: Any = 
     console = Console(file=file, highlight=False, soft_wrap=False)
     if not console.is_terminal:
         console.width = max(console.width, 120)  # CI logs: no terminal to fit
-    styles = {"pass": "green", "fail": "bold red", "warn": "yellow", "skip": "dim"}
+    styles = {"pass": "green", "fail": "bold red", "warn": "yellow", "note": "cyan", "skip": "dim"}
     table = Table(title=title, show_lines=False, expand=False)
     table.add_column("status")
     table.add_column("check", no_wrap=True)
@@ -282,7 +282,7 @@ def print_result(result: PreflightResult, title: str = "preflight", file: Any = 
                       _headline(f))
     console.print(table)
     for f in result.findings:
-        if f.status in ("fail", "warn", "skip"):
+        if f.status in ("fail", "warn", "note", "skip"):
             console.print(f"\n[{styles[f.status]}]{f.status.upper()} {f.check}[/]", markup=True)
             console.print(f.message, markup=False)
             if f.causes:
@@ -292,7 +292,7 @@ def print_result(result: PreflightResult, title: str = "preflight", file: Any = 
     if result.error is not None:
         console.print("\n[bold red]The short fit crashed[/] (your code raised, not a check):", markup=True)
         console.print("".join(traceback.format_exception_only(type(result.error), result.error)).strip(), markup=False)
-    counts = {s: sum(f.status == s for f in result.findings) for s in ("fail", "warn", "pass", "skip")}
+    counts = status_counts(result.findings)
     console.print("\n" + ", ".join(f"{n} {s}" for s, n in counts.items()), markup=False)
     if result.report:
         console.print(f"report: {result.report} (also report.md, report.json)", markup=False)

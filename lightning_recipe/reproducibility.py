@@ -34,16 +34,17 @@ _NONDET = [
 
 
 class ReproducibilityCheck(_OnceCheck):
-    """Warn when no seed was set; with ``verify=True``, check that the same seed gives the same first step.
+    """Note when no seed was set; with ``verify=True``, check that the same seed gives the same first step.
 
     * **seed** (at fit start): Lightning's ``seed_everything`` records the seed in the environment variable
-      ``PL_GLOBAL_SEED``; without it the run cannot be repeated. Warn (never fail). The seed, ``deterministic``
+      ``PL_GLOBAL_SEED``; without it the run cannot be repeated. A ``note`` (never a warning: most healthy fits run
+      unseeded, and the fit itself is not harmed; it only cannot be repeated). The seed, ``deterministic``
       settings and versions go into the report (the recipe's logbook).
     * **verify** (``verify=True``, at ``on_train_start``): the first training step is run twice on deep copies of the
       LightningModule and its optimizers (the training ones are untouched), each time from the same seed (the global
       seed, or 0) with the random state isolated: ``training_step`` on the same batch (a private draw), backward,
       ``optimizer.step()``. The two losses and the parameters after the step (per-parameter sum, sum of squares and
-      maximum) are compared: fail when their relative difference exceeds ``rtol``; warn when they differ by less
+      maximum) are compared: fail when their relative difference exceeds ``rtol``; a ``note`` when they differ by less
       (rounding-level nondeterminism: ``Trainer(deterministic=True)`` makes them bitwise equal); pass when bitwise
       equal. ``self.log`` calls of the copies are dropped. Costs one extra step and, for a moment, two copies of the
       model and optimizer state. Skipped under manual optimization (``training_step`` steps the real optimizers).
@@ -75,12 +76,12 @@ class ReproducibilityCheck(_OnceCheck):
         self.seed = int(raw) if raw is not None and raw.lstrip("-").isdigit() else None
         details = _environment(trainer)
         if self.seed is None:
-            f = Finding(f"{self.name}.seed", "warn", f"{self.name}: no random seed was set (PL_GLOBAL_SEED is unset): "
+            # a note: most healthy fits run unseeded; it limits comparing runs, it does not harm this one
+            f = Finding(f"{self.name}.seed", "note", f"{self.name}: no random seed was set (PL_GLOBAL_SEED is unset): "
                         "initialisation, shuffling, dropout and augmentation differ on every run, so results cannot be "
                         "repeated and differences between runs cannot be told from noise. HINT: call "
                         "`lightning.seed_everything(42, workers=True)` before building the model.", None, None,
                         trainer.global_step, list(_NO_SEED), details)
-            rank_zero_warn(f.message, category=RecipeWarning)
         else:
             f = Finding(f"{self.name}.seed", "pass", f"{self.name}: seed {self.seed} (deterministic algorithms: "
                         f"{details['deterministic_algorithms']}, cudnn.benchmark: {details['cudnn_benchmark']}).",
@@ -127,7 +128,8 @@ class ReproducibilityCheck(_OnceCheck):
                            f"expected at most {self.rtol:g}. Runs cannot be compared. HINT: pass `rtol=` to accept "
                            "larger differences.", diff, self.rtol, step, list(_NONDET), details)
         if not bitwise:
-            return Finding(name, "warn", f"{self.name}: the same seed gives the first step up to rounding: {numbers} "
+            # a note: within `rtol` by definition (nondeterministic GPU kernels of healthy fits do this)
+            return Finding(name, "note", f"{self.name}: the same seed gives the first step up to rounding: {numbers} "
                            f"(within rtol={self.rtol:g}, not bitwise identical: Trainer(deterministic=True) makes it "
                            "so).", diff, self.rtol, step, list(_NONDET[:1]), details)
         return Finding(name, "pass", f"{self.name}: the same seed gives a bitwise identical first step: {numbers}.",

@@ -177,15 +177,23 @@ def test_no_global_rng_draw(tmp_path):
     assert np.isfinite(a.item())
 
 
-def test_one_natural_duplicate_across_the_split_only_warns(tmp_path):
+def test_one_natural_duplicate_across_the_split_is_a_note(tmp_path):
     """Like iris (one repeated row in 150): a duplicate that straddles a random split is not a split bug."""
     xt, yt, xv, yv = _standardized_split()
     xv, yv = xv[:30].clone(), yv[:30].clone()
     xv[0], yv[0] = xt[7], yt[7]  # 1 of 30 validation rows (3.3%) also in train
-    with pytest.warns(RecipeWarning, match="also occur in the training set"):
+    with warnings.catch_warnings():  # healthy data does this: a note, never a warning
+        warnings.simplefilter("error", RecipeWarning)
         cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xv, yv, 64))
     f = _by_name(cb)["overlap"]
-    assert f.status == "warn" and f.details["found"] == 1 and f.measured == pytest.approx(1 / 30)
+    assert f.status == "note" and f.details["found"] == 1 and f.measured == pytest.approx(1 / 30)
+    assert "also occur in the training set" in f.message
+    xv[1:4], yv[1:4] = xt[8:11], yt[8:11]  # 4 of 30 (13%): not chance, not enough for a split bug (5 * 1%): warn
+    with pytest.warns(RecipeWarning, match="also occur in the training set"):
+        cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(xt, yt, 64), loader(xv, yv, 64),
+                  max_overlap=0.05)
+    f = _by_name(cb)["overlap"]
+    assert f.status == "warn" and f.details["found"] == 4 and f.measured == pytest.approx(4 / 30)
 
 
 def test_image_grid_is_one_image_of_tiles_with_the_batch_colour_scale():
@@ -407,3 +415,41 @@ def test_norm_probe_leaves_training_untouched(tmp_path):
         trainer(tmp_path, cbs, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0).fit(m, loader(x, y, 64))
         weights.append(torch.cat([p.detach().float().flatten() for p in m.state_dict().values()]))
     assert _by_name(cbs[0])["scale"].details["input_norm"] == "net.0" and torch.equal(weights[0], weights[1])
+
+
+def test_off_scale_judges_the_small_side_by_magnitude():
+    """Too large by mean or std (factor 10), too small only when every value is under 1 / factor**2 = 0.01."""
+    from lightning_recipe.data_checks import off_scale
+
+    mean = torch.tensor([0.0, 12.1, 0.0, 4.6e-5, 0.5, 0.0])
+    std = torch.tensor([1.0, 5.0, 11.0, 1.7e-3, 1e-3, 1e-4])
+    max_abs = torch.tensor([3.0, 16.0, 40.0, 0.0625, 0.51, 3e-4])
+    # a standardised feature, raw digits' brightest pixel, a wide feature, a border pixel of digits / 16, a nearly
+    # constant feature of usual size, a feature in a wrong small unit
+    assert off_scale(mean, std, max_abs).tolist() == [False, True, True, False, False, True]
+    assert off_scale(mean, std, max_abs, factor=20.0).tolist() == [False, False, False, False, False, True]
+
+
+def test_digits_scaled_to_unit_range_pass_the_scale_rule(tmp_path):
+    x, y = _digits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        cb = _fit(tmp_path, TinyModel(in_dim=64, out_dim=10), loader(x / 16, y, 64))
+    f = _by_name(cb)["scale"]
+    assert f.status == "pass" and f.details["off"] == [] and f.details["worst"]["max_abs"] == 0.0625
+    assert "max |x|" in f.message
+
+
+def test_imbalance_with_head_bias_init_is_a_note(tmp_path):
+    from lightning_recipe import HeadBiasInit
+
+    x, y = blobs(n=1000, classes=3, priors=[0.9, 0.08, 0.02])
+    counts = torch.bincount(y, minlength=3).double()
+    cb = DataCheck(figure=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        trainer(tmp_path, [HeadBiasInit(), cb], max_steps=1, limit_val_batches=0).fit(TinyModel(out_dim=3),
+                                                                                     loader(x, y, 100))
+    f = _by_name(cb)["balance"]
+    assert f.status == "note" and f.measured == pytest.approx(float(counts.max() / counts.min()))
+    assert f.details["rarest_examples"] == float(counts.min()) and f.details["head_bias_init"]

@@ -15,7 +15,7 @@ import torch
 from helpers import TinyModel, blobs, loader, trainer
 
 from lightning_recipe._report_html import render_html
-from lightning_recipe.findings import Finding, collect_findings
+from lightning_recipe.findings import Finding, collect_findings, render_markdown
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
@@ -62,10 +62,37 @@ def test_report_html_is_self_contained_and_shows_every_finding(report):
         for cause in f.causes:
             assert f"<li>{html.escape(cause)}</li>" in row
     statuses = [s for s, _ in rows]
-    assert statuses == sorted(statuses, key=["fail", "warn", "pass", "skip"].index)  # worst first
-    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "pass", "skip")}
+    assert statuses == sorted(statuses, key=["fail", "warn", "note", "pass", "skip"].index)  # worst first
+    assert "note" in statuses  # the thrash of lr=6: a note, between the warnings and the passes
+    counts = {s: sum(f.status == s for f in findings) for s in ("fail", "warn", "note", "pass", "skip")}
     for s, n in counts.items():
         assert f"<span class='{s}'>{n} {s}</span>" in page
+    assert ".note{background:" in page  # its own colour
+
+
+def test_a_note_is_in_report_json_and_md_and_never_warns(report):
+    """The thrash of a far too high learning rate is a note: listed, counted and shown, but never a warning."""
+    payload = json.loads(open(os.path.join(report["dir"], "report.json")).read())
+    notes = [f for f in payload["findings"] if f["status"] == "note"]
+    assert [f["check"] for f in notes] == ["PredictionDynamics.jitter"] and "THRASH" in notes[0]["message"]
+    assert list(payload["summary"]) == ["fail", "warn", "note", "pass", "skip"] and payload["summary"]["note"] == 1
+    assert notes[0]["measured"] > notes[0]["expected"]  # the index above the threshold
+    md = open(os.path.join(report["dir"], "report.md")).read()
+    assert "| PredictionDynamics.jitter | note |" in md and "## Notes" in md
+    assert "### PredictionDynamics.jitter (note)" in md and ", 1 note, " in md.splitlines()[2]
+    assert [f.check for f in report["findings"] if f.status == "note"] == ["PredictionDynamics.jitter"]
+
+
+def test_render_markdown_and_html_give_a_note_its_own_label():
+    findings = [Finding("A", "warn", "look"), Finding("B", "note", "FYI"), Finding("C", "pass", "fine")]
+    md = render_markdown(findings, [])
+    assert md.splitlines()[2] == "0 fail, 1 warn, 1 note, 1 pass, 0 skip"
+    assert md.index("## Failures and warnings") < md.index("### A (warn)") < md.index("## Notes") < md.index(
+        "### B (note)")
+    page = render_html(findings, [], {}, ".")
+    assert "<span class='note'>1 note</span>" in page and "<td class='status'>note</td>" in page
+    rows = re.findall(r"<tr class='finding (\w+)'>", page)
+    assert rows == ["warn", "note", "pass"]
 
 
 def test_render_html_escapes_and_reports_missing_figures(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import lightning as L
 import pytest
@@ -51,3 +52,23 @@ def test_healthy_strict_fit_has_no_failure(tmp_path):
     report = json.loads((tmp_path / "recipe" / "report.json").read_text())
     assert len(report["findings"]) == len(findings)
     assert {p.split("/")[-1] for p in report["figures"]} >= {"loss_curve.png", "prediction_dynamics.png"}
+
+
+def test_strict_fit_reports_an_imbalance_as_a_note_and_never_raises_or_warns_for_it(tmp_path):
+    """A 45:1 imbalance with HeadBiasInit in the bundle: a note in report.json and report.md, no exception."""
+    L.seed_everything(0)
+    x, y = blobs(n=1200, classes=3, priors=[0.9, 0.08, 0.02])
+    counts = torch.bincount(y[200:], minlength=3).double()
+    t = trainer(tmp_path, lr.strict(), max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(TinyModel(out_dim=3), loader(x[200:], y[200:]), loader(x[:200], y[:200], shuffle=False))
+    assert not [w for w in caught if issubclass(w.category, RecipeWarning) and "imbalance" in str(w.message)]
+    notes = [f for f in collect_findings(t) if f.status == "note"]
+    assert "DataCheck.balance" in [f.check for f in notes]
+    report = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    balance = next(f for f in report["findings"] if f["check"] == "DataCheck.balance")
+    assert balance["status"] == "note" and balance["measured"] == pytest.approx(float(counts.max() / counts.min()))
+    assert report["summary"]["note"] == len(notes) and report["summary"]["fail"] == 0
+    md = (tmp_path / "recipe" / "report.md").read_text()
+    assert "| DataCheck.balance | note |" in md and "### DataCheck.balance (note)" in md
