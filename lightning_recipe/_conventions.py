@@ -161,6 +161,13 @@ class TaskSpec:
     notes: list[str] = field(default_factory=list)
     probabilities: bool = False  # the model outputs probabilities (BCELoss): canonical outputs are their logits
     time_major: bool = False  # outputs (T, N, C) for targets (N, T): a sequence model without batch_first
+    channel_dim: Optional[int] = None  # dense non-multiclass outputs: the head's channel dim (1 or -1), positions pooled
+    positions: int = 1  # output positions per example and channel (pixels, time steps): rows per example
+
+    @property
+    def dense(self) -> bool:
+        """Several positions per example share one constant per channel (segmentation, autoencoders, per-step)."""
+        return self.positions > 1
 
     def canonical_targets(self, targets: Tensor) -> Tensor:
         """Targets in the canonical layout."""
@@ -168,6 +175,8 @@ class TaskSpec:
             if self.soft_targets:
                 return targets.movedim(self.class_dim or 1, -1).reshape(-1, self.num_outputs).float()
             return targets.reshape(-1).long()
+        if self.channel_dim == 1 and self.num_outputs > 1 and targets.ndim > 2:
+            targets = targets.movedim(1, -1)  # (N, C, d...) -> (N, d..., C): one row per position
         return targets.reshape(-1, self.num_outputs).float()
 
     def canonical_outputs(self, outputs: Tensor) -> Tensor:
@@ -176,6 +185,8 @@ class TaskSpec:
             outputs = outputs.movedim(1, -1)
         if self.time_major and outputs.ndim == 3:
             outputs = outputs.transpose(0, 1)  # (T, N, C) -> (N, T, C), the targets' order
+        if self.task != "multiclass" and self.channel_dim == 1 and self.num_outputs > 1 and outputs.ndim > 2:
+            outputs = outputs.movedim(1, -1)  # dense (N, C, d...) -> (N, d..., C): one row per position
         if self.probabilities:
             outputs = torch.logit(outputs.float(), eps=1e-7)
         return outputs.reshape(-1, self.num_outputs)
@@ -210,9 +221,23 @@ def _cpu_copy(loss: nn.Module) -> nn.Module:
 
 
 def resolve_task(
-    loss_fn: Optional[Callable], outputs: Tensor, targets: Any, task: Optional[str] = None
+    loss_fn: Optional[Callable], outputs: Tensor, targets: Any, task: Optional[str] = None,
+    head: Optional[nn.Module] = None,
 ) -> TaskSpec:
-    """Infer the task, the class dimension and the number of outputs from the loss, the outputs and the targets."""
+    """Infer the task, the class dimension and the number of outputs from the loss, the outputs and the targets.
+
+    Dense outputs (one prediction per pixel or time step) get one constant per *channel*, pooled over positions:
+    for class-index targets the class dimension of ``(N, C, d...)`` / ``(N, T, C)``; for the other tasks the
+    dimension the ``head``'s bias runs along (``(N, C, d...)`` for a convolution, ``(N, ..., C)`` for a linear layer;
+    a bias of one entry is shared by every output). Without a ``head`` (or when its bias matches no dimension) every
+    output element of an example is its own output, as for ``(N, D)``.
+
+    Example::
+
+        >>> spec = resolve_task(nn.MSELoss(), torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), head=nn.Conv2d(5, 3, 1))
+        >>> spec.num_outputs, spec.channel_dim, spec.positions, tuple(spec.canonical_outputs(torch.zeros(4, 3, 8, 8)).shape)
+        (3, 1, 64, (256, 3))
+    """
     if not isinstance(targets, Tensor):
         raise RecipeConfigError(
             f"The batch's targets are a {type(targets).__name__}, not a tensor. "
@@ -269,8 +294,17 @@ def resolve_task(
                 "`split_batch=` / `loss_fn=` if they were guessed wrong."
             )
         num_outputs = per_out
+    channel_dim, positions = None, 1
+    if task == "multiclass":
+        positions = targets[0].numel() if not soft and targets.ndim > 1 and targets.shape[0] > 0 else 1
+    else:
+        channel_dim, num_outputs = _channel_dim(outputs, targets, head, num_outputs)
+        positions = per_out // max(num_outputs, 1)
+        if positions > 1 and num_outputs == 1 and task == "multilabel" and name in _LOGITS_BINARY + _PROBS_BINARY:
+            task = "binary"  # one logit per pixel: a binary label at every position
     spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
                     num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft,
+                    channel_dim=channel_dim, positions=int(positions),
                     time_major=task == "multiclass" and not soft and _time_major(outputs, targets),
                     probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel") and outputs.numel() > 0
                     and bool(((outputs >= 0) & (outputs <= 1)).all()))
@@ -289,6 +323,33 @@ def resolve_task(
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "
                           "if training_step uses another")
     return spec
+
+
+def _channel_dim(outputs: Tensor, targets: Tensor, head: Optional[nn.Module], per_out: int) -> tuple[Optional[int], int]:
+    """``(channel_dim, channels)`` of a non-class-index output: the dimension the head's bias runs along.
+
+    A bias with one entry per output element keeps the flat ``(N, D)`` layout; one entry in all is shared by every
+    position (``(N, 1, H, W)`` or ``(N, H, W)`` logits of a binary segmentation); one per entry of dim 1 is a
+    convolution's channel (``(N, C, d...)``, the targets of the same shape); one per entry of the last dim is a
+    linear layer applied at every position (``(N, T, C)``).
+    """
+    bias = getattr(head, "bias", None) if head is not None else None
+    if not isinstance(bias, Tensor) or outputs.ndim < 2 or per_out <= 1:
+        return None, per_out
+    b, o = bias.numel(), tuple(outputs.shape)
+    if b == per_out or b == 0:
+        return None, per_out
+    if b == 1:
+        return -1, 1
+    on_last = len(o) >= 3 and o[-1] == b
+    on_first = len(o) >= 3 and o[1] == b and tuple(targets.shape) == o
+    if on_first and on_last:  # (N, C, L) with L == C: the kind of layer says which dimension its bias runs along
+        on_first = not isinstance(head, (nn.Linear, nn.Bilinear))
+    if on_first:
+        return 1, b
+    if on_last:
+        return -1, b
+    return None, per_out
 
 
 def _binary_like(outputs: Tensor, targets: Tensor) -> bool:

@@ -230,8 +230,14 @@ class PredictionDynamics(RecipeCheck):
                 p_true = probs.gather(1, yt.clamp(0, spec.num_outputs - 1).unsqueeze(1)).squeeze(1) * valid
             p_true, valid = p_true.reshape(n, -1), valid.reshape(n, -1)
             return p_true.sum(1) / valid.sum(1).clamp_min(1)
+        if spec.task in ("binary", "multilabel") and spec.dense:  # per pixel: the mean p(true label) of each example
+            yt = spec.canonical_targets(y)
+            p = torch.sigmoid(canon)
+            return torch.where(yt > 0.5, p, 1 - p).reshape(n, -1).mean(1)
         if spec.task in ("binary", "multilabel"):
             return torch.sigmoid(canon).reshape(n, -1)
+        if spec.dense:  # per position: the mean prediction of each example and channel (bounded memory per record)
+            return canon.reshape(n, -1, spec.num_outputs).mean(1)
         return canon.reshape(n, -1)
 
     def _record(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -266,7 +272,7 @@ class PredictionDynamics(RecipeCheck):
             self.values.extend(stacked)
             self._pending.clear()
         if self.targets is None and self._batch is not None:
-            self.targets = self._batch[1].detach().cpu().numpy()
+            self.targets = _recorded_targets(self._spec, self._batch[1].detach()).cpu().numpy()
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -347,7 +353,11 @@ class PredictionDynamics(RecipeCheck):
             log_scalars(trainer, {"recipe/prediction_jitter": j["index"]}, trainer.global_step)
         sequence = self.targets is not None and self.targets.ndim >= 2 and self._spec.task == "multiclass"
         jitter = j["index"] if np.isfinite(j["index"]) else None
-        fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence)
+        if self._spec.dense and self._spec.task in ("binary", "multilabel"):  # one mean p(true label) per example
+            fig = plot_prediction_dynamics(steps, values, None, "multiclass", jitter, sequence=True,
+                                           what="mean p(true label) over positions")
+        else:
+            fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence)
         path = log_figure(trainer, "recipe/prediction_dynamics", fig, trainer.global_step, self._dir)
         if path and path not in self.figures:
             self.figures.append(path)
@@ -361,6 +371,14 @@ class PredictionDynamics(RecipeCheck):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = list(state_dict.get("steps", []))
         self.values = [np.asarray(v) for v in state_dict.get("values", [])]
+
+
+def _recorded_targets(spec: Optional[TaskSpec], y: Tensor) -> Tensor:
+    """The fixed batch's targets as the records summarise them: per-example (and per-channel) means of a dense
+    regression target, whole targets otherwise."""
+    if spec is None or not spec.dense or spec.task != "regression" or y.ndim == 0:
+        return y
+    return spec.canonical_targets(y).reshape(y.shape[0], -1, spec.num_outputs).mean(1)
 
 
 def _auto_every(trainer: "pl.Trainer") -> int:
