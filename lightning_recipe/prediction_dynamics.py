@@ -110,6 +110,7 @@ class PredictionDynamics(RecipeCheck):
         self.steps: list[int] = []
         self.values: list[np.ndarray] = []
         self.targets: Optional[np.ndarray] = None
+        self._target_std: Optional[float] = None
         self._pending: list[tuple[int, Tensor]] = []
         self._batch: Optional[tuple[Any, Tensor]] = None
         self._spec: Optional[TaskSpec] = None
@@ -272,7 +273,10 @@ class PredictionDynamics(RecipeCheck):
             self.values.extend(stacked)
             self._pending.clear()
         if self.targets is None and self._batch is not None:
-            self.targets = _recorded_targets(self._spec, self._batch[1].detach()).cpu().numpy()
+            y = self._batch[1].detach()
+            self.targets = _recorded_targets(self._spec, y).cpu().numpy()
+            if self._spec is not None and self._spec.dense and y.numel() > 1 and y.is_floating_point():
+                self._target_std = float(y.double().std())  # a prediction's size: a pixel's, not a mean's
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -306,6 +310,8 @@ class PredictionDynamics(RecipeCheck):
         """The size of a prediction: 1 for probabilities, the targets' standard deviation for regression."""
         if self._spec is None or self._spec.task != "regression":
             return 1.0
+        if self._target_std is not None and math.isfinite(self._target_std) and self._target_std > 0:
+            return self._target_std
         t = np.asarray(self.targets, dtype=float) if self.targets is not None and np.size(self.targets) > 1 else None
         if t is None or not np.isfinite(t).all():
             t = np.asarray(self.values[-1], dtype=float) if self.values else None
