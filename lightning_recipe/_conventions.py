@@ -352,6 +352,34 @@ def _channel_dim(outputs: Tensor, targets: Tensor, head: Optional[nn.Module], pe
     return None, per_out
 
 
+def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
+    """Pearson correlation, element by element, of floating inputs and targets with as many values per example.
+
+    1.0 for an autoencoder (targets are the inputs), high for a denoiser; ``None`` when the shapes do not pair up
+    or either side is constant. An untrained network's output is a function of the input, so with such targets it
+    already carries information about them.
+
+    Example::
+
+        >>> x = torch.arange(12.0).reshape(2, 6)
+        >>> input_target_correlation(x, x.reshape(2, 1, 6))
+        1.0
+        >>> input_target_correlation(x, torch.zeros(2, 3)) is None
+        True
+    """
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)) or inputs.ndim == 0 or targets.ndim == 0:
+        return None
+    if not inputs.is_floating_point() or not targets.is_floating_point() or inputs.shape[0] != targets.shape[0]:
+        return None
+    if inputs.numel() != targets.numel() or inputs.numel() < 4:
+        return None
+    x, y = inputs.detach().double().reshape(-1), targets.detach().double().reshape(-1)
+    ok = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
+    den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
+    return round(float((x * y).sum()) / den, 6) if den > 0 else None
+
+
 def _binary_like(outputs: Tensor, targets: Tensor) -> bool:
     """Float targets that are all 0 or 1, one per output: labels for a sigmoid, not regression values."""
     n_out = outputs.numel() // max(outputs.shape[0] if outputs.ndim else 1, 1)
@@ -441,6 +469,12 @@ def find_head(pl_module: nn.Module, call: Callable[[], Tensor]) -> tuple[Optiona
     same_size = [m for m, o in seen if isinstance(o, Tensor) and o.numel() == flat.numel()]
     if same_size:
         return same_size[-1], names.get(same_size[-1]), output, "last biased module with the output's size (output is transformed after it)"
+    if seen and output.ndim >= 3 and isinstance(seen[-1][1], Tensor):
+        last, o = seen[-1]
+        if o.ndim == output.ndim and tuple(o.shape[:2]) == tuple(output.shape[:2]):
+            # a dense head resized after it (segmentation logits upsampled to the input size): a constant map stays
+            # constant, so its bias per channel is still the constant prediction
+            return last, names.get(last), output, "last biased module, with the output's channels (resized after it)"
     return None, None, output, "no module with a bias produces the model output"
 
 

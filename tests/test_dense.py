@@ -204,3 +204,59 @@ def test_autoencoder_fed_zeros_instead_of_its_inputs_fails_input_dependence(tmp_
     assert any("does not use its input" in m for m in recipe_warnings)
     assert by["HeadBiasInit"].status == "pass" and by["InitialLossCheck"].status == "pass"  # the layout is understood
     assert dependence.details["real"] == pytest.approx(dependence.details["zeroed"])
+
+
+class _Upsampled(nn.Module):
+    """A segmentation net whose classifier runs at half resolution, its logits upsampled to the input size after it
+    (as in DeepLab-style heads): no module outputs the model's output."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                                  nn.ReLU())
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        return nn.functional.interpolate(self.head(self.body(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_a_head_upsampled_after_it_is_found_and_set_to_the_pixel_log_frequencies(tmp_path):
+    L.seed_everything(0)
+    _, x, y = multiclass_segmentation()
+    model = Dense(_Upsampled(3), nn.CrossEntropyLoss())
+    t, recipe_warnings = _fit(tmp_path, model, x, y, lr.recommended(), 3)
+    assert recipe_warnings == []
+    by = {f.check: f for f in lr.collect_findings(t)}
+    bias, population, first_batch = _closed_form("multiclass_segmentation", y[:N_TRAIN], y[:BATCH])
+    hb = by["HeadBiasInit"]
+    assert hb.status == "pass" and hb.details["head"] == "net.head"
+    assert torch.tensor(hb.details["bias"]).double() == pytest.approx(bias, abs=1e-4)
+    assert by["InitialLossCheck"].status == "pass" and by["InitialLossCheck"].expected == pytest.approx(first_batch, rel=1e-4)
+
+
+def test_autoencoder_on_raw_integer_pixels_is_neither_class_labels_nor_a_leak(tmp_path):
+    """Digits as raw 0..16 intensities: 17 integer target values, and a random conv net whose output already
+    correlates with its targets (they are its inputs), so the first loss may start below the constant's."""
+    L.seed_everything(0)
+    model, x, _ = autoencoder()
+    x = x * 16
+    assert torch.equal(x, x.round()) and x.unique().numel() == 17
+    t, recipe_warnings = _fit(tmp_path, model, x, x, lr.recommended(), 3)
+    assert recipe_warnings == []
+    by = {f.check: f for f in lr.collect_findings(t)}
+    out = by["OutputRangeCheck"]
+    assert out.status == "pass" and out.measured == 17 and out.details["input_target_correlation"] == 1.0
+    il = by["InitialLossCheck"]
+    assert il.status == "pass" and il.details["input_target_correlation"] == 1.0
+    _, population, first_batch = _closed_form("autoencoder", x[:N_TRAIN], x[:BATCH])
+    assert il.expected == pytest.approx(first_batch, rel=1e-4)
+    assert il.measured < il.details["lower"]  # below the noise band of a constant, as explained, and not a leak
+
+
+def test_integer_targets_unrelated_to_the_inputs_still_look_like_class_labels(tmp_path):
+    L.seed_everything(0)
+    _, x, _ = autoencoder()
+    x = x * 16
+    shuffled = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))]
+    t, recipe_warnings = _fit(tmp_path, autoencoder()[0], x, shuffled, lr.recommended(), 1)
+    assert any("look like class labels" in m for m in recipe_warnings)
