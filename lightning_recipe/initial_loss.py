@@ -159,7 +159,9 @@ class InitialLossCheck(_OnceCheck):
 
     def _judge(self, measured: float, e: dict[str, Any], step: int) -> Finding:
         spec = e["spec"]
-        what = (f"{spec.loss_name} ({spec.task}, {spec.num_outputs} output(s)) with every output equal to the head "
+        shape = (f"{spec.num_outputs} output(s) per position, {spec.positions} positions per example" if spec.dense
+                 else f"{spec.num_outputs} output(s)")
+        what = (f"{spec.loss_name} ({spec.task}, {shape}) with every output equal to the head "
                 f"bias{' (zero)' if e['zero_bias'] else ''}, on the first batch's targets")
         if spec.task == "multiclass" and e["zero_bias"] and spec.weight is None and not spec.label_smoothing:
             what += f": log({spec.num_outputs}) = {math.log(spec.num_outputs):.4f}"

@@ -142,8 +142,9 @@ def plot_prediction_dynamics(
         task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
         jitter: the jitter index, shown in the title.
         sequence: the outputs have a position axis (per-sample means).
-        what: the name of the multiclass value (default ``"p(true class)"``, ``"mean p(true token)"`` with
-            ``sequence``), e.g. ``"mean p(true label) over positions"`` for a per-pixel sigmoid.
+        what: the name of the value drawn (multiclass: default ``"p(true class)"``, ``"mean p(true token)"`` with
+            ``sequence``, e.g. ``"mean p(true label) over positions"`` for a per-pixel sigmoid; regression: default
+            ``"prediction"``, e.g. ``"mean prediction over positions"``).
 
     Returns:
         The figure. Regression: ``axes[0]`` holds one line per sample then one dashed target line per sample,
@@ -165,7 +166,7 @@ def plot_prediction_dynamics(
         return _plot_multiclass(steps, values.reshape(len(steps), n), tgt, title, sequence, what)
     if task in ("binary", "multilabel"):
         return _plot_labels(steps, values.reshape(len(steps), n, -1), tgt, title)
-    return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title)
+    return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title, what)
 
 
 def _plot_multiclass(
@@ -230,7 +231,8 @@ def _plot_labels(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray]
     return _lean(fig)
 
 
-def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
+def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str,
+                     what: Optional[str] = None) -> Any:
     n, d = v.shape[1], v.shape[2]
     t = targets.reshape(n, -1).astype(float) if targets is not None and targets.size == n * d else None
     fig = _figure(12, 4.5)
@@ -241,7 +243,7 @@ def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndar
         for i in range(n):
             ax.axhline(t[i, 0], color=_colour(i), ls="--", lw=0.9)
     ax.set_xlabel("global step")
-    ax.set_ylabel("prediction (dashed: target)" + (f", output 0 of {d}" if d > 1 else ""))
+    ax.set_ylabel(f"{what or 'prediction'} (dashed: target)" + (f", output 0 of {d}" if d > 1 else ""))
     ax.set_title(title, fontsize=10)
     final = v[-1].reshape(-1)
     if t is not None:

@@ -51,8 +51,11 @@ class PredictionDynamics(RecipeCheck):
     callback. Records stay on the device and are copied to the host once per epoch.
 
     What is recorded: the probability of the true class per sample (multiclass; the mean over positions for
-    sequence outputs ``(N, T, C)``), the predicted probability per label (binary/multilabel), the prediction
-    (regression). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
+    sequence outputs ``(N, T, C)`` and segmentation maps), the predicted probability per label (binary/multilabel),
+    the prediction (regression). Dense outputs of the other tasks (a logit or a value per pixel or step) are reduced
+    per sample, so a record stays small: the mean probability of the true label over positions (per-pixel sigmoid),
+    the mean prediction over positions per channel (dense regression, drawn against the targets' means, its jitter
+    judged on the scale of one target value). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
     ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
     redrawn at an epoch end when the number of records has grown by half since the last drawing (a long fit draws
     O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
@@ -363,7 +366,9 @@ class PredictionDynamics(RecipeCheck):
             fig = plot_prediction_dynamics(steps, values, None, "multiclass", jitter, sequence=True,
                                            what="mean p(true label) over positions")
         else:
-            fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence)
+            what = "mean prediction over positions" if self._spec.dense and self._spec.task == "regression" else None
+            fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence,
+                                           what=what)
         path = log_figure(trainer, "recipe/prediction_dynamics", fig, trainer.global_step, self._dir)
         if path and path not in self.figures:
             self.figures.append(path)

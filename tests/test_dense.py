@@ -8,6 +8,7 @@ import math
 import warnings
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from helpers import trainer
@@ -147,6 +148,12 @@ def test_healthy_dense_fit_starts_at_the_per_channel_constant_and_warns_nothing(
     dependence = by["InputDependenceCheck"]
     assert dependence.status == "pass" and dependence.details["zeroed"] > dependence.details["real"]
     assert by["BatchIndependenceCheck"].status == "pass" and by["OutputRangeCheck"].status == "pass"
+    # the prediction records hold one number per sample (and channel), not one per pixel, and the figure is drawn
+    dynamics = next(cb for r in t.callbacks if isinstance(r, lr.Recipe) for cb in r.callbacks
+                    if isinstance(cb, lr.PredictionDynamics))
+    records = np.stack(dynamics.values)
+    assert records.shape[1:] == ((16, 1) if y.is_floating_point() and "binary" not in case else (16,))
+    assert np.isfinite(records).all() and dynamics.figures and by["PredictionDynamics"].status == "pass"
 
 
 def test_dense_layouts_follow_the_heads_bias():
@@ -260,3 +267,15 @@ def test_integer_targets_unrelated_to_the_inputs_still_look_like_class_labels(tm
     shuffled = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))]
     t, recipe_warnings = _fit(tmp_path, autoencoder()[0], x, shuffled, lr.recommended(), 1)
     assert any("look like class labels" in m for m in recipe_warnings)
+
+
+def test_dense_label_statistics_read_a_bounded_number_of_values(monkeypatch):
+    from lightning_recipe import _labels
+
+    monkeypatch.setattr(_labels, "_MAX_VALUES", 25_000)
+    maps = torch.arange(10.0).reshape(10, 1, 1).expand(10, 100, 100)  # example i: every pixel equal to i
+    kept, source = _labels._bounded(maps, "TensorDataset")
+    assert kept.shape == (2, 100, 100) and source == "TensorDataset, 2 of 10 examples"
+    assert len(set(kept[:, 0, 0].tolist())) == 2  # two whole, distinct examples
+    small = torch.zeros(10, 50)
+    assert _labels._bounded(small, "s")[0] is small
