@@ -296,7 +296,8 @@ def resolve_task(
         num_outputs = per_out
     channel_dim, positions = None, 1
     if task == "multiclass":
-        positions = targets[0].numel() if not soft and targets.ndim > 1 and targets.shape[0] > 0 else 1
+        per_example = targets[0].numel() if targets.ndim > 1 and targets.shape[0] > 0 else 1
+        positions = per_example // max(int(num_outputs), 1) if soft else per_example
     else:
         channel_dim, num_outputs = _channel_dim(outputs, targets, head, num_outputs)
         positions = per_out // max(num_outputs, 1)

@@ -279,3 +279,11 @@ def test_dense_label_statistics_read_a_bounded_number_of_values(monkeypatch):
     assert len(set(kept[:, 0, 0].tolist())) == 2  # two whole, distinct examples
     small = torch.zeros(10, 50)
     assert _labels._bounded(small, "s")[0] is small
+
+
+def test_soft_class_maps_count_their_positions():
+    probs = torch.softmax(torch.randn(2, 3, 4, 5), 1)
+    s = resolve_task(nn.CrossEntropyLoss(), torch.zeros(2, 3, 4, 5), probs)
+    assert (s.soft_targets, s.num_outputs, s.positions) == (True, 3, 20)
+    assert torch.equal(s.canonical_targets(probs)[4 * 5 + 7], probs[1, :, 1, 2])  # example 1, pixel (1, 2)
+    assert resolve_task(nn.CrossEntropyLoss(), torch.zeros(2, 3), torch.softmax(torch.randn(2, 3), 1)).positions == 1
