@@ -320,6 +320,10 @@ def resolve_task(
         spec.reduction = str(getattr(loss_fn, "reduction", "mean"))
     if name not in _MULTICLASS + _LOGITS_BINARY + _PROBS_BINARY + _REGRESSION:
         spec.floor = None  # a user's loss: no known lower bound
+    if spec.dense and task != "multiclass" and spec.channel_dim is not None:
+        spec.notes.append(f"dense outputs {tuple(outputs.shape)}: {spec.num_outputs} channel(s) at {spec.positions} "
+                          "positions per example, one constant per channel (the head's bias), label statistics pooled "
+                          "over positions")
     if inferred:
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "
                           "if training_step uses another")

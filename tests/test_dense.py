@@ -287,3 +287,31 @@ def test_soft_class_maps_count_their_positions():
     assert (s.soft_targets, s.num_outputs, s.positions) == (True, 3, 20)
     assert torch.equal(s.canonical_targets(probs)[4 * 5 + 7], probs[1, :, 1, 2])  # example 1, pixel (1, 2)
     assert resolve_task(nn.CrossEntropyLoss(), torch.zeros(2, 3), torch.softmax(torch.randn(2, 3), 1)).positions == 1
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.L1Loss(), nn.BCEWithLogitsLoss()])
+def test_per_channel_constants_of_a_three_channel_map_pool_the_positions(loss):
+    from lightning_recipe._labels import stats_from_targets
+    from lightning_recipe.functional import constant_loss, optimal_constant
+
+    g = torch.Generator().manual_seed(0)
+    if isinstance(loss, nn.BCEWithLogitsLoss):  # per-pixel multilabel: positive rates 0.1, 0.5, 0.8 per channel
+        y = (torch.rand(40, 3, 6, 7, generator=g) < torch.tensor([0.1, 0.5, 0.8]).reshape(1, 3, 1, 1)).float()
+    else:  # channels with means 0, 10, -5 and different spreads
+        y = torch.randn(40, 3, 6, 7, generator=g) * torch.tensor([1.0, 3.0, 0.5]).reshape(1, 3, 1, 1)
+        y = y + torch.tensor([0.0, 10.0, -5.0]).reshape(1, 3, 1, 1)
+    spec = resolve_task(loss, torch.zeros_like(y), y, head=nn.Conv2d(8, 3, 1))
+    assert (spec.num_outputs, spec.positions) == (3, 42) and any("one constant per channel" in n for n in spec.notes)
+    c, how = optimal_constant(spec.task, stats_from_targets(spec, spec.canonical_targets(y)), spec.loss, spec.loss_name)
+    per_channel = y.transpose(0, 1).reshape(3, -1).double()  # every pixel of every example, per channel
+    if isinstance(loss, nn.BCEWithLogitsLoss):
+        p = per_channel.mean(1)
+        assert how == "log-odds" and c.double() == pytest.approx((p / (1 - p)).log(), abs=1e-5)
+        closed = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())  # mean binary entropy of the channels
+    elif isinstance(loss, nn.L1Loss):
+        assert how == "median" and torch.equal(c, per_channel.float().median(1).values)
+        closed = float((per_channel - per_channel.median(1, keepdim=True).values).abs().mean())
+    else:
+        assert how == "mean" and c.double() == pytest.approx(per_channel.mean(1), abs=1e-4)
+        closed = float(per_channel.var(1, unbiased=False).mean())  # mean per-pixel variance of the channels
+    assert constant_loss(spec.loss, c, spec.canonical_targets(y)) == pytest.approx(closed, rel=1e-4)
