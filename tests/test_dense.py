@@ -315,3 +315,16 @@ def test_per_channel_constants_of_a_three_channel_map_pool_the_positions(loss):
         assert how == "mean" and c.double() == pytest.approx(per_channel.mean(1), abs=1e-4)
         closed = float(per_channel.var(1, unbiased=False).mean())  # mean per-pixel variance of the channels
     assert constant_loss(spec.loss, c, spec.canonical_targets(y)) == pytest.approx(closed, rel=1e-4)
+
+
+def test_a_sigmoid_before_a_per_pixel_bce_with_logits_stops_the_fit(tmp_path):
+    """The bug: forward ends in a sigmoid and the loss applies its own. HeadBiasInit understands the dense layout
+    (the conv before the sigmoid, one log-odds), and OutputRangeCheck stops the strict fit before any step."""
+    L.seed_everything(0)
+    _, x, y = binary_segmentation()
+    model = Dense(nn.Sequential(_conv2d(1, 1), nn.Sigmoid()), nn.BCEWithLogitsLoss())
+    with pytest.raises(lr.RecipeCheckError, match="double sigmoid"):
+        _fit(tmp_path, model, x, y, lr.strict(), 1)
+    assert model.global_step == 0
+    bias, _, _ = _closed_form("binary_segmentation", y[:N_TRAIN], y[:BATCH])
+    assert float(model.net[0][-1].bias) == pytest.approx(float(bias), abs=1e-4)
