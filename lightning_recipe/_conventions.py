@@ -161,7 +161,7 @@ class TaskSpec:
     notes: list[str] = field(default_factory=list)
     probabilities: bool = False  # the model outputs probabilities (BCELoss): canonical outputs are their logits
     time_major: bool = False  # outputs (T, N, C) for targets (N, T): a sequence model without batch_first
-    channel_dim: Optional[int] = None  # dense non-multiclass outputs: the head's channel dim (1 or -1), positions pooled
+    channel_dim: Optional[int] = None  # dense non-multiclass outputs: the head's channel dim (1 or -1)
     positions: int = 1  # output positions per example and channel (pixels, time steps): rows per example
 
     @property
@@ -235,8 +235,10 @@ def resolve_task(
     Example::
 
         >>> spec = resolve_task(nn.MSELoss(), torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), head=nn.Conv2d(5, 3, 1))
-        >>> spec.num_outputs, spec.channel_dim, spec.positions, tuple(spec.canonical_outputs(torch.zeros(4, 3, 8, 8)).shape)
-        (3, 1, 64, (256, 3))
+        >>> spec.num_outputs, spec.channel_dim, spec.positions
+        (3, 1, 64)
+        >>> tuple(spec.canonical_outputs(torch.zeros(4, 3, 8, 8)).shape)  # one row per pixel
+        (256, 3)
     """
     if not isinstance(targets, Tensor):
         raise RecipeConfigError(
@@ -330,7 +332,9 @@ def resolve_task(
     return spec
 
 
-def _channel_dim(outputs: Tensor, targets: Tensor, head: Optional[nn.Module], per_out: int) -> tuple[Optional[int], int]:
+def _channel_dim(
+    outputs: Tensor, targets: Tensor, head: Optional[nn.Module], per_out: int
+) -> tuple[Optional[int], int]:
     """``(channel_dim, channels)`` of a non-class-index output: the dimension the head's bias runs along.
 
     A bias with one entry per output element keeps the flat ``(N, D)`` layout; one entry in all is shared by every
