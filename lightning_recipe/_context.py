@@ -53,7 +53,7 @@ class FitContext:
                     self.head_name = next((n for n, m in pl_module.named_modules() if m is settings.head), "<given>")
                 out, self.head_how = call(), "given by `head=`"
         self.initial_output = out.detach()
-        self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task)
+        self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task, head=self.head)
         if self.spec.probabilities and self.head is not None and self.head_how.startswith("output identical"):
             # BCELoss on the head's own output: logits that happen to lie in [0, 1]; training_step applies the sigmoid
             self.spec.probabilities = False
@@ -74,8 +74,9 @@ class FitContext:
         elif self.head.bias.numel() != self.spec.num_outputs:
             self.head_error = (
                 f"The head `{self.head_name}` has a bias of shape {tuple(self.head.bias.shape)}, but the "
-                f"{self.spec.task} task has {self.spec.num_outputs} outputs. HINT: pass `head=` naming the last layer "
-                "(the one whose output is the prediction)."
+                f"{self.spec.task} task has {self.spec.num_outputs} outputs (model outputs {tuple(out.shape)}: a "
+                "bias has one entry per output, per channel of a dense output, or one in all). HINT: pass `head=` "
+                "naming the last layer (the one whose output is the prediction)."
             )
         # the spread of the initial outputs around the head bias (what InitialLossCheck's noise model assumes);
         # around the mean output when there is no usable head

@@ -161,6 +161,13 @@ class TaskSpec:
     notes: list[str] = field(default_factory=list)
     probabilities: bool = False  # the model outputs probabilities (BCELoss): canonical outputs are their logits
     time_major: bool = False  # outputs (T, N, C) for targets (N, T): a sequence model without batch_first
+    channel_dim: Optional[int] = None  # dense non-multiclass outputs: the head's channel dim (1 or -1)
+    positions: int = 1  # output positions per example and channel (pixels, time steps): rows per example
+
+    @property
+    def dense(self) -> bool:
+        """Several positions per example share one constant per channel (segmentation, autoencoders, per-step)."""
+        return self.positions > 1
 
     def canonical_targets(self, targets: Tensor) -> Tensor:
         """Targets in the canonical layout."""
@@ -168,6 +175,8 @@ class TaskSpec:
             if self.soft_targets:
                 return targets.movedim(self.class_dim or 1, -1).reshape(-1, self.num_outputs).float()
             return targets.reshape(-1).long()
+        if self.channel_dim == 1 and self.num_outputs > 1 and targets.ndim > 2:
+            targets = targets.movedim(1, -1)  # (N, C, d...) -> (N, d..., C): one row per position
         return targets.reshape(-1, self.num_outputs).float()
 
     def canonical_outputs(self, outputs: Tensor) -> Tensor:
@@ -176,6 +185,8 @@ class TaskSpec:
             outputs = outputs.movedim(1, -1)
         if self.time_major and outputs.ndim == 3:
             outputs = outputs.transpose(0, 1)  # (T, N, C) -> (N, T, C), the targets' order
+        if self.task != "multiclass" and self.channel_dim == 1 and self.num_outputs > 1 and outputs.ndim > 2:
+            outputs = outputs.movedim(1, -1)  # dense (N, C, d...) -> (N, d..., C): one row per position
         if self.probabilities:
             outputs = torch.logit(outputs.float(), eps=1e-7)
         return outputs.reshape(-1, self.num_outputs)
@@ -210,9 +221,25 @@ def _cpu_copy(loss: nn.Module) -> nn.Module:
 
 
 def resolve_task(
-    loss_fn: Optional[Callable], outputs: Tensor, targets: Any, task: Optional[str] = None
+    loss_fn: Optional[Callable], outputs: Tensor, targets: Any, task: Optional[str] = None,
+    head: Optional[nn.Module] = None,
 ) -> TaskSpec:
-    """Infer the task, the class dimension and the number of outputs from the loss, the outputs and the targets."""
+    """Infer the task, the class dimension and the number of outputs from the loss, the outputs and the targets.
+
+    Dense outputs (one prediction per pixel or time step) get one constant per *channel*, pooled over positions:
+    for class-index targets the class dimension of ``(N, C, d...)`` / ``(N, T, C)``; for the other tasks the
+    dimension the ``head``'s bias runs along (``(N, C, d...)`` for a convolution, ``(N, ..., C)`` for a linear layer;
+    a bias of one entry is shared by every output). Without a ``head`` (or when its bias matches no dimension) every
+    output element of an example is its own output, as for ``(N, D)``.
+
+    Example::
+
+        >>> spec = resolve_task(nn.MSELoss(), torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8), head=nn.Conv2d(5, 3, 1))
+        >>> spec.num_outputs, spec.channel_dim, spec.positions
+        (3, 1, 64)
+        >>> tuple(spec.canonical_outputs(torch.zeros(4, 3, 8, 8)).shape)  # one row per pixel
+        (256, 3)
+    """
     if not isinstance(targets, Tensor):
         raise RecipeConfigError(
             f"The batch's targets are a {type(targets).__name__}, not a tensor. "
@@ -269,8 +296,18 @@ def resolve_task(
                 "`split_batch=` / `loss_fn=` if they were guessed wrong."
             )
         num_outputs = per_out
+    channel_dim, positions = None, 1
+    if task == "multiclass":
+        per_example = targets[0].numel() if targets.ndim > 1 and targets.shape[0] > 0 else 1
+        positions = per_example // max(int(num_outputs), 1) if soft else per_example
+    else:
+        channel_dim, num_outputs = _channel_dim(outputs, targets, head, num_outputs)
+        positions = per_out // max(num_outputs, 1)
+        if positions > 1 and num_outputs == 1 and task == "multilabel" and name in _LOGITS_BINARY + _PROBS_BINARY:
+            task = "binary"  # one logit per pixel: a binary label at every position
     spec = TaskSpec(task=task, loss=_canonical_loss(loss_fn, name), loss_name=name, inferred=inferred,
                     num_outputs=int(num_outputs), class_dim=class_dim, soft_targets=soft,
+                    channel_dim=channel_dim, positions=int(positions),
                     time_major=task == "multiclass" and not soft and _time_major(outputs, targets),
                     probabilities=name in _PROBS_BINARY and task in ("binary", "multilabel") and outputs.numel() > 0
                     and bool(((outputs >= 0) & (outputs <= 1)).all()))
@@ -285,10 +322,71 @@ def resolve_task(
         spec.reduction = str(getattr(loss_fn, "reduction", "mean"))
     if name not in _MULTICLASS + _LOGITS_BINARY + _PROBS_BINARY + _REGRESSION:
         spec.floor = None  # a user's loss: no known lower bound
+    if spec.dense and task != "multiclass" and spec.channel_dim is not None:
+        spec.notes.append(f"dense outputs {tuple(outputs.shape)}: {spec.num_outputs} channel(s) at {spec.positions} "
+                          "positions per example, one constant per channel (the head's bias), label statistics pooled "
+                          "over positions")
     if inferred:
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "
                           "if training_step uses another")
     return spec
+
+
+def _channel_dim(
+    outputs: Tensor, targets: Tensor, head: Optional[nn.Module], per_out: int
+) -> tuple[Optional[int], int]:
+    """``(channel_dim, channels)`` of a non-class-index output: the dimension the head's bias runs along.
+
+    A bias with one entry per output element keeps the flat ``(N, D)`` layout; one entry in all is shared by every
+    position (``(N, 1, H, W)`` or ``(N, H, W)`` logits of a binary segmentation); one per entry of dim 1 is a
+    convolution's channel (``(N, C, d...)``, the targets of the same shape); one per entry of the last dim is a
+    linear layer applied at every position (``(N, T, C)``).
+    """
+    bias = getattr(head, "bias", None) if head is not None else None
+    if not isinstance(bias, Tensor) or outputs.ndim < 2 or per_out <= 1:
+        return None, per_out
+    b, o = bias.numel(), tuple(outputs.shape)
+    if b == per_out or b == 0:
+        return None, per_out
+    if b == 1:
+        return -1, 1
+    on_last = len(o) >= 3 and o[-1] == b
+    on_first = len(o) >= 3 and o[1] == b and tuple(targets.shape) == o
+    if on_first and on_last:  # (N, C, L) with L == C: the kind of layer says which dimension its bias runs along
+        on_first = not isinstance(head, (nn.Linear, nn.Bilinear))
+    if on_first:
+        return 1, b
+    if on_last:
+        return -1, b
+    return None, per_out
+
+
+def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
+    """Pearson correlation, element by element, of floating inputs and targets with as many values per example.
+
+    1.0 for an autoencoder (targets are the inputs), high for a denoiser; ``None`` when the shapes do not pair up
+    or either side is constant. An untrained network's output is a function of the input, so with such targets it
+    already carries information about them.
+
+    Example::
+
+        >>> x = torch.arange(12.0).reshape(2, 6)
+        >>> input_target_correlation(x, x.reshape(2, 1, 6))
+        1.0
+        >>> input_target_correlation(x, torch.zeros(2, 3)) is None
+        True
+    """
+    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)) or inputs.ndim == 0 or targets.ndim == 0:
+        return None
+    if not inputs.is_floating_point() or not targets.is_floating_point() or inputs.shape[0] != targets.shape[0]:
+        return None
+    if inputs.numel() != targets.numel() or inputs.numel() < 4:
+        return None
+    x, y = inputs.detach().double().reshape(-1), targets.detach().double().reshape(-1)
+    ok = torch.isfinite(x) & torch.isfinite(y)
+    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
+    den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
+    return round(float((x * y).sum()) / den, 6) if den > 0 else None
 
 
 def _binary_like(outputs: Tensor, targets: Tensor) -> bool:
@@ -380,6 +478,12 @@ def find_head(pl_module: nn.Module, call: Callable[[], Tensor]) -> tuple[Optiona
     same_size = [m for m, o in seen if isinstance(o, Tensor) and o.numel() == flat.numel()]
     if same_size:
         return same_size[-1], names.get(same_size[-1]), output, "last biased module with the output's size (output is transformed after it)"
+    if seen and output.ndim >= 3 and isinstance(seen[-1][1], Tensor):
+        last, o = seen[-1]
+        if o.ndim == output.ndim and tuple(o.shape[:2]) == tuple(output.shape[:2]):
+            # a dense head resized after it (segmentation logits upsampled to the input size): a constant map stays
+            # constant, so its bias per channel is still the constant prediction
+            return last, names.get(last), output, "last biased module, with the output's channels (resized after it)"
     return None, None, output, "no module with a bias produces the model output"
 
 

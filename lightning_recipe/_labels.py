@@ -24,6 +24,7 @@ from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats
 
 _SAMPLE = 65_536
+_MAX_VALUES = 1 << 24  # label values read per fit: dense targets (segmentation maps) are subsampled by example beyond
 EMPTY_LOADER = (
     "The train dataloader is empty: there is nothing to train on. HINT: check the dataset behind the "
     "`train_dataloaders` passed to `trainer.fit` (or the datamodule's `train_dataloader`)."
@@ -119,6 +120,8 @@ def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int
                 break
             _, y = split_batch(_to_device(trainer, batch), split)
             out.append(y.detach())
+            if sum(t.numel() for t in out) >= _MAX_VALUES:  # dense targets: enough positions for the statistics
+                break
     if not out:
         raise RecipeConfigError(EMPTY_LOADER)
     return torch.cat(out, 0)
@@ -139,7 +142,19 @@ def label_stats(
             targets, source = probe_targets, "first batch"
         else:
             targets, source = _scan_targets(trainer, loader, split, max_batches), f"dataloader (≤{max_batches} batches)"
+    targets, source = _bounded(targets, source)
     return stats_from_targets(spec, spec.canonical_targets(targets.to(pl_module.device)), trainer, source)
+
+
+def _bounded(targets: Tensor, source: str) -> tuple[Tensor, str]:
+    """At most ``_MAX_VALUES`` label values: whole examples drawn with a private generator (a dense target holds a
+    value per pixel, and a large segmentation set would otherwise be read whole into memory)."""
+    n = targets.shape[0] if targets.ndim else 0
+    if targets.numel() <= _MAX_VALUES or n < 2:
+        return targets, source
+    keep = max(1, _MAX_VALUES // max(1, targets.numel() // n))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:keep]
+    return targets[idx.to(targets.device)], f"{source}, {keep} of {n} examples"
 
 
 def stats_from_targets(spec: TaskSpec, y: Tensor, trainer: Any = None, source: str = "") -> LabelStats:

@@ -11,12 +11,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import split_batch
+from lightning_recipe._conventions import input_target_correlation, split_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import constant_loss, noise_band
 from lightning_recipe.loggers import log_scalars
 
+_TRACKS_INPUT = 0.3  # |correlation| of inputs and targets above which an untrained output may carry the targets
 _HIGH_CAUSES = [
     "last layer initialised too large (scale the head's weights down, e.g. by 0.01, or zero them)",
     "inputs not scaled (standardise features; raw pixel values 0-255)",
@@ -49,6 +50,10 @@ class InitialLossCheck(_OnceCheck):
     * fails **low** when the loss is below the expected value by more than ``z`` standard deviations of the
       simulated loss at ``s`` = the measured spread of the initial outputs (clipped to ``[0.5, max_output_std]``):
       the model knows something about the labels before training (leakage, a pretrained head, a flipped sign).
+
+    Targets that pair up, value for value, with the inputs and correlate with them (``|r| >= 0.3``: an autoencoder's
+    targets are its inputs, a denoiser's nearly so, a mask thresholded from the image) are not judged low: an
+    untrained network's output is a function of the input, so it already carries some of the targets.
 
     When the loss was inferred from the targets (no loss module on the LightningModule and no ``loss_fn=``), the two
     tests above give a ``warn`` instead: ``training_step`` may compute a loss of its own (a focal loss, a sum instead
@@ -99,9 +104,9 @@ class InitialLossCheck(_OnceCheck):
             return
         spec = ctx.spec
         try:
-            _, targets = split_batch(batch, self._settings.split_batch)
+            inputs, targets = split_batch(batch, self._settings.split_batch)
         except RecipeConfigError:
-            targets = None
+            inputs, targets = None, None
         if not isinstance(targets, Tensor):  # e.g. several train dataloaders: a list/dict of batches
             self.done = True
             self.findings.append(Finding(self.name, "skip", f"{self.name}: the training batch ({type(batch).__name__}) "
@@ -128,6 +133,7 @@ class InitialLossCheck(_OnceCheck):
             "output_std": ctx.initial_output_std,
             "head": ctx.head_name,
             "population": ctx.constant_loss(c) if ctx.head_error is None else None,
+            "input_target_correlation": input_target_correlation(inputs, targets),
         }
 
     @override
@@ -153,7 +159,9 @@ class InitialLossCheck(_OnceCheck):
 
     def _judge(self, measured: float, e: dict[str, Any], step: int) -> Finding:
         spec = e["spec"]
-        what = (f"{spec.loss_name} ({spec.task}, {spec.num_outputs} output(s)) with every output equal to the head "
+        shape = (f"{spec.num_outputs} output(s) per position, {spec.positions} positions per example" if spec.dense
+                 else f"{spec.num_outputs} output(s)")
+        what = (f"{spec.loss_name} ({spec.task}, {shape}) with every output equal to the head "
                 f"bias{' (zero)' if e['zero_bias'] else ''}, on the first batch's targets")
         if spec.task == "multiclass" and e["zero_bias"] and spec.weight is None and not spec.label_smoothing:
             what += f": log({spec.num_outputs}) = {math.log(spec.num_outputs):.4f}"
@@ -192,6 +200,13 @@ class InitialLossCheck(_OnceCheck):
                            "  HINT: if the guess of loss or head is wrong, pass `loss_fn=` / `head=`; if large initial "
                            "outputs are intended, raise `max_output_std`.", measured, e["expected"], step,
                            list(_HIGH_CAUSES), details)
+        r = e.get("input_target_correlation")
+        if measured < e["lower"] and r is not None and abs(r) >= _TRACKS_INPUT:
+            return Finding(self.name, "pass", f"{self.name}: the first training loss {measured:.4g} is below the "
+                           f"{e['expected']:.4g} of a constant prediction ({what}), as expected: the targets pair up "
+                           f"with the inputs value for value and correlate with them (r = {r:.3g}; an autoencoder or a "
+                           "denoiser), so an untrained network's output, a function of the input, already carries "
+                           f"some of them; {clue}.", measured, e["expected"], step, [], details)
         if measured < e["lower"]:
             return Finding(self.name, status, f"{self.name}: the first training loss is far BELOW the loss of a "
                            f"constant prediction, so the model knows the labels before training.\n{numbers}{notes}",

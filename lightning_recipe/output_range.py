@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import probe_mode, run_forward
+from lightning_recipe._conventions import input_target_correlation, probe_mode, run_forward
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -29,6 +29,7 @@ _LOGIT_LOSSES = ("CrossEntropyLoss", "BCEWithLogitsLoss")
 _AFFINE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # layers whose output cannot be squashed
 _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
 _SCALE = 1000.0
+_RECONSTRUCTION = 0.9  # inputs-targets correlation above which integer targets are the inputs' own pixel values
 
 
 class OutputRangeCheck(_OnceCheck):
@@ -54,7 +55,9 @@ class OutputRangeCheck(_OnceCheck):
     * a regression loss (MSE, L1, Huber) on targets that are **class labels** (integer dtype, or integer-valued
       floats with at most ``max_classes`` distinct values and at least 5 examples per value, on the training label
       sample) → a ``note`` (never a warning): the loss does not fit a classification task, but healthy ordinal and
-      count regressions (ratings 1-5, quality scores, event counts) look exactly the same.
+      count regressions (ratings 1-5, quality scores, event counts) look exactly the same. Targets that are (nearly)
+      the inputs (correlation >= 0.9 value for value: an autoencoder or denoiser on raw integer pixel values) are
+      intensities, not labels, and pass.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -225,6 +228,13 @@ class OutputRangeCheck(_OnceCheck):
         res = class_like_targets(y, self.max_classes, integer_dtype=isinstance(raw, Tensor) and not raw.is_floating_point())
         details = {k: v for k, v in res.items() if k != "values"}
         details["values"] = res["values"][:20]
+        r = input_target_correlation(ctx.inputs, raw)
+        details["input_target_correlation"] = r
+        if res["class_like"] and r is not None and r >= _RECONSTRUCTION:
+            return Finding(self.name, "pass", f"{self.name}: {spec.loss_name} on targets with {res['distinct']} distinct "
+                           f"integer values that are (nearly) the inputs themselves (correlation {r:.3g}): pixel "
+                           "intensities reconstructed by an autoencoder or a denoiser, not class labels.",
+                           float(res["distinct"]), float(self.max_classes), 0, [], details)
         if res["class_like"]:
             shown = ", ".join(f"{v:g}" for v in res["values"][:10])
             # a note: ratings and counts regressed on purpose are integer targets with few values too

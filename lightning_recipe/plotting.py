@@ -121,6 +121,7 @@ def plot_prediction_dynamics(
     task: str,
     jitter: Optional[float] = None,
     sequence: bool = False,
+    what: Optional[str] = None,
 ) -> Any:
     """Labels and predictions of a fixed batch over training, in one figure.
 
@@ -141,6 +142,9 @@ def plot_prediction_dynamics(
         task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
         jitter: the jitter index, shown in the title.
         sequence: the outputs have a position axis (per-sample means).
+        what: the name of the value drawn (multiclass: default ``"p(true class)"``, ``"mean p(true token)"`` with
+            ``sequence``, e.g. ``"mean p(true label) over positions"`` for a per-pixel sigmoid; regression: default
+            ``"prediction"``, e.g. ``"mean prediction over positions"``).
 
     Returns:
         The figure. Regression: ``axes[0]`` holds one line per sample then one dashed target line per sample,
@@ -159,16 +163,17 @@ def plot_prediction_dynamics(
     tgt = np.asarray(targets) if targets is not None and np.size(targets) else None
     title = "Prediction dynamics on a fixed batch" + (f" (jitter index {jitter:.3g})" if jitter is not None else "")
     if task == "multiclass":
-        return _plot_multiclass(steps, values.reshape(len(steps), n), tgt, title, sequence)
+        return _plot_multiclass(steps, values.reshape(len(steps), n), tgt, title, sequence, what)
     if task in ("binary", "multilabel"):
         return _plot_labels(steps, values.reshape(len(steps), n, -1), tgt, title)
-    return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title)
+    return _plot_regression(steps, values.reshape(len(steps), n, -1), tgt, title, what)
 
 
 def _plot_multiclass(
-    steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str, sequence: bool
+    steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str, sequence: bool,
+    what: Optional[str] = None,
 ) -> Any:
-    what = "mean p(true token)" if sequence else "p(true class)"
+    what = what or ("mean p(true token)" if sequence else "p(true class)")
     fig = _figure(12, 4.5)
     ax, hm = fig.subplots(1, 2, width_ratios=[3, 2])
     for i in range(v.shape[1]):
@@ -226,7 +231,8 @@ def _plot_labels(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray]
     return _lean(fig)
 
 
-def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str) -> Any:
+def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndarray], title: str,
+                     what: Optional[str] = None) -> Any:
     n, d = v.shape[1], v.shape[2]
     t = targets.reshape(n, -1).astype(float) if targets is not None and targets.size == n * d else None
     fig = _figure(12, 4.5)
@@ -237,7 +243,7 @@ def _plot_regression(steps: np.ndarray, v: np.ndarray, targets: Optional[np.ndar
         for i in range(n):
             ax.axhline(t[i, 0], color=_colour(i), ls="--", lw=0.9)
     ax.set_xlabel("global step")
-    ax.set_ylabel("prediction (dashed: target)" + (f", output 0 of {d}" if d > 1 else ""))
+    ax.set_ylabel(f"{what or 'prediction'} (dashed: target)" + (f", output 0 of {d}" if d > 1 else ""))
     ax.set_title(title, fontsize=10)
     final = v[-1].reshape(-1)
     if t is not None:

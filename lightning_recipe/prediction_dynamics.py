@@ -51,8 +51,11 @@ class PredictionDynamics(RecipeCheck):
     callback. Records stay on the device and are copied to the host once per epoch.
 
     What is recorded: the probability of the true class per sample (multiclass; the mean over positions for
-    sequence outputs ``(N, T, C)``), the predicted probability per label (binary/multilabel), the prediction
-    (regression). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
+    sequence outputs ``(N, T, C)`` and segmentation maps), the predicted probability per label (binary/multilabel),
+    the prediction (regression). Dense outputs of the other tasks (a logit or a value per pixel or step) are reduced
+    per sample, so a record stays small: the mean probability of the true label over positions (per-pixel sigmoid),
+    the mean prediction over positions per channel (dense regression, drawn against the targets' means, its jitter
+    judged on the scale of one target value). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
     ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
     redrawn at an epoch end when the number of records has grown by half since the last drawing (a long fit draws
     O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
@@ -116,6 +119,7 @@ class PredictionDynamics(RecipeCheck):
         self.steps: list[int] = []
         self.values: list[np.ndarray] = []
         self.targets: Optional[np.ndarray] = None
+        self._target_std: Optional[float] = None
         self._pending: list[tuple[int, Tensor]] = []
         self._batch: Optional[tuple[Any, Tensor]] = None
         self._spec: Optional[TaskSpec] = None
@@ -236,8 +240,14 @@ class PredictionDynamics(RecipeCheck):
                 p_true = probs.gather(1, yt.clamp(0, spec.num_outputs - 1).unsqueeze(1)).squeeze(1) * valid
             p_true, valid = p_true.reshape(n, -1), valid.reshape(n, -1)
             return p_true.sum(1) / valid.sum(1).clamp_min(1)
+        if spec.task in ("binary", "multilabel") and spec.dense:  # per pixel: the mean p(true label) of each example
+            yt = spec.canonical_targets(y)
+            p = torch.sigmoid(canon)
+            return torch.where(yt > 0.5, p, 1 - p).reshape(n, -1).mean(1)
         if spec.task in ("binary", "multilabel"):
             return torch.sigmoid(canon).reshape(n, -1)
+        if spec.dense:  # per position: the mean prediction of each example and channel (bounded memory per record)
+            return canon.reshape(n, -1, spec.num_outputs).mean(1)
         return canon.reshape(n, -1)
 
     def _record(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -272,7 +282,10 @@ class PredictionDynamics(RecipeCheck):
             self.values.extend(stacked)
             self._pending.clear()
         if self.targets is None and self._batch is not None:
-            self.targets = self._batch[1].detach().cpu().numpy()
+            y = self._batch[1].detach()
+            self.targets = _recorded_targets(self._spec, y).cpu().numpy()
+            if self._spec is not None and self._spec.dense and y.numel() > 1 and y.is_floating_point():
+                self._target_std = float(y.double().std())  # a prediction's size: a pixel's, not a mean's
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -306,6 +319,8 @@ class PredictionDynamics(RecipeCheck):
         """The size of a prediction: 1 for probabilities, the targets' standard deviation for regression."""
         if self._spec is None or self._spec.task != "regression":
             return 1.0
+        if self._target_std is not None and math.isfinite(self._target_std) and self._target_std > 0:
+            return self._target_std
         t = np.asarray(self.targets, dtype=float) if self.targets is not None and np.size(self.targets) > 1 else None
         if t is None or not np.isfinite(t).all():
             t = np.asarray(self.values[-1], dtype=float) if self.values else None
@@ -354,7 +369,13 @@ class PredictionDynamics(RecipeCheck):
             log_scalars(trainer, {"recipe/prediction_jitter": j["index"]}, trainer.global_step)
         sequence = self.targets is not None and self.targets.ndim >= 2 and self._spec.task == "multiclass"
         jitter = j["index"] if np.isfinite(j["index"]) else None
-        fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence)
+        if self._spec.dense and self._spec.task in ("binary", "multilabel"):  # one mean p(true label) per example
+            fig = plot_prediction_dynamics(steps, values, None, "multiclass", jitter, sequence=True,
+                                           what="mean p(true label) over positions")
+        else:
+            what = "mean prediction over positions" if self._spec.dense and self._spec.task == "regression" else None
+            fig = plot_prediction_dynamics(steps, values, self.targets, self._spec.task, jitter, sequence=sequence,
+                                           what=what)
         path = log_figure(trainer, "recipe/prediction_dynamics", fig, trainer.global_step, self._dir)
         if path and path not in self.figures:
             self.figures.append(path)
@@ -368,6 +389,14 @@ class PredictionDynamics(RecipeCheck):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = list(state_dict.get("steps", []))
         self.values = [np.asarray(v) for v in state_dict.get("values", [])]
+
+
+def _recorded_targets(spec: Optional[TaskSpec], y: Tensor) -> Tensor:
+    """The fixed batch's targets as the records summarise them: per-example (and per-channel) means of a dense
+    regression target, whole targets otherwise."""
+    if spec is None or not spec.dense or spec.task != "regression" or y.ndim == 0:
+        return y
+    return spec.canonical_targets(y).reshape(y.shape[0], -1, spec.num_outputs).mean(1)
 
 
 def _auto_every(trainer: "pl.Trainer") -> int:
