@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -24,6 +25,8 @@ from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats
 
 _SAMPLE = 65_536
+FIRST_TRAINING_BATCH = "the first training batch (an iterable dataset is read by training only)"
+_SEEN: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 EMPTY_LOADER = (
     "The train dataloader is empty: there is nothing to train on. HINT: check the dataset behind the "
     "`train_dataloaders` passed to `trainer.fit` (or the datamodule's `train_dataloader`)."
@@ -58,14 +61,43 @@ def _to_device(trainer: Any, batch: Any) -> Any:
     return trainer.strategy.batch_to_device(batch)
 
 
+def is_iterable(loader: Optional[DataLoader]) -> bool:
+    """Whether ``loader`` reads an ``IterableDataset``: a stream that only training may draw from."""
+    return loader is not None and isinstance(loader.dataset, IterableDataset)
+
+
+def train_is_iterable(trainer: Any) -> bool:
+    """Whether the training data is an iterable dataset (then nothing is read ahead of training)."""
+    return is_iterable(_single_loader(trainer.train_dataloader, "train"))
+
+
+def remember_batch(trainer: Any, batch: Any) -> None:
+    """Keep the first batch training itself fetched (on the device, before its first forward) for this fit."""
+    _SEEN.setdefault(trainer, batch)
+
+
+def forget_batch(trainer: Any) -> None:
+    """Forget the batch kept by :func:`remember_batch` (a new fit)."""
+    _SEEN.pop(trainer, None)
+
+
 def first_batch(trainer: Any) -> Any:
-    """A training batch on the device, as the training step would see it, drawn without touching training's RNG."""
+    """A training batch on the device, as the training step would see it, drawn without touching training's RNG.
+
+    For an iterable dataset, the first batch training itself fetched (see :func:`remember_batch`): a stream is never
+    read from a second place (a one-shot iterator would lose the batch, a stream with its own random state would give
+    training other batches).
+    """
     loader = _single_loader(trainer.train_dataloader, "train")
     if loader is None:
         raise RecipeConfigError(
             f"The train dataloader is a {type(trainer.train_dataloader).__name__}; the recipe callbacks read one "
             "torch DataLoader (the first of a list/dict)."
         )
+    if is_iterable(loader):
+        if trainer not in _SEEN:
+            raise RuntimeError("no training batch fetched yet: an iterable dataset is read at the first batch")
+        return _SEEN[trainer]
     with isolate_rng():
         try:
             batch = next(iter(_private_loader(loader)))
@@ -135,7 +167,9 @@ def label_stats(
         if targets is not None and not _consistent(targets, probe_targets):
             targets, source = None, ""
     if targets is None:
-        if loader is None:
+        if is_iterable(loader):
+            targets, source = probe_targets, FIRST_TRAINING_BATCH
+        elif loader is None:
             targets, source = probe_targets, "first batch"
         else:
             targets, source = _scan_targets(trainer, loader, split, max_batches), f"dataloader (≤{max_batches} batches)"

@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import find_loss, probe_mode, run_forward, split_batch
-from lightning_recipe._labels import _private_loader, _single_loader, _to_device
+from lightning_recipe._labels import _private_loader, _single_loader, _to_device, first_batch, is_iterable
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -215,19 +215,19 @@ class DataCheck(_OnceCheck):
                 "DataLoader (the first of a list/dict)."
             )
             return
+        stream = is_iterable(loader)
         train = self._scan(trainer, loader, keep_first=True)
         if train is None:
             return
         val_loader = _single_loader(trainer.val_dataloaders, "val") if trainer.val_dataloaders is not None else None
-        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None else None
+        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None and not stream else None
         step = trainer.global_step
         loss = find_loss(pl_module, self._settings.loss_fn)
         findings = [
             self._finite(train, step),
             self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
-            self._duplicates(train, step),
-            self._overlap(train, val, step),
-            self._balance(train, step, loss),
+            *([self._stream_skip(train, step)] if stream else [
+                self._duplicates(train, step), self._overlap(train, val, step), self._balance(train, step, loss)]),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
@@ -250,16 +250,21 @@ class DataCheck(_OnceCheck):
     # -- reading ----------------------------------------------------------------------------------------------------
     def _scan(self, trainer: "pl.Trainer", loader: DataLoader, keep_first: bool) -> Optional["_Scan"]:
         scan = _Scan(self.layout)
-        private = _private_loader(loader, seed=0)
-        try:
-            scan.population = len(private.sampler)  # type: ignore[arg-type]
-        except TypeError:
+        if is_iterable(loader):  # a stream is read by training only: the first batch it fetched, already moved
+            first = first_batch(trainer)
+            batches: Any = [first]
             scan.population = None
+        else:
+            batches = _private_loader(loader, seed=0)
+            try:
+                scan.population = len(batches.sampler)  # type: ignore[arg-type]
+            except TypeError:
+                scan.population = None
         with isolate_rng():
-            for i, raw in enumerate(private):
+            for i, raw in enumerate(batches):
                 if i >= self.max_batches:
                     break
-                moved = _to_device(trainer, raw)
+                moved = raw if is_iterable(loader) else _to_device(trainer, raw)
                 try:
                     x, y = split_batch(moved, self._settings.split_batch)
                 except RecipeConfigError as err:
@@ -282,6 +287,17 @@ class DataCheck(_OnceCheck):
         return scan
 
     # -- checks -----------------------------------------------------------------------------------------------------
+    def _stream_skip(self, s: "_Scan", step: int) -> Finding:
+        return Finding(
+            f"{self.name}.scan", "skip",
+            f"{self.name}: the training data is an iterable dataset, which only training may read (a stream drawn from "
+            "here would lose batches, or give training other ones): only the first batch training fetched was checked "
+            f"({s.rows} rows: finite values, scale, targets copied from the inputs, and the figure). Duplicates, "
+            "train/validation overlap and class balance need a scan of the data and were not checked. HINT: check a "
+            "map-style copy of a sample of the data (a list of examples in a DataLoader) with DataCheck to cover them.",
+            step=step, details={"rows": s.rows, "batches": 1},
+        )
+
     def _finite(self, s: "_Scan", step: int) -> Finding:
         name = f"{self.name}.finite"
         bad = s.nonfinite_x + s.nonfinite_y
