@@ -214,6 +214,9 @@ class RecipeCheck(Callback):
         if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0 and not self.findings:
             # Lightning skips training (and `on_train_start`) when the train dataloader has no batch
             self._config_error(EMPTY_LOADER)
+        elif self.__dict__.get("_start_pending") and trainer.limit_train_batches != 0:
+            # an iterable dataset that yielded no batch: the start that waited for one runs now and finds the loader empty
+            _start_if_pending(self, trainer, pl_module, None)
         self._finish(trainer)
         self._maybe_write_report(trainer)
 
@@ -287,7 +290,8 @@ def _start_if_pending(check: RecipeCheck, trainer: "pl.Trainer", pl_module: "pl.
     """Run the ``on_train_start`` that waited for the first training batch, with that batch as the probe batch."""
     if not check.__dict__.pop("_start_pending", False):
         return
-    remember_batch(trainer, batch)
+    if batch is not None:
+        remember_batch(trainer, batch)
     check.__dict__["_starting"] = True
     try:
         type(check).on_train_start(check, trainer, pl_module)

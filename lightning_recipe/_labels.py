@@ -95,8 +95,8 @@ def first_batch(trainer: Any) -> Any:
             "torch DataLoader (the first of a list/dict)."
         )
     if is_iterable(loader):
-        if trainer not in _SEEN:
-            raise RuntimeError("no training batch fetched yet: an iterable dataset is read at the first batch")
+        if trainer not in _SEEN:  # training fetched no batch: the stream is empty
+            raise RecipeConfigError(EMPTY_LOADER)
         return _SEEN[trainer]
     with isolate_rng():
         try:
