@@ -88,13 +88,15 @@ def _worker_settings(loader: DataLoader) -> dict[str, Any]:
     return kw
 
 
-def _private_loader(loader: DataLoader, seed: int = 0, sampled: bool = False) -> DataLoader:
+def _private_loader(loader: DataLoader, seed: int = 0, sampled: bool = False, one: bool = False) -> DataLoader:
     """A loader over the same dataset and collate function with the user's worker settings, sampled with a private
     generator (also the workers' base seed: no draw from the global random state).
 
     With ``sampled=True`` a ``WeightedRandomSampler`` of the training loader is kept (with a private generator), so
     that the labels read are distributed as the model sees them; otherwise every example is equally likely (the data
-    checks judge the dataset itself: weighted sampling with replacement would repeat examples).
+    checks judge the dataset itself: weighted sampling with replacement would repeat examples). With ``one=True``
+    (a single batch is wanted) at most one worker, prefetching one batch: the user's worker setup runs, without
+    loading batches that are never read.
     """
     ds = loader.dataset
     if isinstance(ds, IterableDataset):  # never read here: see `first_batch`
@@ -109,8 +111,10 @@ def _private_loader(loader: DataLoader, seed: int = 0, sampled: bool = False) ->
     else:
         sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
     bs = loader.batch_size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or 32
-    return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn, generator=gen,
-                      **_worker_settings(loader))
+    workers = _worker_settings(loader)
+    if one and workers["num_workers"] > 0:
+        workers.update(num_workers=1, prefetch_factor=1)
+    return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn, generator=gen, **workers)
 
 
 class read_batches:  # noqa: N801 - used as a function that returns an iterable
@@ -190,7 +194,7 @@ def first_batch(trainer: Any) -> Any:
         return _SEEN[trainer]
     with isolate_rng():
         try:
-            batch = next(iter(_private_loader(loader)))
+            batch = next(iter(read_batches(_private_loader(loader, one=True), 1)))
         except StopIteration:
             raise RecipeConfigError(EMPTY_LOADER) from None
     return _to_device(trainer, batch)

@@ -234,14 +234,18 @@ class DataCheck(_OnceCheck):
         if train is None:
             return
         val_loader = _single_loader(trainer.val_dataloaders, "val") if trainer.val_dataloaders is not None else None
-        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None and not stream else None
+        val_stream = is_iterable(val_loader)  # validation reads it: never drawn from here either
+        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None and not (
+            stream or val_stream) else None
         step = trainer.global_step
         loss = find_loss(pl_module, self._settings.loss_fn)
         findings = [
             self._finite(train, step),
             self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
             *([self._stream_skip(train, step)] if stream else [
-                self._duplicates(train, step), self._overlap(train, val, step), self._balance(train, step, loss)]),
+                self._duplicates(train, step),
+                self._stream_skip(train, step, "validation") if val_stream else self._overlap(train, val, step),
+                self._balance(train, step, loss)]),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
@@ -302,7 +306,11 @@ class DataCheck(_OnceCheck):
         return scan
 
     # -- checks -----------------------------------------------------------------------------------------------------
-    def _stream_skip(self, s: "_Scan", step: int) -> Finding:
+    def _stream_skip(self, s: "_Scan", step: int, which: str = "training") -> Finding:
+        if which == "validation":
+            return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
+                           "which only validation may read (a stream drawn from here would lose batches, or give "
+                           "validation other ones): train/validation overlap not checked.", step=step)
         return Finding(
             f"{self.name}.scan", "skip",
             f"{self.name}: the training data is an iterable dataset, which only training may read (a stream drawn from "

@@ -273,3 +273,23 @@ def test_the_scans_stop_at_their_time_budget(tmp_path: Any, monkeypatch: Any) ->
     hb = next(f for f in lr.collect_findings(t) if f.check == "HeadBiasInit")
     assert hb.details["labels"]["count"] < 30 * 8 and "time budget" in hb.details["labels"]["source"]
     assert spent < 3.0
+
+
+class CountingVal(TinyModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.val_seen = 0
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.val_seen += 1
+
+
+def test_an_iterable_validation_set_is_read_by_validation_only(tmp_path: Any) -> None:
+    x, y = blobs(n=64)
+    L.seed_everything(0)
+    model = CountingVal()
+    t = trainer(tmp_path, [DataCheck(on_fail="warn")], max_epochs=1, num_sanity_val_steps=0)
+    t.fit(model, DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(OneShotStream(n=64), batch_size=16))
+    assert model.val_seen == 4  # every batch of the one-shot stream reached validation
+    overlap = next(f for f in lr.collect_findings(t) if f.check == "DataCheck.overlap")
+    assert overlap.status == "skip" and "iterable" in overlap.message
