@@ -78,7 +78,8 @@ def weighted_sampler(loader: Optional[DataLoader]) -> Optional[WeightedRandomSam
 def _worker_settings(loader: DataLoader) -> dict[str, Any]:
     """The user's worker settings, for a private loader that reads as fast as training does (never persistent: the
     workers end with the scan)."""
-    kw: dict[str, Any] = {"num_workers": loader.num_workers, "pin_memory": loader.pin_memory,
+    pin = loader.pin_memory and torch.cuda.is_available()  # pinning without CUDA only warns
+    kw: dict[str, Any] = {"num_workers": loader.num_workers, "pin_memory": pin,
                           "timeout": loader.timeout, "worker_init_fn": loader.worker_init_fn,
                           "persistent_workers": False}
     if loader.num_workers > 0:
