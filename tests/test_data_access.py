@@ -272,7 +272,7 @@ def test_the_scans_stop_at_their_time_budget(tmp_path: Any, monkeypatch: Any) ->
     assert read is not None and 2 <= int(read.group(1)) < 30, finite.message
     hb = next(f for f in lr.collect_findings(t) if f.check == "HeadBiasInit")
     assert hb.details["labels"]["count"] < 30 * 8 and "time budget" in hb.details["labels"]["source"]
-    assert spent < 3.0
+    assert spent < 5.0  # unbounded, the two scans alone would take 6.4 s
 
 
 class CountingVal(TinyModel):
