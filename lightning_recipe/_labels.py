@@ -6,8 +6,8 @@
   a stream with its own random state would give training other batches; the probe batch is then the first batch
   training itself fetched (see :func:`remember_batch`), and the label statistics are that batch's.
 * Label statistics read ``dataset.targets`` / ``labels`` / ``y`` or a ``TensorDataset``'s last tensor without
-  loading inputs (the fast path), trusted only after :data:`VERIFY_EXAMPLES` examples fetched by index with the
-  dataset's own ``__getitem__`` carry the same targets (a ``__getitem__`` that remaps labels, an offset attribute);
+  loading inputs (the fast path), trusted only after the probe batch carries the same targets at its known indices
+  (a ``__getitem__`` or a batch hook that remaps labels, an offset attribute; see :func:`_verify`);
   otherwise they scan a private loader, at most ``max_batches`` batches and about :data:`SCAN_SECONDS` seconds.
 * A ``WeightedRandomSampler`` in the training loader weights the statistics: the prior the model sees is the
   sampled one.
@@ -103,19 +103,33 @@ def _private_loader(loader: DataLoader, seed: int = 0, sampled: bool = False, on
     if isinstance(ds, IterableDataset):  # never read here: see `first_batch`
         raise RuntimeError("an iterable dataset is read by training only")
     gen = torch.Generator().manual_seed(seed)
-    weighted = weighted_sampler(loader) if sampled else None
-    if isinstance(loader.sampler, DistributedSampler):
-        sampler: Any = loader.sampler
-    elif weighted is not None:
-        sampler = WeightedRandomSampler(weighted.weights, weighted.num_samples, weighted.replacement,
-                                        generator=torch.Generator().manual_seed(seed))
-    else:
-        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed))
-    bs = loader.batch_size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or 32
     workers = _worker_settings(loader)
     if one and workers["num_workers"] > 0:
         workers.update(num_workers=1, prefetch_factor=1)
-    return DataLoader(ds, batch_size=bs, sampler=sampler, collate_fn=loader.collate_fn, generator=gen, **workers)
+    return DataLoader(ds, batch_size=_batch_size(loader), sampler=_private_sampler(loader, seed, sampled),
+                      collate_fn=loader.collate_fn, generator=gen, **workers)
+
+
+def _batch_size(loader: DataLoader) -> int:
+    return loader.batch_size or getattr(getattr(loader, "batch_sampler", None), "batch_size", None) or 32
+
+
+def _private_sampler(loader: DataLoader, seed: int, sampled: bool = False) -> Any:
+    """The index order of a private loader: the rank's ``DistributedSampler``, else a private random order (weighted
+    like the training loader's ``WeightedRandomSampler`` with ``sampled=True``). Deterministic in ``seed``."""
+    weighted = weighted_sampler(loader) if sampled else None
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader.sampler
+    if weighted is not None:
+        return WeightedRandomSampler(weighted.weights, weighted.num_samples, weighted.replacement,
+                                     generator=torch.Generator().manual_seed(seed))
+    return RandomSampler(loader.dataset, generator=torch.Generator().manual_seed(seed))
+
+
+def _probe_indices(loader: DataLoader) -> Tensor:
+    """The indices into ``loader.dataset`` of the examples of the probe batch (:func:`first_batch`'s)."""
+    it = iter(_private_sampler(loader, seed=0))
+    return torch.as_tensor([i for _, i in zip(range(_batch_size(loader)), it)], dtype=torch.long)
 
 
 class read_batches:  # noqa: N801 - used as a function that returns an iterable
@@ -238,24 +252,32 @@ def _consistent(fast: Tensor, probe_targets: Tensor) -> bool:
     )
 
 
-def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, split: Any) -> Optional[str]:
-    """Check the shortcut against what the batches carry: :data:`VERIFY_EXAMPLES` examples, picked with a private
-    generator, fetched by index with the dataset's own ``__getitem__``, collated and moved as training does them
-    (``on_after_batch_transfer`` included). ``None`` when every target agrees, else why not."""
+def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, probe_targets: Tensor) -> Optional[str]:
+    """Check the shortcut against what the batches carry. ``None`` when every target agrees, else why not.
+
+    The probe batch (:func:`first_batch`: collated and moved as training does it, ``on_after_batch_transfer``
+    included) is compared with the shortcut at its known indices, so no example is loaded again. A probe that does
+    not align (another batch) is replaced by :data:`VERIFY_EXAMPLES` examples fetched by index with the dataset's own
+    ``__getitem__``.
+    """
     n = int(fast.shape[0])
-    k = min(n, VERIFY_EXAMPLES)
-    if k == 0:
+    if n == 0:
         return "the dataset is empty"
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(2))[:k].sort().values
-    try:
-        with isolate_rng():
-            one = DataLoader(Subset(loader.dataset, idx.tolist()), batch_size=k, shuffle=False,
-                             collate_fn=loader.collate_fn, num_workers=0)
-            batch = _to_device(trainer, next(iter(one)))
-            _, y = split_batch(batch, split)
-            got = spec.canonical_targets(y.detach()).cpu()
-    except Exception as err:  # what the loader cannot fetch by index, the scan reports in its own words
-        return f"fetching {k} examples by index failed ({type(err).__name__}: {err})"
+    idx = _probe_indices(loader)
+    if probe_targets.ndim and probe_targets.shape[0] == idx.numel() and bool((idx < n).all()):
+        got, how = spec.canonical_targets(probe_targets.detach()).cpu(), "of the probe batch"
+    else:
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(2))[:VERIFY_EXAMPLES].sort().values
+        how = "fetched with the dataset's own `__getitem__`"
+        try:
+            with isolate_rng():
+                one = DataLoader(Subset(loader.dataset, idx.tolist()), batch_size=idx.numel(), shuffle=False,
+                                 collate_fn=loader.collate_fn, num_workers=0)
+                _, y = split_batch(_to_device(trainer, next(iter(one))))
+                got = spec.canonical_targets(y.detach()).cpu()
+        except Exception as err:  # what cannot be fetched by index, the scan reports in its own words
+            return f"fetching {idx.numel()} examples by index failed ({type(err).__name__}: {err})"
+    k = idx.numel()
     want = spec.canonical_targets(fast[idx]).cpu()
     if got.shape != want.shape:
         return f"the batches carry targets of shape {tuple(got.shape)} for {k} examples, the shortcut {tuple(want.shape)}"
@@ -265,9 +287,9 @@ def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, spli
     if bad == 0:
         return None
     j = int((~rows).nonzero()[0])
-    return (f"{bad} of {k} examples fetched with the dataset's own `__getitem__` carry other targets, e.g. example "
-            f"{int(idx[j])}: {want.reshape(k, -1)[j].tolist()[:4]} in the shortcut, "
-            f"{got.reshape(k, -1)[j].tolist()[:4]} in the batch")
+    return (f"{bad} of {k} examples {how} carry other targets, e.g. example {int(idx[j])}: "
+            f"{want.reshape(k, -1)[j].tolist()[:4]} in the shortcut, {got.reshape(k, -1)[j].tolist()[:4]} in the "
+            "batch")
 
 
 def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int) -> tuple[Tensor, int, bool]:
@@ -290,7 +312,7 @@ def label_stats(
     """Label statistics of the training set for ``spec`` (counts reduced across ranks).
 
     The fast path (``dataset.targets`` and the like) is used only once :func:`_verify` found it equal to the targets
-    the batches carry; otherwise the private loader is scanned and ``spec.notes`` says why. With a
+    the probe batch ``probe_targets`` carries; otherwise the private loader is scanned and ``spec.notes`` says why. With a
     ``WeightedRandomSampler`` in the training loader the statistics are those of the sampled stream (each example
     weighted by its normalised sampling weight; the scan samples with the same weights), since that is the prior
     the model sees.
@@ -309,7 +331,7 @@ def label_stats(
         if targets is not None and not _consistent(targets, probe_targets):
             targets, source = None, ""
         if targets is not None:
-            why = _verify(trainer, loader, spec, targets, split)
+            why = _verify(trainer, loader, spec, targets, probe_targets)
             if why is not None:
                 spec.notes.append(f"`{source}` does not match the targets the batches carry ({why}); the labels were "
                                   "read from the dataloader instead")
