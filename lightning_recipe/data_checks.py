@@ -244,7 +244,7 @@ class DataCheck(_OnceCheck):
             self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
             *([self._stream_skip(train, step)] if stream else [
                 self._duplicates(train, step),
-                self._stream_skip(train, step, "validation") if val_stream else self._overlap(train, val, step),
+                self._val_stream_skip(step) if val_stream else self._overlap(train, val, step),
                 self._balance(train, step, loss)]),
             self._leak(train, step, loss),
         ]
@@ -306,11 +306,12 @@ class DataCheck(_OnceCheck):
         return scan
 
     # -- checks -----------------------------------------------------------------------------------------------------
-    def _stream_skip(self, s: "_Scan", step: int, which: str = "training") -> Finding:
-        if which == "validation":
-            return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
-                           "which only validation may read (a stream drawn from here would lose batches, or give "
-                           "validation other ones): train/validation overlap not checked.", step=step)
+    def _val_stream_skip(self, step: int) -> Finding:
+        return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, which "
+                       "only validation may read (a stream drawn from here would lose batches, or give validation other "
+                       "ones): train/validation overlap not checked.", step=step)
+
+    def _stream_skip(self, s: "_Scan", step: int) -> Finding:
         return Finding(
             f"{self.name}.scan", "skip",
             f"{self.name}: the training data is an iterable dataset, which only training may read (a stream drawn from "
