@@ -215,7 +215,7 @@ class RecipeCheck(Callback):
             # Lightning skips training (and `on_train_start`) when the train dataloader has no batch
             self._config_error(EMPTY_LOADER)
         elif self.__dict__.get("_start_pending") and trainer.limit_train_batches != 0:
-            # an iterable dataset that yielded no batch: the start that waited for one runs now and finds the loader empty
+            # an iterable dataset that yielded no batch: the start that waited for one runs now, finding it empty
             _start_if_pending(self, trainer, pl_module, None)
         self._finish(trainer)
         self._maybe_write_report(trainer)

@@ -280,7 +280,8 @@ def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, prob
     k = idx.numel()
     want = spec.canonical_targets(fast[idx]).cpu()
     if got.shape != want.shape:
-        return f"the batches carry targets of shape {tuple(got.shape)} for {k} examples, the shortcut {tuple(want.shape)}"
+        return (f"the batches carry targets of shape {tuple(got.shape)} for {k} examples, the shortcut "
+                f"{tuple(want.shape)}")
     same = torch.isclose(got.double(), want.double(), rtol=1e-5, atol=1e-6) if got.is_floating_point() else got == want
     rows = same.reshape(k, -1).all(1)
     bad = int((~rows).sum())
@@ -312,10 +313,10 @@ def label_stats(
     """Label statistics of the training set for ``spec`` (counts reduced across ranks).
 
     The fast path (``dataset.targets`` and the like) is used only once :func:`_verify` found it equal to the targets
-    the probe batch ``probe_targets`` carries; otherwise the private loader is scanned and ``spec.notes`` says why. With a
-    ``WeightedRandomSampler`` in the training loader the statistics are those of the sampled stream (each example
-    weighted by its normalised sampling weight; the scan samples with the same weights), since that is the prior
-    the model sees.
+    the probe batch ``probe_targets`` carries; otherwise the private loader is scanned and ``spec.notes`` says why.
+    With a ``WeightedRandomSampler`` in the training loader the statistics are those of the sampled stream (each
+    example weighted by its normalised sampling weight; the scan samples with the same weights), since that is the
+    prior the model sees.
     """
     loader = _single_loader(trainer.train_dataloader, "train")
     if is_iterable(loader):  # read by training only: the first batch it fetched

@@ -307,9 +307,9 @@ class DataCheck(_OnceCheck):
 
     # -- checks -----------------------------------------------------------------------------------------------------
     def _val_stream_skip(self, step: int) -> Finding:
-        return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, which "
-                       "only validation may read (a stream drawn from here would lose batches, or give validation other "
-                       "ones): train/validation overlap not checked.", step=step)
+        return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
+                       "which only validation may read (a stream drawn from here would lose batches, or give "
+                       "validation other ones): train/validation overlap not checked.", step=step)
 
     def _stream_skip(self, s: "_Scan", step: int) -> Finding:
         return Finding(
@@ -330,7 +330,8 @@ class DataCheck(_OnceCheck):
             return Finding(
                 name, "fail",
                 f"{self.name}: {bad} non-finite values (NaN/Inf) in the training data ({s.nonfinite_x} in the inputs, "
-                f"{s.nonfinite_y} in the targets) among {s.rows} rows read ({s.read()}){'; per input feature: ' + where if where else ''}."
+                f"{s.nonfinite_y} in the targets) among {s.rows} rows read ({s.read()})"
+                f"{'; per input feature: ' + where if where else ''}."
                 " Expected 0: a single NaN input makes the loss NaN. HINT: impute or drop missing values before "
                 "training.", float(bad), 0.0, step, list(_NONFINITE),
                 {"rows": s.rows, "batches": s.batches, "timed_out": s.timed_out, "nonfinite_inputs": s.nonfinite_x,

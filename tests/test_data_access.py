@@ -237,6 +237,12 @@ class Slow(Plain):
         return self.x[i], self.y_[i], torch.tensor(-1 if info is None else info.id)
 
 
+class SlowPlain(Plain):
+    def __getitem__(self, i: int) -> Any:
+        time.sleep(0.004)
+        return super().__getitem__(i)
+
+
 def _init(worker_id: int) -> None:
     pass
 
@@ -259,8 +265,7 @@ def test_the_scans_stop_at_their_time_budget(tmp_path: Any, monkeypatch: Any) ->
 
     monkeypatch.setattr(_labels, "SCAN_SECONDS", 0.3)
     x, y = _nine_to_one(2000)
-    data = Plain(x, y)
-    data.__class__ = type("SlowPlain", (Plain,), {"__getitem__": lambda self, i: (time.sleep(0.004), Plain.__getitem__(self, i))[1]})
+    data = SlowPlain(x, y)
     L.seed_everything(0)
     t = trainer(tmp_path, [DataCheck(on_fail="warn", max_batches=100), HeadBiasInit()], max_steps=1)
     t0 = time.perf_counter()
