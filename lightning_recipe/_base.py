@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any, Callable, Literal, Optional, Union
@@ -14,7 +15,7 @@ from typing_extensions import override
 
 from lightning_recipe._context import FitContext, get_context, new_fit
 from lightning_recipe._conventions import _Settings, _validate_settings
-from lightning_recipe._labels import EMPTY_LOADER
+from lightning_recipe._labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding, _write_reports, collect_findings
 
@@ -83,9 +84,23 @@ class RecipeCheck(Callback):
     checkpoint given as ``ckpt_path`` restores its state); a
     second fit of the same module object continues (nothing that ran once runs again: the head bias is not reset), and
     so does a copy made by pickling (``ddp_spawn``), which cannot tell which model it saw.
+
+    Training data of an ``IterableDataset`` is never read from a second place: a one-shot stream would lose the batches
+    drawn, a stream with its own random state would give training other batches. The work of ``on_train_start`` then
+    waits for the first ``on_train_batch_start`` (before the first forward, ``global_step == 0``) and reads the batch
+    training itself fetched, already on the device; label statistics come from that batch.
     """
 
     _is_recipe_callback = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # an iterable dataset is read by training only: `on_train_start` waits for the first batch training fetches
+        super().__init_subclass__(**kwargs)
+        own = vars(cls)
+        if "on_train_start" in own and not hasattr(own["on_train_start"], "_deferrable"):
+            cls.on_train_start = _deferrable_start(own["on_train_start"])  # type: ignore[method-assign]
+        if "on_train_batch_start" in own and not hasattr(own["on_train_batch_start"], "_deferrable"):
+            cls.on_train_batch_start = _runs_deferred_start(own["on_train_batch_start"])  # type: ignore[method-assign]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "RecipeCheck":
         obj = super().__new__(cls)
@@ -183,15 +198,27 @@ class RecipeCheck(Callback):
                 type(self).__init__(self, *args, **kwargs)
             self._model = weakref.ref(pl_module)
             new_fit(trainer)
+            forget_batch(trainer)
+            self.__dict__.pop("_start_pending", None)
             # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
             self.findings, self.figures, self._disabled, self._saved = [], [], False, False
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        # reached only by a check without its own `on_train_batch_start`: the deferred `on_train_start`, then retired
+        _start_if_pending(self, trainer, pl_module, batch)
+        self._retire("on_train_batch_start")
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.num_training_batches == 0 and trainer.limit_train_batches != 0 and not self.findings:
             # Lightning skips training (and `on_train_start`) when the train dataloader has no batch
             self._config_error(EMPTY_LOADER)
+        elif self.__dict__.get("_start_pending") and trainer.limit_train_batches != 0:
+            # an iterable dataset that yielded no batch: the start that waited for one runs now, finding it empty
+            _start_if_pending(self, trainer, pl_module, None)
         self._finish(trainer)
         self._maybe_write_report(trainer)
 
@@ -230,6 +257,51 @@ class RecipeCheck(Callback):
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
         rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")
+
+
+def _deferrable_start(fn: Callable[..., None]) -> Callable[..., None]:
+    """``on_train_start`` that waits for the first training batch when the training data is an iterable dataset."""
+
+    @functools.wraps(fn)
+    def on_train_start(self: RecipeCheck, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if train_is_iterable(trainer) and not self.__dict__.get("_starting"):
+            self.__dict__["_start_pending"] = True
+            return
+        fn(self, trainer, pl_module)
+        if not self.__dict__.get("_starting") and type(self).on_train_batch_start is RecipeCheck.on_train_batch_start:
+            self._retire("on_train_batch_start")  # nothing to wait for: no per-step call
+
+    on_train_start._deferrable = True  # type: ignore[attr-defined]
+    return on_train_start
+
+
+def _runs_deferred_start(fn: Callable[..., None]) -> Callable[..., None]:
+    """A check's own ``on_train_batch_start``, after the ``on_train_start`` that waited for this batch."""
+
+    @functools.wraps(fn)
+    def on_train_batch_start(self: RecipeCheck, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        _start_if_pending(self, trainer, pl_module, batch)
+        fn(self, trainer, pl_module, batch, batch_idx)
+
+    on_train_batch_start._deferrable = True  # type: ignore[attr-defined]
+    return on_train_batch_start
+
+
+def _start_if_pending(check: RecipeCheck, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> None:
+    """Run the ``on_train_start`` that waited for the first training batch, with that batch as the probe batch."""
+    if not check.__dict__.pop("_start_pending", False):
+        return
+    if batch is not None:
+        remember_batch(trainer, batch)
+    check.__dict__["_starting"] = True
+    try:
+        type(check).on_train_start(check, trainer, pl_module)
+    finally:
+        check.__dict__.pop("_starting", None)
+
+
+RecipeCheck.on_train_batch_start._deferrable = True  # type: ignore[attr-defined]
 
 
 class _OnceCheck(RecipeCheck):

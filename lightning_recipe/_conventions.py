@@ -427,9 +427,14 @@ def _class_dim(outputs: Tensor, targets: Tensor) -> int:
 def probe_mode(trainer: Any, pl_module: nn.Module) -> Iterator[None]:
     """Run a forward that leaves training bit-identical: eval mode, no grad, isolated RNG, the precision's context.
 
-    Each submodule's own ``training`` flag is restored afterwards (a frozen BatchNorm stays in eval).
+    Each submodule's own ``training`` flag is restored afterwards (a frozen BatchNorm stays in eval), and so is every
+    buffer: a forward that changes state without a ``self.training`` guard (a call counter, a running statistic
+    updated in eval mode, a cache) ends with the values and the tensor objects it had before the probe. Only buffers
+    are copied (small next to the parameters, which a probe under ``no_grad`` cannot change), and only on probe
+    calls, never on the per-step path.
     """
     modes = [(m, m.training) for m in pl_module.modules()]
+    buffers = _snapshot_buffers(pl_module)
     ctx = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
     try:
         with isolate_rng(), torch.no_grad(), ctx:
@@ -438,6 +443,26 @@ def probe_mode(trainer: Any, pl_module: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+        _restore_buffers(buffers)
+
+
+def _snapshot_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
+    """``(owner, name, tensor, copy)`` for every buffer of ``module``."""
+    out = []
+    for m in module.modules():
+        for name, b in m._buffers.items():
+            if isinstance(b, Tensor):
+                out.append((m, name, b, b.detach().clone()))
+    return out
+
+
+def _restore_buffers(saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
+    """Put back each buffer object (one reassigned in ``forward`` is replaced by the original) and its values."""
+    with torch.no_grad():
+        for m, name, b, copy in saved:
+            if m._buffers.get(name) is not b:
+                m._buffers[name] = b
+            b.copy_(copy)  # unconditionally: comparing first would read the device on every probe
 
 
 def resolve_module(root: nn.Module, path: str, arg: str = "head") -> nn.Module:

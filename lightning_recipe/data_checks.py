@@ -34,7 +34,15 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
 from lightning_recipe._conventions import find_loss, probe_mode, run_forward, split_batch
-from lightning_recipe._labels import _private_loader, _single_loader, _to_device
+from lightning_recipe import _labels
+from lightning_recipe._labels import (
+    _private_loader,
+    _single_loader,
+    _to_device,
+    first_batch,
+    is_iterable,
+    read_batches,
+)
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -86,9 +94,15 @@ class DataCheck(_OnceCheck):
     """Check the training data before the first step and show exactly what goes into the network.
 
     What is read: at ``on_train_start`` at most ``max_batches`` batches of a private loader over the training dataset
-    (its collate function; a random order from a private generator seeded with 0), and as many of the validation
-    dataset. Everything below is computed on these rows, so the cost is bounded by ``max_batches`` times the batch
-    size, independent of the dataset length: one pass of reading, and hashing in ``O(rows x values per row)``.
+    (its collate function and worker settings, workers not persistent; a random order from a private generator seeded
+    with 0), and as many of the validation dataset; each scan also stops reading after about 2 seconds
+    (``lightning_recipe._labels.SCAN_SECONDS``; the ``finite`` finding says how many batches were read and whether the
+    time budget stopped it). Everything below is computed on these rows, so the cost is bounded by ``max_batches``
+    times the batch size, independent of the dataset length: one pass of reading, and hashing in
+    ``O(rows x values per row)``. An ``IterableDataset`` is never read here (a one-shot stream would lose the batches,
+    a stream with its own random state would give training other ones): the check then runs at the first training
+    batch, on that batch only (finite, scale, leak, the figure), and one ``scan`` skip finding says that duplicates,
+    overlap and balance were not checked.
 
     * **finite** (fail): the count of NaN/Inf values among the inputs and targets read.
     * **scale** (warn): per feature of 2-D inputs ``(N, D)``, per channel of image-like inputs (4-D ``(N, C, H, W)``,
@@ -233,19 +247,23 @@ class DataCheck(_OnceCheck):
                 "DataLoader (the first of a list/dict)."
             )
             return
+        stream = is_iterable(loader)
         train = self._scan(trainer, loader, keep_first=True)
         if train is None:
             return
         val_loader = _single_loader(trainer.val_dataloaders, "val") if trainer.val_dataloaders is not None else None
-        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None else None
+        val_stream = is_iterable(val_loader)  # validation reads it: never drawn from here either
+        val = self._scan(trainer, val_loader, keep_first=False) if val_loader is not None and not (
+            stream or val_stream) else None
         step = trainer.global_step
         loss = find_loss(pl_module, self._settings.loss_fn)
         findings = [
             self._finite(train, step),
             self._scale(train, step, lambda: self._input_norm(trainer, pl_module, train)),
-            self._duplicates(train, step),
-            self._overlap(train, val, step),
-            self._balance(train, step, loss, _head_bias_in_use(trainer)),
+            *([self._stream_skip(train, step)] if stream else [
+                self._duplicates(train, step),
+                self._val_stream_skip(step) if val_stream else self._overlap(train, val, step),
+                self._balance(train, step, loss, _head_bias_in_use(trainer))]),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
@@ -268,16 +286,21 @@ class DataCheck(_OnceCheck):
     # -- reading ----------------------------------------------------------------------------------------------------
     def _scan(self, trainer: "pl.Trainer", loader: DataLoader, keep_first: bool) -> Optional["_Scan"]:
         scan = _Scan(self.layout)
-        private = _private_loader(loader, seed=0)
-        try:
-            scan.population = len(private.sampler)  # type: ignore[arg-type]
-        except TypeError:
+        if is_iterable(loader):  # a stream is read by training only: the first batch it fetched, already moved
+            first = first_batch(trainer)
+            batches: Any = [first]
             scan.population = None
+        else:
+            batches = _private_loader(loader, seed=0)
+            try:
+                scan.population = len(batches.sampler)  # type: ignore[arg-type]
+            except TypeError:
+                scan.population = None
+        reader = batches if is_iterable(loader) else read_batches(batches, self.max_batches)
         with isolate_rng():
-            for i, raw in enumerate(private):
-                if i >= self.max_batches:
-                    break
-                moved = _to_device(trainer, raw)
+            for raw in reader:
+                scan.batches += 1
+                moved = raw if is_iterable(loader) else _to_device(trainer, raw)
                 try:
                     x, y = split_batch(moved, self._settings.split_batch)
                 except RecipeConfigError as err:
@@ -293,6 +316,7 @@ class DataCheck(_OnceCheck):
                 scan.add(x, y, hx)
                 if keep_first and scan.first is None:
                     scan.first = (x, y)
+        scan.timed_out = bool(getattr(reader, "timed_out", False))
         scan.finish()
         if scan.rows == 0:
             self._config_error("the dataloader yielded no batch with an input tensor: nothing to check.")
@@ -300,6 +324,22 @@ class DataCheck(_OnceCheck):
         return scan
 
     # -- checks -----------------------------------------------------------------------------------------------------
+    def _val_stream_skip(self, step: int) -> Finding:
+        return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
+                       "which only validation may read (a stream drawn from here would lose batches, or give "
+                       "validation other ones): train/validation overlap not checked.", step=step)
+
+    def _stream_skip(self, s: "_Scan", step: int) -> Finding:
+        return Finding(
+            f"{self.name}.scan", "skip",
+            f"{self.name}: the training data is an iterable dataset, which only training may read (a stream drawn from "
+            "here would lose batches, or give training other ones): only the first batch training fetched was checked "
+            f"({s.rows} rows: finite values, scale, targets copied from the inputs, and the figure). Duplicates, "
+            "train/validation overlap and class balance need a scan of the data and were not checked. HINT: check a "
+            "map-style copy of a sample of the data (a list of examples in a DataLoader) with DataCheck to cover them.",
+            step=step, details={"rows": s.rows, "batches": 1},
+        )
+
     def _finite(self, s: "_Scan", step: int) -> Finding:
         name = f"{self.name}.finite"
         bad = s.nonfinite_x + s.nonfinite_y
@@ -308,12 +348,15 @@ class DataCheck(_OnceCheck):
             return Finding(
                 name, "fail",
                 f"{self.name}: {bad} non-finite values (NaN/Inf) in the training data ({s.nonfinite_x} in the inputs, "
-                f"{s.nonfinite_y} in the targets) among {s.rows} rows read{'; per input feature: ' + where if where else ''}."
+                f"{s.nonfinite_y} in the targets) among {s.rows} rows read ({s.read()})"
+                f"{'; per input feature: ' + where if where else ''}."
                 " Expected 0: a single NaN input makes the loss NaN. HINT: impute or drop missing values before "
                 "training.", float(bad), 0.0, step, list(_NONFINITE),
-                {"rows": s.rows, "nonfinite_inputs": s.nonfinite_x, "nonfinite_targets": s.nonfinite_y},
+                {"rows": s.rows, "batches": s.batches, "timed_out": s.timed_out, "nonfinite_inputs": s.nonfinite_x,
+                 "nonfinite_targets": s.nonfinite_y},
             )
-        return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read.", 0.0, 0.0, step)
+        return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read ({s.read()}).", 0.0,
+                       0.0, step)
 
     def _scale(self, s: "_Scan", step: int, input_norm: Callable[[], Optional[tuple[str, nn.Module]]]) -> Finding:
         name = f"{self.name}.scale"
@@ -823,6 +866,8 @@ class _Scan:
     def __init__(self, layout: str) -> None:
         self.layout = layout
         self.rows = 0
+        self.batches = 0  # batches read
+        self.timed_out = False  # the scan stopped at its time budget (SCAN_SECONDS) before `max_batches`
         self.population: Optional[int] = None
         self.width: Optional[int] = None
         self.first: Optional[tuple[Any, Any]] = None
@@ -855,6 +900,13 @@ class _Scan:
         self._pending_size += sum(t.numel() for _, t in tensors)
         if self._pending_size >= self._CHUNK:
             self.finish()
+
+    def read(self) -> str:
+        """How much was read: the batches, and whether the time budget stopped the scan."""
+        out = f"{self.batches} batch{'es' if self.batches != 1 else ''}"
+        if self.timed_out:
+            out += f", stopped by the scan's time budget of {_labels.SCAN_SECONDS:g} s of loading"
+        return out
 
     def finish(self) -> None:
         """Process the buffered batches."""

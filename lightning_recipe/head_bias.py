@@ -22,6 +22,12 @@ class HeadBiasInit(RecipeCheck):
     resume (``trainer.ckpt_path`` set, or already done according to the checkpointed state) and when
     ``skip=True`` (e.g. a model loaded with ``load_from_checkpoint``).
 
+    The labels: ``dataset.targets`` (or ``labels``/``y``, a ``TensorDataset``'s last tensor) once the probe batch
+    carries the same targets at its indices, else a time-bounded scan of a private loader (a note says why). With a
+    ``WeightedRandomSampler`` in the training loader the prior is the sampled one (each example weighted by its
+    sampling weight; a note says so). An ``IterableDataset`` is read by training only: the bias is
+    then set at the first training batch, before its forward, from that batch's labels.
+
     Removes the "hockey stick" of the first iterations: the loss starts at the label entropy (or the target
     variance) instead of ``log C`` (or ``E[y²]``). The prior that was set is in ``.prior`` and in a ``pass`` finding.
 

@@ -138,7 +138,8 @@ def test_iterable_dataset_without_len(tmp_path: Any) -> None:
     assert t.global_step == 16
     _assert_healthy(findings)
     hb = next(f for f in findings if f.check == "HeadBiasInit")
-    assert hb.details["labels"]["count"] == 128 and hb.details["labels"]["source"].startswith("dataloader")
+    # a stream is read by training only: the labels are those of the first batch training fetched
+    assert hb.details["labels"]["count"] == 16 and hb.details["labels"]["source"].startswith("the first training batch")
 
 
 def test_no_validation_loop(tmp_path: Any) -> None:
