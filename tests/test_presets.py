@@ -196,7 +196,7 @@ def test_presets_are_one_recipe_holding_every_check():
     for preset, on_fail in ((strict, "raise"), (recommended, "warn")):
         (recipe,) = preset()
         assert isinstance(recipe, Recipe)
-        assert [type(cb) for cb in recipe.callbacks] == list(_CHECKS) and len(_CHECKS) == 11
+        assert [type(cb) for cb in recipe.callbacks] == list(_CHECKS) and len(_CHECKS) == 12
         assert {cb.on_fail for cb in recipe.callbacks} == {on_fail}
 
 
@@ -204,7 +204,7 @@ def test_exclude_leaves_checks_out_by_class_or_name():
     from lightning_recipe.batch_independence import BatchIndependenceCheck
 
     kinds = [type(cb).__name__ for cb in strict(exclude=[BatchIndependenceCheck, "HeadBiasInit"])[0].callbacks]
-    assert len(kinds) == 9 and "BatchIndependenceCheck" not in kinds and "HeadBiasInit" not in kinds
+    assert len(kinds) == 10 and "BatchIndependenceCheck" not in kinds and "HeadBiasInit" not in kinds
     with pytest.raises(RecipeConfigError, match="`exclude` names \\['HeadBias'\\]"):
         recommended(exclude=["HeadBias"])
     with pytest.raises(RecipeConfigError, match="together with `exclude`"):
@@ -237,7 +237,7 @@ def test_recipe_calls_only_the_children_that_implement_a_hook(tmp_path):
     counting.on_train_batch_end = None  # type: ignore[assignment]
     recipe.on_train_batch_end(t, t.lightning_module, None, None, 0)
     assert seen == ["replaced"]
-    assert len(strict(exclude="HeadBiasInit")[0].callbacks) == 10  # one check given alone
+    assert len(strict(exclude="HeadBiasInit")[0].callbacks) == 11  # one check given alone
 
 
 def test_recipe_writes_the_report_once_on_the_exception_path(tmp_path, monkeypatch):
