@@ -342,3 +342,18 @@ def test_bad_arguments():
 
     with pytest.raises(RecipeConfigError, match="`batches` must be a positive int"):
         WiringCheck(batches=0)
+
+
+def test_preflight_sees_framework_warnings(tmp_path):
+    """preflight silences the fit's warnings by recording them, so the tap still sees them."""
+    from lightning_recipe.preflight import preflight
+
+    x, y = blobs(320)
+
+    class Model(_SchedulerFirst):
+        def train_dataloader(self):
+            return loader(x, y)
+
+    result = preflight(Model(), steps=10, overfit_steps=0, output=str(tmp_path))
+    f = next(f for f in result.findings if f.check == "WiringCheck.framework")
+    assert f.status == "warn" and "Detected call of `lr_scheduler.step()`" in f.message
