@@ -6,11 +6,10 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.data import (
     BatchSampler,
@@ -236,7 +235,7 @@ class WiringCheck(_OnceCheck):
         except RecipeConfigError:
             inputs, targets = None, None
         step0["inputs"], step0["targets"] = inputs, targets if isinstance(targets, Tensor) else None
-        apply_to_collection(batch, Tensor, lambda t: step0["batch_ids"].add(id(t)))
+        step0["batch_ids"] = {id(t) for t in _tensors(batch)}
         step0["batch_size"] = _batch_size(inputs, targets)
         self._step0 = step0
         self._handles = []
@@ -250,16 +249,20 @@ class WiringCheck(_OnceCheck):
             return
         step0["loss_module"], step0["loss_name"] = loss, type(loss).__name__
 
+        # the hooks only read (references to tensors of this step, released at its end) and never raise into the
+        # user's forward
         def on_forward(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if module is not pl_module or not torch.is_grad_enabled() or not module.training:
                 return  # a probe (no grad, eval mode) of another check
-            step0["forwards"] += 1
-            if len(step0["outputs"]) < _MAX_CAPTURED:
-                outs: list[Tensor] = []
-                apply_to_collection(output, Tensor, lambda t: outs.append(t.detach()) if t.is_floating_point() else None)
-                step0["outputs"].extend(outs[:_MAX_CAPTURED])
-                if step0["fed"] is None:
-                    step0["fed"] = _fed_the_batch((args, kwargs), step0["inputs"])
+            try:
+                step0["forwards"] += 1
+                if len(step0["outputs"]) < _MAX_CAPTURED:
+                    outs = [t.detach() for t in _tensors(output) if t.is_floating_point()]
+                    step0["outputs"].extend(outs[:_MAX_CAPTURED])
+                    if step0["fed"] is None:
+                        step0["fed"] = _fed_the_batch((args, kwargs), step0["inputs"])
+            except Exception as err:  # pragma: no cover - defensive
+                step0["why"] = f"the model's output could not be read ({type(err).__name__}: {err})"
 
         def on_loss(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
             if module is not loss or len(step0["calls"]) >= _MAX_CAPTURED:
@@ -282,8 +285,11 @@ class WiringCheck(_OnceCheck):
         if not self._active or self._graph is not None:
             return
         step0 = self.__dict__.get("_step0") or {}
-        self._graph = _unregistered_leaves(loss, pl_module, trainer.optimizers, step0.get("batch_ids", set()),
-                                           step0.get("batch_size"), self.max_graph_nodes)
+        try:
+            self._graph = _unregistered_leaves(loss, pl_module, trainer.optimizers, step0.get("batch_ids", set()),
+                                               step0.get("batch_size"), self.max_graph_nodes)
+        except Exception as err:  # a graph this walk does not understand: say so, never stop training over it
+            self._graph = {"error": f"{type(err).__name__}: {err}"}
 
     @override
     def on_train_batch_end(
@@ -301,7 +307,11 @@ class WiringCheck(_OnceCheck):
             step0 = self.__dict__.pop("_step0", None) or {}
             if isinstance(loss, Tensor) and loss.numel() == 1:
                 self._first_loss = float(loss.detach()) * trainer.accumulate_grad_batches  # the one read at step 0
-            self._layout = self._judge_layout(step0, trainer.global_step)
+            try:
+                self._layout = self._judge_layout(step0, trainer.global_step)
+            except Exception as err:  # a layout this comparison does not understand: skipped, training goes on
+                self._layout = Finding(f"{self.name}.loss_layout", "skip", f"{self.name}.loss_layout: the first step's "
+                                       f"output and loss arguments could not be compared: {type(err).__name__}: {err}.")
         if self._shuffle_plan.get("judge") is not None:
             self._count_labels(batch)
         self._seen += 1
@@ -348,6 +358,9 @@ class WiringCheck(_OnceCheck):
     def _unregistered(self, step: int) -> Finding:
         check = f"{self.name}.unregistered"
         g = self._graph
+        if g is not None and "error" in g:
+            return Finding(check, "skip", f"{check}: the autograd graph of the first loss could not be walked: "
+                           f"{g['error']}.")
         if g is None:
             return Finding(check, "skip", f"{check}: no backward ran in the first {self._seen} batch(es) (training_step "
                            "returned no loss, or manual optimization without `manual_backward`): nothing to walk.")
@@ -415,9 +428,9 @@ class WiringCheck(_OnceCheck):
             valid = spec.valid_mask(idx)
             idx = idx.clamp(0, c) if valid is None else torch.where(valid, idx.clamp(0, c - 1), torch.full_like(idx, c))
         if self._counts is None:
-            self._counts = torch.zeros(self.batches, c + 1, device=idx.device, dtype=torch.float64)
+            self._counts = torch.zeros(self.batches, c + 1, device=idx.device)
         if self._seen < self.batches:
-            self._counts[self._seen].index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+            self._counts[self._seen].index_add_(0, idx, torch.ones_like(idx, dtype=self._counts.dtype))
 
     def _shuffle(self, step: int) -> Finding:
         check = f"{self.name}.shuffle"
@@ -765,20 +778,32 @@ def _batch_size(inputs: Any, targets: Any) -> Optional[int]:
     for t in (targets, inputs):
         if isinstance(t, Tensor) and t.ndim > 0:
             return int(t.shape[0])
-    found: list[int] = []
-    apply_to_collection(inputs, Tensor, lambda t: found.append(int(t.shape[0])) if t.ndim else None)
+    found = [int(t.shape[0]) for t in _tensors(inputs) if t.ndim]
     return found[0] if found else None
+
+
+def _tensors(obj: Any, limit: int = 64) -> list[Tensor]:
+    """The tensors in ``obj`` (nested tuples, lists, dicts and dataclass-like mappings), in order, at most ``limit``."""
+    out: list[Tensor] = []
+    stack = [obj]
+    while stack and len(out) < limit:
+        o = stack.pop(0)
+        if isinstance(o, Tensor):
+            out.append(o)
+        elif isinstance(o, (tuple, list)):
+            stack.extend(o[:limit])
+        elif isinstance(o, Mapping):
+            stack.extend(list(o.values())[:limit])
+    return out
 
 
 def _fed_the_batch(call: Any, inputs: Any) -> Optional[bool]:
     """Whether a forward call received the batch's input tensor (itself, or equal values)."""
-    firsts: list[Tensor] = []
-    apply_to_collection(inputs, Tensor, firsts.append)
+    firsts = _tensors(inputs, 1)
     if not firsts:
         return None
     x = firsts[0]
-    given: list[Tensor] = []
-    apply_to_collection(call, Tensor, given.append)
+    given = _tensors(call)
     return any(t is x or (t.shape == x.shape and t.dtype == x.dtype and t.device == x.device and torch.equal(t, x))
                for t in given)
 
