@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import (
     BatchSampler,
@@ -23,9 +24,10 @@ from torch.utils.data import (
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
+from lightning_recipe._context import get_context
 from lightning_recipe._conventions import find_loss, split_batch
 from lightning_recipe._labels import _single_loader
-from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
 _UNREGISTERED_CAUSES = [
@@ -213,14 +215,13 @@ class WiringCheck(_OnceCheck):
         self._ctx = None
         self._ctx_error: Optional[str] = None
         try:
-            from lightning_recipe._context import get_context
-
             self._ctx = get_context(trainer, pl_module, self._settings)
+            self._shuffle_plan = self._plan_shuffle(trainer)
         except RecipeConfigError as err:
             if self.on_fail == "raise":
                 raise RecipeConfigError(f"{self.name}: {err}") from None
             self._ctx_error = str(err)
-        self._shuffle_plan = self._plan_shuffle(trainer)
+            self._shuffle_plan = {"skip": f"the conventions could not be resolved ({err})"}
         self._counts = None
 
     # -- the first step: capture --------------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ class WiringCheck(_OnceCheck):
             late = self._framework(trainer, late=True)
             self._conclude(trainer, late if late is not None and late.failed else None)
             if late is not None and not late.failed:
-                self.findings.append(late)
+                self._record(late)
         self._active = False
         for h in self.__dict__.pop("_opt_hooks", []):
             h.remove()
@@ -343,7 +344,7 @@ class WiringCheck(_OnceCheck):
         failed = [f for f in found if f.failed]
         for f in found:
             if not f.failed:
-                self.findings.append(f)
+                self._record(f)
         if not failed:
             self._conclude(trainer, None)
             return
@@ -353,6 +354,13 @@ class WiringCheck(_OnceCheck):
             first.causes += [c for c in f.causes if c not in first.causes]
             first.details.update(f.details)
         self._conclude(trainer, first)
+
+    def _record(self, finding: Finding) -> None:
+        """Keep a finding that does not fail; a ``warn`` is also shown as a :class:`RecipeWarning`."""
+        self.findings.append(finding)
+        if finding.status == "warn":
+            causes = "".join(f"\n  - {c}" for c in finding.causes)
+            rank_zero_warn(finding.message + (f"\nLikely causes:{causes}" if causes else ""), category=RecipeWarning)
 
     # unregistered leaves
     def _unregistered(self, step: int) -> Finding:
@@ -598,15 +606,8 @@ class WiringCheck(_OnceCheck):
                            f"`configure_optimizers`.{note}", float(real), float(attempted), trainer.global_step,
                            causes, details)
         if warns:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            from lightning_recipe.exceptions import RecipeWarning
-
-            f = Finding(check, "warn", f"{check}: " + "; ".join(warns) + f".{note}", float(real), float(attempted),
-                        trainer.global_step, causes, details)
-            rank_zero_warn(f.message + "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in causes),
-                           category=RecipeWarning)
-            return f
+            return Finding(check, "warn", f"{check}: " + "; ".join(warns) + f".{note}", float(real), float(attempted),
+                           trainer.global_step, causes, details)
         if late and not notes:
             return None
         return Finding(check, "pass", f"{check}: no framework warning that means a bug; {real} of {attempted} "

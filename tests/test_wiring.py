@@ -13,7 +13,7 @@ from helpers import TinyModel, blobs, loader, regression_data, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
-from lightning_recipe import RecipeCheckError, WiringCheck
+from lightning_recipe import RecipeCheckError, RecipeWarning, WiringCheck
 from lightning_recipe.wiring import expected_distinct_classes, shuffle_test
 
 
@@ -89,6 +89,22 @@ def test_healthy_models_have_every_leaf_registered(tmp_path):
     assert f.details["parameters"] == 6  # two Linear (weight, bias) and the BatchNorm's weight and bias
     assert f.details["leaves"] == 7
     assert "input-like" in f.message  # the batch input made to require a gradient is not counted
+
+
+class _ListInOptimizer(_ListLayers):
+    """The hidden layers are handed to the optimizer by hand: trained, but never saved in a checkpoint."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([*self.parameters(), *self.blocks[0].parameters()], lr=1e-2)
+
+
+def test_hidden_layers_held_by_the_optimizer_warn(tmp_path):
+    x, y = blobs(128)
+    check = WiringCheck(on_fail="raise")  # a warning, not a failure, even in raise mode
+    with pytest.warns(RecipeWarning, match="checkpoints leave them out"):
+        trainer(tmp_path, [check], max_epochs=1).fit(_ListInOptimizer(), loader(x, y))
+    f = next(f for f in check.findings if f.check == "WiringCheck.unregistered")
+    assert f.status == "warn" and f.measured == 2.0 and "`blocks[0].weight`" in f.message
 
 
 # -- shuffle ----------------------------------------------------------------------------------------------------------
