@@ -183,6 +183,10 @@ class WiringCheck(_OnceCheck):
         super().on_exception(trainer, pl_module, exception)
         self.teardown(trainer, pl_module, "fit")
 
+    def _count_step(self, *args: Any) -> None:
+        """Step hook of the optimizers: one more optimizer step went through (a host int, no sync)."""
+        self._steps[0] += 1
+
     def _remove_hooks(self) -> None:
         for h in self.__dict__.pop("_handles", []) + self.__dict__.pop("_opt_hooks", []):
             h.remove()
@@ -208,7 +212,7 @@ class WiringCheck(_OnceCheck):
         for opt in trainer.optimizers:
             inner = getattr(opt, "optimizer", opt)
             if isinstance(inner, torch.optim.Optimizer):
-                self._opt_hooks.append(inner.register_step_post_hook(lambda *a: self._steps.__setitem__(0, self._steps[0] + 1)))
+                self._opt_hooks.append(inner.register_step_post_hook(self._count_step))
         self._hooked = bool(self._opt_hooks)
         # the conventions (task, loss, label counts) for the shuffle and layout rules; a configuration error stops a
         # strict fit here, before the first step, and skips only these two rules otherwise
@@ -226,7 +230,9 @@ class WiringCheck(_OnceCheck):
 
     # -- the first step: capture --------------------------------------------------------------------------------------
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         self._retire("on_train_batch_start")
         if not self._active or self._seen > 0:
             return
@@ -370,8 +376,9 @@ class WiringCheck(_OnceCheck):
             return Finding(check, "skip", f"{check}: the autograd graph of the first loss could not be walked: "
                            f"{g['error']}.")
         if g is None:
-            return Finding(check, "skip", f"{check}: no backward ran in the first {self._seen} batch(es) (training_step "
-                           "returned no loss, or manual optimization without `manual_backward`): nothing to walk.")
+            return Finding(check, "skip", f"{check}: no backward ran in the first {self._seen} batch(es) ("
+                           "training_step returned no loss, or manual optimization without `manual_backward`): "
+                           "nothing to walk.")
         notes = "".join(f" Note: {n}" for n in g["notes"])
         details = {k: g[k] for k in ("nodes", "leaves", "parameters", "hidden", "in_optimizer")}
         hidden, held = g["hidden"], g["in_optimizer"]
@@ -384,8 +391,8 @@ class WiringCheck(_OnceCheck):
                            f"tensors.{notes}", float(len(hidden)), 0.0, step, list(_UNREGISTERED_CAUSES), details)
         if held:
             return Finding(check, "warn", f"{check}: {len(held)} tensor(s) in the first training loss are held by the "
-                           f"optimizer but are not parameters of the LightningModule: {_names(held)}. They are trained, "
-                           "but `state_dict()` and checkpoints leave them out and `.to(device)` does not move them. "
+                           f"optimizer but are not parameters of the LightningModule: {_names(held)}. They are "
+                           "trained, but `state_dict()` and checkpoints leave them out and `.to(device)` does not move them. "
                            f"HINT: register them (`nn.ModuleList`, `nn.ModuleDict`, `nn.Parameter`).{notes}",
                            float(len(held)), 0.0, step, list(_UNREGISTERED_CAUSES[:1]), details)
         trunc = " (walk stopped at `max_graph_nodes`: part of the graph was not seen)" if g["truncated"] else ""
@@ -417,7 +424,8 @@ class WiringCheck(_OnceCheck):
         else:
             counts = stats.class_counts.reshape(-1).tolist()
         kind, detail = _order_kind(trainer)
-        return {"judge": kind, "order": detail, "counts": counts, "classes": len(counts), "binary": spec.task == "binary"}
+        return {"judge": kind, "order": detail, "counts": counts, "classes": len(counts),
+                "binary": spec.task == "binary"}
 
     def _count_labels(self, batch: Any) -> None:
         """Per-class counts of one batch, into a device buffer (no host sync)."""
@@ -728,7 +736,8 @@ def shuffle_test(per_batch_counts: Tensor, class_counts: Tensor) -> dict[str, An
         a = log_a.exp()
         expected.append(float((1 - a).sum()))
         # all B labels from one class: C(n_c, B) / C(N, B)
-        log_one = torch.lgamma(n + 1) - torch.lgamma((n - b).clamp_min(0) + 1) - math.lgamma(total + 1) + math.lgamma(total - b + 1)
+        log_one = (torch.lgamma(n + 1) - torch.lgamma((n - b).clamp_min(0) + 1) - math.lgamma(total + 1)
+                   + math.lgamma(total - b + 1))
         log_one = torch.where(n >= b, log_one, torch.full_like(log_one, -math.inf))
         log_single.append(float(torch.logsumexp(log_one, 0)) if b > 0 else 0.0)
         if n.numel() <= 1000:
@@ -859,7 +868,8 @@ def _unregistered_leaves(loss: Tensor, pl_module: nn.Module, optimizers: list[An
     if checkpoint:
         notes.append(f"{checkpoint} tensor(s) read only by gradient checkpointing are not counted.")
     leaves.clear()
-    return {"nodes": nodes, "leaves": len(readers), "parameters": len(readers) - len(stray), "hidden": hidden, "in_optimizer": held, "notes": notes,
+    return {"nodes": nodes, "leaves": len(readers), "parameters": len(readers) - len(stray), "hidden": hidden,
+            "in_optimizer": held, "notes": notes,
             "truncated": truncated}
 
 
@@ -915,7 +925,8 @@ def _same_values(a: Tensor, b: Tensor) -> bool:
     """``a`` and ``b`` hold the same values (as multisets): one is a rearrangement of the other."""
     if a.numel() != b.numel():
         return False
-    return torch.equal(torch.sort(_as_key(a).reshape(-1)).values, torch.sort(_as_key(b).reshape(-1)).values.to(a.device))
+    left = torch.sort(_as_key(a).reshape(-1)).values
+    return torch.equal(left, torch.sort(_as_key(b).reshape(-1)).values.to(a.device))
 
 
 def _same_rows(a: Tensor, b: Tensor) -> bool:

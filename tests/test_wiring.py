@@ -26,7 +26,7 @@ def _fit(tmp_path, model, train, epochs=1, check=None, **kw):
     return {f.check.split(".")[-1]: f for f in check.findings}
 
 
-# -- unregistered -------------------------------------------------------------------------------------------------------
+# -- unregistered ----------------------------------------------------------------------------------------------------
 class _ListLayers(TinyModel):
     """Hidden layers kept in a Python list: used in forward, never trained."""
 
@@ -165,7 +165,7 @@ def test_shuffle_test_numbers():
     assert shuffle_test(torch.tensor([[32.0, 0.0]] * 8), counts)["sorted"]
 
 
-# -- loss layout --------------------------------------------------------------------------------------------------------
+# -- loss layout -----------------------------------------------------------------------------------------------------
 class _Segmenter(TinyModel):
     """A conv segmentation net: (N, 1, 8, 8) images, (N, 3, 8, 8) logits, (N, 8, 8) targets."""
 
@@ -251,7 +251,7 @@ def test_time_major_against_batch_major_targets(tmp_path, transpose):
         assert f.status == "fail" and "paired with the targets in another order" in f.message
 
 
-# -- framework warnings -------------------------------------------------------------------------------------------------
+# -- framework warnings ----------------------------------------------------------------------------------------------
 class _NoReturn(TinyModel):
     def training_step(self, batch, batch_idx):
         self.compute_loss(batch)  # `return` forgotten
