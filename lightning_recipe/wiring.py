@@ -392,7 +392,8 @@ class WiringCheck(_OnceCheck):
         if held:
             return Finding(check, "warn", f"{check}: {len(held)} tensor(s) in the first training loss are held by the "
                            f"optimizer but are not parameters of the LightningModule: {_names(held)}. They are "
-                           "trained, but `state_dict()` and checkpoints leave them out and `.to(device)` does not move them. "
+                           "trained, but `state_dict()` and checkpoints leave them out and `.to(device)` does not "
+                           "move them. "
                            f"HINT: register them (`nn.ModuleList`, `nn.ModuleDict`, `nn.Parameter`).{notes}",
                            float(len(held)), 0.0, step, list(_UNREGISTERED_CAUSES[:1]), details)
         trunc = " (walk stopped at `max_graph_nodes`: part of the graph was not seen)" if g["truncated"] else ""
