@@ -397,9 +397,9 @@ class WiringCheck(_OnceCheck):
                            f"HINT: register them (`nn.ModuleList`, `nn.ModuleDict`, `nn.Parameter`).{notes}",
                            float(len(held)), 0.0, step, list(_UNREGISTERED_CAUSES[:1]), details)
         trunc = " (walk stopped at `max_graph_nodes`: part of the graph was not seen)" if g["truncated"] else ""
-        return Finding(check, "pass", f"{check}: the {g['leaves']} leaf tensor(s) that require a gradient in the first "
-                       f"training loss ({g['nodes']} autograd nodes walked{trunc}) are all parameters of the "
-                       f"LightningModule.{notes}", 0.0, 0.0, step, [], details)
+        return Finding(check, "pass", f"{check}: every leaf tensor that requires a gradient in the first training loss "
+                       f"is a parameter of the LightningModule ({g['parameters']} parameters reached, {g['nodes']} "
+                       f"autograd nodes walked{trunc}).{notes}", 0.0, 0.0, step, [], details)
 
     # shuffle
     def _plan_shuffle(self, trainer: "pl.Trainer") -> dict[str, Any]:
@@ -867,7 +867,8 @@ def _unregistered_leaves(loss: Tensor, pl_module: nn.Module, optimizers: list[An
         notes.append(f"{inputs} input-like leaf tensor(s) (of the batch, or with the batch size as first dimension: "
                      "a gradient penalty, an adversarial perturbation) are not counted.")
     if checkpoint:
-        notes.append(f"{checkpoint} tensor(s) read only by gradient checkpointing are not counted.")
+        notes.append(f"{checkpoint} tensor(s) read only by gradient checkpointing are not counted (the parameters "
+                     "inside a reentrant checkpoint are not reachable by the walk).")
     leaves.clear()
     return {"nodes": nodes, "leaves": len(readers), "parameters": len(readers) - len(stray), "hidden": hidden,
             "in_optimizer": held, "notes": notes,
@@ -1004,7 +1005,8 @@ def _layout_verdict(inp: Tensor, tgt: Tensor, outputs: list[Tensor], y: Optional
         return {"status": "fail", "what": f"the rows are the model's, but paired with the targets in another order "
                 f"(output {tuple(out.shape)}, targets {tuple(y.shape)} given as {tuple(tgt.shape)})",
                 "reference": (r, t), "layout": desc}
-    return {"status": "pass", "what": f"{row_ok[0][0]} (rows only: the targets were transformed)"}
+    why = "the model's input was not the batch's" if not pair else "the loss's targets are not the batch's"
+    return {"status": "pass", "what": f"{row_ok[0][0]}; rows only, the pairing with targets not compared: {why}"}
 
 
 def _reference_loss(module: nn.Module, ref: Optional[tuple[Tensor, Tensor]]) -> Optional[float]:
