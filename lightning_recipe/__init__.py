@@ -17,6 +17,7 @@ from lightning_recipe.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
 from lightning_recipe.presets import Recipe, recommended, strict
 from lightning_recipe.reproducibility import ReproducibilityCheck
+from lightning_recipe.wiring import WiringCheck
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "RecipeConfigError",
     "RecipeWarning",
     "ReproducibilityCheck",
+    "WiringCheck",
     "collect_findings",
     "overfit_one_batch",
     "recommended",

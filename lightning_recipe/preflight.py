@@ -365,13 +365,16 @@ def _headline(f: Finding, limit: int = 100) -> str:
 
 @contextlib.contextmanager
 def _quiet():
-    """Lightning's info lines, the recipe's warnings (they become the table) and prints of the fit, silenced."""
+    """Lightning's info lines, the recipe's warnings (they become the table) and prints of the fit, silenced.
+
+    Warnings are recorded (and dropped), not ignored: a filter that ignores them would hide from ``WiringCheck``
+    the framework warnings that mean a bug."""
     log = logging.getLogger("lightning.pytorch")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("default")
             yield
     finally:
         log.setLevel(level)

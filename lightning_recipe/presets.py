@@ -33,15 +33,18 @@ from lightning_recipe.output_range import OutputRangeCheck
 from lightning_recipe.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
 from lightning_recipe.reproducibility import ReproducibilityCheck
+from lightning_recipe.wiring import WiringCheck
 
 Preset = Literal["strict", "recommended"]
 _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended": "warn"}
 # the checks of the presets, in the order they run: the data is looked at before the model; the bias is set before the
 # initial-loss check measures the first step and before the parameter-update check takes its snapshot; the per-step
-# monitors come last
+# monitors come last; the wiring check reads the first steps (the first loss's graph and layout, the first batches'
+# labels)
 _CHECKS: tuple[type[RecipeCheck], ...] = (
     DataCheck, HeadBiasInit, OutputRangeCheck, InitialLossCheck, BatchIndependenceCheck, ParameterUpdateCheck,
-    LossDecreaseCheck, InputDependenceCheck, GeneralizationCheck, OptimizationHealthCheck, ReproducibilityCheck, PredictionDynamics,
+    WiringCheck, LossDecreaseCheck, InputDependenceCheck, GeneralizationCheck, OptimizationHealthCheck,
+    ReproducibilityCheck, PredictionDynamics,
 )
 Exclude = Sequence[Union[str, type]]
 
@@ -114,7 +117,7 @@ def recommended(
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=recommended(exclude=["BatchIndependenceCheck"]), logger=False)
         >>> len(recommended(exclude=["BatchIndependenceCheck"])[0].callbacks)
-        10
+        12
     """
     return [Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task,
                    exclude=exclude)]

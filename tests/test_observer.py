@@ -20,6 +20,7 @@ from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.wiring import WiringCheck
 
 
 class NoisyModel(TinyModel):
@@ -35,6 +36,7 @@ MONITORS: dict[str, Callable[[], list[Callback]]] = {
     "InitialLossCheck": lambda: [InitialLossCheck(on_fail="warn")],
     "LossDecreaseCheck": lambda: [LossDecreaseCheck(on_fail="warn", check_every_n_steps=3, warmup_steps=8)],
     "PredictionDynamics": lambda: [PredictionDynamics(on_fail="warn", every_n_steps=2)],
+    "WiringCheck": lambda: [WiringCheck(on_fail="warn", batches=4)],
     "bundle_without_HeadBiasInit": lambda: [
         InitialLossCheck(on_fail="warn"),
         LossDecreaseCheck(on_fail="warn", check_every_n_steps=3, warmup_steps=8),

@@ -196,7 +196,7 @@ def test_presets_are_one_recipe_holding_every_check():
     for preset, on_fail in ((strict, "raise"), (recommended, "warn")):
         (recipe,) = preset()
         assert isinstance(recipe, Recipe)
-        assert [type(cb) for cb in recipe.callbacks] == list(_CHECKS) and len(set(_CHECKS)) == len(_CHECKS) >= 12
+        assert [type(cb) for cb in recipe.callbacks] == list(_CHECKS) and len(set(_CHECKS)) == len(_CHECKS) >= 13
         assert {cb.on_fail for cb in recipe.callbacks} == {on_fail}
 
 

@@ -28,6 +28,7 @@ from lightning_recipe.head_bias import HeadBiasInit
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.wiring import WiringCheck
 
 _SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
@@ -106,6 +107,7 @@ CALLBACKS: dict[str, Callable[[int], list[Callback]]] = {
     "InitialLossCheck": lambda n: [InitialLossCheck()],
     "LossDecreaseCheck": lambda n: [LossDecreaseCheck(check_every_n_steps=n, warmup_steps=1000)],
     "PredictionDynamics": lambda n: [PredictionDynamics(every_n_steps=n)],
+    "WiringCheck": lambda n: [WiringCheck()],
     "bundle": lambda n: [
         HeadBiasInit(on_fail="warn"),
         InitialLossCheck(on_fail="warn"),
