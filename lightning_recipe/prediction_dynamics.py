@@ -222,7 +222,8 @@ class PredictionDynamics(RecipeCheck):
                        f"noisy and biased.{where} HINT: make the randomness follow the mode "
                        "(`F.dropout(x, p, training=self.training)`, or an `nn.Dropout` module); if the model samples "
                        "on purpose (a VAE, MC dropout), pass `PredictionDynamics(eval_mode=False)` (with a preset: "
-                       "`exclude=[\"PredictionDynamics\"]` and that callback added).", diff, rtol * scale, trainer.global_step, list(_EVAL_RANDOM),
+                       "`exclude=[\"PredictionDynamics\"]` and that callback added).",
+                       diff, rtol * scale, trainer.global_step, list(_EVAL_RANDOM),
                        {"max_difference": diff, "scale": scale, "first_module": seen_a[first][0] if first is not None
                         else None})
 
