@@ -304,11 +304,15 @@ class OutputRangeCheck(_OnceCheck):
         out, leaves = self._leaf_outputs(trainer, pl_module, ctx, ctx.initial_output.numel())
         names = {m: n for n, m in pl_module.named_modules()}
         tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
-        found = output_interval(spec.canonical_outputs(out.double()),
-                                [(m, spec.canonical_outputs(o.double().reshape(out.shape))) for m, o in leaves], tol)
+        canon = spec.canonical_outputs(out.double())
+        found = output_interval(canon, [(m, spec.canonical_outputs(o.double().reshape(out.shape))) for m, o in leaves],
+                                tol)
         if found is None:
+            const = canon.shape[0] > 1 and bool((canon.amax(0) == canon.amin(0)).any())
+            why = (" (an output constant over the probe batch, e.g. a saturated activation, fits any transform)"
+                   if const else "")
             return Finding(name, "skip", f"{self.name}: the model's output is not a leaf module's output, an activation "
-                           "of one, or an elementwise affine of these: its range was not measured.")
+                           f"of one, or an elementwise affine of these{why}: its range was not measured.")
         lo, hi, what, module = found
         where = f"`{names.get(module, '?')}` ({type(module).__name__})"
         what = what.replace("{m}", where)

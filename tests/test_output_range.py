@@ -239,6 +239,8 @@ def test_output_interval_pure():
     assert lo.tolist() == pytest.approx([-1.0, -1.0]) and hi.tolist() == pytest.approx([1.0, 1.0])  # a < 0 flips
     assert "sigmoid" in what
     assert output_interval(h ** 3, [(nn.Linear(3, 2), h)]) is None  # not a recognised transform: not measured
+    saturated = 127.5 * (1 + torch.tanh(h + 200))  # a head bias at the target mean saturates a scaled tanh: 255 always
+    assert output_interval(saturated, [(nn.Linear(3, 2), h)]) is None  # a constant fits any affine: not measured
     assert affine_fit(h, torch.ones_like(h)) is None  # a constant column fits anything
     r = out_of_reach(torch.tensor([[0.0], [1.0], [2.0], [-1.0]]), torch.tensor([0.0]), torch.tensor([1.0]))
     assert r["share"] == 0.5 and r["floor"] == pytest.approx(2 / 4 / 1.25)  # bounds count as reachable
