@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -30,6 +31,12 @@ _AFFINE = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd)  # layers whose outp
 _REGRESSION = ("MSELoss", "L1Loss", "SmoothL1Loss", "HuberLoss")
 _SCALE = 1000.0
 _RECONSTRUCTION = 0.9  # inputs-targets correlation above which integer targets are the inputs' own pixel values
+_REACH_SHARE = 0.05  # most of the targets allowed outside the output's range (tails of targets scaled to fit it)
+_REACH = [
+    "ReLU or sigmoid on standardized targets (mean 0, std 1): about half of them are negative",
+    "tanh on unscaled targets (e.g. pixel values in [0, 255], prices, counts)",
+    "targets not scaled to the activation's range (e.g. [0, 1] for a sigmoid, [-1, 1] for a tanh)",
+]
 
 
 class OutputRangeCheck(_OnceCheck):
@@ -52,6 +59,23 @@ class OutputRangeCheck(_OnceCheck):
       ``[0.5, 0.731]``).
     * ``NLLLoss``: the outputs must be log-probabilities (``logsumexp`` over classes = 0): probabilities (rows summing to
       1) or unnormalised logits fail.
+    * a regression loss (MSE, L1, Huber, SmoothL1): the **range the output can take** must hold the targets
+      (``OutputRangeCheck.target_range``). The range comes from the last transform of the output, found with forward
+      hooks on every leaf module: an activation module whose output is the model's output (``ReLU`` ``[0, inf)``,
+      ``ReLU6`` ``[0, 6]``, ``Softplus`` ``[0, inf)``, ``ELU``/``CELU`` ``[-alpha, inf)``, ``SELU``, ``GELU``, ``SiLU``,
+      ``Sigmoid``/``Hardsigmoid``/``Softmax`` ``[0, 1]``, ``Tanh``/``Softsign`` ``[-1, 1]``, ``Hardtanh``
+      ``[min_val, max_val]``, ``LogSigmoid`` ``(-inf, 0]``); else the output as an elementwise affine ``a * z + b``
+      (per output, fitted on the probe batch to round-off) of such a module's output, or of ``relu``/``sigmoid``/
+      ``tanh``/``softplus``/``softmax`` of the last leaf module's output (a functional activation, scaled or not:
+      ``127.5 * (1 + tanh(h))`` reaches ``[0, 255]``), the bounds mapped through it. An output that is a leaf's own
+      output or an affine of it is unbounded → pass; a transform that fits none of these → skip (range not measured).
+      Fails when more than 5% of the training targets (the label sample of the fit, else the probe batch) lie outside
+      the interval, or when the target mean does: a model whose outputs cannot reach the targets is left with a loss
+      floor (reported as the mean squared distance of the targets to the interval, relative to their variance). The
+      5% leaves room for tails: targets standardised and halved for a ``tanh`` have 4.6% beyond ``[-1, 1]`` and pass;
+      a sigmoid or ReLU on standardised targets leaves about 50% out of reach, a ``tanh`` on ``[0, 255]`` about 100%.
+      An initial output so close to linear that ``tanh(h)`` is an affine of ``h`` to round-off (``|h| < 1e-2``) reads
+      as unbounded (no false alarm, a missed one).
     * a regression loss (MSE, L1, Huber) on targets that are **class labels** (integer dtype, or integer-valued
       floats with at most ``max_classes`` distinct values and at least 5 examples per value, on the training label
       sample) → a ``note`` (never a warning): the loss does not fit a classification task, but healthy ordinal and
@@ -87,8 +111,10 @@ class OutputRangeCheck(_OnceCheck):
         if ctx is None:
             return
         spec = ctx.spec
+        reach: Optional[Finding] = None
         if spec.loss_name in _REGRESSION:
             finding = self._labels(ctx)
+            reach = self._reach_finding(trainer, pl_module, ctx)
         elif spec.loss_name in _LOGIT_LOSSES + ("NLLLoss",):
             finding = self._range(trainer, pl_module, ctx)
         elif spec.probabilities:
@@ -102,6 +128,8 @@ class OutputRangeCheck(_OnceCheck):
         if finding.status == "warn":
             rank_zero_warn(finding.message, category=RecipeWarning)
         self._conclude(trainer, finding)
+        if reach is not None:
+            self._conclude(trainer, reach)
 
     # -- logits vs probabilities ----------------------------------------------------------------------------------
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any, inputs: Any) -> tuple[Tensor, Optional[Tensor]]:
@@ -247,6 +275,278 @@ class OutputRangeCheck(_OnceCheck):
                        f"distinct values in {res['count']} labels).", float(res["distinct"]), float(self.max_classes), 0,
                        [], details)
 
+
+    # -- the output's reachable range vs the targets' range -------------------------------------------------------
+    def _reach_finding(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any) -> Finding:
+        name = f"{self.name}.target_range"
+        try:
+            return self._reach(trainer, pl_module, ctx, name)
+        except Exception as err:  # an aid: an unusual model skips this rule, never the fit
+            return Finding(name, "skip", f"{self.name}: the output range could not be measured: "
+                           f"{type(err).__name__}: {err}.")
+
+    def _leaf_outputs(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any,
+                      numel: int) -> tuple[Tensor, list[tuple[nn.Module, Tensor]]]:
+        """One probe forward; the outputs of the leaf modules with the model output's size, in execution order."""
+        seen: list[tuple[nn.Module, Tensor]] = []
+
+        def hook(module: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.numel() == numel and out.is_floating_point():
+                seen.append((module, out.detach()))
+
+        handles = []
+        try:
+            for m in pl_module.modules():
+                if m is not pl_module and next(m.children(), None) is None:
+                    try:
+                        handles.append(m.register_forward_hook(hook))
+                    except RuntimeError:  # a scripted/traced submodule takes no hook
+                        pass
+            with probe_mode(trainer, pl_module):
+                out = run_forward(pl_module, ctx.inputs, self._settings.forward)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.detach(), seen
+
+    def _reach(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any, name: str) -> Finding:
+        spec = ctx.spec
+        if spec.task != "regression":
+            return Finding(name, "skip", f"{self.name}: {spec.loss_name} on a {spec.task} task: no target range to check.")
+        out, leaves = self._leaf_outputs(trainer, pl_module, ctx, ctx.initial_output.numel())
+        names = {m: n for n, m in pl_module.named_modules()}
+        tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
+        canon = spec.canonical_outputs(out.double())
+        found = output_interval(canon, [(m, spec.canonical_outputs(o.double().reshape(out.shape))) for m, o in leaves],
+                                tol)
+        if found is None:
+            const = canon.shape[0] > 1 and bool((canon.amax(0) == canon.amin(0)).any())
+            why = (" (an output constant over the probe batch, e.g. a saturated activation, fits any transform)"
+                   if const else "")
+            return Finding(name, "skip", f"{self.name}: the model's output is not a leaf module's output, an activation "
+                           f"of one, or an elementwise affine of these{why}: its range was not measured.")
+        lo, hi, what, module = found
+        where = f"`{names.get(module, '?')}` ({type(module).__name__})"
+        what = what.replace("{m}", where)
+        y = ctx.stats.sample.double()
+        reach = out_of_reach(y, lo, hi, rtol=max(tol, 1e-6) if "affine" in what else 1e-6)
+        details = {**reach, "output": what, "low": _show(lo), "high": _show(hi),
+                   "interval": [float(lo.min()), float(hi.max())], "targets_from": ctx.stats.source,
+                   "loss": spec.loss_name}
+        if not reach["bounded"]:
+            return Finding(name, "pass", f"{self.name}: the model's output is {what}: unbounded, any target is reachable.",
+                           0.0, _REACH_SHARE, 0, [], details)
+        rng = ("(" if bool(torch.isinf(lo).all()) else "[") + f"{_show(lo)}, {_show(hi)}" + \
+            (")" if bool(torch.isinf(hi).all()) else "]")
+        targets = (f"training targets ({ctx.stats.source}: {reach['count']} values in [{reach['min']:.4g}, "
+                   f"{reach['max']:.4g}], mean {reach['mean']:.4g}, 1%-99% quantiles [{reach['q01']:.4g}, "
+                   f"{reach['q99']:.4g}])")
+        if reach["share"] > _REACH_SHARE or reach["mean_outside"]:
+            mean = " and their mean is outside it" if reach["mean_outside"] else ""
+            return Finding(name, "fail", f"{self.name}: the model's output is {what}, confined to {rng}, but "
+                           f"{100 * reach['share']:.3g}% of the {targets} lie outside it{mean}: the model cannot reach "
+                           f"them, and {spec.loss_name} keeps a floor (the targets' mean squared distance to {rng} is "
+                           f"{reach['floor']:.3g} of their variance). HINT: remove the final activation (return the "
+                           f"head's output) for unbounded targets, or scale the targets to {rng}.", reach["share"],
+                           _REACH_SHARE, 0, list(_REACH), details)
+        return Finding(name, "pass", f"{self.name}: the model's output is {what}, confined to {rng}, and holds the {targets} "
+                       f"({100 * reach['share']:.3g}% outside, at most {100 * _REACH_SHARE:g}% allowed).",
+                       reach["share"], _REACH_SHARE, 0, [], details)
+
+
+def _show(bound: Tensor) -> str:
+    """A bound per output, shown as one number when every output has the same."""
+    b = bound.reshape(-1)
+    if b.numel() == 1 or bool((b == b[0]).all()):
+        return f"{float(b[0]):.4g}"
+    return "(" + ", ".join(f"{float(v):.4g}" for v in b[:4]) + (", ...)" if b.numel() > 4 else ")")
+
+
+def activation_range(module: nn.Module) -> Optional[tuple[float, float]]:
+    """The closed interval an activation module's output lies in, or ``None`` for a module that is not a bounded one.
+
+    Example::
+
+        >>> activation_range(nn.Tanh()), activation_range(nn.ELU(alpha=0.5)), activation_range(nn.Linear(2, 2))
+        ((-1.0, 1.0), (-0.5, inf), None)
+    """
+    inf = math.inf
+    if isinstance(module, (nn.ReLU, nn.Softplus)):
+        return (0.0, inf)
+    if isinstance(module, nn.ReLU6):
+        return (0.0, 6.0)
+    if isinstance(module, nn.Hardtanh):  # also ReLU6 (handled above, same bounds)
+        return (float(module.min_val), float(module.max_val))
+    if isinstance(module, (nn.ELU, nn.CELU)):
+        return (-float(module.alpha), inf)
+    if isinstance(module, nn.SELU):
+        return (-1.0507009873554805 * 1.6732632423543772, inf)
+    if isinstance(module, nn.GELU):
+        return (-0.17, inf)  # min of x * Phi(x) is -0.16997 (tanh approximation: about the same)
+    if isinstance(module, nn.SiLU):
+        return (-0.2785, inf)  # min of x * sigmoid(x) is -0.27846
+    if isinstance(module, (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d)):
+        return (0.0, 1.0)
+    if isinstance(module, (nn.Tanh, nn.Softsign)):
+        return (-1.0, 1.0)
+    if isinstance(module, nn.LogSigmoid):
+        return (-inf, 0.0)
+    return None
+
+
+_FUNCTIONAL: tuple[tuple[str, Any, tuple[float, float]], ...] = (
+    ("sigmoid", torch.sigmoid, (0.0, 1.0)),
+    ("tanh", torch.tanh, (-1.0, 1.0)),
+    ("relu", torch.relu, (0.0, math.inf)),
+    ("softplus", torch.nn.functional.softplus, (0.0, math.inf)),
+    ("softmax", lambda z: torch.softmax(z, -1), (0.0, 1.0)),
+)
+
+
+def affine_fit(out: Tensor, z: Tensor, tol: float = 1e-4) -> Optional[tuple[Tensor, Tensor]]:
+    """Per column ``(a, b)`` with ``out = a * z + b`` to within ``tol`` of each column's spread, else ``None``.
+
+    ``out`` and ``z`` are ``(M, D)``; every column of both must vary (a constant column says nothing).
+
+    Example::
+
+        >>> z = torch.linspace(-1, 1, 5).reshape(5, 1).double()
+        >>> a, b = affine_fit(3 * z + 2, z)
+        >>> float(a), float(b)
+        (3.0, 2.0)
+        >>> affine_fit(z ** 3, z) is None
+        True
+    """
+    if out.shape != z.shape or out.ndim != 2 or out.shape[0] < 3:
+        return None
+    o, x = out.double(), z.double()
+    xc, oc = x - x.mean(0), o - o.mean(0)
+    sxx = xc.pow(2).sum(0)
+    spread = o.max(0).values - o.min(0).values
+    if not bool((sxx > 0).all()) or not bool((spread > 0).all()):
+        return None
+    a = (xc * oc).sum(0) / sxx
+    b = o.mean(0) - a * x.mean(0)
+    resid = (o - (a * x + b)).abs().max(0).values
+    if not bool((resid <= tol * spread).all()) or not bool((a != 0).all()):
+        return None
+    return a, b
+
+
+def output_interval(out: Tensor, leaves: list[tuple[nn.Module, Tensor]],
+                    tol: float = 1e-4) -> Optional[tuple[Tensor, Tensor, str, nn.Module]]:
+    """The interval ``[lo, hi]`` (per output column) the model's output can take, from its last transform.
+
+    Args:
+        out: the model's output ``(M, D)``.
+        leaves: ``(module, output)`` of the leaf modules whose output has the model output's size, in execution
+            order, each reshaped to ``(M, D)``.
+        tol: tolerance of the affine fits, relative to each output column's spread.
+
+    Returns:
+        ``(lo, hi, description, module)`` (``lo``/``hi`` of shape ``(D,)``, infinite for an unbounded side; the
+        description has ``{m}`` where the module is named), or ``None`` when the output is not one of the transforms
+        recognised (see :class:`OutputRangeCheck`).
+
+    Example::
+
+        >>> h = torch.randn(16, 1, generator=torch.Generator().manual_seed(0)).double()
+        >>> lo, hi, what, _ = output_interval(127.5 * (1 + torch.tanh(h)), [(nn.Linear(4, 1), h)])
+        >>> float(lo), float(hi), what
+        (0.0, 255.0, 'an elementwise affine of tanh of {m}')
+        >>> output_interval(h, [(nn.Linear(4, 1), h)])[1]
+        tensor([inf], dtype=torch.float64)
+    """
+    d = out.shape[-1]
+    inf = torch.full((d,), math.inf, dtype=torch.float64)
+
+    def mapped(rng: tuple[float, float], ab: Optional[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        lo = torch.full((d,), rng[0], dtype=torch.float64)
+        hi = torch.full((d,), rng[1], dtype=torch.float64)
+        if ab is None:
+            return lo, hi
+        a, b = ab  # a != 0: an infinite bound stays infinite, its sign flipped with a's
+        x, y = a * lo + b, a * hi + b
+        return torch.minimum(x, y), torch.maximum(x, y)
+
+    flat = out.reshape(-1)
+    same = [(m, o) for m, o in leaves if o.shape == out.shape and torch.equal(o.reshape(-1), flat)]
+    if same:  # the output is a leaf's own output: bounded when any of those leaves is a bounded activation
+        for m, _ in reversed(same):
+            rng = activation_range(m)
+            if rng is not None:
+                lo, hi = mapped(rng, None)
+                return lo, hi, "the output of {m}", m
+        return -inf, inf, "the output of {m}", same[-1][0]
+    sized = [(m, o) for m, o in leaves if o.shape == out.shape]
+    if not sized:
+        return None
+    m, pre = sized[-1]
+    rng = activation_range(m)
+    ab = affine_fit(out, pre, tol)
+    if rng is not None and ab is not None:
+        lo, hi = mapped(rng, ab)
+        return lo, hi, "an elementwise affine of the output of {m}", m
+    if ab is not None:  # an affine of an unbounded layer (or of a near-linear stretch of an activation: cannot tell)
+        return -inf, inf, "an elementwise affine of the output of {m}", m
+    for fname, fn, frng in _FUNCTIONAL:
+        if fname == "softmax" and d < 2:
+            continue
+        z = fn(pre)
+        if torch.allclose(out, z, rtol=tol, atol=tol * max(float(z.abs().max()), 1e-12)):
+            lo, hi = mapped(frng, None)
+            return lo, hi, f"{fname} of {{m}}", m
+        ab = affine_fit(out, z, tol)
+        if ab is not None:
+            lo, hi = mapped(frng, ab)
+            return lo, hi, f"an elementwise affine of {fname} of {{m}}", m
+    return None
+
+
+def out_of_reach(targets: Tensor, lo: Tensor, hi: Tensor, rtol: float = 1e-6) -> dict[str, Any]:
+    """How much of ``targets`` ``(M, D)`` lies outside the closed interval ``[lo, hi]`` (per column, or scalars).
+
+    Keys: ``bounded`` (either bound finite), ``share`` (fraction of the target values outside, a bound itself counting
+    as inside, up to ``rtol`` times the largest finite bound's size, at least 1: bounds mapped through a fitted affine
+    carry its round-off), ``mean_outside`` (a column's target mean outside), ``floor`` (mean
+    squared distance of the targets to the interval over their variance: the least MSE a model confined to the
+    interval reaches, in units of the loss of predicting the mean), ``count``, ``min``, ``max``, ``mean``,
+    ``q01``, ``q99``.
+
+    Example::
+
+        >>> y = torch.linspace(-2, 2, 401).reshape(-1, 1)
+        >>> r = out_of_reach(y, torch.tensor([0.0]), torch.tensor([1.0]))
+        >>> round(r["share"], 3), r["mean_outside"]
+        (0.748, False)
+        >>> out_of_reach(y, torch.tensor([-2.0]), torch.tensor([2.0]))["share"]
+        0.0
+    """
+    y = targets.detach().double().cpu()
+    if y.ndim < 2:
+        y = y.reshape(-1, 1)
+    lo_t, hi_t = lo.detach().double().cpu().reshape(-1), hi.detach().double().cpu().reshape(-1)
+    if lo_t.numel() != y.shape[-1] and lo_t.numel() > 1:  # outputs and targets laid out differently: the envelope
+        lo_t, hi_t = lo_t.min().reshape(1), hi_t.max().reshape(1)
+    bounded = bool(torch.isfinite(lo_t).any() or torch.isfinite(hi_t).any())
+    finite = torch.isfinite(y).all(-1)
+    y = y[finite]
+    if y.numel() == 0:
+        return {"bounded": bounded, "share": 0.0, "mean_outside": False, "floor": 0.0, "count": 0,
+                "min": math.nan, "max": math.nan, "mean": math.nan, "q01": math.nan, "q99": math.nan}
+    size = torch.maximum(lo_t.abs().nan_to_num(posinf=0.0), hi_t.abs().nan_to_num(posinf=0.0)).clamp(min=1.0)
+    eps_lo = eps_hi = rtol * size
+    outside = (y < lo_t - eps_lo) | (y > hi_t + eps_hi)
+    mean = y.mean(0)
+    clipped = torch.maximum(torch.minimum(y, hi_t), lo_t)
+    var = float(y.var(0, unbiased=False).sum())
+    dist = float((y - clipped).pow(2).mean(0).sum())
+    flat = y.reshape(-1)
+    q = torch.quantile(flat[:1_000_000].float(), torch.tensor([0.01, 0.99])).tolist()
+    return {"bounded": bounded, "share": float(outside.double().mean()),
+            "mean_outside": bool(((mean < lo_t - eps_lo) | (mean > hi_t + eps_hi)).any()),
+            "floor": dist / var if var > 0 else (math.inf if dist > 0 else 0.0), "count": int(flat.numel()),
+            "min": float(flat.min()), "max": float(flat.max()), "mean": float(flat.mean()), "q01": q[0], "q99": q[1]}
 
 
 def _affine_output(ctx: Any) -> bool:

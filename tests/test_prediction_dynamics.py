@@ -1,12 +1,13 @@
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from helpers import TinyModel, blobs, loader, regression_data, trainer
 from matplotlib.image import imread
 from torch import nn
 
-from lightning_recipe import PredictionDynamics
+from lightning_recipe import PredictionDynamics, RecipeCheckError, RecipeConfigError, RecipeWarning, recommended, strict
 
 
 def _not_blank(path):
@@ -122,25 +123,22 @@ class _Dropout(_DropoutForcedOn):
         return self.net(x)
 
 
-def _eval_mode(tmp_path, model):
+def _eval_mode(tmp_path, model, on_fail="warn", **kw):
     L.seed_everything(0)
     x, y = blobs(n=128)
-    cb = PredictionDynamics(every_n_steps=4)
+    cb = PredictionDynamics(every_n_steps=4, on_fail=on_fail, **kw)
     trainer(tmp_path, [cb], max_steps=2).fit(model, loader(x, y))
     return next(f for f in cb.findings if f.check == "PredictionDynamics.eval_mode")
 
 
-def test_randomness_in_eval_mode_warns_and_names_where_it_starts(tmp_path):
-    import pytest
-
-    from lightning_recipe import RecipeWarning
-
+def test_randomness_in_eval_mode_fails_and_names_where_it_starts(tmp_path):
     with pytest.warns(RecipeWarning, match="EVAL mode"):
         f = _eval_mode(tmp_path, _FunctionalDropout())
-    assert f.status == "warn" and "`net.2`, and its input differs" in f.message
+    assert f.status == "fail" and "`net.2`, and its input differs" in f.message
     assert f.measured > f.expected > 0 and "F.dropout" in f.causes[0]
+    assert "eval_mode=False" in f.message  # the way out for a model that samples on purpose
     f = _eval_mode(tmp_path, _DropoutForcedOn())
-    assert f.status == "warn" and "`net.2`, on the same input: the module itself is random" in f.message
+    assert f.status == "fail" and "`net.2`, on the same input: the module itself is random" in f.message
     # nn.Dropout, switched off by eval(): two forwards agree exactly
     f = _eval_mode(tmp_path, _Dropout())
     assert f.status == "pass" and f.measured == 0.0
@@ -152,7 +150,7 @@ def test_eval_randomness_hidden_by_a_zero_head_and_a_scripted_submodule(tmp_path
     model = _FunctionalDropout()
     torch.nn.init.zeros_(model.net[2].weight)  # the predictions are the bias alone, whatever the dropout does
     f = _eval_mode(tmp_path, model)
-    assert f.status == "warn" and f.measured == 0.0 and f.details["first_module"] == "net.2"
+    assert f.status == "fail" and f.measured == 0.0 and f.details["first_module"] == "net.2"
     scripted = _Dropout()
     scripted.net[0] = torch.jit.script(scripted.net[0])
     L.seed_everything(0)
@@ -160,3 +158,39 @@ def test_eval_randomness_hidden_by_a_zero_head_and_a_scripted_submodule(tmp_path
     cb = PredictionDynamics(every_n_steps=4, head="net.3")  # given: head detection hooks every biased module
     trainer(tmp_path, [cb], max_steps=8).fit(scripted, loader(x, y))
     assert [f.status for f in cb.findings] == ["pass", "pass"] and cb.steps[:2] == [0, 4]
+
+
+class _Dropout50(TinyModel):
+    """Broken: ``F.dropout(x, 0.5)`` in forward drops half the hidden units in eval mode too."""
+
+    def forward(self, x):
+        return self.net[2](torch.nn.functional.dropout(self.net[1](self.net[0](x)), 0.5))
+
+
+def _preset_fit(tmp_path, callbacks, model):
+    L.seed_everything(0)
+    x, y = blobs(n=128)
+    trainer(tmp_path, callbacks, max_steps=2).fit(model, loader(x, y))
+    return next(f for cb in callbacks[0].callbacks for f in cb.findings if f.check == "PredictionDynamics.eval_mode")
+
+
+def test_eval_randomness_raises_in_strict_and_warns_in_recommended(tmp_path):
+    others = ["DataCheck", "HeadBiasInit", "OutputRangeCheck", "InitialLossCheck", "BatchIndependenceCheck",
+              "ParameterUpdateCheck", "LossDecreaseCheck", "InputDependenceCheck", "OptimizationHealthCheck",
+              "ReproducibilityCheck"]  # PredictionDynamics alone, as the presets build it
+    with pytest.raises(RecipeCheckError, match="EVAL mode") as err:
+        _preset_fit(tmp_path, strict(exclude=others), _Dropout50())
+    assert "F.dropout" in str(err.value) and "eval_mode=False" in str(err.value)
+    with pytest.warns(RecipeWarning, match="EVAL mode"):
+        f = _preset_fit(tmp_path, recommended(exclude=others), _Dropout50())
+    # two masks of p=0.5 disagree on about half the hidden units: far beyond the 1e-3 relative tolerance
+    assert f.status == "fail" and f.measured > 100 * f.expected > 0
+    f = _preset_fit(tmp_path, strict(exclude=others), _Dropout())  # nn.Dropout is off in eval: identical forwards
+    assert f.status == "pass" and f.measured == 0.0
+
+
+def test_eval_mode_comparison_can_be_switched_off(tmp_path):
+    f = _eval_mode(tmp_path, _Dropout50(), on_fail="raise", eval_mode=False)  # a model that samples on purpose
+    assert f.status == "skip" and "eval_mode=False" in f.message
+    with pytest.raises(RecipeConfigError, match="`eval_mode`"):
+        PredictionDynamics(eval_mode="no")
