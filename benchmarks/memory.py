@@ -2,7 +2,8 @@
 
 A ~17M-parameter MLP (2048 -> 4096 -> 2048 -> 10, Adam) and optionally a BatchNorm conv net (~2.4M parameters) are
 fitted for ``--steps`` optimizer steps on synthetic data, once per configuration, each fit in its own subprocess so
-that every peak is clean. A child measures its peak memory during ``trainer.fit`` only (model and data are built
+that every peak is clean (after a warm-up fit of the same configuration on a tiny model in that process, so that
+lazy imports and one-time caches are not counted). A child measures its peak memory during ``trainer.fit`` only (model and data are built
 before): on CPU the peak resident set size (Linux ``VmHWM``, reset before the fit through ``/proc/self/clear_refs``;
 elsewhere ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which then also covers the build), on a GPU
 ``torch.cuda.max_memory_allocated`` (reset before the fit). What is printed per configuration is its peak over the
@@ -15,6 +16,7 @@ and Adam's state come later) but is what a model sized to fill the memory hits f
     python benchmarks/memory.py                                   # plain, recommended(), the two checks alone
     python benchmarks/memory.py --models mlp conv --repeats 3     # median of 3 fits per configuration
     python benchmarks/memory.py --configs ParameterUpdateCheck    # one check alone (plain always runs)
+    python benchmarks/memory.py --configs all                     # the preset and each of its checks alone
     python benchmarks/memory.py --device cuda                     # on a GPU (torch.cuda peak allocation)
 """
 
@@ -86,9 +88,11 @@ def _data(model: str, n: int = 256, batch_size: int = 32) -> DataLoader:
 CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "plain": lambda: [],
     "recommended": lambda: lr.recommended(),
-    "BatchIndependenceCheck": lambda: [lr.BatchIndependenceCheck(on_fail="warn")],
-    "ParameterUpdateCheck": lambda: [lr.ParameterUpdateCheck(on_fail="warn")],
 }
+# each check of the preset alone (``--configs`` with its class name)
+for _cb in lr.recommended()[0].callbacks:
+    CONFIGS[type(_cb).__name__] = (lambda cls: lambda: [cls(on_fail="warn")])(type(_cb))
+DEFAULT_CONFIGS = ["recommended", "BatchIndependenceCheck", "ParameterUpdateCheck"]
 
 
 def _hwm_reset() -> bool:
@@ -121,10 +125,21 @@ class _SetupPeak(Callback):
             self.peak = self.read()
 
 
+def _warm_up(model_name: str, config: str, device: str) -> None:
+    """The same configuration on a tiny model first, so that what is loaded once per process (lazy imports such as
+    matplotlib, kernels, allocator pools) is not counted as the callbacks' memory."""
+    model = MLP((2048, 16, 10)) if model_name == "mlp" else ConvNet(width=4)
+    with tempfile.TemporaryDirectory() as root:
+        L.Trainer(max_steps=8, max_epochs=-1, accelerator=device, devices=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, default_root_dir=root,
+                  callbacks=CONFIGS[config](), num_sanity_val_steps=0).fit(model, _data(model_name))
+
+
 def child(model_name: str, config: str, steps: int, device: str) -> dict[str, Any]:
     """One fit; its peak memory above the memory held when the fit starts, in bytes."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    _warm_up(model_name, config, device)
     L.seed_everything(0, verbose=False)
     model = MLP() if model_name == "mlp" else ConvNet()
     data = _data(model_name)
@@ -177,7 +192,8 @@ def _run_child(model: str, config: str, steps: int, device: str) -> dict[str, An
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp"], choices=["mlp", "conv"])
-    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "plain"], choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=[*CONFIGS, "all"],
+                        help="configurations besides the plain fit; `all`: the preset and each of its checks alone")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -186,6 +202,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child[0], args.child[1], args.steps, args.device)))
         return
+    if "all" in args.configs:
+        args.configs = [c for c in CONFIGS if c != "plain"]
     print(f"device {args.device}, {args.steps} steps, median of {args.repeats} fit(s) per configuration")
     for model in args.models:
         runs: dict[str, list[dict[str, Any]]] = {}
