@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -35,8 +34,10 @@ class BatchIndependenceCheck(_OnceCheck):
     """The output of example ``i`` must depend on example ``i`` of the batch only (and, in causal mode, the output at
     position ``t`` on positions ``<= t`` only).
 
-    At fit start, on a deep copy of the model in eval mode (BatchNorm uses its running statistics, dropout is off;
-    the training model, its gradients and the random state are not touched), the check takes the probe batch (at
+    At fit start, on the model itself in eval mode (BatchNorm uses its running statistics, dropout is off; each
+    submodule's mode, every parameter's ``requires_grad`` flag and every buffer are put back afterwards, the random
+    state is isolated, and no parameter's ``.grad`` is touched: parameters are taken out of the autograd graph for the
+    probe and only the inputs are differentiated, with ``torch.autograd.grad``), the check takes the probe batch (at
     most ``max_batch_size`` examples), computes for ``num_examples`` examples ``i`` the gradient of a fixed random
     projection of output ``i`` with respect to the whole input batch, and measures per example ``j`` the size
     ``m_j = sum |grad_j|``. A healthy model gives exactly zero outside ``i`` (no arithmetic mixes examples), so the
@@ -56,8 +57,10 @@ class BatchIndependenceCheck(_OnceCheck):
     says so. When the outputs are not ``(N, T, ...)`` (a model that flattens them itself) the automatic causal mode
     is left out with a note instead of an error.
 
-    Two host syncs in all (the automatic causal detection and the gradients). Skipped on a resume and under
-    model-parallel strategies (FSDP, DeepSpeed), where a copy of the model cannot run on its own.
+    Two host syncs in all (the automatic causal detection and the gradients). No copy of the model: the memory added
+    is the probe's activations and a snapshot of the buffers (on the device up to 5% of the parameters' bytes, the
+    rest on the host). Skipped on a resume and under model-parallel strategies (FSDP, DeepSpeed), where one rank
+    cannot differentiate the sharded model on its own.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -152,8 +155,8 @@ class BatchIndependenceCheck(_OnceCheck):
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", inputs: Any, causal: bool,
                auto: Optional[float], class_first: bool, labelled: Optional[Tensor] = None) -> Finding:
         if type(trainer.strategy).__name__ in _MODEL_PARALLEL:
-            return self._skip(f"not run under {type(trainer.strategy).__name__} (a copy of a sharded model cannot "
-                              "run on one rank).")
+            return self._skip(f"not run under {type(trainer.strategy).__name__} (a sharded model cannot be "
+                              "differentiated on one rank).")
         if not isinstance(inputs, Tensor) or inputs.ndim == 0:
             return self._skip(f"the inputs are a {type(inputs).__name__}, not a batched tensor. HINT: pass "
                               "`split_batch=` returning the input tensor and `forward=` consuming it.")
@@ -161,35 +164,40 @@ class BatchIndependenceCheck(_OnceCheck):
         if n < 2:
             return self._skip("the probe batch has a single example: nothing to compare.")
         x = inputs[:n].detach()
-        try:
-            model = copy.deepcopy(pl_module)
-            for p in model.parameters():
-                p.requires_grad_(False)
-        except Exception as err:  # an uncopyable module (e.g. a scripted part): say so rather than touch the original
-            return self._skip(f"could not copy the model ({type(err).__name__}: {err}).")
+        with _Frozen(pl_module):  # parameters out of the graph, buffers put back: the model is probed in place
+            return self._probe_frozen(trainer, pl_module, x, n, causal, auto, class_first, labelled)
+
+    def _probe_frozen(self, trainer: "pl.Trainer", model: "pl.LightningModule", x: Tensor, n: int, causal: bool,
+                      auto: Optional[float], class_first: bool, labelled: Optional[Tensor]) -> Finding:
         holder: dict[str, Any] = {}
         handles = []
         what = "the inputs"
-        if x.is_floating_point():
-            holder["leaf"] = x.clone().requires_grad_(True)
-            feed = holder["leaf"]
-        else:
-            modules = self._embeddings(model, pl_module)
-            if not modules:
-                return self._skip(f"the inputs are {x.dtype} (token ids?) and no nn.Embedding was found to "
-                                  "differentiate through. HINT: pass `embedding=` naming the module that consumes them.")
-
-            def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
-                if "leaf" in holder or not isinstance(out, Tensor) or not out.is_floating_point():
-                    return None
-                if not (args and isinstance(args[0], Tensor) and args[0].shape == x.shape):
-                    return None
-                holder["leaf"], holder["module"] = out.detach().requires_grad_(True), mod
-                return holder["leaf"]
-
-            handles = [m.register_forward_hook(hook) for m in modules]
-            feed = x
         try:
+            if x.is_floating_point():
+                holder["leaf"] = x.clone().requires_grad_(True)
+                feed = holder["leaf"]
+            else:
+                modules = self._embeddings(model)
+                if not modules:
+                    return self._skip(f"the inputs are {x.dtype} (token ids?) and no nn.Embedding was found to "
+                                      "differentiate through. HINT: pass `embedding=` naming the module that consumes "
+                                      "them.")
+
+                def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+                    if "leaf" in holder or not isinstance(out, Tensor) or not out.is_floating_point():
+                        return None
+                    if not (args and isinstance(args[0], Tensor) and args[0].shape == x.shape):
+                        return None
+                    holder["leaf"], holder["module"] = out.detach().requires_grad_(True), mod
+                    return holder["leaf"]
+
+                for m in modules:
+                    try:
+                        handles.append(m.register_forward_hook(hook))
+                    except RuntimeError as err:  # a scripted module takes no hook
+                        return self._skip(f"the embedding ({type(m).__name__}) takes no forward hook ({err}). HINT: "
+                                          "pass `embedding=` naming an eager module that consumes the inputs.")
+                feed = x
             with probe_mode(trainer, model), torch.enable_grad():
                 try:
                     out = run_forward(model, feed, self._settings.forward)
@@ -197,8 +205,8 @@ class BatchIndependenceCheck(_OnceCheck):
                         out = out.movedim(1, -1)  # (N, C, T, ...) logits, PyTorch's layout: time on dimension 1
                 except RecipeConfigError:
                     raise
-                except Exception as err:  # e.g. a forward that needs `self.trainer`, which a copy does not have
-                    return self._skip(f"the forward of a copy of the model failed ({type(err).__name__}: {err}).")
+                except Exception as err:  # e.g. a forward that cannot run with its parameters frozen
+                    return self._skip(f"the probe forward of the model failed ({type(err).__name__}: {err}).")
                 leaf = holder.get("leaf")
                 if leaf is None:
                     return self._skip(f"no embedding consumed the inputs {tuple(x.shape)}. HINT: pass `embedding=`.")
@@ -210,16 +218,14 @@ class BatchIndependenceCheck(_OnceCheck):
             for h in handles:
                 h.remove()
 
-    def _embeddings(self, model: nn.Module, original: nn.Module) -> list[nn.Module]:
+    def _embeddings(self, model: nn.Module) -> list[nn.Module]:
         if self.embedding is None:
             return [m for m in model.modules() if isinstance(m, nn.Embedding)]
         if isinstance(self.embedding, str):
             return [resolve_module(model, self.embedding, arg="embedding")]
-        # a module of the training model: its counterpart in the copy has the same name
-        name = next((k for k, m in original.named_modules() if m is self.embedding), None)
-        if name is None:
-            raise RecipeConfigError(f"`embedding` is not a submodule of {type(original).__name__}.")
-        return [model.get_submodule(name)]
+        if not any(m is self.embedding for m in model.modules()):
+            raise RecipeConfigError(f"`embedding` is not a submodule of {type(model).__name__}.")
+        return [self.embedding]
 
     def _gradients(self, out: Tensor, leaf: Tensor, n: int, what: str, causal: bool, auto: bool,
                    labelled: Optional[Tensor] = None) -> Finding:
@@ -333,6 +339,51 @@ class BatchIndependenceCheck(_OnceCheck):
                        f"outside its own example ({scope}; largest relative leak {worst:.3g}).", worst, 0.0, 0, [],
                        details)
 
+
+
+class _Frozen:
+    """The model probed in place: parameters out of the autograd graph, buffers put back as they were.
+
+    On entry every parameter's ``requires_grad`` flag is recorded and set to ``False`` (the probe differentiates the
+    inputs only, with ``torch.autograd.grad``: no parameter's ``.grad`` is read or written), and every buffer is
+    snapshotted; on exit the flags are set back exactly, buffers that the forward replaced are put back (the original
+    tensor objects, which optimizers or other modules may hold) and every buffer's values are copied back. Snapshots
+    stay on the device up to :data:`_BUFFER_BUDGET` of the parameters' bytes, smallest buffers first (BatchNorm
+    statistics); larger buffers (a big positional table or cache) are snapshotted on the host, so that the device
+    holds no more than that budget (on a CPU model the host is the device: only a model whose buffers outweigh 5% of
+    its parameters exceeds it).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> "_Frozen":
+        params = list(self.model.parameters())
+        self.flags = [(p, p.requires_grad) for p in params]
+        budget = _BUFFER_BUDGET * sum(p.numel() * p.element_size() for p in params)
+        self.buffers: list[tuple[nn.Module, str, Tensor, Tensor]] = []
+        owned = [(m, k, b) for m in self.model.modules() for k, b in m._buffers.items() if isinstance(b, Tensor)]
+        with torch.no_grad():
+            for m, k, b in sorted(owned, key=lambda e: e[2].numel() * e[2].element_size()):
+                size = b.numel() * b.element_size()
+                on_device = size <= budget or b.device.type == "cpu"
+                budget -= size if size <= budget else 0
+                self.buffers.append((m, k, b, b.clone() if on_device else b.to("cpu", copy=True)))
+        for p, _ in self.flags:
+            p.requires_grad_(False)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for m, k, b, snap in self.buffers:
+                m._buffers[k] = b
+                b.copy_(snap)
+        self.flags, self.buffers = [], []
+
+
+_BUFFER_BUDGET = 0.05  # buffers snapshotted on the device, as a fraction of the parameters' bytes
 
 
 def _spread(last: int, k: int) -> list[int]:

@@ -39,11 +39,12 @@ class ParameterUpdateCheck(_OnceCheck):
     """After the first ``steps`` optimizer steps, every trainable parameter must have received a non-zero gradient
     and changed; gradients must be zeroed between optimizer steps.
 
-    At ``on_train_start`` the trainable parameters (``requires_grad``, minus ``ignore``) are copied once, on their
-    device, and matched against the optimizers' parameter groups. At every optimizer step (``on_before_optimizer_step``,
+    At ``on_train_start`` the trainable parameters (``requires_grad``, minus ``ignore``) are fingerprinted once, on
+    their device (see :func:`tensor_fingerprint`: a few sampled elements and three float64 checksums, no copy), and
+    matched against the optimizers' parameter groups. At every optimizer step (``on_before_optimizer_step``,
     where the gradients are complete, in automatic and in manual optimization) the gradient norm of each parameter
-    is folded into a running maximum on the device. After ``steps`` optimizer steps the parameters are compared with
-    their copies, in one host sync, and the copies are freed. A parameter fails when it is
+    is folded into a running maximum on the device. After ``steps`` optimizer steps the parameters are fingerprinted
+    again and compared, in one host sync, and the fingerprints are freed. A parameter fails when it is
 
     * in no optimizer parameter group;
     * without gradient at every step (``None`` or exactly zero): never used, or cut from the loss;
@@ -64,7 +65,18 @@ class ParameterUpdateCheck(_OnceCheck):
     ``k`` with constant data (like ``sqrt(k)`` at least), so the check fails when ``n_K / n_1 >= (K + 1) / 2``,
     the norm grew at all but one step, and the training loss did not grow by more than half that factor.
 
-    The per-parameter copy costs one model's worth of memory until step ``steps``; no host sync happens before.
+    **Memory.** A fingerprint holds at most 68 numbers per parameter tensor, whatever its size (a tensor of at most
+    64 elements is kept whole), and is computed chunk by chunk (temporaries of at most 64K elements), so the check
+    adds O(number of tensors) memory, not a copy of the model. **What could go unseen**: a parameter counts as
+    changed when any fingerprint entry differs. A change of one of the sampled elements is always seen. A change
+    that touches none of them (a sparse update moving ``k`` elements at random positions escapes the sample with
+    probability ``(1 - 64 / n)^k`` for a tensor of ``n`` elements) is still seen by the float64 sum as soon as it
+    moves the sum by more than about two rounding units of its largest partial sum, ``2^-51 sum_j |p_j|`` (for one
+    float32 element, any move of at least one float32 ulp when ``|p_i| >= 2^-28 sum_j |p_j|``); moves that cancel in
+    the sum are seen by the weighted sum (a swap of two values, for instance) and the sum of squares. An update goes
+    unseen only when it leaves every sampled element alone and moves all three sums by less than that rounding: a
+    few unsampled elements each moved by a rounding-level amount, or moves that cancel in three independent sums at
+    once (probability zero for updates computed from gradients). No host sync happens before step ``steps``.
     Skipped on a resume.
 
     Args:
@@ -127,7 +139,7 @@ class ParameterUpdateCheck(_OnceCheck):
         dev = self._device
         self._masks = [torch.tensor([o == k for o in self._owner], device=dev) for k in range(len(self._optimizers))]
         with torch.no_grad():
-            self._initial = [p.detach().clone() for p in self._params]
+            self._initial = [tensor_fingerprint(p) for p in self._params]
         self._zero = torch.zeros((), device=dev)
         self._grad_max = torch.zeros(len(self._params), device=dev)
         self._empty_seen = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
@@ -218,8 +230,8 @@ class ParameterUpdateCheck(_OnceCheck):
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no optimizer step was taken."))
             return
         with torch.no_grad():
-            changed = torch.stack([(p.detach() != s).any() for p, s in zip(self._params, self._initial)])
-            scale = torch.stack([s.detach().abs().max().float() if s.numel() else self._zero for s in self._initial])
+            changed = torch.stack([(tensor_fingerprint(p) != f).any() for p, f in zip(self._params, self._initial)])
+            scale = torch.stack([f[0].float() for f in self._initial])  # the largest |p| at the start
             packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()]).cpu()  # the one sync
             series = torch.stack([self._gnorm, self._loss]).cpu()
         self._initial = []
@@ -329,7 +341,7 @@ class ParameterUpdateCheck(_OnceCheck):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._initial = []  # free the copies if the fit stopped early
+        self._initial = []  # free the fingerprints if the fit stopped early
         self._tracking = False
 
 
@@ -366,6 +378,63 @@ def gradient_growth(grad_norms: Sequence[float], losses: Sequence[float] = ()) -
     loss_ok = not math.isfinite(loss_ratio) or loss_ratio <= growth / 2
     return {"accumulating": growth >= threshold and ups >= k - 2 and loss_ok, "growth": growth,
             "threshold": threshold, "loss_ratio": loss_ratio}
+
+
+def tensor_fingerprint(t: Tensor, samples: int = 64, chunk: int = 2**16) -> Tensor:
+    """A fingerprint of a tensor's values, of at most ``samples + 4`` numbers, on the tensor's device: two
+    fingerprints of the same tensor differ (``(a != b).any()``) when its values changed.
+
+    Entries: ``max |t_i|``, the sum ``sum t_i``, the sum of squares ``sum t_i^2``, the weighted sum ``sum w_i t_i``
+    with fixed weights ``w_i = frac((i + 1) phi)`` (``phi`` the golden ratio: distinct, in ``(0, 1)``, generated chunk
+    by chunk and never stored), all in float64 (float32 on MPS, which has no float64) and computed in the same order
+    every time, then ``samples`` elements at a fixed stride over the flattened tensor (all elements when the tensor
+    has at most ``samples``). Temporaries hold at most ``chunk`` elements. Values compare by ``==``: ``-0.0`` and
+    ``0.0`` are the same value, and a NaN anywhere makes every comparison "changed". What a change must do to go
+    unseen is in :class:`ParameterUpdateCheck`'s docstring.
+
+    Args:
+        t: the tensor (a parameter); complex tensors are read as their real and imaginary parts.
+        samples: elements sampled at a fixed stride.
+        chunk: elements converted to float64 at a time.
+
+    Example::
+
+        >>> w = torch.linspace(-1.0, 1.0, 1000)
+        >>> a = tensor_fingerprint(w)
+        >>> a.shape, bool((tensor_fingerprint(w) != a).any())
+        (torch.Size([68]), False)
+        >>> b = w.clone(); b[501] += 1e-6  # one element, not sampled
+        >>> bool((tensor_fingerprint(b) != a).any())
+        True
+        >>> b = w.clone(); b[[3, 5]] = b[[5, 3]]  # two unsampled values swapped: only the weighted sum sees it
+        >>> d = tensor_fingerprint(b) != a
+        >>> d[:3].tolist(), bool(d[3]), bool(d[4:].any())
+        ([False, False, False], True, False)
+    """
+    v = t.detach()
+    if v.is_complex():
+        v = torch.view_as_real(v)
+    acc = torch.float32 if v.device.type == "mps" else torch.float64
+    flat = v.reshape(-1)  # a view for a contiguous tensor
+    n = flat.numel()
+    zero = torch.zeros((), dtype=acc, device=v.device)
+    top, total, squares, weighted = zero, zero, zero, zero
+    for start in range(0, n, chunk):
+        c = flat[start : start + chunk].to(acc)
+        w = torch.arange(start + 1, start + 1 + c.numel(), dtype=acc, device=v.device).mul_(_PHI).frac_()
+        top = torch.maximum(top, c.abs().max())
+        total = total + c.sum()
+        squares = squares + torch.dot(c, c)
+        weighted = weighted + torch.dot(c, w)
+    if n <= samples:
+        picked = flat.to(acc)
+    else:
+        idx = torch.linspace(0, n - 1, samples, dtype=torch.float64).round().long().to(v.device)
+        picked = flat[idx].to(acc)
+    return torch.cat([torch.stack([top, total, squares, weighted]), picked])
+
+
+_PHI = (5**0.5 - 1) / 2  # frac((i + 1) * phi): weights that differ for every i, without storing them
 
 
 def _eps(p: Tensor) -> float:

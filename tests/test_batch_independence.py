@@ -294,3 +294,75 @@ def test_an_unlabelled_prefix_that_sees_both_ways_is_not_a_causal_leak(tmp_path)
     cb = _fit(tmp_path, PrefixLM(vocab), loader(w[:, :-1], w[:, 1:], batch_size=16), on_fail="warn", num_positions=4)
     f = cb.findings[0]
     assert f.status == "fail" and any(int(k.split(",")[1]) < 5 for k in f.details["future"])
+
+
+class Stateful(TinyModel):
+    """BatchNorm, a frozen bias, a frozen (eval) BatchNorm, and buffers that a differentiable forward changes: one in
+    place, one by replacing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.BatchNorm1d(32),
+                                 nn.ReLU(), nn.Linear(32, 4))
+        self.net[0].bias.requires_grad_(False)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("cache", torch.zeros(4))
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            self.cache = self.cache + 1
+        return self.net(x)
+
+
+class _Snapshot(L.Callback):
+    """At on_train_start: gives every parameter a known `.grad` and freezes net.4 in eval (`before`), or records the
+    model's state (`after`)."""
+
+    def __init__(self, before: bool):
+        self.before, self.state = before, None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.before:
+            pl_module.net[4].eval()
+            for k, p in enumerate(pl_module.parameters()):
+                p.grad = torch.full_like(p, float(k))
+        self.state = {
+            "grads": [(p.grad, p.grad.clone()) for p in pl_module.parameters()],
+            "flags": [p.requires_grad for p in pl_module.parameters()],
+            "modes": [m.training for m in pl_module.modules()],
+            "buffers": {k: (b, b.clone()) for k, b in pl_module.named_buffers()},
+        }
+
+
+def test_the_model_is_probed_in_place_and_left_as_it_was(tmp_path):
+    """No copy: flags, modes, buffers (objects and values) and every parameter's `.grad` are as before the probe."""
+    x, y = blobs(n=64)
+    before, after, cb = _Snapshot(True), _Snapshot(False), BatchIndependenceCheck()
+    trainer(tmp_path, [before, cb, after], max_steps=1).fit(Stateful(), loader(x, y))
+    f = cb.findings[0]
+    assert f.status == "pass" and f.measured == 0.0 and f.details["examples"] == [0, 16, 31]
+    a, b = before.state, after.state
+    assert a["flags"] == b["flags"] and a["flags"].count(False) == 1
+    assert a["modes"] == b["modes"] and a["modes"].count(False) == 1  # net.4 stays in eval, the rest in train
+    for (g0, v0), (g1, v1) in zip(a["grads"], b["grads"]):
+        assert g1 is g0 and torch.equal(v1, v0)
+    assert a["buffers"].keys() == b["buffers"].keys()
+    for k, (t0, v0) in a["buffers"].items():
+        t1, v1 = b["buffers"][k]
+        assert t1 is t0 and torch.equal(v1, v0), k
+    assert float(a["buffers"]["calls"][1]) == 0.0  # the probe's forward did count (and was put back)
+
+
+def test_a_scripted_submodule_is_probed_and_a_scripted_embedding_skips(tmp_path):
+    x, y = blobs(n=64)
+    model = TinyModel()
+    model.net[0] = torch.jit.script(nn.Linear(8, 32))
+    f = _fit(tmp_path, model, loader(x, y)).findings[0]
+    assert f.status == "pass" and f.measured == 0.0
+    model = TokenModel(causal=True)
+    model.emb = torch.jit.script(nn.Embedding(11, 16))
+    f = _fit(tmp_path, model, _tokens(), causal=True).findings[0]  # not an nn.Embedding any more
+    assert f.status == "skip" and "no embedding consumed the inputs (8, 8)" in f.message and "`embedding=`" in f.message
+    f = _fit(tmp_path, model, _tokens(), causal=True, embedding="emb").findings[0]
+    assert f.status == "skip" and "takes no forward hook" in f.message and "`embedding=`" in f.message

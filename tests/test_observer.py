@@ -17,8 +17,10 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from helpers import TinyModel, blobs, loader, trainer
+from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.initial_loss import InitialLossCheck
 from lightning_recipe.loss_decrease import LossDecreaseCheck
+from lightning_recipe.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.prediction_dynamics import PredictionDynamics
 from lightning_recipe.wiring import WiringCheck
 
@@ -33,7 +35,9 @@ class NoisyModel(TinyModel):
 
 # name -> factory of the callbacks under test; reads are frequent so that every probe path runs many times
 MONITORS: dict[str, Callable[[], list[Callback]]] = {
+    "BatchIndependenceCheck": lambda: [BatchIndependenceCheck(on_fail="warn")],  # probes the model in place
     "InitialLossCheck": lambda: [InitialLossCheck(on_fail="warn")],
+    "ParameterUpdateCheck": lambda: [ParameterUpdateCheck(on_fail="warn")],  # fingerprints, no copy
     "LossDecreaseCheck": lambda: [LossDecreaseCheck(on_fail="warn", check_every_n_steps=3, warmup_steps=8)],
     "PredictionDynamics": lambda: [PredictionDynamics(on_fail="warn", every_n_steps=2)],
     "WiringCheck": lambda: [WiringCheck(on_fail="warn", batches=4)],

@@ -1,3 +1,4 @@
+import lightning as L
 import pytest
 import torch
 from helpers import TinyModel, blobs, loader, trainer
@@ -164,3 +165,73 @@ def test_pickle_and_state(tmp_path):
     cb.load_state_dict({"done": True})
     trainer(tmp_path, [cb], max_steps=2).fit(TinyModel(), loader(*blobs(n=64)))
     assert cb.findings == []  # done before (a resumed fit): not redone
+
+
+def test_fingerprint_sees_any_change_and_stays_small():
+    from lightning_recipe.parameter_updates import tensor_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 1000, generator=g) * 0.02
+    a = tensor_fingerprint(w)
+    assert a.shape == (68,) and a.dtype == torch.float64 and torch.equal(tensor_fingerprint(w), a)
+    sampled = set(torch.linspace(0, w.numel() - 1, 64, dtype=torch.float64).round().long().tolist())
+    i = next(k for k in range(1000, w.numel()) if k not in sampled and abs(float(w.view(-1)[k])) > 0.01)
+    b = w.clone()
+    b.view(-1)[i] = torch.nextafter(b.view(-1)[i], torch.tensor(1.0))  # one float32 ulp, one unsampled element
+    d = tensor_fingerprint(b) != a
+    assert d[1] and not d[4:].any()  # the float64 sum moved; no sampled element did
+    j = next(k for k in range(i + 1, w.numel()) if k not in sampled and float(w.view(-1)[k]) != float(w.view(-1)[i]))
+    b = w.clone()
+    b.view(-1)[[i, j]] = b.view(-1)[[j, i]]  # a swap keeps the sum and the sum of squares, not the weighted sum
+    assert bool((tensor_fingerprint(b) != a)[3])
+    for t in (torch.randn(7, 9).t(), torch.randn(300).half(), torch.randn(300).bfloat16(), torch.randn(300, 2,
+              dtype=torch.complex64), torch.zeros(0), torch.randn(5)):
+        f = tensor_fingerprint(t)
+        assert f.numel() <= 68 and torch.equal(tensor_fingerprint(t), f)
+    assert tensor_fingerprint(torch.randn(5)).numel() == 4 + 5  # a small tensor is kept whole
+
+
+class EmbeddingBag(L.LightningModule):
+    """Token ids -> mean embedding -> linear; `zero_before_step` breaks it: gradients zeroed after they are read."""
+
+    def __init__(self, zero_before_step: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(500, 8)
+        self.head = nn.Linear(8, 4)
+        self.zero_before_step = zero_before_step
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        ids, y = batch
+        return nn.functional.cross_entropy(self(ids), y)
+
+    def on_before_optimizer_step(self, optimizer):
+        if self.zero_before_step:
+            for p in self.parameters():
+                p.grad.zero_()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_sparse_update_of_unsampled_rows_counts_as_a_change(tmp_path):
+    """Every batch uses one token whose embedding row holds no sampled element: only that row moves, and the float64
+    checksums see it. With the gradients zeroed after the check read them, nothing moves: a failure."""
+    n = 500 * 8
+    sampled = set(torch.linspace(0, n - 1, 64, dtype=torch.float64).round().long().tolist())
+    row = next(r for r in range(500) if not sampled & set(range(8 * r, 8 * r + 8)))
+    ids, y = torch.full((64, 3), row), torch.arange(64) % 4
+    L.seed_everything(0)
+    model = EmbeddingBag()
+    before = model.emb.weight.detach().clone()
+    cb = _fit(tmp_path, model, loader(ids, y, batch_size=8))
+    f = _by_check(cb)["ParameterUpdateCheck"]
+    assert f.status == "pass" and f.details["not_changed"] == []
+    moved = (model.emb.weight.detach() != before).any(1).nonzero().flatten().tolist()
+    assert moved == [row]  # a sparse update: one row of 500, none of its elements sampled
+    with pytest.warns(RecipeWarning, match="received gradients but did not change"):
+        cb = _fit(tmp_path, EmbeddingBag(zero_before_step=True), loader(ids, y, batch_size=8), on_fail="warn")
+    f = cb.findings[-1]
+    assert f.status == "fail" and f.details["not_changed"] == ["emb.weight", "head.weight", "head.bias"]
