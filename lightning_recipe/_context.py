@@ -135,14 +135,17 @@ class FitContext:
 
     @property
     def output_transformed(self) -> Optional[str]:
-        """Why the head's bias is not the model's constant prediction (the head's output is transformed before the
-        loss), or ``None`` when it is, or when there is no usable head."""
+        """Why the head's bias is not the model's constant prediction (the model's output does not move one for one
+        with it: the head's output is transformed before the loss), or ``None`` when it does, or when there is no
+        usable head."""
         return self.head_view().transformed if self.head_error is None else None
 
     def bias_is_constant(self) -> bool:
         """Whether the head's bias is the constant the model predicts at init (what the constant-prediction checks
-        assume): a usable head whose output is the model's output as the loss sees it."""
-        return self.head_error is None and self.output_transformed is None
+        assume): a usable head, the model's output moving one for one with its bias, and no bias that HeadBiasInit
+        had to put back (the model's actual output was better than the constant: e.g. a residual added after the
+        head that already predicts the targets)."""
+        return self.head_error is None and self.output_transformed is None and self.bias_applied is not False
 
     def actual_loss(self, refresh: bool = False) -> tuple[float, Tensor]:
         """The loss of the model's actual output on the probe batch (probe mode), and per group of its examples;

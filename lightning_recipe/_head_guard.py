@@ -56,8 +56,11 @@ class OutputTransform:
     def describe(self) -> str:
         """The transform in words, e.g. ``127.5 * tanh(head) + 127.5``."""
         a, b = float(self.a[0]), float(self.b[0])
-        inner = "head" if self.family == "identity" else f"{self.family}(head)"
-        text = f"{a:.4g} * {inner} {'-' if b < 0 else '+'} {abs(b):.4g}"
+        text = "head" if self.family == "identity" else f"{self.family}(head)"
+        if abs(a - 1) > 1e-4:
+            text = f"{a:.4g} * {text}"
+        if abs(b) > 1e-4 * max(abs(a), 1e-12):
+            text += f" {'-' if b < 0 else '+'} {abs(b):.4g}"
         return text + (f" (first of {self.a.numel()} outputs)" if self.a.numel() > 1 else "")
 
     def inverse(self, constant: Tensor) -> Optional[Tensor]:
@@ -88,10 +91,13 @@ class HeadView:
         transformed: ``None`` when the head's output is the model's output as the loss sees it; else why not (the
             transform in words when it was identified).
         transform: the elementwise transform, when one fits exactly.
+        additive: the output moves one for one with the bias but is not the head's output: a term is added after the
+            head (a residual).
     """
 
     transformed: Optional[str] = None
     transform: Optional[OutputTransform] = None
+    additive: bool = False
 
 
 def identify_transform(head: Tensor, out: Tensor, shift_invariant: bool = False) -> Optional[OutputTransform]:
@@ -168,34 +174,64 @@ def probe_outputs(ctx: Any) -> tuple[Optional[Tensor], Tensor]:
 
 
 def head_view(ctx: Any) -> HeadView:
-    """Compare the head's output with the model's output on the probe batch (one probe forward)."""
+    """How the head's bias reaches the model's output, on the probe batch (two probe forwards; none when the head was
+    found as the model's output itself).
+
+    The bias is the model's constant prediction when the output, in the loss's canonical layout, moves one for one
+    with it: the bias is shifted by ``delta`` (distinct values in [1, 2] per output) for one probe forward and put
+    back bit for bit, and the output must move by ``delta`` (up to a shift per row for a softmax, and to the logit's
+    precision for ``BCELoss`` probabilities). A term added after the head (a residual) passes this test: the bias is
+    still the constant, and the term is an input-dependent deviation like any other at init. Otherwise the output is
+    transformed, and :func:`identify_transform` looks for an exact elementwise transform.
+    """
     if ctx.head_how.startswith("output identical"):
         return HeadView()
     spec: TaskSpec = ctx.spec
     head, out = probe_outputs(ctx)
+    bias = ctx.head.bias
+    old = bias.detach().clone()
+    k = bias.numel()
+    delta = 1.0 + torch.arange(k, dtype=torch.float64) / max(k - 1, 1)
+    try:
+        with torch.no_grad():
+            bias.add_(delta.reshape(bias.shape).to(device=bias.device, dtype=bias.dtype))
+        _, moved = probe_outputs(ctx)
+    finally:
+        with torch.no_grad():
+            bias.copy_(old)
+    shift = spec.task == "multiclass"
+    o = _canonical(spec, out, shift)
+    step = _canonical(spec, moved, shift) - o
+    want = delta.reshape(1, -1).expand_as(step)
+    if shift:
+        want = want - want.mean(1, keepdim=True)
+    eps = torch.finfo(out.dtype).eps if out.is_floating_point() else 0.0
+    if spec.probabilities:  # the logit of a float32 sigmoid loses precision in the tails
+        keep = o.abs() < 8
+        ones = bool(keep.any()) and torch.allclose(step[keep], want[keep], rtol=1e-3, atol=1e-3)
+    else:
+        ones = bool(((step - want).abs() <= 1e-4 + 16 * eps * (o.abs() + 1)).all())
+    if ones:
+        additive = head is None or head.numel() != out.numel() or not torch.allclose(
+            _layout(spec, head.reshape(out.shape).float()).cpu().double(), spec.canonical_outputs(out.float()).cpu().double())
+        return HeadView(additive=additive)
     if head is None:
         return HeadView(f"the head `{ctx.head_name}` is not called in the model's forward")
     if head.numel() != out.numel():
         return HeadView(f"the head's output has {head.numel()} values, the model's output {out.numel()}: an operation "
                         "after the head changes its shape")
-    o = spec.canonical_outputs(out.float()).cpu().double()
     h = _layout(spec, head.reshape(out.shape).float()).cpu().double()
-    shift = spec.task == "multiclass"
-    if shift:  # a softmax ignores a shift per row (log_softmax after the head, NLLLoss)
-        h, o = h - h.mean(1, keepdim=True), o - o.mean(1, keepdim=True)
-    if spec.probabilities:  # the logit of a float32 sigmoid loses precision in the tails
-        keep = h.abs() < 8
-        same = bool(keep.any()) and torch.allclose(o[keep], h[keep], rtol=1e-3, atol=1e-3)
-    else:
-        same = torch.allclose(o, h, rtol=1e-4, atol=1e-6 * (1.0 + (float(h.abs().max()) if h.numel() else 0.0)))
-    if same:
-        return HeadView()
     t = identify_transform(h, o, shift_invariant=shift)
     if t is not None:
         return HeadView(f"the head's output is transformed before the loss: out = {t.describe()}", t)
     return HeadView("the head's output is transformed before the loss, by an operation that is not one elementwise "
-                    "function of it (a residual or a normalisation added after the head, a clamp or ReLU, a function "
-                    "other than an affine map, sigmoid, tanh, softplus or exp)")
+                    "function of it (a normalisation after the head, a clamp or ReLU, a function other than an affine "
+                    "map, sigmoid, tanh, softplus or exp)")
+
+
+def _canonical(spec: TaskSpec, out: Tensor, shift: bool) -> Tensor:
+    o = spec.canonical_outputs(out.float()).cpu().double()
+    return o - o.mean(1, keepdim=True) if shift else o
 
 
 def probe_loss(ctx: Any, groups: int = 256) -> tuple[float, Tensor]:

@@ -114,8 +114,11 @@ class HeadBiasInit(RecipeCheck):
             with torch.no_grad():
                 bias.copy_(old)
             ctx.note_bias(False, probe_before)  # the model is as it was: so is its loss
-            why = view.transformed or ("the loss-optimal constant for the training labels raises the loss of this "
-                                       "batch, whose labels differ from the training set's")
+            why = view.transformed or ("the model adds a term to the head's output (a residual after the head) that "
+                                       "already predicts the targets better than the constant: the bias should be "
+                                       "the constant of what remains" if view.additive else "the loss-optimal "
+                                       "constant for the training labels raises the loss of this batch, whose labels "
+                                       "differ from the training set's")
             tried = (f"the constant mapped through the inverse of the transform, [{_show(value.tolist())}]" if mapped
                      else f"the loss-optimal constant ({how}) [{shown}]")
             self.findings.append(Finding(
