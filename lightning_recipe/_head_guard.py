@@ -263,31 +263,48 @@ def _loss_value(spec: TaskSpec, o: Tensor, y: Tensor) -> float:
         return math.nan
 
 
-def keep_write(before: tuple[float, Tensor], after: tuple[float, Tensor], z: float = 3.0) -> tuple[bool, float]:
-    """Whether a bias write helped: the probe batch's loss after it is at most the loss before plus a tolerance.
-
-    The tolerance is ``z`` standard errors of the paired per-group change of the loss (the same examples, the same
-    probe mode, only the bias differs), plus ``1e-6`` of the loss for rounding. A bias that is right for the
-    training set can raise the loss of a small probe batch whose labels happen to differ from the training set's;
-    that rise is within a few standard errors. A bias in front of a saturating transform raises it on nearly every
-    example, far beyond. Returns ``(keep, tolerance)``; a non-finite loss after the write never keeps it.
+def guard_summary(before: tuple[float, Tensor], after: tuple[float, Tensor]) -> Tensor:
+    """What :func:`keep_write` needs from one process, as sums that add up across ranks: ``[loss before, loss after,
+    1 (ranks), groups, sum of the per-group changes, sum of their squares]``.
 
     Example::
 
-        >>> keep_write((2.3, torch.tensor([2.2, 2.4])), (1.6, torch.tensor([1.5, 1.7])))[0]
+        >>> guard_summary((2.0, torch.tensor([1.0, 3.0])), (1.0, torch.tensor([0.5, 1.5]))).tolist()
+        [2.0, 1.0, 1.0, 2.0, -2.0, 2.5]
+    """
+    d = (after[1] - before[1]).double()
+    d = d[torch.isfinite(d)]
+    return torch.tensor([before[0], after[0], 1.0, float(d.numel()), float(d.sum()), float(d.pow(2).sum())],
+                        dtype=torch.float64)
+
+
+def keep_write(summary: Tensor, z: float = 3.0) -> tuple[bool, float, float, float]:
+    """Whether a bias write helped: the probe batch's loss after it is at most the loss before plus a tolerance.
+
+    ``summary`` is :func:`guard_summary`, summed over the ranks under DDP (so every rank decides the same from the
+    global probe batch). The tolerance is ``z`` standard errors of the paired per-group change of the loss (the
+    same examples, the same probe mode, only the bias differs), plus ``1e-6`` of the loss for rounding. A bias that
+    is right for the training set can raise the loss of a small probe batch whose labels happen to differ from the
+    training set's; that rise is within a few standard errors. A bias in front of a saturating transform raises it
+    on nearly every example, far beyond. Returns ``(keep, tolerance, loss before, loss after)`` (the losses are
+    the ranks' means); a non-finite loss after the write never keeps it, and a non-finite loss before it (a loss
+    that cannot be evaluated on the probe batch) never blocks it.
+
+    Example::
+
+        >>> keep_write(guard_summary((2.3, torch.tensor([2.2, 2.4])), (1.6, torch.tensor([1.5, 1.7]))))[0]
         True
-        >>> keep_write((3742.0, torch.full((4,), 3742.0)), (25610.0, torch.full((4,), 25610.0)))[0]
+        >>> keep_write(guard_summary((3742.0, torch.full((4,), 3742.0)), (25610.0, torch.full((4,), 25610.0))))[0]
         False
     """
-    lb, pb = before
-    la, pa = after
+    lb_sum, la_sum, ranks, n, sd, sd2 = (float(v) for v in summary.double())
+    lb, la = lb_sum / max(ranks, 1.0), la_sum / max(ranks, 1.0)
+    if not math.isfinite(lb):  # nothing to compare with (a loss that cannot be evaluated here): the write stands
+        return True, 0.0, lb, la
     if not math.isfinite(la):
-        return False, 0.0
-    tol = 1e-6 * max(1.0, abs(lb)) if math.isfinite(lb) else 0.0
-    if not math.isfinite(lb):
-        return True, tol
-    d = pa - pb
-    d = d[torch.isfinite(d)]
-    if d.numel() > 1:
-        tol += z * float(d.std() / math.sqrt(d.numel()))
-    return la <= lb + tol, tol
+        return False, 0.0, lb, la
+    tol = 1e-6 * max(1.0, abs(lb))
+    if n > 1:
+        var = max(sd2 - sd * sd / n, 0.0) / (n - 1)
+        tol += z * math.sqrt(var / n)
+    return la <= lb + tol, tol, lb, la

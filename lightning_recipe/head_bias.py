@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe._context import FitContext
-from lightning_recipe._head_guard import keep_write
+from lightning_recipe._head_guard import guard_summary, keep_write
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -38,8 +38,8 @@ class HeadBiasInit(RecipeCheck):
     (``127.5 * (1 + tanh(head))``, ``sigmoid * range``, ``softplus``/``exp`` rates, a temperature, a residual added
     after the head). When the transform is an exact elementwise ``a * g(head) + b`` on the probe batch (``g`` one of
     identity, sigmoid, tanh, softplus, exp), the constant is mapped through its inverse first, and that write goes
-    through the same test. Under DDP rank zero's value is written on every rank and it is kept only when every rank
-    measured an improvement.
+    through the same test. Under DDP rank zero's value is written on every rank, and the losses and their changes are
+    summed over the ranks, so every rank takes the same decision for the global probe batch.
 
     Args:
         on_fail: what a configuration error does (``"raise"`` or ``"warn"`` and skip).
@@ -84,9 +84,11 @@ class HeadBiasInit(RecipeCheck):
                 f"log-probabilities), so `{ctx.head_name}.bias` is left as it is. HINT: pass `loss_fn=` taking the "
                 "model's own outputs, or `task=`.", step=trainer.global_step, details={"method": how}))
             return
-        self._write_guarded(trainer, ctx, c, how)
+        self._write_guarded(trainer, pl_module, ctx, c, how)
 
-    def _write_guarded(self, trainer: "pl.Trainer", ctx: FitContext, c: Tensor, how: str) -> None:
+    def _write_guarded(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: FitContext, c: Tensor, how: str
+    ) -> None:
         """Write the bias, keep it only when the loss of the model's actual output on the probe batch went down."""
         spec, bias = ctx.spec, ctx.head.bias
         view = ctx.head_view()
@@ -103,10 +105,11 @@ class HeadBiasInit(RecipeCheck):
         with torch.no_grad():
             bias.copy_(value.reshape(bias.shape).to(device=bias.device, dtype=bias.dtype))
         probe_after = ctx.actual_loss(refresh=True)
-        keep, tol = keep_write(probe_before, probe_after, self.z)
-        keep = bool(trainer.strategy.reduce_boolean_decision(keep, all=True))
+        # under DDP the decision is taken on the global probe batch (the sums of every rank's), the same on every rank
+        summary = guard_summary(probe_before, probe_after).float().to(pl_module.device)
+        summary = trainer.strategy.reduce(summary, reduce_op="sum")
+        keep, tol, lb, la = keep_write(summary.cpu(), self.z)
         self.done = True
-        (lb, _), (la, _) = probe_before, probe_after
         numbers = {"probe_loss_before": lb, "probe_loss_after": la, "tolerance": tol, "z": self.z,
                    "transform": view.transformed, "mapped": mapped, "method": how, "head": ctx.head_name}
         shown = _show([float(v) for v in c.reshape(-1)])
@@ -114,11 +117,18 @@ class HeadBiasInit(RecipeCheck):
             with torch.no_grad():
                 bias.copy_(old)
             ctx.note_bias(False, probe_before)  # the model is as it was: so is its loss
-            why = view.transformed or ("the model adds a term to the head's output (a residual after the head) that "
-                                       "already predicts the targets better than the constant: the bias should be "
-                                       "the constant of what remains" if view.additive else "the loss-optimal "
-                                       "constant for the training labels raises the loss of this batch, whose labels "
-                                       "differ from the training set's")
+            if view.transformed is not None:
+                why, hint = view.transformed, ("set the bias yourself to the constant mapped through the inverse of "
+                                               "the transform, or pass `head=` naming the layer whose output is the "
+                                               "prediction")
+            elif view.additive:
+                why = ("the model adds a term to the head's output (a residual after the head) that already predicts "
+                       "the targets better than the constant")
+                hint = "set the bias yourself to the best constant for the targets minus that term"
+            else:
+                why = ("the loss-optimal constant for the training labels raises the loss of this batch, whose labels "
+                       "differ from the training set's")
+                hint = "a larger batch size gives a more representative probe batch; or keep the initial bias"
             tried = (f"the constant mapped through the inverse of the transform, [{_show(value.tolist())}]" if mapped
                      else f"the loss-optimal constant ({how}) [{shown}]")
             self.findings.append(Finding(
@@ -126,9 +136,7 @@ class HeadBiasInit(RecipeCheck):
                 f"loss of the model's actual output on the probe batch ({spec.loss_name}, eval mode) from {lb:.6g} to "
                 f"{la:.6g} (tolerance +{tol:.3g}: {self.z:g} standard errors of the per-example change). Reason: "
                 f"{why}. The old bias is restored exactly; the checks that compare with a constant prediction judge "
-                "the model's actual output instead. HINT: set the bias yourself (to the constant mapped through the "
-                "inverse of the transform after the head), or pass `head=` naming the layer whose output is the "
-                "prediction.", measured=la, expected=lb, step=trainer.global_step,
+                f"the model's actual output instead. HINT: {hint}.", measured=la, expected=lb, step=trainer.global_step,
                 details={**numbers, "bias_tried": value.tolist(), "constant": [float(v) for v in c.reshape(-1)]}))
             return
         ctx.note_bias(True, probe_after)
