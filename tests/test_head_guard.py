@@ -232,3 +232,30 @@ def test_head_outside_the_model_raises_naming_head(tmp_path):
     hb = HeadBiasInit(head=m.net[2])
     trainer(tmp_path, [hb], max_steps=1).fit(m, loader(x, y))
     assert hb.findings[0].status == "pass" and hb.findings[0].details["head"] == "net.2"
+
+
+def test_temperature_and_affine_rescaling_get_the_constant_through_the_inverse(tmp_path):
+    class Tempered(TinyModel):
+        def forward(self, x):
+            return self.net(x) / 2.0  # a softmax temperature after the head
+
+    x, y = blobs(n=800, priors=[0.6, 0.25, 0.1, 0.05])
+    hb = HeadBiasInit()
+    trainer(tmp_path, [hb], max_steps=1).fit(Tempered(), loader(x, y))
+    p = torch.bincount(y, minlength=4).double() / len(y)
+    f = hb.findings[0]
+    assert f.status == "pass" and f.details["mapped"] and "0.5 * head" in f.details["transform"]
+    assert torch.allclose(torch.softmax(torch.tensor(hb.prior, dtype=torch.float64) / 2.0, 0), p, atol=1e-4)
+    assert f.details["probe_loss_after"] < f.details["probe_loss_before"]
+
+    class Destandardised(TinyModel):
+        def forward(self, x):
+            return self.net(x) * 10.0 + 40.0  # the head predicts standardised targets
+
+    g = torch.Generator().manual_seed(0)
+    xr = torch.randn(400, 8, generator=g)
+    yr = 55.0 + 10.0 * xr[:, :1] + torch.randn(400, 1, generator=g)
+    hb = HeadBiasInit()
+    trainer(tmp_path, [hb], max_steps=1).fit(Destandardised(out_dim=1, loss_fn=nn.MSELoss()), loader(xr, yr))
+    assert hb.findings[0].status == "pass" and hb.findings[0].details["mapped"]
+    assert hb.prior[0] == pytest.approx((float(yr.mean()) - 40.0) / 10.0, rel=1e-3)  # not the mean itself
