@@ -1,14 +1,14 @@
 """The head's output against the model's output, and the loss of the model's actual output (``HeadBiasInit``'s guard).
 
 Writing the loss-optimal constant into the head's bias is right when the head's output *is* the prediction the loss
-sees (up to the task's own link: the logit of ``BCELoss`` probabilities, the shift of a softmax). A model that
-transforms it before the loss (``127.5 * (1 + tanh(head(h)))``, ``sigmoid * range``, ``softplus``/``exp`` rates, a
-temperature, a residual added after the head) needs something else. This module
+sees (up to the task's own link: the logit of ``BCELoss`` probabilities, the shift of a softmax), or that output
+plus a term added after it (a residual). A model that transforms it before the loss (``127.5 * (1 + tanh(head(h)))``,
+``sigmoid * range``, ``softplus``/``exp`` rates, a temperature) needs something else. This module
 
-* compares, on the fit's probe batch, the head's output with the model's output in the loss's canonical layout
-  (:func:`head_view`), and identifies an elementwise transform ``a * g(head) + b`` (``g`` one of identity, sigmoid,
-  tanh, softplus, exp) when one fits exactly (:func:`identify_transform`), so that the constant can be mapped
-  through its inverse (:meth:`OutputTransform.inverse`);
+* tells, on the fit's probe batch, whether the model's output in the loss's canonical layout moves one for one with
+  the bias (:func:`head_view`), and identifies an elementwise transform ``a * g(head) + b`` (``g`` one of identity,
+  sigmoid, tanh, softplus, exp) when one fits exactly (:func:`identify_transform`), so that the constant can be
+  mapped through its inverse (:meth:`OutputTransform.inverse`);
 * measures the loss of the model's *actual* output on the probe batch (:func:`probe_loss`), in probe mode (eval,
   ``no_grad``, isolated RNG), so that two measurements differ only by what changed in the weights;
 * decides whether a write helped (:func:`keep_write`).
@@ -213,7 +213,8 @@ def head_view(ctx: Any) -> HeadView:
         ones = bool(((step - want).abs() <= 1e-4 + 16 * eps * (o.abs() + 1)).all())
     if ones:
         additive = head is None or head.numel() != out.numel() or not torch.allclose(
-            _layout(spec, head.reshape(out.shape).float()).cpu().double(), spec.canonical_outputs(out.float()).cpu().double())
+            _layout(spec, head.reshape(out.shape).float()).cpu().double(),
+            spec.canonical_outputs(out.float()).cpu().double())
         return HeadView(additive=additive)
     if head is None:
         return HeadView(f"the head `{ctx.head_name}` is not called in the model's forward")

@@ -34,12 +34,14 @@ class HeadBiasInit(RecipeCheck):
     the new bias is kept only when that loss did not rise by more than ``z`` standard errors of the per-example change
     (a bias right for the training set can raise the loss of a small probe batch by chance; one in front of a
     saturating ``tanh`` raises it on nearly every example). Otherwise the old bias is restored bit for bit and a
-    ``skip`` finding gives both losses and the reason, typically a head whose output is transformed before the loss
-    (``127.5 * (1 + tanh(head))``, ``sigmoid * range``, ``softplus``/``exp`` rates, a temperature, a residual added
-    after the head). When the transform is an exact elementwise ``a * g(head) + b`` on the probe batch (``g`` one of
-    identity, sigmoid, tanh, softplus, exp), the constant is mapped through its inverse first, and that write goes
-    through the same test. Under DDP rank zero's value is written on every rank, and the losses and their changes are
-    summed over the ranks, so every rank takes the same decision for the global probe batch.
+    ``skip`` finding gives both losses and the reason: a head whose output is transformed before the loss
+    (``127.5 * (1 + tanh(head))``, ``sigmoid * range``, ``softplus``/``exp`` rates, a temperature: the output does
+    not move one for one with the bias), or a term added after the head that already predicts the targets better
+    than the constant (``out = x_last + head(h)``). When the transform is an exact elementwise ``a * g(head) + b`` on
+    the probe batch (``g`` one of identity, sigmoid, tanh, softplus, exp), the constant is mapped through its inverse
+    first, and that write goes through the same test. Under DDP rank zero's value is written on every rank, and the
+    losses and their changes are summed over the ranks, so every rank takes the same decision for the global probe
+    batch.
 
     Args:
         on_fail: what a configuration error does (``"raise"`` or ``"warn"`` and skip).

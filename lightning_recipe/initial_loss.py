@@ -242,9 +242,11 @@ class InitialLossCheck(_OnceCheck):
                            e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
         why = e["transformed"] or ("the model's actual output predicted the targets better than the loss-optimal "
                                    "constant written into the bias")
-        kept = {True: "HeadBiasInit set it and kept it because the loss went down",
-                False: "HeadBiasInit put the old bias back because writing it raised the loss"}.get(e["bias_applied"], "")
+        kept = ""
+        if e["bias_applied"] is not None:
+            kept = ("; HeadBiasInit set it and kept it because the loss went down" if e["bias_applied"] else
+                    "; HeadBiasInit put the old bias back because writing it raised the loss")
         return Finding(self.name, "skip", f"{self.name}: the head's bias is not the constant the model predicts ("
-                       f"{why}{'; ' + kept if kept else ''}), so the loss of a constant prediction at the "
+                       f"{why}{kept}), so the loss of a constant prediction at the "
                        "bias is no reference for the first loss; only its finiteness and the loss's minimum are "
                        f"checked.\n{numbers}", measured, e["expected"], step, [], details)
