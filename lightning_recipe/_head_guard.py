@@ -202,6 +202,7 @@ def head_view(ctx: Any) -> HeadView:
     shift = spec.task == "multiclass"
     o = _canonical(spec, out, shift)
     step = _canonical(spec, moved, shift) - o
+    o_raw = _canonical(spec, out, False)
     want = delta.reshape(1, -1).expand_as(step)
     if shift:
         want = want - want.mean(1, keepdim=True)
@@ -213,15 +214,14 @@ def head_view(ctx: Any) -> HeadView:
         ones = bool(((step - want).abs() <= 1e-4 + 16 * eps * (o.abs() + 1)).all())
     if ones:
         additive = head is None or head.numel() != out.numel() or not torch.allclose(
-            _layout(spec, head.reshape(out.shape).float()).cpu().double(),
-            spec.canonical_outputs(out.float()).cpu().double())
+            _head_rows(spec, head, out), o_raw)
         return HeadView(additive=additive)
     if head is None:
         return HeadView(f"the head `{ctx.head_name}` is not called in the model's forward")
     if head.numel() != out.numel():
         return HeadView(f"the head's output has {head.numel()} values, the model's output {out.numel()}: an operation "
                         "after the head changes its shape")
-    h = _layout(spec, head.reshape(out.shape).float()).cpu().double()
+    h = _head_rows(spec, head, out)
     t = identify_transform(h, o, shift_invariant=shift)
     if t is not None:
         return HeadView(f"the head's output is transformed before the loss: out = {t.describe()}", t)
@@ -231,8 +231,20 @@ def head_view(ctx: Any) -> HeadView:
 
 
 def _canonical(spec: TaskSpec, out: Tensor, shift: bool) -> Tensor:
-    o = spec.canonical_outputs(out.float()).cpu().double()
+    """The first rows of the canonical outputs, on the host in float64 (at most ~1M values: a language model's
+    logits are not copied whole); centred per row for a softmax."""
+    o = spec.canonical_outputs(out.float())
+    o = o[: _row_budget(o)].cpu().double()
     return o - o.mean(1, keepdim=True) if shift else o
+
+
+def _head_rows(spec: TaskSpec, head: Tensor, out: Tensor) -> Tensor:
+    h = _layout(spec, head.reshape(out.shape).float())
+    return h[: _row_budget(h)].cpu().double()
+
+
+def _row_budget(canonical: Tensor, values: int = 2**20) -> int:
+    return max(2 * _MIN_ROWS, values // max(canonical.shape[-1], 1)) if canonical.ndim == 2 else canonical.shape[0]
 
 
 def probe_loss(ctx: Any, groups: int = 256) -> tuple[float, Tensor]:
@@ -241,10 +253,16 @@ def probe_loss(ctx: Any, groups: int = 256) -> tuple[float, Tensor]:
     spec: TaskSpec = ctx.spec
     with probe_mode(ctx.trainer, ctx.pl_module):
         out = run_forward(ctx.pl_module, ctx.inputs, ctx.settings.forward).detach()
-    o = spec.canonical_outputs(out.float()).cpu()
-    y = spec.canonical_targets(ctx.targets.detach()).cpu()
+    o = spec.canonical_outputs(out.float())
+    y = spec.canonical_targets(ctx.targets.detach())
+    n = max(ctx.targets.shape[0] if ctx.targets.ndim else 1, 1)
+    if o.shape[0] == y.shape[0] and o.shape[0] % n == 0 and o.numel() > 2**22:
+        # at most ~4M output values go to the host: the first examples of a batch of a language model's logits
+        rows = o.shape[0] // n
+        n = max(1, 2**22 // max(rows * o.shape[1], 1))
+        o, y = o[: n * rows], y[: n * rows]
+    o, y = o.cpu(), y.cpu()
     total = _loss_value(spec, o, y)
-    n = ctx.targets.shape[0] if ctx.targets.ndim else 1
     g = max(1, min(groups, n))
     per_group = []
     if o.shape[0] == y.shape[0] and o.shape[0] % n == 0:

@@ -259,3 +259,29 @@ def test_temperature_and_affine_rescaling_get_the_constant_through_the_inverse(t
     trainer(tmp_path, [hb], max_steps=1).fit(Destandardised(out_dim=1, loss_fn=nn.MSELoss()), loader(xr, yr))
     assert hb.findings[0].status == "pass" and hb.findings[0].details["mapped"]
     assert hb.prior[0] == pytest.approx((float(yr.mean()) - 40.0) / 10.0, rel=1e-3)  # not the mean itself
+
+
+def test_language_model_logits_are_probed_in_bounded_memory(tmp_path):
+    """log_softmax after the head (NLLLoss): the output moves one for one with the bias up to a shift per row; the
+    probe batch's 4.5M logits are not copied whole to the host."""
+
+    class LM(TinyModel):
+        def __init__(self):
+            super().__init__(loss_fn=nn.NLLLoss())
+            self.net = nn.Sequential(nn.Embedding(1000, 8), nn.Linear(8, 1000))
+
+        def forward(self, x):
+            return torch.log_softmax(self.net(x), -1).transpose(1, 2)  # (N, C, T) for NLLLoss
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(1000, generator=g) ** 6  # a skewed unigram distribution
+    x = torch.multinomial(probs, 128 * 70, replacement=True, generator=g).reshape(128, 70)
+    y = torch.roll(x, -1, 1)
+    hb = HeadBiasInit()
+    trainer(tmp_path, [hb], max_steps=1).fit(LM(), loader(x, y, batch_size=64))
+    f = hb.findings[0]
+    assert f.status == "pass" and f.details["transform"] is None
+    assert f.details["probe_loss_after"] < f.details["probe_loss_before"] - 0.5  # the unigram prior helps a lot
+    counts = torch.bincount(y.reshape(-1), minlength=1000).double()
+    p = torch.where(counts > 0, counts, torch.full_like(counts, 0.5))
+    assert torch.allclose(torch.tensor(hb.prior, dtype=torch.float64), (p / p.sum()).log(), atol=1e-4)
