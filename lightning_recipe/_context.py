@@ -142,10 +142,11 @@ class FitContext:
 
     def bias_is_constant(self) -> bool:
         """Whether the head's bias is the constant the model predicts at init (what the constant-prediction checks
-        assume): a usable head, the model's output moving one for one with its bias, and no bias that HeadBiasInit
-        had to put back (the model's actual output was better than the constant: e.g. a residual added after the
-        head that already predicts the targets)."""
-        return self.head_error is None and self.output_transformed is None and self.bias_applied is not False
+        assume): a usable head, the model's output moving one for one with its bias, and not a term added after the
+        head that predicts the targets better than the loss-optimal constant did (HeadBiasInit put the bias back)."""
+        if self.head_error is not None or self.output_transformed is not None:
+            return False
+        return not (self.bias_applied is False and self.head_view().additive)
 
     def actual_loss(self, refresh: bool = False) -> tuple[float, Tensor]:
         """The loss of the model's actual output on the probe batch (probe mode), and per group of its examples;

@@ -128,17 +128,20 @@ class HeadBiasInit(RecipeCheck):
                        "the targets better than the constant")
                 hint = "set the bias yourself to the best constant for the targets minus that term"
             else:
-                why = ("the loss-optimal constant for the training labels raises the loss of this batch, whose labels "
+                why = ("the outputs vary so much around the bias (initial spread "
+                       f"{ctx.initial_output_std:.3g}) that the constant does not describe them, or this batch's labels "
                        "differ from the training set's")
-                hint = "a larger batch size gives a more representative probe batch; or keep the initial bias"
+                hint = ("if the spread is large, see InitialLossCheck (a head initialised too large, unscaled inputs); "
+                        "else a larger batch size gives a more representative probe batch")
+            after = ("; the checks that compare with a constant prediction judge the model's actual output instead"
+                     if view.transformed is not None or view.additive else "")
             tried = (f"the constant mapped through the inverse of the transform, [{_show(value.tolist())}]" if mapped
                      else f"the loss-optimal constant ({how}) [{shown}]")
             self.findings.append(Finding(
                 self.name, "skip", f"{self.name}: `{ctx.head_name}.bias` is left as it was: writing {tried} raised the "
                 f"loss of the model's actual output on the probe batch ({spec.loss_name}, eval mode) from {lb:.6g} to "
                 f"{la:.6g} (tolerance +{tol:.3g}: {self.z:g} standard errors of the per-example change). Reason: "
-                f"{why}. The old bias is restored exactly; the checks that compare with a constant prediction judge "
-                f"the model's actual output instead. HINT: {hint}.", measured=la, expected=lb, step=trainer.global_step,
+                f"{why}. The old bias is restored exactly{after}. HINT: {hint}.", measured=la, expected=lb, step=trainer.global_step,
                 details={**numbers, "bias_tried": value.tolist(), "constant": [float(v) for v in c.reshape(-1)]}))
             return
         ctx.note_bias(True, probe_after)

@@ -285,3 +285,17 @@ def test_language_model_logits_are_probed_in_bounded_memory(tmp_path):
     counts = torch.bincount(y.reshape(-1), minlength=1000).double()
     p = torch.where(counts > 0, counts, torch.full_like(counts, 0.5))
     assert torch.allclose(torch.tensor(hb.prior, dtype=torch.float64), (p / p.sum()).log(), atol=1e-4)
+
+
+def test_a_bias_put_back_on_a_plain_head_keeps_the_initial_loss_verdict(tmp_path):
+    """Raw 0-255 inputs: the outputs spread so far around the bias that the write may not lower the probe loss; the
+    head is still the output, so InitialLossCheck keeps its constant reference and fails high."""
+    from lightning_recipe import RecipeCheckError
+
+    x, y = blobs(n=512, classes=10)
+    x = (x - x.min()) / (x.max() - x.min()) * 255
+    hb = HeadBiasInit()
+    with pytest.raises(RecipeCheckError, match="far ABOVE"):
+        trainer(tmp_path, [hb, InitialLossCheck()], max_steps=1).fit(TinyModel(out_dim=10), loader(x, y))
+    f = hb.findings[0]
+    assert f.details["transform"] is None and f.details["probe_loss_before"] > 3 * math.log(10)
