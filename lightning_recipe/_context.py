@@ -23,7 +23,9 @@ from lightning_recipe._conventions import (
     run_forward,
     split_batch,
 )
+from lightning_recipe._head_guard import HeadView, head_view, probe_loss
 from lightning_recipe._labels import first_batch, label_stats
+from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats, constant_loss, optimal_constant
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
@@ -31,6 +33,12 @@ _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 class FitContext:
     """The facts of one fit that several callbacks need."""
+
+    # HeadBiasInit's verdict: True when it wrote the bias and kept it, False when the write raised the loss of the
+    # model's actual output and the old bias was put back, None when it did not run (yet)
+    bias_applied: Optional[bool] = None
+    _view: Optional[HeadView] = None
+    _actual: Optional[tuple[float, Tensor]] = None
 
     def __init__(self, trainer: Any, pl_module: nn.Module, settings: _Settings, max_batches: int = 100) -> None:
         self._trainer = weakref.ref(trainer)  # the cache is keyed by the trainer: no strong reference back
@@ -49,8 +57,7 @@ class FitContext:
                 if isinstance(settings.head, str):
                     self.head, self.head_name = resolve_module(pl_module, settings.head), settings.head
                 else:
-                    self.head = settings.head
-                    self.head_name = next((n for n, m in pl_module.named_modules() if m is settings.head), "<given>")
+                    self.head, self.head_name = settings.head, _given_head_name(pl_module, settings.head)
                 out, self.head_how = call(), "given by `head=`"
         self.initial_output = out.detach()
         self.spec: TaskSpec = resolve_task(loss_fn, out, self.targets, settings.task, head=self.head)
@@ -120,11 +127,57 @@ class FitContext:
         """Loss of the best constant prediction on the training labels: all that the label prior explains."""
         return self.constant_loss(self.optimal()[0])
 
+    def head_view(self) -> HeadView:
+        """How the head's output relates to the model's output (one probe forward, the first time, when the head was
+        not found as the model's output itself)."""
+        if self._view is None:
+            self._view = head_view(self)
+        return self._view
+
+    @property
+    def output_transformed(self) -> Optional[str]:
+        """Why the head's bias is not the model's constant prediction (the model's output does not move one for one
+        with it: the head's output is transformed before the loss), or ``None`` when it does, or when there is no
+        usable head."""
+        return self.head_view().transformed if self.head_error is None else None
+
+    def bias_is_constant(self) -> bool:
+        """Whether the head's bias is the constant the model predicts at init (what the constant-prediction checks
+        assume): a usable head, the model's output moving one for one with its bias, and not a term added after the
+        head that predicts the targets better than the loss-optimal constant did (HeadBiasInit put the bias back)."""
+        if self.head_error is not None or self.output_transformed is not None:
+            return False
+        return not (self.bias_applied is False and self.head_view().additive)
+
+    def actual_loss(self, refresh: bool = False) -> tuple[float, Tensor]:
+        """The loss of the model's actual output on the probe batch (probe mode), and per group of its examples;
+        measured once (``refresh`` measures again and keeps the new value)."""
+        if self._actual is None or refresh:
+            self._actual = probe_loss(self)
+        return self._actual
+
+    def note_bias(self, applied: bool, loss: tuple[float, Tensor]) -> None:
+        """HeadBiasInit's verdict, and the loss of the model's actual output on the probe batch that it left."""
+        self.bias_applied, self._actual = applied, loss
+
     def current_constant(self) -> Tensor:
         """The constant the model predicts at init: its head bias (zeros without a usable head)."""
         if self.head_error is None:
             return self.head.bias.detach().float().reshape(-1).cpu().clone()
         return torch.zeros(self.spec.num_outputs)
+
+
+def _given_head_name(pl_module: nn.Module, head: nn.Module) -> str:
+    """The name of the module given as ``head=`` inside ``pl_module``; a module outside it is a configuration error
+    (its bias would be written and checked while the model's output never depends on it)."""
+    name = next((n for n, m in pl_module.named_modules() if m is head), None)
+    if name is None:
+        raise RecipeConfigError(
+            f"`head=` was given a {type(head).__name__} that is not a submodule of {type(pl_module).__name__}: its "
+            "bias does not reach the model's output. HINT: pass `head=` the model's own last layer (the module, or "
+            "an attribute path such as 'classifier' or 'net.3')."
+        )
+    return name
 
 
 def new_fit(trainer: Any) -> None:

@@ -6,9 +6,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, RecipeCheck
+from lightning_recipe._context import FitContext
+from lightning_recipe._head_guard import guard_summary, keep_write
+from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
 
@@ -29,11 +33,26 @@ class HeadBiasInit(RecipeCheck):
     then set at the first training batch, before its forward, from that batch's labels.
 
     Removes the "hockey stick" of the first iterations: the loss starts at the label entropy (or the target
-    variance) instead of ``log C`` (or ``E[y²]``). The prior that was set is in ``.prior`` and in a ``pass`` finding.
+    variance) instead of ``log C`` (or ``E[y²]``). The value that was set is in ``.prior`` and in a ``pass`` finding.
+
+    Never makes the model worse: the loss of the model's *actual* output on the fit's probe batch is measured before
+    and after the write (probe mode: eval, ``no_grad``, isolated RNG, so only the bias differs between the two), and
+    the new bias is kept only when that loss did not rise by more than ``z`` standard errors of the per-example change
+    (a bias right for the training set can raise the loss of a small probe batch by chance; one in front of a
+    saturating ``tanh`` raises it on nearly every example). Otherwise the old bias is restored bit for bit and a
+    ``skip`` finding gives both losses and the reason: a head whose output is transformed before the loss
+    (``127.5 * (1 + tanh(head))``, ``sigmoid * range``, ``softplus``/``exp`` rates, a temperature: the output does
+    not move one for one with the bias), or a term added after the head that already predicts the targets better
+    than the constant (``out = x_last + head(h)``). When the transform is an exact elementwise ``a * g(head) + b`` on
+    the probe batch (``g`` one of identity, sigmoid, tanh, softplus, exp), the constant is mapped through its inverse
+    first, and that write goes through the same test. Under DDP rank zero's value is written on every rank, and the
+    losses and their changes are summed over the ranks, so every rank takes the same decision for the global probe
+    batch.
 
     Args:
         on_fail: what a configuration error does (``"raise"`` or ``"warn"`` and skip).
         skip: do nothing (keep a pretrained head).
+        z: standard errors of the per-example change of the probe batch's loss that a write may add and be kept.
         **kwargs: overrides (``split_batch``, ``forward``, ``loss_fn``, ``head``, ``task``), see :class:`RecipeCheck`.
 
     Example::
@@ -44,9 +63,12 @@ class HeadBiasInit(RecipeCheck):
 
     _sets_head_bias = True  # other checks look for this marker (a check never imports another check)
 
-    def __init__(self, on_fail: OnFail = "raise", skip: bool = False, **kwargs: Any) -> None:
+    def __init__(self, on_fail: OnFail = "raise", skip: bool = False, z: float = 3.0, **kwargs: Any) -> None:
         super().__init__(on_fail, **kwargs)
+        if not z > 0:
+            raise RecipeConfigError(f"{self.name}: `z` must be > 0, got {z!r}.")
         self.skip = skip
+        self.z = float(z)
         self.done = False
         self.prior: list[float] = []
 
@@ -72,29 +94,83 @@ class HeadBiasInit(RecipeCheck):
                 f"log-probabilities), so `{ctx.head_name}.bias` is left as it is. HINT: pass `loss_fn=` taking the "
                 "model's own outputs, or `task=`.", step=trainer.global_step, details={"method": how}))
             return
-        bias = ctx.head.bias
-        before = bias.detach().float().reshape(-1).cpu().clone()
+        self._write_guarded(trainer, pl_module, ctx, c, how)
+
+    def _write_guarded(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: FitContext, c: Tensor, how: str
+    ) -> None:
+        """Write the bias, keep it only when the loss of the model's actual output on the probe batch went down."""
+        spec, bias = ctx.spec, ctx.head.bias
+        view = ctx.head_view()
+        old = bias.detach().clone()  # restored bit for bit when the write does not help
+        before = old.float().reshape(-1).cpu()
+        probe_before = ctx.actual_loss(refresh=True)
+        value, mapped = c, False
+        if view.transform is not None:  # set the constant in the space before the transform
+            inv = view.transform.inverse(c)
+            if inv is not None:
+                value, mapped = inv, True
+        # under DDP every rank writes the same value, decides the same way
+        value = torch.tensor(trainer.strategy.broadcast([float(v) for v in value.reshape(-1)], src=0))
         with torch.no_grad():
-            bias.copy_(c.reshape(bias.shape).to(device=bias.device, dtype=bias.dtype))
+            bias.copy_(value.reshape(bias.shape).to(device=bias.device, dtype=bias.dtype))
+        probe_after = ctx.actual_loss(refresh=True)
+        # under DDP the decision is taken on the global probe batch (the sums of every rank's), the same on every rank
+        summary = guard_summary(probe_before, probe_after).float().to(pl_module.device)
+        summary = trainer.strategy.reduce(summary, reduce_op="sum")
+        keep, tol, lb, la = keep_write(summary.cpu(), self.z)
         self.done = True
-        self.prior = [float(v) for v in c.reshape(-1)]
-        spec = ctx.spec
-        loss_before = ctx.constant_loss(before)
-        loss_after = ctx.prior_loss()
-        shown = ", ".join(f"{v:.4g}" for v in self.prior[:10]) + (" ..." if len(self.prior) > 10 else "")
-        self.findings.append(
-            Finding(
-                self.name,
-                "pass",
-                f"{self.name}: set `{ctx.head_name}.bias` to the loss-optimal constant ({how}) for {spec.task} with "
-                f"{spec.loss_name}: [{shown}]. Loss of the constant prediction {loss_before:.4g} -> {loss_after:.4g}."
-                + "".join(f" Note: {n}." for n in spec.notes),
-                measured=loss_after,
-                expected=loss_before,
-                step=trainer.global_step,
-                details={"bias": self.prior, "method": how, "head": ctx.head_name, "labels": ctx.stats.summary()},
-            )
-        )
+        numbers = {"probe_loss_before": lb, "probe_loss_after": la, "tolerance": tol, "z": self.z,
+                   "transform": view.transformed, "mapped": mapped, "method": how, "head": ctx.head_name}
+        shown = _show([float(v) for v in c.reshape(-1)])
+        if not keep:
+            with torch.no_grad():
+                bias.copy_(old)
+            ctx.note_bias(False, probe_before)  # the model is as it was: so is its loss
+            if view.transformed is not None:
+                why, hint = view.transformed, ("set the bias yourself to the constant mapped through the inverse of "
+                                               "the transform, or pass `head=` naming the layer whose output is the "
+                                               "prediction")
+            elif view.additive:
+                why = ("the model adds a term to the head's output (a residual after the head) that already predicts "
+                       "the targets better than the constant")
+                hint = "set the bias yourself to the best constant for the targets minus that term"
+            else:
+                why = ("the outputs vary so much around the bias (initial spread "
+                       f"{ctx.initial_output_std:.3g}) that the constant does not describe them, or this batch's labels "
+                       "differ from the training set's")
+                hint = ("if the spread is large, see InitialLossCheck (a head initialised too large, unscaled inputs); "
+                        "else a larger batch size gives a more representative probe batch")
+            after = ("; the checks that compare with a constant prediction judge the model's actual output instead"
+                     if view.transformed is not None or view.additive else "")
+            tried = (f"the constant mapped through the inverse of the transform, [{_show(value.tolist())}]" if mapped
+                     else f"the loss-optimal constant ({how}) [{shown}]")
+            self.findings.append(Finding(
+                self.name, "skip", f"{self.name}: `{ctx.head_name}.bias` is left as it was: writing {tried} raised the "
+                f"loss of the model's actual output on the probe batch ({spec.loss_name}, eval mode) from {lb:.6g} to "
+                f"{la:.6g} (tolerance +{tol:.3g}: {self.z:g} standard errors of the per-example change). Reason: "
+                f"{why}. The old bias is restored exactly{after}. HINT: {hint}.", measured=la, expected=lb, step=trainer.global_step,
+                details={**numbers, "bias_tried": value.tolist(), "constant": [float(v) for v in c.reshape(-1)]}))
+            return
+        ctx.note_bias(True, probe_after)
+        self.prior = [float(v) for v in value.reshape(-1)]
+        probe = (f" Loss of the model's actual output on the probe batch {lb:.4g} -> {la:.4g}.")
+        if view.transformed is None:
+            loss_before, loss_after = ctx.constant_loss(before), ctx.prior_loss()
+            message = (f"{self.name}: set `{ctx.head_name}.bias` to the loss-optimal constant ({how}) for {spec.task} "
+                       f"with {spec.loss_name}: [{shown}]. Loss of the constant prediction {loss_before:.4g} -> "
+                       f"{loss_after:.4g}.{probe}")
+            measured, expected = loss_after, loss_before
+        else:
+            what = (f"[{_show(self.prior)}], the loss-optimal constant ({how}) [{shown}] mapped through the inverse of "
+                    "the transform after the head" if mapped else f"the loss-optimal constant ({how}) [{shown}]")
+            message = (f"{self.name}: set `{ctx.head_name}.bias` to {what} for {spec.task} with {spec.loss_name} "
+                       f"({view.transformed}).{probe}")
+            measured, expected = la, lb
+        self.findings.append(Finding(
+            self.name, "pass", message + "".join(f" Note: {n}." for n in spec.notes), measured=measured,
+            expected=expected, step=trainer.global_step,
+            details={"bias": self.prior, **numbers, "labels": ctx.stats.summary()}))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -104,3 +180,7 @@ class HeadBiasInit(RecipeCheck):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.done = bool(state_dict.get("done", False))
         self.prior = list(state_dict.get("prior", []))
+
+
+def _show(values: list[float]) -> str:
+    return ", ".join(f"{v:.4g}" for v in values[:10]) + (" ..." if len(values) > 10 else "")

@@ -6,12 +6,13 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import input_target_correlation, split_batch
+from lightning_recipe._conventions import input_target_correlation, probe_mode, run_forward, split_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import constant_loss, noise_band
@@ -65,6 +66,12 @@ class InitialLossCheck(_OnceCheck):
     outputs have a standard deviation of about 0.1-0.8 (MLPs, CNNs, with or without normalisation layers); a head
     scaled by 50 or inputs scaled by 1000 give tens to thousands. Also reports the spread of the initial outputs.
 
+    When the head's output is transformed before the loss (``127.5 * (1 + tanh(head))``, ``softplus``, a residual
+    added after the head: the fit's context compares the head's output with the model's), the bias is not the
+    constant the model predicts and the tests above have no reference: the check then gives a ``skip`` with the
+    first loss and the loss of the model's actual output on the first batch (probe mode), and fails only on a
+    non-finite first loss or one below the loss's minimum.
+
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
         max_output_std: largest standard deviation of the initial outputs (around the bias) counted as healthy.
@@ -115,6 +122,9 @@ class InitialLossCheck(_OnceCheck):
                                          "`split_batch=lambda batch: (inputs, targets)`."))
             return
         y = spec.canonical_targets(targets.detach()).cpu()
+        if ctx.head_error is None and not ctx.bias_is_constant():
+            self._expected = self._actual_output_reference(trainer, pl_module, ctx, batch, y)
+            return
         c = ctx.current_constant()
         expected = constant_loss(spec.loss, c, y)
         hi_mean, hi_sd = noise_band(spec.loss, c, y, self.max_output_std)
@@ -157,8 +167,22 @@ class InitialLossCheck(_OnceCheck):
         log_scalars(trainer, {"recipe/initial_loss": measured, "recipe/expected_initial_loss": e["expected"]})
         self._conclude(trainer, finding)
 
+    def _actual_output_reference(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: Any, batch: Any,
+                                 y: Tensor) -> dict[str, Any]:
+        """The loss of the model's actual output on the first batch (probe mode): the reference when the head's
+        bias is not the model's constant prediction."""
+        inputs, _ = split_batch(batch, self._settings.split_batch)
+        with probe_mode(trainer, pl_module):
+            out = run_forward(pl_module, inputs, self._settings.forward).detach()
+        with torch.no_grad():
+            actual = float(torch.as_tensor(ctx.spec.loss(ctx.spec.canonical_outputs(out.float()).cpu(), y)).mean())
+        return {"expected": actual, "spec": ctx.spec, "head": ctx.head_name, "transformed": ctx.output_transformed,
+                "bias_applied": ctx.bias_applied}
+
     def _judge(self, measured: float, e: dict[str, Any], step: int) -> Finding:
         spec = e["spec"]
+        if "transformed" in e:
+            return self._judge_actual(measured, e, step)
         shape = (f"{spec.num_outputs} output(s) per position, {spec.positions} positions per example" if spec.dense
                  else f"{spec.num_outputs} output(s)")
         what = (f"{spec.loss_name} ({spec.task}, {shape}) with every output equal to the head "
@@ -215,3 +239,29 @@ class InitialLossCheck(_OnceCheck):
                        f"{e['expected']:.4g} ({what}); healthy range [{shown_lower:.4g}, {e['upper']:.4g}]; {clue}.",
                        measured, e["expected"], step, [], details)
 
+    def _judge_actual(self, measured: float, e: dict[str, Any], step: int) -> Finding:
+        """The first loss of a model whose head output is transformed before the loss: only what does not rely on the
+        bias being the constant prediction is judged (a finite loss, not below the loss's minimum)."""
+        spec = e["spec"]
+        details = {k: v for k, v in e.items() if k != "spec"}
+        numbers = (f"  measured first loss: {measured:.4g}\n  the model's actual output on the first batch (eval mode, "
+                   f"{spec.loss_name}): {e['expected']:.4g}")
+        if not math.isfinite(measured):
+            return Finding(self.name, "fail", f"{self.name}: the first training loss is {measured}.\n{numbers}", measured,
+                           e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"],
+                           details)
+        if spec.floor is not None and measured < spec.floor - 1e-6 * max(1.0, abs(e["expected"])):
+            return Finding(self.name, "fail", f"{self.name}: the first training loss {measured:.4g} is below "
+                           f"{spec.floor:g}, the smallest value {spec.loss_name} can take: training_step returns the "
+                           f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}", measured,
+                           e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
+        why = e["transformed"] or ("the model's actual output predicted the targets better than the loss-optimal "
+                                   "constant written into the bias")
+        kept = ""
+        if e["bias_applied"] is not None:
+            kept = ("; HeadBiasInit set it and kept it because the loss went down" if e["bias_applied"] else
+                    "; HeadBiasInit put the old bias back because writing it raised the loss")
+        return Finding(self.name, "skip", f"{self.name}: the head's bias is not the constant the model predicts ("
+                       f"{why}{kept}), so the loss of a constant prediction at the "
+                       "bias is no reference for the first loss; only its finiteness and the loss's minimum are "
+                       f"checked.\n{numbers}", measured, e["expected"], step, [], details)

@@ -92,6 +92,11 @@ class LossDecreaseCheck(RecipeCheck):
     * at each of the first ``early_epochs`` epoch ends: the epoch mean must not be significantly above the previous
       one.
 
+    The untrained network's loss is the loss of its constant prediction, the head bias; when the head's output is
+    transformed before the loss (``tanh`` scaled to the target range, ``softplus``, a residual after the head), the
+    bias is not that constant and the loss of the model's actual output on the probe batch at the start of training
+    (probe mode) takes its place. The best constant prediction's loss (the plateau test) does not depend on the bias.
+
     The warm-up adapts to the run: ``max(30, min(warmup_steps, planned_batches // 2))``, so a short fit (a small
     data set, a few epochs) is still judged, at half its length. A fit shorter than that gets a ``skip`` finding for
     the decrease and plateau tests.
@@ -190,7 +195,10 @@ class LossDecreaseCheck(RecipeCheck):
         if not self._initial_done and ctx is not None and not self.losses:
             self._initial_done = True
             try:
-                self.expected_initial_loss = ctx.constant_loss(ctx.current_constant())
+                # the untrained network's loss: at its constant prediction (the head bias), or, when the head's
+                # output is transformed before the loss, its actual output on the probe batch
+                self.expected_initial_loss = (ctx.constant_loss(ctx.current_constant()) if ctx.head_error is not None
+                                              or ctx.bias_is_constant() else ctx.actual_loss()[0])
             except Exception:
                 self.expected_initial_loss = None
         self._retire("on_train_batch_start")  # only the first batch of a fit
