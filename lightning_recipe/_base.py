@@ -17,6 +17,8 @@ from lightning_recipe._conventions import _Settings, _validate_settings
 from lightning_recipe._labels import EMPTY_LOADER
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding, _write_reports, collect_findings
+from lightning_recipe._warn import new_fit as _new_warn_fit
+from lightning_recipe._warn import warn_once
 
 OnFail = Literal["raise", "warn"]
 # the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
@@ -132,12 +134,22 @@ class RecipeCheck(Callback):
             return None
 
     def _config_error(self, message: str) -> None:
-        message = f"{self.name}: {message}"
+        """A configuration problem: raise (``"raise"``), or skip this check with a ``skip`` finding (``"warn"``).
+
+        In ``"warn"`` mode the user reads each distinct problem once per fit: the checks that skip for the same
+        reason after the first record their finding without another warning."""
+        reason, message = message, f"{self.name}: {message}"
         if self.on_fail == "raise":
             raise RecipeConfigError(message)
         self._disabled = True
         self.findings.append(Finding(self.name, "skip", message))
-        rank_zero_warn(message, category=RecipeWarning)
+        warn_once(self._trainer(), message, key=f"config: {reason}")
+
+    def _trainer(self) -> Optional["pl.Trainer"]:
+        """The trainer of the model this check last saw, if it is still attached."""
+        ref = self.__dict__.get("_model")
+        model = ref() if ref is not None else None
+        return getattr(model, "_trainer", None) if model is not None else None
 
     def _retire(self, *hooks: str) -> None:
         """Stop receiving the per-batch ``hooks`` for the rest of this stage (``setup`` restores them)."""
@@ -181,6 +193,7 @@ class RecipeCheck(Callback):
                 type(self).__init__(self, *args, **kwargs)
             self._model = weakref.ref(pl_module)
             new_fit(trainer)
+            _new_warn_fit(trainer)
             # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
             self.findings, self.figures, self._disabled, self._saved = [], [], False, False
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
@@ -219,8 +232,10 @@ class RecipeCheck(Callback):
                 "seed": os.environ.get("PL_GLOBAL_SEED", "not set")}
         try:
             paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
-        except OSError as err:  # pragma: no cover
-            rank_zero_warn(f"lightning_recipe could not write its report to {self._dir}: {err}", category=RecipeWarning)
+        except OSError as err:  # a report we cannot write is a warning (once per folder), never a failure
+            from lightning_recipe.loggers import unwritable
+
+            unwritable(trainer, self._dir, err)
             return
         from lightning_recipe.loggers import log_file, log_text
 

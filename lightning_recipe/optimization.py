@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe._conventions import probe_mode, read_losses, run_forward, split_batch
 from lightning_recipe._labels import first_batch
+from lightning_recipe._warn import warn_once
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -260,9 +261,13 @@ class OptimizationHealthCheck(RecipeCheck):
             try:
                 self._probe_inputs = split_batch(first_batch(trainer), self._settings.split_batch)[0]
             except RecipeConfigError as err:
-                self._relus = []
-                self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
-        self._probe(trainer, pl_module)
+                self._skip_dead_relu(trainer, err)
+        try:
+            self._probe(trainer, pl_module)
+        except RecipeConfigError as err:  # the probe forward gives no tensor: `forward=` is the user's to set
+            if self.on_fail == "raise":
+                raise RecipeConfigError(f"{self.name}: {err}") from None
+            self._skip_dead_relu(trainer, err)
         self._weight_pending = _weight_norm(pl_module)
 
     # -- gathering (no host sync) -----------------------------------------------------------------------------------
@@ -365,6 +370,13 @@ class OptimizationHealthCheck(RecipeCheck):
                     r >= self.min_lr_fraction:
                 self._back = step
         self._low_steps += early and low_now
+
+    def _skip_dead_relu(self, trainer: "pl.Trainer", err: RecipeConfigError) -> None:
+        """The dead-ReLU probe cannot run (a configuration problem): skip that sub-check only, the others go on."""
+        self._relus = []
+        self.concluded["dead_relu"] = "skip"
+        self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
+        warn_once(trainer, f"{self.name}: {err}", key=f"config: {err}")
 
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._relus or self._probe_inputs is None:

@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe._warn import warn_once
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
@@ -322,18 +323,30 @@ class Recipe(Callback):
         return plan
 
     def _contain(self, trainer: "pl.Trainer", cb: Callback, hook: str, err: Exception) -> None:
-        """An unexpected error of a check in ``"warn"`` mode, on a single process, switches that check off for the rest
-        of the stage with a ``skip`` finding and a warning: training and the other checks go on. Anything else is
-        raised again: a check's own verdict (``RecipeCheckError``, ``RecipeConfigError``), a check in ``"raise"``
-        mode, another callback, and any error under several processes (a check switched off on one rank would leave
-        the others waiting in its next collective)."""
-        if (isinstance(err, (RecipeCheckError, RecipeConfigError)) or getattr(cb, "on_fail", None) != "warn"
+        """An error of a check in ``"warn"`` mode, on a single process, in any hook of the fit (the fit-start probes
+        included) switches that check off for the rest of the stage with a ``skip`` finding and a warning: training
+        and the other checks go on. A :class:`RecipeConfigError` (a probe forward that gives no tensor, a batch that
+        does not split) is reported as the configuration problem it is, with the argument to set, once per distinct
+        message per fit; any other error as an internal error. Anything else is raised again: a check's own verdict
+        (``RecipeCheckError``), a check in ``"raise"`` mode, another callback, and any error under several processes
+        (a check switched off on one rank would leave the others waiting in its next collective)."""
+        if (isinstance(err, RecipeCheckError) or getattr(cb, "on_fail", None) != "warn"
                 or not isinstance(getattr(cb, "findings", None), list) or trainer.world_size > 1):
             raise err
         self._broken.add(id(cb))
         for h in list(self._plan):
             if cb in self._plan[h] and h != "teardown":  # teardown still reaches it: it releases what it holds
                 self._drop(h, cb)
+        if isinstance(err, RecipeConfigError):  # e.g. a probe forward that gives no tensor: the user's to fix
+            config_error = getattr(cb, "_config_error", None)
+            reason, prefix = str(err), f"{type(cb).__name__}: "
+            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            if callable(config_error):
+                config_error(reason)  # a skip finding; the warning once per distinct reason per fit
+            else:  # pragma: no cover - a check of another kind
+                cb.findings.append(Finding(type(cb).__name__, "skip", f"{type(cb).__name__}: {err}"))
+                warn_once(trainer, f"{type(cb).__name__}: {err}", key=f"config: {err}")
+            return
         frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
         where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
         name = type(cb).__name__
@@ -343,7 +356,7 @@ class Recipe(Callback):
                    "the override its message names.")
         cb.findings.append(Finding(name, "skip", message, details={"error": f"{type(err).__name__}: {err}",
                                                                   "hook": hook}))
-        rank_zero_warn(message, category=RecipeWarning)
+        warn_once(trainer, message)
 
     def _drop(self, hook: str, cb: Callback) -> None:
         """``cb`` set ``hook`` to None: leave it out for the rest of the stage, and the hook too once no child is left
