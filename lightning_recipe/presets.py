@@ -61,6 +61,26 @@ def _bundle(on_fail: Literal["raise", "warn"], overrides: dict[str, Any], exclud
     return [cls(on_fail=on_fail, **kw) for cls in _CHECKS if cls.__name__ not in names]
 
 
+_CALLBACK_ATTRS = frozenset(n for n in dir(Callback) if not n.startswith("__")) | {"state_key", "state_dict"}
+
+
+class _PresetList(list):
+    """What :func:`strict` and :func:`recommended` return: a plain list of callbacks that says, when it is nested as
+    one item of another ``callbacks`` list, to unpack it. Lightning does not flatten nested lists; it looks up the
+    callback attributes of each item (``state_dict`` at Trainer construction), and this list answers that lookup
+    with a :class:`RecipeConfigError` instead of ``AttributeError: 'list' object has no attribute ...``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CALLBACK_ATTRS:
+            raise RecipeConfigError(
+                "A lightning_recipe preset was given as one item of the `callbacks` list (e.g. "
+                "`callbacks=[ModelCheckpoint(), lr.strict()]`), but it is itself a list of callbacks and Lightning does "
+                "not flatten nested lists. HINT: unpack it: `callbacks=[ModelCheckpoint(), *lr.strict()]` (or pass "
+                "`callbacks=lr.strict()` alone, or `lr.Recipe('strict')`, which is one callback)."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 def strict(
     *,
     split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
@@ -75,6 +95,9 @@ def strict(
     Returns a list that holds one :class:`Recipe` with the checks inside (``[Recipe("strict")]``), so that it can be
     passed as ``callbacks=`` or joined with other callbacks (``[*strict(), ModelCheckpoint()]``); the checks are in
     ``strict()[0].callbacks``. The overrides are passed once to every check (see :class:`~lightning_recipe.RecipeCheck`).
+    Lightning does not flatten nested lists: unpack the preset (``*strict()``) when other callbacks join it; the list
+    nested as one item (``[ModelCheckpoint(), strict()]``) is refused at Trainer construction with a
+    :class:`RecipeConfigError` that says so.
 
     Args:
         split_batch: ``callable(batch) -> (inputs, targets)``.
@@ -92,8 +115,8 @@ def strict(
         >>> [type(cb).__name__ for cb in strict()[0].callbacks][:4]
         ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
     """
-    return [Recipe("strict", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task,
-                   exclude=exclude)]
+    return _PresetList([Recipe("strict", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
+                               task=task, exclude=exclude)])
 
 
 def recommended(
@@ -116,8 +139,8 @@ def recommended(
         >>> len(recommended(exclude=["BatchIndependenceCheck"])[0].callbacks)
         10
     """
-    return [Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task,
-                   exclude=exclude)]
+    return _PresetList([Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
+                               task=task, exclude=exclude)])
 
 
 class Recipe(Callback):

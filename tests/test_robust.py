@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
@@ -97,3 +98,138 @@ def test_an_unwritable_recipe_folder_is_one_warning_and_the_checks_go_on(tmp_pat
     assert [(f.check, f.status) for f in findings] == [(f.check, f.status) for f in collect_findings(ok)]
     assert not any("switched off" in f.message for f in findings)
     assert (healthy / "recipe" / "report.json").exists() and (tmp_path / "recipe").is_file()
+
+
+# -- 8: configuration problems name the argument, before the first step -------------------------------------------
+class _Counting(TinyModel):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.steps_run = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return super().training_step(batch, batch_idx)
+
+
+class _NoReduction(_Counting):
+    def __init__(self) -> None:
+        super().__init__(loss_fn=nn.CrossEntropyLoss(reduction="none"))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return self.loss_fn(self(x), y).mean()
+
+
+class _TwoInputs(_Counting):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.net(torch.cat([a, b], 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        (a, b), y = batch
+        return self.loss_fn(self(a, b), y)
+
+
+class _ListOfDicts(_Counting):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return self.loss_fn(self(torch.stack([e["x"] for e in batch])), torch.stack([e["y"] for e in batch]))
+
+
+class _Strings(_Counting):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        return self(torch.randn(len(batch), 8)).sum()
+
+
+def _bad_cases() -> dict[str, tuple]:
+    from torch.utils.data import DataLoader
+
+    x, y = blobs(128)
+
+    def vector_loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, t, reduction="none")
+
+    return {
+        "reduction_none": (_NoReduction, lambda: loader(x, y), {}, r"reduction='none'.*`loss_fn=`"),
+        "vector_loss_fn": (_Counting, lambda: loader(x, y), {"loss_fn": vector_loss}, r"shape \(32,\).*`loss_fn=`"),
+        "two_inputs": (_TwoInputs, lambda: DataLoader([((a[:4], a[4:]), b) for a, b in zip(x, y)], batch_size=32),
+                       {}, r"missing 1 required positional argument.*`forward=lambda module, inputs: module\(\*inputs\)`"),
+        "list_of_dicts": (_ListOfDicts, lambda: DataLoader([{"x": a, "y": b} for a, b in zip(x, y)], batch_size=32,
+                                                           collate_fn=list), {}, r"list of 32 dicts.*`split_batch="),
+        "strings": (_Strings, lambda: DataLoader(["a b c"] * 64, batch_size=32), {}, r"list of 32 strings.*`split_batch="),
+        "task_contradicts_loss": (_Counting, lambda: loader(x, y), {"task": "regression"},
+                                  r"`task='regression'` was given, but the loss CrossEntropyLoss is a multiclass"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_bad_configuration_stops_strict_before_any_step_naming_the_argument(tmp_path, case):
+    cls, make_loader, overrides, match = _bad_cases()[case]
+    model = cls(in_dim=8) if cls is _TwoInputs else cls()
+    bias = model.net[-1].bias.detach().clone()
+    with pytest.raises(RecipeConfigError, match=match):
+        trainer(tmp_path, lr.strict(**overrides), max_steps=4).fit(model, make_loader())
+    assert model.steps_run == 0
+    assert torch.equal(model.net[-1].bias.detach(), bias)  # nothing written before the error
+
+
+class _BiasAtStart(Callback):
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.bias = pl_module.net[-1].bias.detach().clone()
+
+
+def test_recommended_leaves_the_bias_alone_when_the_loss_is_unusable(tmp_path):
+    x, y = blobs(128)
+    model, seen = _NoReduction(), _BiasAtStart()
+    bias = model.net[-1].bias.detach().clone()
+    with pytest.warns(RecipeWarning, match="reduction='none'"):
+        t = trainer(tmp_path, [*lr.recommended(), seen], max_steps=4)
+        t.fit(model, loader(x, y))
+    assert torch.equal(seen.bias, bias)  # the finding says skipped, and the bias was indeed not rewritten
+    head = [f for f in collect_findings(t) if f.check == "HeadBiasInit"]
+    assert [f.status for f in head] == ["skip"] and model.steps_run == 4
+
+
+def test_a_skip_reason_shared_by_several_checks_is_warned_once_per_fit(tmp_path):
+    from torch.utils.data import DataLoader
+
+    x, y = blobs(128)
+    batches = DataLoader([{"pixels": a, "cls": b} for a, b in zip(x, y)], batch_size=32)
+
+    class DictModel(TinyModel):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.loss_fn(self(batch["pixels"]), batch["cls"])
+
+    for _ in range(2):  # a second fit of the same trainer warns again: the cache is per fit
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            t = trainer(tmp_path, lr.recommended(), max_steps=4)
+            t.fit(DictModel(), batches)
+        said = [m for m in _recipe_warnings(record) if "Cannot find inputs and targets" in m]
+        assert len(said) == 1
+        skipped = {f.check for f in collect_findings(t) if "Cannot find inputs and targets" in f.message}
+        assert len(skipped) >= 7  # each check still records its skip
+
+
+# -- 9: a preset nested in the callbacks list ------------------------------------------------------------------------
+def test_a_preset_nested_in_the_callbacks_list_is_refused_at_construction_saying_to_unpack_it(tmp_path):
+    import pickle
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    with pytest.raises(RecipeConfigError, match=r"Lightning does not flatten nested lists.*\*lr\.strict\(\)"):
+        trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path), lr.strict()], enable_checkpointing=True)
+    # unpacked, alone, or joined with `+` it is the plain list it always was
+    preset = lr.recommended()
+    joined = trainer(tmp_path, [ModelCheckpoint(dirpath=tmp_path), *preset], enable_checkpointing=True)
+    assert [type(cb).__name__ for cb in joined.callbacks if type(cb).__name__ in ("Recipe", "ModelCheckpoint")] == [
+        "Recipe", "ModelCheckpoint"]
+    assert isinstance(preset + [ModelCheckpoint()], list) and len(preset + [ModelCheckpoint()]) == 2
+    assert not hasattr(preset, "no_such_attribute")
+    assert [type(cb).__name__ for cb in pickle.loads(pickle.dumps(preset))] == ["Recipe"]
+    x, y = blobs(128)
+    alone = trainer(tmp_path, lr.recommended(exclude=["ReproducibilityCheck"]), max_steps=4)
+    alone.fit(TinyModel(), loader(x, y))
+    assert collect_findings(alone)
