@@ -47,9 +47,11 @@ def restore_hooks(obj: Callback) -> None:
 
 
 def recipe_dir(trainer: "pl.Trainer") -> str:
-    """``<log_dir>/recipe``. Call it on every rank (``trainer.log_dir`` broadcasts under DDP)."""
-    base = trainer.log_dir or trainer.default_root_dir
-    return os.path.join(str(base), "recipe")
+    """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
+    gives figure paths that the report finds from any working directory). Call it on every rank
+    (``trainer.log_dir`` broadcasts under DDP)."""
+    base = str(trainer.log_dir or trainer.default_root_dir)
+    return os.path.join(base if "://" in base else os.path.abspath(base), "recipe")
 
 
 def _context_notes(trainer: "pl.Trainer", settings: _Settings) -> list[str]:

@@ -233,3 +233,32 @@ def test_a_preset_nested_in_the_callbacks_list_is_refused_at_construction_saying
     alone = trainer(tmp_path, lr.recommended(exclude=["ReproducibilityCheck"]), max_steps=4)
     alone.fit(TinyModel(), loader(x, y))
     assert collect_findings(alone)
+
+
+# -- 10: a relative log folder ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("logger", ["tensorboard", "none"])
+def test_report_html_inlines_every_figure_with_a_relative_log_folder(tmp_path, monkeypatch, logger):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    monkeypatch.chdir(tmp_path)
+    x, y = blobs(256)
+    kw: dict = {"logger": TensorBoardLogger("logs")} if logger == "tensorboard" else {"default_root_dir": "logs"}
+    t = trainer("unused", lr.recommended(exclude=["ReproducibilityCheck"]), max_steps=16, **kw)
+    t.fit(TinyModel(), loader(x, y))
+    reports = list(tmp_path.rglob("report.html"))
+    assert len(reports) == 1
+    pngs = list(reports[0].parent.glob("*.png"))
+    page = reports[0].read_text()
+    assert len(pngs) >= 3 and page.count("data:image/png;base64") == len(pngs)
+    assert "missing figure" not in page
+
+
+def test_render_html_finds_figures_given_relative_to_the_working_directory_or_the_report(tmp_path, monkeypatch):
+    from lightning_recipe._report_html import render_html
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "logs" / "recipe").mkdir(parents=True)
+    (tmp_path / "logs" / "recipe" / "a.png").write_bytes(b"\x89PNG a")
+    (tmp_path / "logs" / "recipe" / "b.png").write_bytes(b"\x89PNG b")
+    page = render_html([], ["logs/recipe/a.png", "b.png"], {}, "logs/recipe")
+    assert page.count("data:image/png;base64") == 2 and "missing figure" not in page
