@@ -29,6 +29,11 @@ from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding, _fmt, collect_findings
 
 _OVERRIDE_PREFIXES = ("model", "data")
+# the checks a preflight is for: when they could not run, it has not passed (exit 1)
+_CORE = ("overfit_one_batch", "InitialLossCheck", "LossDecreaseCheck", "BatchIndependenceCheck")
+# the argument a message names -> the command-line option that sets it
+_OPTIONS = {"split_batch": "--split-batch module:function", "forward": "--forward module:function",
+            "loss_fn": "--loss-fn module:function", "head": "--head PATH", "task": "--task TASK"}
 
 
 @dataclass
@@ -50,6 +55,34 @@ class PreflightResult:
     def failed(self) -> bool:
         """Whether a check failed or the fit crashed."""
         return self.error is not None or any(f.failed for f in self.findings)
+
+    @property
+    def incomplete(self) -> list[str]:
+        """The core checks (initial loss, loss decrease, overfit one batch, batch independence) that ran in this
+        installation but could not reach a verdict: each of their findings is a ``skip`` (e.g. a batch the
+        conventions cannot split). A preflight that could not check these has not passed.
+
+        Example::
+
+            >>> PreflightResult([Finding("InitialLossCheck", "skip", "no batch"), Finding("LossDecreaseCheck", "pass",
+            ...                  "fell")]).incomplete
+            ['InitialLossCheck']
+        """
+        out = []
+        for core in _CORE:
+            mine = [f for f in self.findings if f.check == core or f.check.startswith(core + ".")]
+            if mine and all(f.status == "skip" for f in mine):
+                out.append(core)
+        return out
+
+    def hint(self) -> str:
+        """The command-line options that the skipped core checks' messages name (``--split-batch module:function``
+        for ``split_batch=``, ...), or ``""``."""
+        named = []
+        for f in self.findings:
+            if f.status == "skip" and any(f.check == c or f.check.startswith(c + ".") for c in self.incomplete):
+                named += [a for a in _OPTIONS if f"`{a}=" in f.message and a not in named]
+        return ", ".join(f"`{_OPTIONS[a]}`" for a in named)
 
 
 def preflight(
@@ -196,8 +229,9 @@ lightning-recipe preflight MODEL [DATA] [options] [--model.init_args.NAME=VALUE 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lightning-recipe preflight ...``: returns 0 when every check passed, 1 when one failed or the fit crashed,
-    2 on a usage error."""
+    """``lightning-recipe preflight ...``: returns 0 when every check passed, 1 when one failed, the fit crashed or
+    a core check (initial loss, loss decrease, overfit one batch, batch independence) could not run, 2 on a usage
+    error."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -259,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lightning-recipe preflight: error: {err}", file=sys.stderr)
         return 2
     print_result(result, title=f"preflight: {type(model).__name__}" + (f" on {type(data).__name__}" if data else ""))
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.incomplete else 0
 
 
 def print_result(result: PreflightResult, title: str = "preflight", file: Any = None) -> None:
@@ -298,7 +332,12 @@ def print_result(result: PreflightResult, title: str = "preflight", file: Any = 
         console.print(f"report: {result.report} (also report.md, report.json)", markup=False)
     for path in result.figures:
         console.print(f"figure: {path}", markup=False)
-    verdict = "[bold red]FAILED[/]" if result.failed else "[green]passed[/]"
+    if result.incomplete and not result.failed:
+        hint = result.hint()
+        console.print(f"\nThe core checks {', '.join(result.incomplete)} could not run (see their SKIP lines above)."
+                      + (f" HINT: run again with {hint}." if hint else ""), markup=False)
+    verdict = ("[bold red]FAILED[/]" if result.failed else "[bold red]INCOMPLETE[/]" if result.incomplete
+               else "[green]passed[/]")
     console.print(f"preflight {verdict}", markup=True)
 
 

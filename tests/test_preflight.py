@@ -132,3 +132,57 @@ def test_python_dash_m_exits_nonzero_on_a_broken_module(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout and "InitialLossCheck" in proc.stdout
     assert os.path.exists(os.path.join(str(tmp_path), "recipe", "report.html"))
+
+
+_DICT_MODULE = '''
+import torch, lightning as L
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class Model(L.LightningModule):
+    """Healthy, but its batches are dicts with keys no convention knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, i):
+        return self.loss_fn(self(batch["pixels"]), batch["cls"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 3, (256,), generator=g)
+        x = torch.randn(256, 8, generator=g) + 2 * y[:, None].float()
+        return DataLoader([{"pixels": a, "cls": b} for a, b in zip(x, y)], batch_size=32)
+
+
+def split(batch):
+    return batch["pixels"], batch["cls"]
+'''
+
+
+def test_preflight_is_not_passed_when_the_core_checks_could_not_run(tmp_path, capsys):
+    module = tmp_path / "dict_batches.py"
+    module.write_text(_DICT_MODULE)
+    code = _run(tmp_path / "bare", f"{module}:Model", "--steps", "20", "--overfit-steps", "50")
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "preflight INCOMPLETE" in out and "--split-batch module:function" in out
+    report = _report(tmp_path / "bare")
+    skipped = {f["check"] for f in report["findings"] if f["status"] == "skip"}
+    assert {"overfit_one_batch", "InitialLossCheck", "BatchIndependenceCheck"} <= skipped
+    assert report["summary"]["fail"] == 0  # nothing failed: the verdict is "could not check", not "broken"
+    # with the argument the hint names, the same module passes
+    code = _run(tmp_path / "split", f"{module}:Model", "--steps", "20", "--overfit-steps", "200",
+                "--split-batch", f"{module}:split")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "preflight passed" in out
