@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 import weakref
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -16,7 +17,7 @@ from lightning_recipe._context import FitContext, get_context, new_fit
 from lightning_recipe._conventions import _Settings, _validate_settings
 from lightning_recipe._labels import EMPTY_LOADER
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
-from lightning_recipe.findings import Finding, _write_reports, collect_findings
+from lightning_recipe.findings import Finding, _send_to_parent, _write_reports, collect_findings
 from lightning_recipe._warn import new_fit as _new_warn_fit
 from lightning_recipe._warn import warn_once
 
@@ -94,6 +95,7 @@ class RecipeCheck(Callback):
     def __new__(cls, *args: Any, **kwargs: Any) -> "RecipeCheck":
         obj = super().__new__(cls)
         obj._init_call = (args, kwargs)  # to start afresh for the fit of another model (see `setup`)
+        obj._token = uuid.uuid4().hex  # shared with the copies in spawned workers (see `findings._send_to_parent`)
         return obj
 
     def __getstate__(self) -> dict[str, Any]:
@@ -233,6 +235,7 @@ class RecipeCheck(Callback):
                 "state": "stopped by an error" if self._saved else "finished",
                 "seed": os.environ.get("PL_GLOBAL_SEED", "not set")}
         try:
+            _send_to_parent(trainer, getattr(self, "_token", None))  # spawned workers: the parent's callbacks get them
             paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
         except OSError as err:  # a report we cannot write is a warning (once per folder), never a failure
             from lightning_recipe.loggers import unwritable

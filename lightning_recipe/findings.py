@@ -70,12 +70,97 @@ def collect_findings(trainer: "pl.Trainer") -> list[Finding]:
         >>> collect_findings(trainer)
         []
     """
+    _recover_spawned(trainer)
     out: list[Finding] = []
     for cb in trainer.callbacks:
         findings = getattr(cb, "findings", None)
         if getattr(cb, "_is_recipe_callback", False) and isinstance(findings, list):
             out.extend(findings)
     return out
+
+
+# -- findings made in spawned worker processes -------------------------------------------------------------------------
+# Under `ddp_spawn` (and `ddp_fork`, `ddp_notebook`) the fit runs in worker processes on pickled copies of the
+# callbacks; Lightning sends back the weights and `callback_metrics`, not the callbacks' state. Global rank zero writes
+# what its recipe callbacks found to a small file named after the reporting callback's token (a random id that the
+# parent's copy shares), and `collect_findings` in the parent reads it back into the parent's callbacks, once.
+def _leaves(trainer: "pl.Trainer") -> list[Any]:
+    """The recipe callbacks of ``trainer`` that hold findings themselves (a ``Recipe``'s children, not the Recipe)."""
+    out: list[Any] = []
+    for cb in trainer.callbacks:
+        if not getattr(cb, "_is_recipe_callback", False):
+            continue
+        children = getattr(cb, "callbacks", None)
+        out.extend(children if isinstance(children, list) else [cb])
+    return out
+
+
+def _spawn_file(token: str) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "lightning_recipe", f"spawned_{token}.json")
+
+
+def _spawned(trainer: "pl.Trainer") -> bool:
+    """Whether this fit runs in worker processes started by Lightning (their callbacks are copies)."""
+    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+
+
+def _send_to_parent(trainer: "pl.Trainer", token: Optional[str]) -> None:
+    """In a spawned worker of global rank zero: leave the findings for the parent process (best effort)."""
+    if token is None or not _spawned(trainer):
+        return
+    payload = [{"findings": [f.to_dict() for f in getattr(cb, "findings", None) or []],
+                "figures": list(getattr(cb, "figures", None) or [])} for cb in _leaves(trainer)]
+    path = _spawn_file(token)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(payload, fh)
+        os.replace(path + ".tmp", path)
+    except OSError:  # pragma: no cover - the report next to the logs has them all the same
+        pass
+
+
+def _recover_spawned(trainer: "pl.Trainer") -> None:
+    """In the parent of spawned workers: put the findings that global rank zero left back into these callbacks."""
+    ours = [cb for cb in trainer.callbacks if getattr(cb, "_is_recipe_callback", False)]
+    token = getattr(ours[-1], "_token", None) if ours else None
+    if token is None or not _spawned(trainer):
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a worker itself: its callbacks hold their own findings
+        return
+    path = _spawn_file(token)
+    try:
+        with open(path) as fh:
+            payload = json.load(fh)
+        os.remove(path)
+    except (OSError, ValueError):
+        return
+    leaves = _leaves(trainer)
+    if not isinstance(payload, list) or len(payload) != len(leaves):
+        return
+    for cb, got in zip(leaves, payload):
+        if isinstance(getattr(cb, "findings", None), list):
+            cb.findings = [_finding(d) for d in got.get("findings", [])]
+        if isinstance(getattr(cb, "figures", None), list):
+            cb.figures = list(got.get("figures", []))
+
+
+def _finding(d: dict[str, Any]) -> Finding:
+    """A finding back from :meth:`Finding.to_dict` (non-finite numbers were written as strings)."""
+    def number(v: Any) -> Optional[float]:
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return None
+        return v
+
+    return Finding(d["check"], d["status"], d["message"], number(d.get("measured")), number(d.get("expected")),
+                   d.get("step"), list(d.get("causes") or []), dict(d.get("details") or {}))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import uuid
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -241,6 +242,7 @@ class Recipe(Callback):
         self._plan: dict[str, list[Callback]] = {}
         self._broken: set[int] = set()
         self._handled = False  # the exception path ran (once per fit)
+        self._token = uuid.uuid4().hex  # shared with the copies in spawned workers (see `findings._send_to_parent`)
 
     @property
     def name(self) -> str:
