@@ -49,10 +49,24 @@ def restore_hooks(obj: Callback) -> None:
 
 def recipe_dir(trainer: "pl.Trainer") -> str:
     """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
-    gives figure paths that the report finds from any working directory). Call it on every rank
-    (``trainer.log_dir`` broadcasts under DDP)."""
+    gives figure paths that the report finds from any working directory); ``recipe_1``, ``recipe_2``, ... when an
+    earlier fit's report is there (the report line says so). Call it on every rank at setup (``trainer.log_dir``
+    broadcasts under DDP); only global rank zero writes there."""
     base = str(trainer.log_dir or trainer.default_root_dir)
-    return os.path.join(base if "://" in base else os.path.abspath(base), "recipe")
+    root = os.path.join(base if "://" in base else os.path.abspath(base), "recipe")
+    return unused_recipe_dir(root)
+
+
+def unused_recipe_dir(root: str) -> str:
+    """``root``, or ``root_1``, ``root_2``, ... : the first that holds no report of an earlier fit (a second fit into
+    the same log folder keeps the first one's report). A remote folder (``s3://...``) is used as it is."""
+    if "://" in root:
+        return root
+    path, n = root, 0
+    while os.path.exists(os.path.join(path, "report.json")):
+        n += 1
+        path = f"{root}_{n}"
+    return path
 
 
 def _context_notes(trainer: "pl.Trainer", settings: _Settings) -> list[str]:
@@ -247,7 +261,11 @@ class RecipeCheck(Callback):
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
-        rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")
+        earlier = ""
+        if os.path.basename(self._dir) != "recipe":  # recipe_1, ...: the folder held an earlier fit's report
+            earlier = f"; {os.path.join(os.path.dirname(self._dir), 'recipe')} keeps the report of an earlier fit"
+        rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in "
+                       f"{self._dir}{earlier}")
 
 
 class _OnceCheck(RecipeCheck):

@@ -36,3 +36,4 @@ def warn_once(trainer: Optional[Any], message: str, key: Optional[str] = None) -
 def new_fit(trainer: Any) -> None:
     """Forget what was warned about in a previous fit of ``trainer``."""
     _SEEN.pop(trainer, None)
+

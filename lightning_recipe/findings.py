@@ -226,6 +226,18 @@ def _write_reports(
     return paths
 
 
+def _md(value: Any) -> str:
+    """Text for the Markdown report with HTML made inert: Markdown renderers (TensorBoard's text tab, GitHub) pass raw
+    HTML through, and messages quote user-chosen names (modules, dict keys, file names).
+
+    Example::
+
+        >>> _md("key <script>alert(1)</script> & a < b -> c")
+        'key &lt;script>alert(1)&lt;/script> &amp; a &lt; b -> c'
+    """
+    return str(value).replace("&", "&amp;").replace("<", "&lt;")
+
+
 def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[dict[str, Any]] = None) -> str:
     """The findings as a Markdown report (a table, then each failure and warning in full).
 
@@ -246,24 +258,24 @@ def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     lines.append("")
     for k, v in meta.items():
-        lines.append(f"- **{k}**: {v}")
+        lines.append(f"- **{_md(k)}**: {_md(v)}")
     lines += ["", "| check | status | measured | expected | step | message |", "| --- | --- | --- | --- | --- | --- |"]
     for f in findings:
         msg = f.message.splitlines()[0] if f.message else ""
         lines.append(
-            f"| {f.check} | {f.status} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
-            f"{'' if f.step is None else f.step} | {msg.replace('|', '/')} |"
+            f"| {_md(f.check)} | {_md(f.status)} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
+            f"{'' if f.step is None else f.step} | {_md(msg).replace('|', '/')} |"
         )
     notable = [f for f in findings if f.status in ("fail", "warn")]
     if notable:
         lines += ["", "## Failures and warnings", ""]
         for f in notable:
-            lines += [f"### {f.check} ({f.status})", "", f.message, ""]
+            lines += [f"### {_md(f.check)} ({_md(f.status)})", "", _md(f.message), ""]
             if f.causes:
-                lines += ["Likely causes:", ""] + [f"- {c}" for c in f.causes] + [""]
+                lines += ["Likely causes:", ""] + [f"- {_md(c)}" for c in f.causes] + [""]
     if figures:
         lines += ["", "## Figures", ""]
         for p in figures:
-            name = os.path.basename(p)
+            name = _md(os.path.basename(p))
             lines.append(f"![{name}]({name})")
     return "\n".join(lines) + "\n"

@@ -262,3 +262,46 @@ def test_render_html_finds_figures_given_relative_to_the_working_directory_or_th
     (tmp_path / "logs" / "recipe" / "b.png").write_bytes(b"\x89PNG b")
     page = render_html([], ["logs/recipe/a.png", "b.png"], {}, "logs/recipe")
     assert page.count("data:image/png;base64") == 2 and "missing figure" not in page
+
+
+# -- 15: what the user reads is right ---------------------------------------------------------------------------------
+def test_a_second_fit_of_the_same_model_says_why_the_bias_is_kept(tmp_path):
+    from lightning_recipe import HeadBiasInit
+
+    x, y = blobs(128)
+    model, init = TinyModel(), HeadBiasInit()
+    trainer(tmp_path, [init], max_steps=2).fit(model, loader(x, y))
+    assert [f.status for f in init.findings] == ["pass"]
+    trainer(tmp_path, [init], max_steps=2).fit(model, loader(x, y))
+    [skip] = init.findings
+    assert skip.status == "skip" and "already set in an earlier fit of this model" in skip.message
+    assert "checkpoint" not in skip.message  # none was used
+
+
+def test_report_md_makes_html_from_names_inert():
+    from lightning_recipe.findings import Finding, render_markdown
+
+    name = "<script>alert(1)</script>"
+    md = render_markdown([Finding(f"Check{name}", "warn", f"key {name} is odd", causes=[name])], [f"/x/{name}.png"],
+                         {"seed": name})
+    assert "<script>" not in md and "&lt;script>alert(1)&lt;/script>" in md
+    assert md.count("&lt;script>") == 6  # meta, the table's check and message, the heading, the message, the cause
+
+
+def test_a_second_fit_into_the_same_folder_keeps_the_first_report(tmp_path, caplog):
+    import logging
+
+    x, y = blobs(128)
+    first = trainer(tmp_path, lr.recommended(exclude=["ReproducibilityCheck"]), max_steps=2)
+    first.fit(TinyModel(), loader(x, y))
+    report = tmp_path / "recipe" / "report.json"
+    before = report.read_text()
+    with caplog.at_level(logging.INFO):
+        second = trainer(tmp_path, lr.recommended(exclude=["ReproducibilityCheck"]), max_steps=3)
+        second.fit(TinyModel(), loader(x, y))
+    assert report.read_text() == before  # not overwritten
+    again = json.loads((tmp_path / "recipe_1" / "report.json").read_text())
+    assert again["meta"]["global_step"] == 3 and json.loads(before)["meta"]["global_step"] == 2
+    assert all(str(tmp_path / "recipe_1") in p for p in again["figures"]) and again["figures"]
+    said = [r.getMessage() for r in caplog.records if "report at" in r.getMessage()]
+    assert said and "recipe_1" in said[-1] and "keeps the report of an earlier fit" in said[-1]
