@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import uuid
 import weakref
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -17,7 +18,9 @@ from lightning_recipe._context import FitContext, get_context, new_fit
 from lightning_recipe._conventions import _Settings, _validate_settings
 from lightning_recipe._labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
-from lightning_recipe.findings import Finding, _write_reports, collect_findings
+from lightning_recipe.findings import Finding, _send_to_parent, _write_reports, collect_findings
+from lightning_recipe._warn import new_fit as _new_warn_fit
+from lightning_recipe._warn import warn_once
 
 OnFail = Literal["raise", "warn"]
 # the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
@@ -46,9 +49,25 @@ def restore_hooks(obj: Callback) -> None:
 
 
 def recipe_dir(trainer: "pl.Trainer") -> str:
-    """``<log_dir>/recipe``. Call it on every rank (``trainer.log_dir`` broadcasts under DDP)."""
-    base = trainer.log_dir or trainer.default_root_dir
-    return os.path.join(str(base), "recipe")
+    """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
+    gives figure paths that the report finds from any working directory); ``recipe_1``, ``recipe_2``, ... when an
+    earlier fit's report is there (the report line says so). Call it on every rank at setup (``trainer.log_dir``
+    broadcasts under DDP); only global rank zero writes there."""
+    base = str(trainer.log_dir or trainer.default_root_dir)
+    root = os.path.join(base if "://" in base else os.path.abspath(base), "recipe")
+    return unused_recipe_dir(root)
+
+
+def unused_recipe_dir(root: str) -> str:
+    """``root``, or ``root_1``, ``root_2``, ... : the first that holds no report of an earlier fit (a second fit into
+    the same log folder keeps the first one's report). A remote folder (``s3://...``) is used as it is."""
+    if "://" in root:
+        return root
+    path, n = root, 0
+    while os.path.exists(os.path.join(path, "report.json")):
+        n += 1
+        path = f"{root}_{n}"
+    return path
 
 
 def _context_notes(trainer: "pl.Trainer", settings: _Settings) -> list[str]:
@@ -105,6 +124,7 @@ class RecipeCheck(Callback):
     def __new__(cls, *args: Any, **kwargs: Any) -> "RecipeCheck":
         obj = super().__new__(cls)
         obj._init_call = (args, kwargs)  # to start afresh for the fit of another model (see `setup`)
+        obj._token = uuid.uuid4().hex  # shared with the copies in spawned workers (see `findings._send_to_parent`)
         return obj
 
     def __getstate__(self) -> dict[str, Any]:
@@ -147,12 +167,22 @@ class RecipeCheck(Callback):
             return None
 
     def _config_error(self, message: str) -> None:
-        message = f"{self.name}: {message}"
+        """A configuration problem: raise (``"raise"``), or skip this check with a ``skip`` finding (``"warn"``).
+
+        In ``"warn"`` mode the user reads each distinct problem once per fit: the checks that skip for the same
+        reason after the first record their finding without another warning."""
+        reason, message = message, f"{self.name}: {message}"
         if self.on_fail == "raise":
             raise RecipeConfigError(message)
         self._disabled = True
         self.findings.append(Finding(self.name, "skip", message))
-        rank_zero_warn(message, category=RecipeWarning)
+        warn_once(self._trainer(), message, key=f"config: {reason}")
+
+    def _trainer(self) -> Optional["pl.Trainer"]:
+        """The trainer of the model this check last saw, if it is still attached."""
+        ref = self.__dict__.get("_model")
+        model = ref() if ref is not None else None
+        return getattr(model, "_trainer", None) if model is not None else None
 
     def _retire(self, *hooks: str) -> None:
         """Stop receiving the per-batch ``hooks`` for the rest of this stage (``setup`` restores them)."""
@@ -200,6 +230,7 @@ class RecipeCheck(Callback):
             new_fit(trainer)
             forget_batch(trainer)
             self.__dict__.pop("_start_pending", None)
+            _new_warn_fit(trainer)
             # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
             self.findings, self.figures, self._disabled, self._saved = [], [], False, False
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
@@ -247,16 +278,23 @@ class RecipeCheck(Callback):
                 "state": "stopped by an error" if self._saved else "finished",
                 "seed": os.environ.get("PL_GLOBAL_SEED", "not set")}
         try:
+            _send_to_parent(trainer, getattr(self, "_token", None))  # spawned workers: the parent's callbacks get them
             paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
-        except OSError as err:  # pragma: no cover
-            rank_zero_warn(f"lightning_recipe could not write its report to {self._dir}: {err}", category=RecipeWarning)
+        except OSError as err:  # a report we cannot write is a warning (once per folder), never a failure
+            from lightning_recipe.loggers import unwritable
+
+            unwritable(trainer, self._dir, err)
             return
         from lightning_recipe.loggers import log_file, log_text
 
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
-        rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in {self._dir}")
+        earlier = ""
+        if os.path.basename(self._dir) != "recipe":  # recipe_1, ...: the folder held an earlier fit's report
+            earlier = f"; {os.path.join(os.path.dirname(self._dir), 'recipe')} keeps the report of an earlier fit"
+        rank_zero_info(f"lightning_recipe: report at {paths['html']} (also report.md, report.json); figures in "
+                       f"{self._dir}{earlier}")
 
 
 def _deferrable_start(fn: Callable[..., None]) -> Callable[..., None]:

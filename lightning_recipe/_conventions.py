@@ -65,6 +65,7 @@ def split_batch(batch: Any, override: Optional[SplitBatch] = None) -> tuple[Any,
             raise RecipeConfigError("`split_batch` must return a pair (inputs, targets).")
         return out[0], out[1]
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        _check_collated(batch)
         return batch[0], batch[1]
     if isinstance(batch, dict):
         x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
@@ -78,6 +79,21 @@ def split_batch(batch: Any, override: Optional[SplitBatch] = None) -> tuple[Any,
     raise RecipeConfigError(
         f"Cannot split a batch of type {type(batch).__name__} into (inputs, targets). "
         "HINT: pass `split_batch=lambda batch: (inputs, targets)`."
+    )
+
+
+def _check_collated(batch: Union[tuple, list]) -> None:
+    """A list of examples that was never collated (dicts, strings): ``batch[0], batch[1]`` would be two examples."""
+    kinds = {type(v) for v in batch}
+    if all(isinstance(v, dict) for v in batch):
+        what = f"a list of {len(batch)} dicts (examples not collated into tensors: a `collate_fn` that returns the list?)"
+    elif all(isinstance(v, (str, bytes)) for v in batch):
+        what = f"a list of {len(batch)} strings (raw text, tokenised later in the model?)"
+    else:
+        return
+    raise RecipeConfigError(
+        f"Cannot split the batch into (inputs, targets): it is {what}; its items are {sorted(k.__name__ for k in kinds)}. "
+        "HINT: pass `split_batch=lambda batch: (inputs, targets)` returning the model's input and a target tensor."
     )
 
 
@@ -110,7 +126,20 @@ def sanity_examples(
 
 def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn] = None) -> Tensor:
     """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``."""
-    out = override(pl_module, inputs) if override is not None else pl_module(inputs)
+    if override is not None:
+        out = override(pl_module, inputs)
+    else:
+        try:
+            out = pl_module(inputs)
+        except RecipeConfigError:
+            raise
+        except (TypeError, AttributeError, IndexError, KeyError, ValueError) as err:
+            raise RecipeConfigError(
+                f"`pl_module(inputs)` failed on the inputs taken from the batch ({_describe(inputs)}): "
+                f"{type(err).__name__}: {err}. HINT: pass `forward=lambda module, inputs: module(*inputs)` (or what "
+                "gives the predictions) if forward takes other arguments, or `split_batch=lambda batch: (inputs, "
+                "targets)` if the wrong part of the batch is taken as inputs."
+            ) from err
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
     if isinstance(out, dict):
@@ -122,6 +151,18 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
             "HINT: pass `forward=lambda module, inputs: module(inputs)[...]` returning the logits/predictions."
         )
     return out
+
+
+def _describe(x: Any) -> str:
+    """A short description of a batch part: ``tuple of 2 (Tensor (32, 4), Tensor (32, 4))``."""
+    if isinstance(x, Tensor):
+        return f"Tensor {tuple(x.shape)}"
+    if isinstance(x, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in list(x)[:3]) + (", ..." if len(x) > 3 else "")
+        return f"{type(x).__name__} of {len(x)} ({inner})"
+    if isinstance(x, dict):
+        return f"dict with keys {sorted(map(str, x))[:6]}"
+    return type(x).__name__
 
 
 def find_loss(pl_module: nn.Module, loss_fn: Optional[Callable] = None) -> Optional[Callable]:
@@ -247,6 +288,7 @@ def resolve_task(
         )
     name = _loss_name(loss_fn) if loss_fn is not None else ""
     inferred = False
+    _check_loss_options(loss_fn, name, task)
     if task is None:
         if name in _MULTICLASS:
             task = "multiclass"
@@ -293,7 +335,7 @@ def resolve_task(
             raise RecipeConfigError(
                 f"The model outputs {tuple(outputs.shape)} do not match the targets {tuple(targets.shape)} for a "
                 f"{task} loss ({name}). HINT: pass `forward=` returning predictions shaped like the targets, or "
-                "`split_batch=` / `loss_fn=` if they were guessed wrong."
+                "`split_batch=` / `loss_fn=` / `task=` if they were guessed wrong."
             )
         num_outputs = per_out
     channel_dim, positions = None, 1
@@ -326,6 +368,7 @@ def resolve_task(
         spec.notes.append(f"dense outputs {tuple(outputs.shape)}: {spec.num_outputs} channel(s) at {spec.positions} "
                           "positions per example, one constant per channel (the head's bias), label statistics pooled "
                           "over positions")
+    _check_scalar_loss(spec, outputs, targets)
     if inferred:
         spec.notes.append(f"the loss was inferred from the targets as {name} ({task}); pass `loss_fn=` (or `task=`) "
                           "if training_step uses another")
@@ -387,6 +430,48 @@ def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
     x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
     den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
     return round(float((x * y).sum()) / den, 6) if den > 0 else None
+def _loss_task(name: str) -> Optional[tuple[str, ...]]:
+    """The tasks a known loss serves (``None`` for another loss)."""
+    if name in _MULTICLASS:
+        return ("multiclass",)
+    if name in _LOGITS_BINARY + _PROBS_BINARY:
+        return ("binary", "multilabel")
+    if name in _REGRESSION:
+        return ("regression",)
+    return None
+
+
+def _check_loss_options(loss_fn: Optional[Callable], name: str, task: Optional[str]) -> None:
+    """Before anything is computed or written: a loss that gives one value per element, a ``task=`` the loss
+    contradicts."""
+    if isinstance(loss_fn, nn.Module) and getattr(loss_fn, "reduction", "mean") == "none":
+        raise RecipeConfigError(
+            f"The loss {name}(reduction='none') gives one value per element; the checks need the loss that training "
+            f"minimises, one number. HINT: pass `loss_fn=` the loss as training reduces it (e.g. {name}() or "
+            "`lambda out, y: criterion(out, y).mean()`)."
+        )
+    served = _loss_task(name)
+    if task is not None and served is not None and task not in served:
+        raise RecipeConfigError(
+            f"`task={task!r}` was given, but the loss {name} is a {' or '.join(served)} loss. HINT: drop `task=` (the "
+            f"loss says it), pass `task=` matching the loss, or `loss_fn=` the loss training uses for a {task} task."
+        )
+
+
+def _check_scalar_loss(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> None:
+    """The loss must reduce to one number (a user's ``loss_fn=`` returning a vector would fail later, raw)."""
+    try:
+        with torch.no_grad():
+            out = spec.canonical_outputs(outputs.detach().float().cpu())
+            value = spec.loss(out, spec.canonical_targets(targets.detach().cpu()))
+    except Exception:  # a loss that does not take the canonical layout is judged where it is used
+        return
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise RecipeConfigError(
+            f"The loss {spec.loss_name} returned a tensor of shape {tuple(value.shape)}, not one number. HINT: pass "
+            "`loss_fn=` a loss that reduces to a scalar, as training uses it (e.g. `lambda out, y: "
+            "criterion(out, y).mean()`)."
+        )
 
 
 def _binary_like(outputs: Tensor, targets: Tensor) -> bool:

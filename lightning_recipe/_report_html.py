@@ -102,7 +102,7 @@ def render_html(findings: list["Finding"], figures: list[str], meta: dict[str, A
         out.append("<p>No findings: no recipe check ran to a conclusion.</p>")
     shown: list[str] = []
     for p in figures:
-        full = p if os.path.isabs(p) else os.path.join(directory, p)
+        full = _resolve(p, directory)
         if full not in shown:
             shown.append(full)
     if shown:
@@ -110,6 +110,26 @@ def render_html(findings: list["Finding"], figures: list[str], meta: dict[str, A
         out += [_img_tag(p) for p in shown]
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _resolve(path: str, directory: str) -> str:
+    """A figure's file: absolute as given; relative to ``directory`` (``"loss.png"``), unless it already names a file
+    from the working directory (``"logs/version_0/recipe/loss.png"``, what a relative log folder gives): never
+    joined twice.
+
+    Example::
+
+        >>> _resolve("/a/b.png", "/c")
+        '/a/b.png'
+        >>> _resolve("b.png", "/c")
+        '/c/b.png'
+    """
+    if os.path.isabs(path) or "://" in path:
+        return path
+    joined = os.path.join(directory, path)
+    if not os.path.exists(joined) and os.path.exists(path):
+        return os.path.abspath(path)
+    return joined
 
 
 def _meta_value(v: Any) -> str:

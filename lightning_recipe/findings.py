@@ -90,6 +90,7 @@ def collect_findings(trainer: "pl.Trainer") -> list[Finding]:
         >>> collect_findings(trainer)
         []
     """
+    _recover_spawned(trainer)
     out: list[Finding] = []
     for cb in trainer.callbacks:
         findings = getattr(cb, "findings", None)
@@ -110,6 +111,90 @@ def status_counts(findings: list[Finding]) -> dict[str, int]:
         {'fail': 0, 'warn': 0, 'note': 2, 'pass': 1, 'skip': 0}
     """
     return {s: sum(f.status == s for f in findings) for s in STATUSES}
+
+
+# -- findings made in spawned worker processes -------------------------------------------------------------------------
+# Under `ddp_spawn` (and `ddp_fork`, `ddp_notebook`) the fit runs in worker processes on pickled copies of the
+# callbacks; Lightning sends back the weights and `callback_metrics`, not the callbacks' state. Global rank zero writes
+# what its recipe callbacks found to a small file named after the reporting callback's token (a random id that the
+# parent's copy shares), and `collect_findings` in the parent reads it back into the parent's callbacks, once.
+def _leaves(trainer: "pl.Trainer") -> list[Any]:
+    """The recipe callbacks of ``trainer`` that hold findings themselves (a ``Recipe``'s children, not the Recipe)."""
+    out: list[Any] = []
+    for cb in trainer.callbacks:
+        if not getattr(cb, "_is_recipe_callback", False):
+            continue
+        children = getattr(cb, "callbacks", None)
+        out.extend(children if isinstance(children, list) else [cb])
+    return out
+
+
+def _spawn_file(token: str) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), "lightning_recipe", f"spawned_{token}.json")
+
+
+def _spawned(trainer: "pl.Trainer") -> bool:
+    """Whether this fit runs in worker processes started by Lightning (their callbacks are copies)."""
+    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+
+
+def _send_to_parent(trainer: "pl.Trainer", token: Optional[str]) -> None:
+    """In a spawned worker of global rank zero: leave the findings for the parent process (best effort)."""
+    if token is None or not _spawned(trainer):
+        return
+    payload = [{"findings": [f.to_dict() for f in getattr(cb, "findings", None) or []],
+                "figures": list(getattr(cb, "figures", None) or [])} for cb in _leaves(trainer)]
+    path = _spawn_file(token)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as fh:
+            json.dump(payload, fh)
+        os.replace(path + ".tmp", path)
+    except OSError:  # pragma: no cover - the report next to the logs has them all the same
+        pass
+
+
+def _recover_spawned(trainer: "pl.Trainer") -> None:
+    """In the parent of spawned workers: put the findings that global rank zero left back into these callbacks."""
+    ours = [cb for cb in trainer.callbacks if getattr(cb, "_is_recipe_callback", False)]
+    token = getattr(ours[-1], "_token", None) if ours else None
+    if token is None or not _spawned(trainer):
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a worker itself: its callbacks hold their own findings
+        return
+    path = _spawn_file(token)
+    try:
+        with open(path) as fh:
+            payload = json.load(fh)
+        os.remove(path)
+    except (OSError, ValueError):
+        return
+    leaves = _leaves(trainer)
+    if not isinstance(payload, list) or len(payload) != len(leaves):
+        return
+    for cb, got in zip(leaves, payload):
+        if isinstance(getattr(cb, "findings", None), list):
+            cb.findings = [_finding(d) for d in got.get("findings", [])]
+        if isinstance(getattr(cb, "figures", None), list):
+            cb.figures = list(got.get("figures", []))
+
+
+def _finding(d: dict[str, Any]) -> Finding:
+    """A finding back from :meth:`Finding.to_dict` (non-finite numbers were written as strings)."""
+    def number(v: Any) -> Optional[float]:
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                return None
+        return v
+
+    return Finding(d["check"], d["status"], d["message"], number(d.get("measured")), number(d.get("expected")),
+                   d.get("step"), list(d.get("causes") or []), dict(d.get("details") or {}))
 
 
 def _jsonable(obj: Any) -> Any:
@@ -175,6 +260,18 @@ def _write_reports(
     return paths
 
 
+def _md(value: Any) -> str:
+    """Text for the Markdown report with HTML made inert: Markdown renderers (TensorBoard's text tab, GitHub) pass raw
+    HTML through, and messages quote user-chosen names (modules, dict keys, file names).
+
+    Example::
+
+        >>> _md("key <script>alert(1)</script> & a < b -> c")
+        'key &lt;script>alert(1)&lt;/script> &amp; a &lt; b -> c'
+    """
+    return str(value).replace("&", "&amp;").replace("<", "&lt;")
+
+
 def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[dict[str, Any]] = None) -> str:
     """The findings as a Markdown report (a table, then each failure and warning in full, then each note).
 
@@ -195,25 +292,25 @@ def render_markdown(findings: list[Finding], figures: list[str], meta: Optional[
     lines.append(", ".join(f"{n} {s}" for s, n in counts.items()))
     lines.append("")
     for k, v in meta.items():
-        lines.append(f"- **{k}**: {v}")
+        lines.append(f"- **{_md(k)}**: {_md(v)}")
     lines += ["", "| check | status | measured | expected | step | message |", "| --- | --- | --- | --- | --- | --- |"]
     for f in findings:
         msg = f.message.splitlines()[0] if f.message else ""
         lines.append(
-            f"| {f.check} | {f.status} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
-            f"{'' if f.step is None else f.step} | {msg.replace('|', '/')} |"
+            f"| {_md(f.check)} | {_md(f.status)} | {_fmt(f.measured)} | {_fmt(f.expected)} | "
+            f"{'' if f.step is None else f.step} | {_md(msg).replace('|', '/')} |"
         )
     for title, kinds in (("Failures and warnings", ("fail", "warn")), ("Notes", ("note",))):
         notable = [f for f in findings if f.status in kinds]
         if notable:
             lines += ["", f"## {title}", ""]
             for f in notable:
-                lines += [f"### {f.check} ({f.status})", "", f.message, ""]
+                lines += [f"### {_md(f.check)} ({_md(f.status)})", "", _md(f.message), ""]
                 if f.causes:
-                    lines += ["Likely causes:", ""] + [f"- {c}" for c in f.causes] + [""]
+                    lines += ["Likely causes:", ""] + [f"- {_md(c)}" for c in f.causes] + [""]
     if figures:
         lines += ["", "## Figures", ""]
         for p in figures:
-            name = os.path.basename(p)
+            name = _md(os.path.basename(p))
             lines.append(f"![{name}]({name})")
     return "\n".join(lines) + "\n"

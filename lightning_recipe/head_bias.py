@@ -75,7 +75,9 @@ class HeadBiasInit(RecipeCheck):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.done or self.skip or trainer.ckpt_path is not None:
-            why = "skip=True" if self.skip else "resumed from a checkpoint: the trained bias is kept"
+            why = ("skip=True" if self.skip else "resumed from a checkpoint: the trained bias is kept"
+                   if trainer.ckpt_path is not None else "the bias was already set in an earlier fit of this model: "
+                   "the trained bias is kept")
             self.findings.append(Finding(self.name, "skip", f"{self.name}: {why}."))
             return
         ctx = self._context(trainer, pl_module)

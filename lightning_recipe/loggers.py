@@ -86,7 +86,11 @@ def log_figure(
     path: Optional[str] = None
     if directory is not None:
         path = os.path.join(str(directory), f"{name}.png")
-        _write_bytes(path, png)
+        try:
+            _write_bytes(path, png)
+        except OSError as err:  # a file we cannot write never stops the fit: one warning per folder, loggers go on
+            unwritable(trainer, str(directory), err)
+            path = None
     try:
         for logger in trainer.loggers:
             kind = _kind(logger)
@@ -230,6 +234,22 @@ def log_file(trainer: Any, tag: str, path: str, step: Optional[int] = None) -> N
                             _write_bytes(target, fh.read())
         except Exception as err:
             rank_zero_warn(f"lightning_recipe could not send file {base!r} to {kind}: {err}", category=RecipeWarning)
+
+
+def unwritable(trainer: Any, directory: str, err: BaseException) -> None:
+    """Report once per fit and folder that ``directory`` cannot be written: a :class:`RecipeWarning` naming the path.
+
+    The checks go on; their findings stay available through :func:`~lightning_recipe.collect_findings`.
+    """
+    from lightning_recipe._warn import warn_once
+
+    warn_once(
+        trainer,
+        f"lightning_recipe cannot write to `{directory}` ({type(err).__name__}: {err}): figures and the report are not "
+        "saved there. The checks go on; their findings stay available through `lightning_recipe.collect_findings("
+        "trainer)`. HINT: make the folder writable, or give the Trainer another `default_root_dir` or logger `save_dir`.",
+        key=f"unwritable: {os.path.abspath(directory) if '://' not in directory else directory}",
+    )
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------

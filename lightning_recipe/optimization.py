@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_recipe._base import OnFail, RecipeCheck
 from lightning_recipe._conventions import probe_mode, read_losses, run_forward, split_batch
 from lightning_recipe._labels import first_batch
+from lightning_recipe._warn import warn_once
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -63,7 +64,8 @@ class OptimizationHealthCheck(RecipeCheck):
     """Five checks of the optimisation, gathered on the device and judged every ``check_every_n_steps`` batches.
 
     * **lr_schedule**: the learning rate of every parameter group, read from ``trainer.optimizers`` at each batch
-      (a Python float, no device sync), relative to its peak so far. Before ``schedule_fraction`` (a quarter) of the
+      (a Python float; a tensor learning rate is copied on its device and read with the periodic reads, so it costs
+      no sync per step either), relative to its peak so far. Before ``schedule_fraction`` (a quarter) of the
       planned optimizer steps (``trainer.estimated_stepping_batches``) it must not fall below ``min_lr_fraction``
       (10 %) of the peak *and stay there*: when it falls below at step ``s``, the decision waits until step ``2 s``
       (the learning rate has then been low for as long as it took to get there; or the end of the fit, if sooner).
@@ -109,8 +111,9 @@ class OptimizationHealthCheck(RecipeCheck):
 
     Gradient statistics are computed every ``grad_every_n_steps`` optimizer steps (one pass over the gradients,
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
-    Python floats. A figure (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs
-    clip value, weight norm and loss) goes to the loggers at the end of the fit.
+    Python floats (tensor learning rates are read with the gradient statistics). A figure
+    (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs clip value, weight norm
+    and loss) goes to the loggers at the end of the fit.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -200,6 +203,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._low: Optional[tuple[int, int]] = None  # group, step: the first fall below min_lr_fraction of the peak
         self._back: Optional[int] = None  # the step at which that group came back above it (by twice that step)
         self._early_steps = self._low_steps = 0  # steps before schedule_fraction, and those with a group below
+        self._lr_pending: list[tuple[int, list[Any]]] = []  # (step, learning rates) with a tensor among them
         self._layer_of: dict[int, int] = {}
         self._numel: Optional[Tensor] = None
         self._opt_cache: dict[int, tuple[list[nn.Parameter], Tensor]] = {}
@@ -260,9 +264,13 @@ class OptimizationHealthCheck(RecipeCheck):
             try:
                 self._probe_inputs = split_batch(first_batch(trainer), self._settings.split_batch)[0]
             except RecipeConfigError as err:
-                self._relus = []
-                self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
-        self._probe(trainer, pl_module)
+                self._skip_dead_relu(trainer, err)
+        try:
+            self._probe(trainer, pl_module)
+        except RecipeConfigError as err:  # the probe forward gives no tensor: `forward=` is the user's to set
+            if self.on_fail == "raise":
+                raise RecipeConfigError(f"{self.name}: {err}") from None
+            self._skip_dead_relu(trainer, err)
         self._weight_pending = _weight_norm(pl_module)
 
     # -- gathering (no host sync) -----------------------------------------------------------------------------------
@@ -324,14 +332,14 @@ class OptimizationHealthCheck(RecipeCheck):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._batches += 1
-        lrs = [float(g.get("lr", 0.0)) for opt in trainer.optimizers for g in opt.param_groups]
-        self.lrs.append(lrs)
-        if self._track_until is not None and (trainer.global_step <= self._track_until or self._awaiting_restart(
-                trainer.global_step)):
-            self._track_lr(lrs, trainer.global_step)
-        if self._has_wd and len(lrs) == len(self._wds):
-            for j, (lr, wd) in enumerate(zip(lrs, self._wds)):
-                self._decay_budget[j] += lr * wd
+        lrs = [g.get("lr", 0.0) for opt in trainer.optimizers for g in opt.param_groups]
+        if self._lr_pending or any(isinstance(lr, Tensor) for lr in lrs):
+            # a tensor learning rate (e.g. `SGD(lr=torch.tensor(0.05))`, capturable optimizers) is read on the host
+            # with the other periodic reads: a copy now (the scheduler may change it in place), no `float()` per step
+            self._lr_pending.append((trainer.global_step,
+                                     [lr.detach().clone() if isinstance(lr, Tensor) else lr for lr in lrs]))
+        else:
+            self._take_lrs([float(lr) for lr in lrs], trainer.global_step)
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor) and loss.numel() == 1:  # rescaled by accumulate_grad_batches when read
             self._loss_pending.append(loss.detach())
@@ -339,6 +347,29 @@ class OptimizationHealthCheck(RecipeCheck):
         if self._batches % self.check_every_n_steps == 0:
             self._read(trainer, pl_module)
             self._judge(trainer, final=False)
+
+    def _take_lrs(self, lrs: list[float], step: int) -> None:
+        """The learning rates of one batch, as Python floats: history, schedule tracking, decay budget."""
+        self.lrs.append(lrs)
+        if self._track_until is not None and (step <= self._track_until or self._awaiting_restart(step)):
+            self._track_lr(lrs, step)
+        if self._has_wd and len(lrs) == len(self._wds):
+            for j, (lr, wd) in enumerate(zip(lrs, self._wds)):
+                self._decay_budget[j] += lr * wd
+
+    def _flush_lrs(self) -> None:
+        """Read the pending tensor learning rates (one ``tolist`` per device) and take them in batch order."""
+        pending, self._lr_pending = self._lr_pending, []
+        if not pending:
+            return
+        by_device: dict[Any, list[Tensor]] = {}
+        for _, lrs in pending:
+            for lr in lrs:
+                if isinstance(lr, Tensor):
+                    by_device.setdefault(lr.device, []).append(lr)
+        values = {d: iter(torch.stack([t.reshape(()).double() for t in ts]).tolist()) for d, ts in by_device.items()}
+        for step, lrs in pending:
+            self._take_lrs([next(values[lr.device]) if isinstance(lr, Tensor) else float(lr) for lr in lrs], step)
 
     def _awaiting_restart(self, step: int) -> bool:
         """Whether the learning rate fell below ``min_lr_fraction`` of its peak and may still come back by ``step``."""
@@ -366,6 +397,13 @@ class OptimizationHealthCheck(RecipeCheck):
                 self._back = step
         self._low_steps += early and low_now
 
+    def _skip_dead_relu(self, trainer: "pl.Trainer", err: RecipeConfigError) -> None:
+        """The dead-ReLU probe cannot run (a configuration problem): skip that sub-check only, the others go on."""
+        self._relus = []
+        self.concluded["dead_relu"] = "skip"
+        self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
+        warn_once(trainer, f"{self.name}: {err}", key=f"config: {err}")
+
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._relus or self._probe_inputs is None:
             return
@@ -390,6 +428,7 @@ class OptimizationHealthCheck(RecipeCheck):
     # -- reading (one host sync per read) ---------------------------------------------------------------------------
     def _read(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         step = trainer.global_step
+        self._flush_lrs()
         if self._grad_pending:
             self._gather_grads()
         if self._gn_pending:
@@ -639,12 +678,13 @@ class OptimizationHealthCheck(RecipeCheck):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._numel is None:
             return
-        if self._loss_pending or self._grad_pending or self._gn_pending or self._layer_count:
+        if self._loss_pending or self._grad_pending or self._gn_pending or self._layer_count or self._lr_pending:
             self._read(trainer, pl_module)
         self._judge(trainer, final=True)
 
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        self._flush_lrs()  # no collective: the learning rates of the last batches, for the figure
         if not self.figure or not trainer.is_global_zero or self._dir is None or not (self.lrs or self.grad_norms):
             return
         from lightning_recipe.loggers import log_figure

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_recipe._conventions import TaskSpec, find_loss, probe_mode, resolve_task, run_forward
 from lightning_recipe._conventions import split_batch as _split
 from lightning_recipe._labels import stats_from_targets
+from lightning_recipe._lightning import _is_lightning, _namespace
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import constant_loss, numeric_constant, optimal_constant
@@ -154,7 +155,7 @@ def overfit_one_batch(
 def _first_batch(model: Any, data: Any) -> Any:
     if data is None:
         data = model.train_dataloader()
-    if isinstance(data, pl.LightningDataModule):
+    if _is_lightning(data, "LightningDataModule"):
         data.prepare_data()
         data.setup("fit")
         data = data.train_dataloader()
@@ -215,7 +216,7 @@ def _train(model: Any, batch: Any, steps: int, lr: Optional[float], accelerator:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*You defined a `validation_step` but have no `val_dataloader`.*")
         warnings.filterwarnings("ignore", message=".*(Total length of|Your `IterableDataset` has `__len__`).*")
-        trainer = pl.Trainer(
+        trainer = _namespace(model).Trainer(
             default_root_dir=root, max_steps=steps, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             accelerator=accelerator, devices=1, callbacks=[rec], **kwargs,

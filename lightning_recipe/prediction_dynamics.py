@@ -375,10 +375,15 @@ class PredictionDynamics(RecipeCheck):
 
         steps, values = np.asarray(self.steps), np.stack(self.values)
         j = self._jitter()
-        os.makedirs(self._dir, exist_ok=True)
-        np.savez(os.path.join(self._dir, "prediction_dynamics.npz"), steps=steps, values=values,
-                 targets=self.targets if self.targets is not None else np.empty(0), task=self._spec.task,
-                 jitter_index=j["index"])
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+            np.savez(os.path.join(self._dir, "prediction_dynamics.npz"), steps=steps, values=values,
+                     targets=self.targets if self.targets is not None else np.empty(0), task=self._spec.task,
+                     jitter_index=j["index"])
+        except OSError as err:  # a file we cannot write never stops the fit
+            from lightning_recipe.loggers import unwritable
+
+            unwritable(trainer, self._dir, err)
         if np.isfinite(j["index"]):
             log_scalars(trainer, {"recipe/prediction_jitter": j["index"]}, trainer.global_step)
         sequence = self.targets is not None and self.targets.ndim >= 2 and self._spec.task == "multiclass"

@@ -27,8 +27,14 @@ from torch import nn
 
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding, _fmt, collect_findings, status_counts
+from lightning_recipe._lightning import _is_lightning, _namespace
 
 _OVERRIDE_PREFIXES = ("model", "data")
+# the checks a preflight is for: when they could not run, it has not passed (exit 1)
+_CORE = ("overfit_one_batch", "InitialLossCheck", "LossDecreaseCheck", "BatchIndependenceCheck")
+# the argument a message names -> the command-line option that sets it
+_OPTIONS = {"split_batch": "--split-batch module:function", "forward": "--forward module:function",
+            "loss_fn": "--loss-fn module:function", "head": "--head PATH", "task": "--task TASK"}
 
 
 @dataclass
@@ -50,6 +56,34 @@ class PreflightResult:
     def failed(self) -> bool:
         """Whether a check failed or the fit crashed."""
         return self.error is not None or any(f.failed for f in self.findings)
+
+    @property
+    def incomplete(self) -> list[str]:
+        """The core checks (initial loss, loss decrease, overfit one batch, batch independence) that ran in this
+        installation but could not reach a verdict: each of their findings is a ``skip`` (e.g. a batch the
+        conventions cannot split). A preflight that could not check these has not passed.
+
+        Example::
+
+            >>> PreflightResult([Finding("InitialLossCheck", "skip", "no batch"), Finding("LossDecreaseCheck", "pass",
+            ...                  "fell")]).incomplete
+            ['InitialLossCheck']
+        """
+        out = []
+        for core in _CORE:
+            mine = [f for f in self.findings if f.check == core or f.check.startswith(core + ".")]
+            if mine and all(f.status == "skip" for f in mine):
+                out.append(core)
+        return out
+
+    def hint(self) -> str:
+        """The command-line options that the skipped core checks' messages name (``--split-batch module:function``
+        for ``split_batch=``, ...), or ``""``."""
+        named = []
+        for f in self.findings:
+            if f.status == "skip" and any(f.check == c or f.check.startswith(c + ".") for c in self.incomplete):
+                named += [a for a in _OPTIONS if f"`{a}=" in f.message and a not in named]
+        return ", ".join(f"`{_OPTIONS[a]}`" for a in named)
 
 
 def preflight(
@@ -110,7 +144,9 @@ def preflight(
     pl.seed_everything(seed, verbose=False)
     findings: list[Finding] = []
     figures: list[str] = []
-    recipe_dir = os.path.join(output, "recipe")
+    from lightning_recipe._base import unused_recipe_dir
+
+    recipe_dir = unused_recipe_dir(os.path.join(os.path.abspath(output), "recipe"))  # the fit's own, computed alike
     overfit = _optional("overfit", "overfit_one_batch")
     if overfit is not None and overfit_steps > 0:
         kwargs = dict(steps=overfit_steps, directory=recipe_dir, seed=seed, split_batch=split_batch,
@@ -128,7 +164,7 @@ def preflight(
     callbacks: list[Callback] = [holder, *preflight_callbacks(steps, causal, overrides)]
     error: Optional[BaseException] = None
     with _quiet():
-        trainer = pl.Trainer(
+        trainer = _namespace(model).Trainer(
             default_root_dir=output, max_steps=steps, limit_val_batches=1, num_sanity_val_steps=1,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
             accelerator=accelerator, devices=1, callbacks=callbacks,
@@ -196,8 +232,9 @@ lightning-recipe preflight MODEL [DATA] [options] [--model.init_args.NAME=VALUE 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lightning-recipe preflight ...``: returns 0 when every check passed, 1 when one failed or the fit crashed,
-    2 on a usage error."""
+    """``lightning-recipe preflight ...``: returns 0 when every check passed, 1 when one failed, the fit crashed or
+    a core check (initial loss, loss decrease, overfit one batch, batch independence) could not run, 2 on a usage
+    error."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -235,13 +272,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data_cls = _import(data_path, "DATA") if data_path else None
         seed = args.seed if args.seed is not None else int(config.get("seed_everything") or 0)
         pl.seed_everything(seed, verbose=False)  # before the classes are built, as LightningCLI does: the same init
+        if not _is_lightning(model_cls, "LightningModule"):  # checked before anything is built
+            raise RecipeConfigError(f"MODEL must be a LightningModule class, got {_what(model_cls)}.")
+        if data_cls is not None and not _is_lightning(data_cls, "LightningDataModule"):
+            raise RecipeConfigError(f"DATA must be a LightningDataModule class, got {_what(data_cls)}.")
         model = _instantiate(model_cls, _init_args(config.get("model")), "model")
         data = _instantiate(data_cls, _init_args(config.get("data")), "data") if data_cls is not None else None
-        if data is not None and not isinstance(data, pl.LightningDataModule):
-            raise RecipeConfigError(f"DATA must be a LightningDataModule, got {type(data).__name__}.")
-        if not isinstance(model, pl.LightningModule):
-            raise RecipeConfigError(f"MODEL must be a LightningModule, got {type(model).__name__}.")
-        if data is None and type(model).train_dataloader is pl.LightningModule.train_dataloader:
+        if data is None and _no_train_dataloader(model):
             raise RecipeConfigError(f"{type(model).__name__} has no train_dataloader(): pass a LightningDataModule "
                                     "as DATA (or `data:` with `class_path` in --config).")
         callables = {k: _import(getattr(args, k), f"--{k.replace('_', '-')}", call=True) if getattr(args, k) else None
@@ -259,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lightning-recipe preflight: error: {err}", file=sys.stderr)
         return 2
     print_result(result, title=f"preflight: {type(model).__name__}" + (f" on {type(data).__name__}" if data else ""))
-    return 1 if result.failed else 0
+    return 1 if result.failed or result.incomplete else 0
 
 
 def print_result(result: PreflightResult, title: str = "preflight", file: Any = None) -> None:
@@ -298,7 +335,12 @@ def print_result(result: PreflightResult, title: str = "preflight", file: Any = 
         console.print(f"report: {result.report} (also report.md, report.json)", markup=False)
     for path in result.figures:
         console.print(f"figure: {path}", markup=False)
-    verdict = "[bold red]FAILED[/]" if result.failed else "[green]passed[/]"
+    if result.incomplete and not result.failed:
+        hint = result.hint()
+        console.print(f"\nThe core checks {', '.join(result.incomplete)} could not run (see their SKIP lines above)."
+                      + (f" HINT: run again with {hint}." if hint else ""), markup=False)
+    verdict = ("[bold red]FAILED[/]" if result.failed else "[bold red]INCOMPLETE[/]" if result.incomplete
+               else "[green]passed[/]")
     console.print(f"preflight {verdict}", markup=True)
 
 
@@ -311,6 +353,21 @@ class _Findings(Callback):
     def __init__(self, findings: list[Finding], figures: list[str]) -> None:
         self.findings = findings
         self.figures = figures
+
+
+def _what(obj: Any) -> str:
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    return f"{type(obj).__name__} {getattr(obj, '__qualname__', obj)!r}"
+
+
+def _no_train_dataloader(model: Any) -> bool:
+    """Whether ``model`` keeps the LightningModule's own ``train_dataloader`` (which raises), in either namespace."""
+    for c in type(model).__mro__:
+        if "train_dataloader" in vars(c):
+            return c.__name__ in ("LightningModule", "DataHooks") and c.__module__.split(".")[0] in (
+                "lightning", "pytorch_lightning")
+    return True
 
 
 def _optional(module: str, name: str) -> Any:
@@ -498,9 +555,29 @@ def _instantiate(cls: Any, kwargs: dict[str, Any], what: str) -> Any:
                                 f"HINT: pass its arguments as `--{what}.init_args.NAME=VALUE` or in --config.") from err
 
 
+def _buildable(cls: Any) -> bool:
+    """What LightningCLI would build from a nested ``class_path``: a class derived from a LightningModule,
+    LightningDataModule or Callback (either namespace), a torch optimizer or learning-rate scheduler, or an
+    ``nn.Module``; never an arbitrary callable."""
+    import torch
+
+    if not isinstance(cls, type):
+        return False
+    if any(_is_lightning(cls, n) for n in ("LightningModule", "LightningDataModule", "Callback")):
+        return True
+    return issubclass(cls, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, nn.Module))
+
+
 def _build(value: Any) -> Any:
     if isinstance(value, dict) and isinstance(value.get("class_path"), str):
-        return _instantiate(_import(value["class_path"], "class_path"), dict(value.get("init_args") or {}), "argument")
+        cls = _import(value["class_path"], "class_path")
+        if not _buildable(cls):
+            raise RecipeConfigError(
+                f"class_path {value['class_path']!r} is {_what(cls)}; preflight builds only what LightningCLI would "
+                "there: a LightningModule, LightningDataModule, Callback, torch optimizer or scheduler, or nn.Module "
+                "class. HINT: pass the value itself, or build it in the model's __init__."
+            )
+        return _instantiate(cls, dict(value.get("init_args") or {}), "argument")
     if isinstance(value, dict):
         return {k: _build(v) for k, v in value.items()}
     if isinstance(value, list):

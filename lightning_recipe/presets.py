@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import uuid
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from typing_extensions import override
 
 from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe._warn import warn_once
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
@@ -64,6 +66,26 @@ def _bundle(on_fail: Literal["raise", "warn"], overrides: dict[str, Any], exclud
     return [cls(on_fail=on_fail, **kw) for cls in _CHECKS if cls.__name__ not in names]
 
 
+_CALLBACK_ATTRS = frozenset(n for n in dir(Callback) if not n.startswith("__")) | {"state_key", "state_dict"}
+
+
+class _PresetList(list):
+    """What :func:`strict` and :func:`recommended` return: a plain list of callbacks that says, when it is nested as
+    one item of another ``callbacks`` list, to unpack it. Lightning does not flatten nested lists; it looks up the
+    callback attributes of each item (``state_dict`` at Trainer construction), and this list answers that lookup
+    with a :class:`RecipeConfigError` instead of ``AttributeError: 'list' object has no attribute ...``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _CALLBACK_ATTRS:
+            raise RecipeConfigError(
+                "A lightning_recipe preset was given as one item of the `callbacks` list (e.g. "
+                "`callbacks=[ModelCheckpoint(), lr.strict()]`), but it is itself a list of callbacks and Lightning does "
+                "not flatten nested lists. HINT: unpack it: `callbacks=[ModelCheckpoint(), *lr.strict()]` (or pass "
+                "`callbacks=lr.strict()` alone, or `lr.Recipe('strict')`, which is one callback)."
+            )
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 def strict(
     *,
     split_batch: Optional[Callable[[Any], tuple[Any, Any]]] = None,
@@ -78,6 +100,9 @@ def strict(
     Returns a list that holds one :class:`Recipe` with the checks inside (``[Recipe("strict")]``), so that it can be
     passed as ``callbacks=`` or joined with other callbacks (``[*strict(), ModelCheckpoint()]``); the checks are in
     ``strict()[0].callbacks``. The overrides are passed once to every check (see :class:`~lightning_recipe.RecipeCheck`).
+    Lightning does not flatten nested lists: unpack the preset (``*strict()``) when other callbacks join it; the list
+    nested as one item (``[ModelCheckpoint(), strict()]``) is refused at Trainer construction with a
+    :class:`RecipeConfigError` that says so.
 
     Args:
         split_batch: ``callable(batch) -> (inputs, targets)``.
@@ -95,8 +120,8 @@ def strict(
         >>> [type(cb).__name__ for cb in strict()[0].callbacks][:4]
         ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
     """
-    return [Recipe("strict", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task,
-                   exclude=exclude)]
+    return _PresetList([Recipe("strict", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
+                               task=task, exclude=exclude)])
 
 
 def recommended(
@@ -119,8 +144,8 @@ def recommended(
         >>> len(recommended(exclude=["BatchIndependenceCheck"])[0].callbacks)
         12
     """
-    return [Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head, task=task,
-                   exclude=exclude)]
+    return _PresetList([Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
+                               task=task, exclude=exclude)])
 
 
 class Recipe(Callback):
@@ -221,6 +246,7 @@ class Recipe(Callback):
         self._plan: dict[str, list[Callback]] = {}
         self._broken: set[int] = set()
         self._handled = False  # the exception path ran (once per fit)
+        self._token = uuid.uuid4().hex  # shared with the copies in spawned workers (see `findings._send_to_parent`)
 
     @property
     def name(self) -> str:
@@ -326,18 +352,30 @@ class Recipe(Callback):
         return plan
 
     def _contain(self, trainer: "pl.Trainer", cb: Callback, hook: str, err: Exception) -> None:
-        """An unexpected error of a check in ``"warn"`` mode, on a single process, switches that check off for the rest
-        of the stage with a ``skip`` finding and a warning: training and the other checks go on. Anything else is
-        raised again: a check's own verdict (``RecipeCheckError``, ``RecipeConfigError``), a check in ``"raise"``
-        mode, another callback, and any error under several processes (a check switched off on one rank would leave
-        the others waiting in its next collective)."""
-        if (isinstance(err, (RecipeCheckError, RecipeConfigError)) or getattr(cb, "on_fail", None) != "warn"
+        """An error of a check in ``"warn"`` mode, on a single process, in any hook of the fit (the fit-start probes
+        included) switches that check off for the rest of the stage with a ``skip`` finding and a warning: training
+        and the other checks go on. A :class:`RecipeConfigError` (a probe forward that gives no tensor, a batch that
+        does not split) is reported as the configuration problem it is, with the argument to set, once per distinct
+        message per fit; any other error as an internal error. Anything else is raised again: a check's own verdict
+        (``RecipeCheckError``), a check in ``"raise"`` mode, another callback, and any error under several processes
+        (a check switched off on one rank would leave the others waiting in its next collective)."""
+        if (isinstance(err, RecipeCheckError) or getattr(cb, "on_fail", None) != "warn"
                 or not isinstance(getattr(cb, "findings", None), list) or trainer.world_size > 1):
             raise err
         self._broken.add(id(cb))
         for h in list(self._plan):
             if cb in self._plan[h] and h != "teardown":  # teardown still reaches it: it releases what it holds
                 self._drop(h, cb)
+        if isinstance(err, RecipeConfigError):  # e.g. a probe forward that gives no tensor: the user's to fix
+            config_error = getattr(cb, "_config_error", None)
+            reason, prefix = str(err), f"{type(cb).__name__}: "
+            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+            if callable(config_error):
+                config_error(reason)  # a skip finding; the warning once per distinct reason per fit
+            else:  # pragma: no cover - a check of another kind
+                cb.findings.append(Finding(type(cb).__name__, "skip", f"{type(cb).__name__}: {err}"))
+                warn_once(trainer, f"{type(cb).__name__}: {err}", key=f"config: {err}")
+            return
         frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
         where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
         name = type(cb).__name__
@@ -347,7 +385,7 @@ class Recipe(Callback):
                    "the override its message names.")
         cb.findings.append(Finding(name, "skip", message, details={"error": f"{type(err).__name__}: {err}",
                                                                   "hook": hook}))
-        rank_zero_warn(message, category=RecipeWarning)
+        warn_once(trainer, message)
 
     def _drop(self, hook: str, cb: Callback) -> None:
         """``cb`` set ``hook`` to None: leave it out for the rest of the stage, and the hook too once no child is left

@@ -126,7 +126,7 @@ def _events(tmp_path: Any, rank: int) -> list[str]:
 
 
 def test_global_prior_and_single_writer(tmp_path: Any) -> None:
-    _fit(tmp_path, RankModel())
+    t = _fit(tmp_path, RankModel())
     prior = _global_prior()
     for r in (0, 1):
         local = torch.log(torch.bincount(_rank_data(r)[1], minlength=4).double() / N).tolist()
@@ -140,6 +140,13 @@ def test_global_prior_and_single_writer(tmp_path: Any) -> None:
     events0 = _events(tmp_path, 0)
     assert events0.count("report") == 1 and events0.count("figure") >= 1
     assert os.path.exists(os.path.join(tmp_path, "recipe", "prediction_dynamics.png"))
+    # the parent's callbacks get rank zero's findings back (the fit ran on copies of them in the workers)
+    from lightning_recipe.findings import collect_findings
+
+    got = [(f.check, f.status, f.measured) for f in collect_findings(t)]
+    assert got and got == [(f["check"], f["status"], f["measured"]) for f in report["findings"]]
+    assert [f.status for f in t.callbacks[0].findings] == ["pass"]  # HeadBiasInit's own list, in the parent
+    assert collect_findings(t) == collect_findings(t)  # read back once, kept
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["callbacks", "recipe"])

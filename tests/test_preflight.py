@@ -132,3 +132,143 @@ def test_python_dash_m_exits_nonzero_on_a_broken_module(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout and "InitialLossCheck" in proc.stdout
     assert os.path.exists(os.path.join(str(tmp_path), "recipe", "report.html"))
+
+
+_DICT_MODULE = '''
+import torch, lightning as L
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class Model(L.LightningModule):
+    """Healthy, but its batches are dicts with keys no convention knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, i):
+        return self.loss_fn(self(batch["pixels"]), batch["cls"])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 3, (256,), generator=g)
+        x = torch.randn(256, 8, generator=g) + 2 * y[:, None].float()
+        return DataLoader([{"pixels": a, "cls": b} for a, b in zip(x, y)], batch_size=32)
+
+
+def split(batch):
+    return batch["pixels"], batch["cls"]
+'''
+
+
+def test_preflight_is_not_passed_when_the_core_checks_could_not_run(tmp_path, capsys):
+    module = tmp_path / "dict_batches.py"
+    module.write_text(_DICT_MODULE)
+    code = _run(tmp_path / "bare", f"{module}:Model", "--steps", "20", "--overfit-steps", "50")
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "preflight INCOMPLETE" in out and "--split-batch module:function" in out
+    report = _report(tmp_path / "bare")
+    skipped = {f["check"] for f in report["findings"] if f["status"] == "skip"}
+    assert {"overfit_one_batch", "InitialLossCheck", "BatchIndependenceCheck"} <= skipped
+    assert report["summary"]["fail"] == 0  # nothing failed: the verdict is "could not check", not "broken"
+    # with the argument the hint names, the same module passes
+    code = _run(tmp_path / "split", f"{module}:Model", "--steps", "20", "--overfit-steps", "200",
+                "--split-batch", f"{module}:split")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "preflight passed" in out
+
+
+_SIDE_EFFECT_MODULE = '''
+import os
+import torch, lightning as L
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def side_effect(**kwargs):
+    open(os.environ["MARKER"], "w").write("ran")
+
+
+class Model(L.LightningModule):
+    def __init__(self, extra=None):
+        super().__init__()
+        self.extra = extra
+        self.net = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+
+def test_config_builds_only_what_lightning_cli_would_build(tmp_path, capsys, monkeypatch):
+    from lightning_recipe.preflight import _build
+    from lightning_recipe.exceptions import RecipeConfigError
+
+    module = tmp_path / "side.py"
+    module.write_text(_SIDE_EFFECT_MODULE)
+    marker = tmp_path / "marker"
+    monkeypatch.setenv("MARKER", str(marker))
+    config = tmp_path / "config.yaml"
+    config.write_text(f"model:\n  class_path: {module}:Model\n  init_args:\n    extra:\n"
+                      f"      class_path: {module}:side_effect\n")
+    assert _run(tmp_path / "run", "--config", str(config), "--steps", "10") == 2
+    assert "preflight builds only what LightningCLI would" in capsys.readouterr().err
+    assert not marker.exists()  # the callable never ran
+    with pytest.raises(RecipeConfigError, match="class_path 'os.getcwd'"):
+        _build({"class_path": "os.getcwd"})
+    built = _build({"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 3}})
+    assert isinstance(built, torch.nn.Linear) and built.out_features == 3
+    # the top-level classes are checked before they are built
+    assert _run(tmp_path / "top", f"{module}:side_effect", "--steps", "10") == 2
+    assert "MODEL must be a LightningModule class" in capsys.readouterr().err and not marker.exists()
+
+
+_PL_MODULE = '''
+import torch, pytorch_lightning as PL
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Model(PL.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, i):
+        x, y = batch
+        return self.loss_fn(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), 1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 3, (256,), generator=g)
+        x = torch.randn(256, 8, generator=g) + 2 * y[:, None].float()
+        return DataLoader(TensorDataset(x, y), batch_size=32)
+'''
+
+
+def test_pytorch_lightning_modules_are_accepted(tmp_path, capsys):
+    pytest.importorskip("pytorch_lightning")
+    module = tmp_path / "pl_module.py"
+    module.write_text(_PL_MODULE)
+    code = _run(tmp_path / "run", f"{module}:Model", "--steps", "20", "--overfit-steps", "200")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    checks = {f["check"]: f["status"] for f in _report(tmp_path / "run")["findings"]}
+    assert checks["overfit_one_batch"] == "pass" and checks["InitialLossCheck"] == "pass"

@@ -85,13 +85,14 @@ class _ItemEveryStep(Callback):
         outputs["loss"].item()
 
 
-def _count_syncs(tmp_path: Any, callbacks: list[Callback], steps: int) -> int:
+def _count_syncs(tmp_path: Any, callbacks: list[Callback], steps: int, model: Callable[[], L.LightningModule] = TinyModel
+                 ) -> int:
     counter = _SyncCounter()
     x, y = blobs(n=4096)
     L.seed_everything(0)
     t = trainer(tmp_path, [_Start(counter), *callbacks, _Stop(counter)], max_steps=steps, max_epochs=None)
     try:
-        t.fit(TinyModel(), loader(x, y, batch_size=16))
+        t.fit(model(), loader(x, y, batch_size=16))
     finally:
         counter.stop()
     assert t.global_step == steps
@@ -193,3 +194,38 @@ def test_label_scan_reads_targets_directly(subset: bool) -> None:
     assert stats.count == len(expected)
     assert torch.equal(stats.class_counts, torch.bincount(expected, minlength=10).double())
     assert stats.source == "dataset.targets"
+
+
+class _FloatLR(TinyModel):
+    """SGD decayed by a scheduler every step."""
+
+    tensor = False
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=torch.tensor(0.05) if self.tensor else 0.05)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.ExponentialLR(opt, 0.99),
+                                                   "interval": "step"}}
+
+
+class _TensorLR(_FloatLR):
+    """The same with a tensor learning rate (decayed in place by the scheduler)."""
+
+    tensor = True
+
+
+def test_a_tensor_learning_rate_is_read_with_the_periodic_reads(tmp_path: Any) -> None:
+    from lightning_recipe.optimization import OptimizationHealthCheck
+
+    growth, checks = {}, {}
+    for model in (_FloatLR, _TensorLR):
+        name = model.__name__
+        plain = {k: _count_syncs(tmp_path / f"p{name}{k}", [], k, model) for k in (K, 2 * K)}
+        checks[name] = {k: OptimizationHealthCheck(check_every_n_steps=N, figure=False) for k in (K, 2 * K)}
+        extra = {k: _count_syncs(tmp_path / f"{name}{k}", [checks[name][k]], k, model) - plain[k] for k in (K, 2 * K)}
+        growth[name] = extra[2 * K] - extra[K]
+    # the tensor learning rates cost one read per periodic read (K / N more), not a float() per step (K more)
+    assert 0 <= growth["_TensorLR"] - growth["_FloatLR"] <= K // N, growth
+    # the values read are the learning rates of each batch: 0.05 * 0.99 ** k after k scheduler steps
+    for name in ("_FloatLR", "_TensorLR"):
+        lrs = [group[0] for group in checks[name][2 * K].lrs]
+        assert lrs == pytest.approx([0.05 * 0.99 ** (k + 1) for k in range(2 * K)], rel=1e-6), name
