@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import traceback
 import uuid
 import weakref
 from typing import Any, Callable, Literal, Optional, Union
@@ -48,6 +49,69 @@ def restore_hooks(obj: Callback) -> None:
             del obj.__dict__[hook]
 
 
+# the hooks of a fit in which an error of a check in "warn" mode switches the check off instead of stopping the fit
+# (`RecipeCheck.__init_subclass__` guards them); the checkpoint hooks and `on_exception` are left as they are
+_GUARDED = frozenset(
+    name for name, value in vars(Callback).items()
+    if callable(value) and name.startswith("on_") and name not in ("on_exception", "on_save_checkpoint",
+                                                                    "on_load_checkpoint")
+)
+
+
+def _record_switch_off(trainer: "pl.Trainer", cb: Callback, hook: str, err: Exception) -> None:
+    """The ``skip`` finding and the warning (once per distinct message per fit) of a check switched off by ``err``:
+    a :class:`RecipeConfigError` as the configuration problem it is, anything else as an internal error."""
+    name = type(cb).__name__
+    if isinstance(err, RecipeConfigError):  # e.g. a probe forward that gives no tensor: the user's to fix
+        reason, prefix = str(err), f"{name}: "
+        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+        config_error = getattr(cb, "_config_error", None)
+        if callable(config_error):
+            config_error(reason)  # a skip finding; the warning once per distinct reason per fit
+        else:  # pragma: no cover - a check of another kind
+            cb.findings.append(Finding(name, "skip", f"{name}: {reason}"))
+            warn_once(trainer, f"{name}: {reason}", key=f"config: {reason}")
+        return
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
+    where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
+    message = (f"{name}: switched off for the rest of the fit by an internal error in `{hook}`{where}: "
+               f"{type(err).__name__}: {err}. Training and the other checks go on. HINT: this is a bug of the "
+               f"check or a convention it misread; run the check with on_fail='raise' for the traceback, or pass "
+               "the override its message names.")
+    cb.findings.append(Finding(name, "skip", message, details={"error": f"{type(err).__name__}: {err}", "hook": hook}))
+    warn_once(trainer, message)
+
+
+def _guard(fn: Callable[..., Any], hook: str) -> Callable[..., Any]:
+    """``fn`` (a hook of a check) such that, in ``"warn"`` mode on a single process, an error switches the check off
+    for the rest of the stage (a ``skip`` finding, a warning) instead of stopping the fit; a check's own verdict
+    (``RecipeCheckError``), ``"raise"`` mode and several processes raise as before."""
+
+    @functools.wraps(fn)
+    def guarded(self: "RecipeCheck", trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get("_switched_off"):
+            if hook == "on_fit_end":  # the report is still written when this check is the one that writes it
+                self._maybe_write_report(trainer)
+            return None
+        try:
+            return fn(self, trainer, *args, **kwargs)
+        except Exception as err:
+            if (isinstance(err, RecipeCheckError) or self.__dict__.get("on_fail") != "warn"
+                    or not isinstance(self.__dict__.get("findings"), list) or trainer.world_size > 1):
+                raise
+            self._switched_off = True
+            for batch_hook in BATCH_HOOKS:  # Lightning (or a Recipe) stops calling them
+                if getattr(type(self), batch_hook, None) is not getattr(Callback, batch_hook):
+                    null_hook(self, batch_hook)
+            _record_switch_off(trainer, self, hook, err)
+            if hook == "on_fit_end":
+                self._maybe_write_report(trainer)
+            return None
+
+    guarded._recipe_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
 def recipe_dir(trainer: "pl.Trainer") -> str:
     """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
     gives figure paths that the report finds from any working directory); ``recipe_1``, ``recipe_2``, ... when an
@@ -85,7 +149,10 @@ class RecipeCheck(Callback):
         on_fail: ``"raise"`` stops the fit with :class:`RecipeCheckError` (on every rank), ``"warn"`` emits a
             :class:`RecipeWarning` and training goes on. Configuration errors (a head that cannot be found, a batch
             that cannot be split) raise :class:`RecipeConfigError` at fit start in ``"raise"`` mode and are reported
-            as a ``skip`` finding with a warning in ``"warn"`` mode.
+            as a ``skip`` finding with a warning (once per distinct problem per fit) in ``"warn"`` mode. In ``"warn"``
+            mode on a single process, an error of the check itself in any hook of the fit (``on_*``, the fit-start
+            probes included) switches the check off for the rest of the stage with a ``skip`` finding and a warning:
+            a ``"warn"`` check never stops a fit.
         split_batch: ``callable(batch) -> (inputs, targets)`` for batches that are not ``(x, y, ...)`` or a dict
             with conventional keys.
         forward: ``callable(pl_module, inputs) -> Tensor`` when ``pl_module(inputs)`` does not give the predictions.
@@ -120,6 +187,10 @@ class RecipeCheck(Callback):
             cls.on_train_start = _deferrable_start(own["on_train_start"])  # type: ignore[method-assign]
         if "on_train_batch_start" in own and not hasattr(own["on_train_batch_start"], "_deferrable"):
             cls.on_train_batch_start = _runs_deferred_start(own["on_train_batch_start"])  # type: ignore[method-assign]
+        for hook in _GUARDED:  # a check in "warn" mode never stops a fit over its own errors (see `_guard`)
+            fn = cls.__dict__.get(hook)
+            if callable(fn) and not getattr(fn, "_recipe_guarded", False):
+                setattr(cls, hook, _guard(fn, hook))
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "RecipeCheck":
         obj = super().__new__(cls)
@@ -221,6 +292,7 @@ class RecipeCheck(Callback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         restore_hooks(self)
+        self.__dict__.pop("_switched_off", None)  # each stage starts with the check on
         if stage == "fit":
             last = self.__dict__.get("_model")
             if last is not None and last() is not pl_module:  # used before, for another model: start afresh
@@ -340,6 +412,11 @@ def _start_if_pending(check: RecipeCheck, trainer: "pl.Trainer", pl_module: "pl.
 
 
 RecipeCheck.on_train_batch_start._deferrable = True  # type: ignore[attr-defined]
+
+for _hook in _GUARDED:  # the base class's own hooks (on_fit_end) too
+    if _hook in vars(RecipeCheck):
+        setattr(RecipeCheck, _hook, _guard(vars(RecipeCheck)[_hook], _hook))
+del _hook
 
 
 class _OnceCheck(RecipeCheck):

@@ -9,7 +9,6 @@ A preset is one callback rather than eleven: Lightning pays about 3 microseconds
 from __future__ import annotations
 
 import os
-import traceback
 import uuid
 from typing import Any, Callable, Literal, Optional, Sequence, Union
 
@@ -19,9 +18,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, null_hook, recipe_dir, restore_hooks
+from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, _record_switch_off, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
-from lightning_recipe._warn import warn_once
 from lightning_recipe.findings import Finding
 from lightning_recipe.batch_independence import BatchIndependenceCheck
 from lightning_recipe.data_checks import DataCheck
@@ -366,26 +364,7 @@ class Recipe(Callback):
         for h in list(self._plan):
             if cb in self._plan[h] and h != "teardown":  # teardown still reaches it: it releases what it holds
                 self._drop(h, cb)
-        if isinstance(err, RecipeConfigError):  # e.g. a probe forward that gives no tensor: the user's to fix
-            config_error = getattr(cb, "_config_error", None)
-            reason, prefix = str(err), f"{type(cb).__name__}: "
-            reason = reason[len(prefix):] if reason.startswith(prefix) else reason
-            if callable(config_error):
-                config_error(reason)  # a skip finding; the warning once per distinct reason per fit
-            else:  # pragma: no cover - a check of another kind
-                cb.findings.append(Finding(type(cb).__name__, "skip", f"{type(cb).__name__}: {err}"))
-                warn_once(trainer, f"{type(cb).__name__}: {err}", key=f"config: {err}")
-            return
-        frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
-        where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
-        name = type(cb).__name__
-        message = (f"{name}: switched off for the rest of the fit by an internal error in `{hook}`{where}: "
-                   f"{type(err).__name__}: {err}. Training and the other checks go on. HINT: this is a bug of the "
-                   f"check or a convention it misread; run the check with on_fail='raise' for the traceback, or pass "
-                   "the override its message names.")
-        cb.findings.append(Finding(name, "skip", message, details={"error": f"{type(err).__name__}: {err}",
-                                                                  "hook": hook}))
-        warn_once(trainer, message)
+        _record_switch_off(trainer, cb, hook, err)
 
     def _drop(self, hook: str, cb: Callback) -> None:
         """``cb`` set ``hook`` to None: leave it out for the rest of the stage, and the hook too once no child is left

@@ -75,10 +75,10 @@ def test_raw_pixels_warn_and_standardized_images_pass(tmp_path):
     assert f.details["worst"]["std"] == pytest.approx(float(std), rel=1e-6)  # 95.9
     assert f.details["min"] == 0.0 and f.details["max"] == 255.0 and f.details["image"]
     std_imgs = (raw - mean.float()) / std.float()
-    cb = _fit(tmp_path, _ImageModel(), loader(std_imgs, y, 64), figure=True)
-    f = _by_name(cb)["scale"]
+    cb = _fit(tmp_path / "std", _ImageModel(), loader(std_imgs, y, 64), figure=True)  # own folder: a second fit
+    f = _by_name(cb)["scale"]                                                           # into one writes recipe_1/
     assert f.status == "pass" and abs(f.details["worst"]["mean"]) < 1e-5
-    assert os.path.isfile(os.path.join(tmp_path, "recipe", "data_first_batch.png"))
+    assert os.path.isfile(os.path.join(tmp_path, "std", "recipe", "data_first_batch.png"))
 
 
 def test_nan_feature_fails(tmp_path):

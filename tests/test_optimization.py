@@ -182,10 +182,10 @@ def test_dead_relu_layer_warns(tmp_path):
         cb = _fit(tmp_path, model, loader(x, y), steps=10)
     f = _get(cb, "dead_relu")
     assert f.status == "warn" and f.measured == 1.0 and f.details["probe_examples"] == 32
-    cb = _fit(tmp_path, TinyModel(), loader(x, y), steps=10, figure=True)
-    f = _get(cb, "dead_relu")
+    cb = _fit(tmp_path / "healthy", TinyModel(), loader(x, y), steps=10, figure=True)  # own folder: a second fit
+    f = _get(cb, "dead_relu")                                                         # into one writes recipe_1/
     assert f.status == "pass" and f.measured < 0.5
-    assert os.path.isfile(os.path.join(tmp_path, "recipe", "optimization_health.png"))
+    assert os.path.isfile(os.path.join(tmp_path, "healthy", "recipe", "optimization_health.png"))
 
 
 def test_huge_weight_decay_fails_and_small_passes(tmp_path):

@@ -305,3 +305,34 @@ def test_a_second_fit_into_the_same_folder_keeps_the_first_report(tmp_path, capl
     assert all(str(tmp_path / "recipe_1") in p for p in again["figures"]) and again["figures"]
     said = [r.getMessage() for r in caplog.records if "report at" in r.getMessage()]
     assert said and "recipe_1" in said[-1] and "keeps the report of an earlier fit" in said[-1]
+
+
+def test_a_standalone_warn_check_never_stops_a_fit_over_its_own_error(tmp_path):
+    class Breaks(RecipeCheck):
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            raise ZeroDivisionError("a bug at fit start")
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.after = True  # never reached: switched off
+
+    from lightning_recipe import LossDecreaseCheck
+
+    broken, decrease = Breaks(on_fail="warn"), LossDecreaseCheck(on_fail="warn")
+    x, y = blobs(256)
+    with pytest.warns(RecipeWarning, match=r"Breaks: switched off .* `on_train_start` at test_robust.py:\d+: "
+                                           "ZeroDivisionError: a bug at fit start"):
+        t = trainer(tmp_path, [broken, decrease], max_steps=8)
+        t.fit(TinyModel(), loader(x, y))
+    assert t.global_step == 8 and not hasattr(broken, "after")
+    assert [f.status for f in broken.findings] == ["skip"] and broken.findings[0].details["hook"] == "on_train_start"
+    assert len(decrease.losses) == 8
+    assert (tmp_path / "recipe" / "report.json").exists()  # the last check wrote the report
+    # a probe forward that gives no tensor, in a standalone warn-mode check: a skip naming `forward=`, the fit goes on
+    opt = lr.OptimizationHealthCheck(on_fail="warn", figure=False)
+    t = trainer(tmp_path / "dict", [opt], max_steps=8)
+    t.fit(_DictForward(), loader(x, y))
+    assert t.global_step == 8 and "`forward=" in {f.check: f for f in opt.findings}[
+        "OptimizationHealthCheck.dead_relu"].message
+    # in "raise" mode the error stops the fit as before
+    with pytest.raises(ZeroDivisionError):
+        trainer(tmp_path / "raise", [Breaks(on_fail="raise")], max_steps=8).fit(TinyModel(), loader(x, y))
