@@ -68,16 +68,18 @@ class ParameterUpdateCheck(_OnceCheck):
     **Memory.** A fingerprint holds at most 68 numbers per parameter tensor, whatever its size (a tensor of at most
     64 elements is kept whole), and is computed chunk by chunk (two float64 temporaries, together at most 1% of the
     parameters' bytes and 64K elements each), so the check adds O(number of tensors) memory, not a copy of the
-    model. **What could go unseen**: a parameter counts as
-    changed when any fingerprint entry differs. A change of one of the sampled elements is always seen. A change
-    that touches none of them (a sparse update moving ``k`` elements at random positions escapes the sample with
-    probability ``(1 - 64 / n)^k`` for a tensor of ``n`` elements) is still seen by the float64 sum as soon as it
-    moves the sum by more than about two rounding units of its largest partial sum, ``2^-51 sum_j |p_j|`` (for one
-    float32 element, any move of at least one float32 ulp when ``|p_i|`` is above about ``2^-27 sum_j |p_j|``); moves that cancel in
-    the sum are seen by the weighted sum (a swap of two values, for instance) and the sum of squares. An update goes
-    unseen only when it leaves every sampled element alone and moves all three sums by less than that rounding: a
-    few unsampled elements each moved by a rounding-level amount, or moves that cancel in three independent sums at
-    once (probability zero for updates computed from gradients). No host sync happens before step ``steps``.
+    model.
+
+    **What could go unseen.** A parameter counts as changed when any fingerprint entry differs. A change of one of
+    the sampled elements is always seen. A change that touches none of them (a sparse update moving ``k`` elements
+    at random positions escapes the sample with probability ``(1 - 64 / n)^k`` for a tensor of ``n`` elements) is
+    still seen by the float64 sum as soon as it moves the sum by more than about two rounding units of its largest
+    partial sum, ``2^-51 sum_j |p_j|`` (for one float32 element: any move of at least one float32 ulp when ``|p_i|``
+    is above about ``2^-27 sum_j |p_j|``); moves that cancel in the sum are seen by the weighted sum (a swap of two
+    values, for instance) and the sum of squares. An update goes unseen only when it leaves every sampled element
+    alone and moves all three sums by less than that rounding: a few unsampled elements each moved by a
+    rounding-level amount, or moves that cancel in three independent sums at once (probability zero for updates
+    computed from gradients). No host sync happens before step ``steps``.
     Skipped on a resume.
 
     Args:
