@@ -1,17 +1,19 @@
 """Peak memory added by the recipe callbacks, as a multiple of the model's parameter bytes.
 
-A ~17M-parameter MLP (2048 -> 4096 -> 2048 -> 10, Adam) and optionally a BatchNorm conv net (~2.4M parameters) are
+A ~17M-parameter MLP (2048 -> 4096 -> 2048 -> 10, Adam) and optionally a BatchNorm conv net (~1.8M parameters) are
 fitted for ``--steps`` optimizer steps on synthetic data, once per configuration, each fit in its own subprocess so
 that every peak is clean (after a warm-up fit of the same configuration on a tiny model in that process, so that
-lazy imports and one-time caches are not counted). A child measures its peak memory during ``trainer.fit`` only (model and data are built
-before): on CPU the peak resident set size (Linux ``VmHWM``, reset before the fit through ``/proc/self/clear_refs``;
-elsewhere ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which then also covers the build), on a GPU
-``torch.cuda.max_memory_allocated`` (reset before the fit). What is printed per configuration is its peak over the
-plain fit's peak (gradients, optimizer state and activations are on both sides) divided by the parameters' bytes:
-``+0.10x`` means the callbacks held at most a tenth of the model's size more than the plain fit at their peak.
-Two peaks are given: over the whole fit, and over the setup only (up to the first training batch, read by a last
-callback): a copy made at ``on_train_start`` and freed before the first step hides below the fit's peak (gradients
-and Adam's state come later) but is what a model sized to fill the memory hits first.
+lazy imports and one-time caches are not counted). A child measures its peak memory during ``trainer.fit`` only
+(model and data are built before): on CPU the peak resident set size (Linux ``VmHWM``, reset before the fit
+through ``/proc/self/clear_refs``; elsewhere ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which then also covers
+the build), on a GPU ``torch.cuda.max_memory_allocated`` (reset before the fit). What is printed per configuration
+is its peak over the plain fit's peak (gradients, optimizer state and activations are on both sides) divided by
+the parameters' bytes: ``+0.10x`` means the callbacks held at most a tenth of the model's size more than the plain
+fit at their peak. Two peaks are given: over the whole fit, and over the setup only (up to the first training
+batch, read by a last callback). A copy made at ``on_train_start`` and freed before the first step hides below
+this fit's peak (gradients and Adam's state come later), not below that of a fit with a lighter optimizer or a
+frozen backbone. On the small conv net, activations outweigh the parameters, and RSS peaks move by a few MiB
+between identical runs: read its ratios with that in mind.
 
     python benchmarks/memory.py                                   # plain, recommended(), the two checks alone
     python benchmarks/memory.py --models mlp conv --repeats 3     # median of 3 fits per configuration
@@ -105,6 +107,10 @@ def _hwm_reset() -> bool:
         return False
 
 
+def _maxrss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -150,7 +156,7 @@ def child(model_name: str, config: str, steps: int, device: str) -> dict[str, An
     elif os.path.exists("/proc/self/clear_refs"):
         read = lambda: _status_kb("VmHWM") * 1024  # noqa: E731
     else:
-        read = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # noqa: E731
+        read = _maxrss
     setup = _SetupPeak(read)
     with tempfile.TemporaryDirectory() as root:
         trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator=device, devices=1, logger=False,
@@ -170,12 +176,13 @@ def child(model_name: str, config: str, steps: int, device: str) -> dict[str, An
                 trainer.fit(model, data)
                 peak, how = _status_kb("VmHWM") * 1024, "VmHWM (reset before the fit)"
             else:
-                base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+                base = _maxrss()
                 trainer.fit(model, data)
-                peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+                peak = _maxrss()
                 how = "ru_maxrss"
     statuses = {f.check: f.status for f in lr.collect_findings(trainer)}
-    return {"model": model_name, "config": config, "param_bytes": param_bytes, "delta": peak - base, "setup_delta": (setup.peak or peak) - base, "how": how,
+    return {"model": model_name, "config": config, "param_bytes": param_bytes, "delta": peak - base,
+            "setup_delta": (setup.peak or peak) - base, "how": how,
             "findings": statuses, "steps": trainer.global_step}
 
 

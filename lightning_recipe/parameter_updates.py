@@ -66,17 +66,20 @@ class ParameterUpdateCheck(_OnceCheck):
     the norm grew at all but one step, and the training loss did not grow by more than half that factor.
 
     **Memory.** A fingerprint holds at most 68 numbers per parameter tensor, whatever its size (a tensor of at most
-    64 elements is kept whole), and is computed chunk by chunk (temporaries of at most 64K elements), so the check
-    adds O(number of tensors) memory, not a copy of the model. **What could go unseen**: a parameter counts as
-    changed when any fingerprint entry differs. A change of one of the sampled elements is always seen. A change
-    that touches none of them (a sparse update moving ``k`` elements at random positions escapes the sample with
-    probability ``(1 - 64 / n)^k`` for a tensor of ``n`` elements) is still seen by the float64 sum as soon as it
-    moves the sum by more than about two rounding units of its largest partial sum, ``2^-51 sum_j |p_j|`` (for one
-    float32 element, any move of at least one float32 ulp when ``|p_i| >= 2^-28 sum_j |p_j|``); moves that cancel in
-    the sum are seen by the weighted sum (a swap of two values, for instance) and the sum of squares. An update goes
-    unseen only when it leaves every sampled element alone and moves all three sums by less than that rounding: a
-    few unsampled elements each moved by a rounding-level amount, or moves that cancel in three independent sums at
-    once (probability zero for updates computed from gradients). No host sync happens before step ``steps``.
+    64 elements is kept whole), and is computed chunk by chunk (two float64 temporaries, together at most 1% of the
+    parameters' bytes and 64K elements each), so the check adds O(number of tensors) memory, not a copy of the
+    model.
+
+    **What could go unseen.** A parameter counts as changed when any fingerprint entry differs. A change of one of
+    the sampled elements is always seen. A change that touches none of them (a sparse update moving ``k`` elements
+    at random positions escapes the sample with probability ``(1 - 64 / n)^k`` for a tensor of ``n`` elements) is
+    still seen by the float64 sum as soon as it moves the sum by more than about two rounding units of its largest
+    partial sum, ``2^-51 sum_j |p_j|`` (for one float32 element: any move of at least one float32 ulp when ``|p_i|``
+    is above about ``2^-27 sum_j |p_j|``); moves that cancel in the sum are seen by the weighted sum (a swap of two
+    values, for instance) and the sum of squares. An update goes unseen only when it leaves every sampled element
+    alone and moves all three sums by less than that rounding: a few unsampled elements each moved by a
+    rounding-level amount, or moves that cancel in three independent sums at once (probability zero for updates
+    computed from gradients). No host sync happens before step ``steps``.
     Skipped on a resume.
 
     Args:
@@ -139,7 +142,8 @@ class ParameterUpdateCheck(_OnceCheck):
         dev = self._device
         self._masks = [torch.tensor([o == k for o in self._owner], device=dev) for k in range(len(self._optimizers))]
         with torch.no_grad():
-            self._initial = [tensor_fingerprint(p) for p in self._params]
+            self._chunk = _chunk_for(self._params)
+            self._initial = [tensor_fingerprint(p, chunk=self._chunk) for p in self._params]
         self._zero = torch.zeros((), device=dev)
         self._grad_max = torch.zeros(len(self._params), device=dev)
         self._empty_seen = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
@@ -230,7 +234,8 @@ class ParameterUpdateCheck(_OnceCheck):
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no optimizer step was taken."))
             return
         with torch.no_grad():
-            changed = torch.stack([(tensor_fingerprint(p) != f).any() for p, f in zip(self._params, self._initial)])
+            changed = torch.stack([(tensor_fingerprint(p, chunk=self._chunk) != f).any()
+                                   for p, f in zip(self._params, self._initial)])
             scale = torch.stack([f[0].float() for f in self._initial])  # the largest |p| at the start
             packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()]).cpu()  # the one sync
             series = torch.stack([self._gnorm, self._loss]).cpu()
@@ -422,7 +427,8 @@ def tensor_fingerprint(t: Tensor, samples: int = 64, chunk: int = 2**16) -> Tens
     for start in range(0, n, chunk):
         c = flat[start : start + chunk].to(acc)
         w = torch.arange(start + 1, start + 1 + c.numel(), dtype=acc, device=v.device).mul_(_PHI).frac_()
-        top = torch.maximum(top, c.abs().max())
+        lo, hi = torch.aminmax(c)
+        top = torch.maximum(top, torch.maximum(-lo, hi))
         total = total + c.sum()
         squares = squares + torch.dot(c, c)
         weighted = weighted + torch.dot(c, w)
@@ -432,6 +438,13 @@ def tensor_fingerprint(t: Tensor, samples: int = 64, chunk: int = 2**16) -> Tens
         idx = torch.linspace(0, n - 1, samples, dtype=torch.float64).round().long().to(v.device)
         picked = flat[idx].to(acc)
     return torch.cat([torch.stack([top, total, squares, weighted]), picked])
+
+
+def _chunk_for(params: list[Tensor]) -> int:
+    """Elements converted at a time by :func:`tensor_fingerprint`: its two float64 temporaries stay under 1% of the
+    parameters' bytes (between 1K and 64K elements)."""
+    total = sum(p.numel() * p.element_size() for p in params)
+    return int(min(2**16, max(2**10, total // 1600)))
 
 
 _PHI = (5**0.5 - 1) / 2  # frac((i + 1) * phi): weights that differ for every i, without storing them
