@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_recipe._conventions import resolve_task
-from lightning_recipe._labels import label_stats
+from lightning_recipe._core.conventions import resolve_task
+from lightning_recipe._core.labels import label_stats
 
 
 class SlowDataset(Dataset):

@@ -240,7 +240,7 @@ def _write_reports(
     meta: dict[str, Any],
 ) -> dict[str, str]:
     """Write ``report.json``, ``report.md`` and ``report.html`` under ``directory``; returns their paths."""
-    from lightning_recipe._report_html import render_html
+    from lightning_recipe.report.html import render_html
 
     os.makedirs(directory, exist_ok=True)
     meta = {**meta, "environment": _environment()}

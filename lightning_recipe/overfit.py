@@ -18,10 +18,10 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_recipe._conventions import TaskSpec, find_loss, probe_mode, resolve_task, run_forward
-from lightning_recipe._conventions import split_batch as _split
-from lightning_recipe._labels import stats_from_targets
-from lightning_recipe._lightning import _is_lightning, _namespace
+from lightning_recipe._core.conventions import TaskSpec, find_loss, probe_mode, resolve_task, run_forward
+from lightning_recipe._core.conventions import split_batch as _split
+from lightning_recipe._core.labels import stats_from_targets
+from lightning_recipe._core.namespaces import _is_lightning, _namespace
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import constant_loss, numeric_constant, optimal_constant
@@ -244,7 +244,7 @@ def loss_floor(spec: TaskSpec) -> Optional[float]:
 
     Example::
 
-        >>> from lightning_recipe._conventions import resolve_task
+        >>> from lightning_recipe._core.conventions import resolve_task
         >>> spec = resolve_task(torch.nn.CrossEntropyLoss(label_smoothing=0.1), torch.zeros(2, 4), torch.tensor([0, 1]))
         >>> round(loss_floor(spec), 4)
         0.3488
@@ -264,7 +264,7 @@ def alignment(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> tuple[float, 
 
     Example::
 
-        >>> from lightning_recipe._conventions import resolve_task
+        >>> from lightning_recipe._core.conventions import resolve_task
         >>> spec = resolve_task(torch.nn.CrossEntropyLoss(), torch.zeros(2, 3), torch.tensor([0, 2]))
         >>> alignment(spec, torch.tensor([[2.0, 0, 0], [0, 0, 1.0]]), torch.tensor([0, 2]))
         (1.0, 'accuracy')
@@ -338,8 +338,8 @@ def _f(x: Optional[float]) -> str:
 
 def _figure(directory: str, spec: TaskSpec, losses: list[float], prior: float, threshold: float, out: Tensor, y: Tensor,
             score_name: str, score: float) -> str:
-    from lightning_recipe.plotting import _figure as new_figure
-    from lightning_recipe.plotting import _lean, log_y
+    from lightning_recipe.report.plotting import _figure as new_figure
+    from lightning_recipe.report.plotting import _lean, log_y
 
     fig = new_figure(12, 4.5)
     ax, pr = fig.subplots(1, 2, width_ratios=[3, 2])

@@ -27,7 +27,7 @@ from torch import nn
 
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding, _fmt, collect_findings, status_counts
-from lightning_recipe._lightning import _is_lightning, _namespace
+from lightning_recipe._core.namespaces import _is_lightning, _namespace
 
 _OVERRIDE_PREFIXES = ("model", "data")
 # the checks a preflight is for: when they could not run, it has not passed (exit 1)
@@ -144,7 +144,7 @@ def preflight(
     pl.seed_everything(seed, verbose=False)
     findings: list[Finding] = []
     figures: list[str] = []
-    from lightning_recipe._base import unused_recipe_dir
+    from lightning_recipe._core.base import unused_recipe_dir
 
     recipe_dir = unused_recipe_dir(os.path.join(os.path.abspath(output), "recipe"))  # the fit's own, computed alike
     overfit = _optional("overfit", "overfit_one_batch")
@@ -194,15 +194,15 @@ def preflight_callbacks(steps: int, causal: Optional[bool] = None, overrides: Op
         >>> names[:2], "LossDecreaseCheck" in names
         (['DataCheck', 'HeadBiasInit'], True)
     """
-    from lightning_recipe.loss_decrease import LossDecreaseCheck
-    from lightning_recipe.prediction_dynamics import PredictionDynamics
+    from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+    from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
     from lightning_recipe.presets import _bundle
 
     kw = {k: v for k, v in (overrides or {}).items() if v is not None}
     callbacks = _bundle("warn", kw)
     window = max(5, min(50, steps // 5))
-    batch_check = _optional("batch_independence", "BatchIndependenceCheck")
-    input_check = _optional("input_dependence", "InputDependenceCheck")
+    batch_check = _optional("checks.batch_independence", "BatchIndependenceCheck")
+    input_check = _optional("checks.input_dependence", "InputDependenceCheck")
     out: list[Callback] = []
     for cb in callbacks:
         if isinstance(cb, LossDecreaseCheck):  # the whole short run is the warm-up: judged once, at its end

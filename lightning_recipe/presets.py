@@ -18,22 +18,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_recipe._base import BATCH_HOOKS, RecipeCheck, _record_switch_off, null_hook, recipe_dir, restore_hooks
+from lightning_recipe._core.base import BATCH_HOOKS, RecipeCheck, _record_switch_off, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.batch_independence import BatchIndependenceCheck
-from lightning_recipe.data_checks import DataCheck
-from lightning_recipe.generalization import GeneralizationCheck
-from lightning_recipe.head_bias import HeadBiasInit
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.input_dependence import InputDependenceCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.optimization import OptimizationHealthCheck
-from lightning_recipe.output_range import OutputRangeCheck
-from lightning_recipe.parameter_updates import ParameterUpdateCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
-from lightning_recipe.reproducibility import ReproducibilityCheck
-from lightning_recipe.wiring import WiringCheck
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.data import DataCheck
+from lightning_recipe.checks.generalization import GeneralizationCheck
+from lightning_recipe.checks.head_bias import HeadBiasInit
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.input_dependence import InputDependenceCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.optimization.check import OptimizationHealthCheck
+from lightning_recipe.checks.output_range import OutputRangeCheck
+from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.reproducibility import ReproducibilityCheck
+from lightning_recipe.checks.wiring.check import WiringCheck
 
 Preset = Literal["strict", "recommended"]
 _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended": "warn"}

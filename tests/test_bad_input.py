@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import collect_findings
-from lightning_recipe.head_bias import HeadBiasInit
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.head_bias import HeadBiasInit
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 
 
 class Counting(TinyModel):

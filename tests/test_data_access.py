@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 import lightning_recipe as lr
 from helpers import TinyModel, blobs, trainer
 from lightning_recipe import HeadBiasInit, InitialLossCheck
-from lightning_recipe.data_checks import DataCheck
+from lightning_recipe.checks.data import DataCheck
 from lightning_recipe.exceptions import RecipeWarning
 
 
@@ -248,7 +248,7 @@ def _init(worker_id: int) -> None:
 
 
 def test_the_private_loader_uses_the_user_worker_settings() -> None:
-    from lightning_recipe._labels import _private_loader, read_batches
+    from lightning_recipe._core.labels import _private_loader, read_batches
 
     x, y = _nine_to_one(64)
     user = DataLoader(Slow(x, y), batch_size=8, shuffle=True, num_workers=2, worker_init_fn=_init, prefetch_factor=3,
@@ -261,7 +261,7 @@ def test_the_private_loader_uses_the_user_worker_settings() -> None:
 
 
 def test_the_scans_stop_at_their_time_budget(tmp_path: Any, monkeypatch: Any) -> None:
-    from lightning_recipe import _labels
+    from lightning_recipe._core import labels as _labels
 
     monkeypatch.setattr(_labels, "SCAN_SECONDS", 0.3)
     x, y = _nine_to_one(2000)

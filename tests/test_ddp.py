@@ -21,10 +21,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import TinyModel, blobs
-from lightning_recipe.head_bias import HeadBiasInit
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.head_bias import HeadBiasInit
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 from lightning_recipe.presets import Recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -74,7 +74,7 @@ class Probe(Callback):
         # has finished, which fails the spawn. Destroy it at exit, as Lightning does for NCCL.
         atexit.register(_destroy_dist_connection)
 
-        import lightning_recipe._base as base
+        import lightning_recipe._core.base as base
 
         rank, probe = trainer.global_rank, self
         write_reports, savefig = base._write_reports, matplotlib.figure.Figure.savefig

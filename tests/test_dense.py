@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_recipe as lr
-from lightning_recipe._conventions import resolve_task
+from lightning_recipe._core.conventions import resolve_task
 
 N_TRAIN, BATCH = 256, 32
 
@@ -273,7 +273,7 @@ def test_integer_targets_unrelated_to_the_inputs_still_look_like_class_labels(tm
 
 
 def test_dense_label_statistics_read_a_bounded_number_of_values(monkeypatch):
-    from lightning_recipe import _labels
+    from lightning_recipe._core import labels as _labels
 
     monkeypatch.setattr(_labels, "_MAX_VALUES", 25_000)
     maps = torch.arange(10.0).reshape(10, 1, 1).expand(10, 100, 100)  # example i: every pixel equal to i
@@ -294,7 +294,7 @@ def test_soft_class_maps_count_their_positions():
 
 @pytest.mark.parametrize("loss", [nn.MSELoss(), nn.L1Loss(), nn.BCEWithLogitsLoss()])
 def test_per_channel_constants_of_a_three_channel_map_pool_the_positions(loss):
-    from lightning_recipe._labels import stats_from_targets
+    from lightning_recipe._core.labels import stats_from_targets
     from lightning_recipe.functional import constant_loss, optimal_constant
 
     g = torch.Generator().manual_seed(0)

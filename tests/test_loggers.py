@@ -16,9 +16,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from lightning_recipe.loggers import log_figure, log_file, log_scalars, log_text
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.report.loggers import log_figure, log_file, log_scalars, log_text
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 
 STEPS = 32  # 1 epoch of 1024 samples in batches of 32
 

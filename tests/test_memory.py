@@ -12,8 +12,8 @@ from torch import nn
 
 from helpers import TinyModel, blobs, loader, trainer
 import lightning_recipe as lr
-from lightning_recipe.batch_independence import BatchIndependenceCheck
-from lightning_recipe.parameter_updates import ParameterUpdateCheck
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
 
 
 class Wide(TinyModel):

@@ -17,12 +17,12 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from helpers import TinyModel, blobs, loader, trainer
-from lightning_recipe.batch_independence import BatchIndependenceCheck
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.parameter_updates import ParameterUpdateCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
-from lightning_recipe.wiring import WiringCheck
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.wiring.check import WiringCheck
 
 
 class NoisyModel(TinyModel):

@@ -6,7 +6,7 @@ import math
 import os
 import warnings
 
-import lightning_recipe.loggers as loggers_module
+import lightning_recipe.report.loggers as loggers_module
 import numpy as np
 import pytest
 import torch
@@ -16,9 +16,9 @@ from matplotlib.colors import to_rgba
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeWarning
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.plotting import plot_loss_curve, plot_prediction_dynamics
-from lightning_recipe.prediction_dynamics import PredictionDynamics, jitter_index
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.report.plotting import plot_loss_curve, plot_prediction_dynamics
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics, jitter_index
 
 
 @pytest.fixture

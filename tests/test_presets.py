@@ -16,8 +16,8 @@ from torch import nn
 from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import collect_findings
-from lightning_recipe.head_bias import HeadBiasInit
-from lightning_recipe._base import RecipeCheck
+from lightning_recipe.checks.head_bias import HeadBiasInit
+from lightning_recipe._core.base import RecipeCheck
 from lightning_recipe.presets import Recipe, _hooks, recommended, strict
 
 
@@ -201,7 +201,7 @@ def test_presets_are_one_recipe_holding_every_check():
 
 
 def test_exclude_leaves_checks_out_by_class_or_name():
-    from lightning_recipe.batch_independence import BatchIndependenceCheck
+    from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 
     from lightning_recipe.presets import _CHECKS
 
@@ -245,7 +245,7 @@ def test_recipe_calls_only_the_children_that_implement_a_hook(tmp_path):
 
 
 def test_recipe_writes_the_report_once_on_the_exception_path(tmp_path, monkeypatch):
-    import lightning_recipe._base as base
+    import lightning_recipe._core.base as base
 
     writes: list[str] = []
     real = base._write_reports

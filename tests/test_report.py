@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import TinyModel, blobs, loader, trainer
 
-from lightning_recipe._report_html import render_html
+from lightning_recipe.report.html import render_html
 from lightning_recipe.findings import Finding, collect_findings, render_markdown
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 
 CHROMIUM = "/usr/bin/chromium"
 

@@ -8,7 +8,7 @@ from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
-from lightning_recipe.reproducibility import ReproducibilityCheck
+from lightning_recipe.checks.reproducibility import ReproducibilityCheck
 
 
 def _fit(tmp_path, model, dl, cb, steps=3):

@@ -254,7 +254,7 @@ def test_report_html_inlines_every_figure_with_a_relative_log_folder(tmp_path, m
 
 
 def test_render_html_finds_figures_given_relative_to_the_working_directory_or_the_report(tmp_path, monkeypatch):
-    from lightning_recipe._report_html import render_html
+    from lightning_recipe.report.html import render_html
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "logs" / "recipe").mkdir(parents=True)

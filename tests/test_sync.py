@@ -23,12 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from helpers import TinyModel, blobs, loader, trainer
-from lightning_recipe._labels import label_stats
-from lightning_recipe.head_bias import HeadBiasInit
-from lightning_recipe.initial_loss import InitialLossCheck
-from lightning_recipe.loss_decrease import LossDecreaseCheck
-from lightning_recipe.prediction_dynamics import PredictionDynamics
-from lightning_recipe.wiring import WiringCheck
+from lightning_recipe._core.labels import label_stats
+from lightning_recipe.checks.head_bias import HeadBiasInit
+from lightning_recipe.checks.initial_loss import InitialLossCheck
+from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
+from lightning_recipe.checks.wiring.check import WiringCheck
 
 _SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
@@ -171,7 +171,7 @@ class _FakeTrainer:
 
 
 def _spec_for(classes: int) -> Any:
-    from lightning_recipe._conventions import resolve_task
+    from lightning_recipe._core.conventions import resolve_task
 
     return resolve_task(nn.CrossEntropyLoss(), torch.zeros(2, classes), torch.zeros(2, dtype=torch.long))
 
@@ -181,7 +181,7 @@ def test_label_scan_reads_targets_directly(subset: bool) -> None:
     ds = SlowLabels()
     data: Dataset = Subset(ds, range(0, len(ds), 2)) if subset else ds
     dl = DataLoader(data, batch_size=256, shuffle=True)
-    from lightning_recipe._labels import _probe_indices
+    from lightning_recipe._core.labels import _probe_indices
 
     # the shortcut is checked against the probe batch's targets at its known indices (what a fit's first batch carries)
     probe = (ds.targets[::2] if subset else ds.targets)[_probe_indices(dl)]
@@ -214,7 +214,7 @@ class _TensorLR(_FloatLR):
 
 
 def test_a_tensor_learning_rate_is_read_with_the_periodic_reads(tmp_path: Any) -> None:
-    from lightning_recipe.optimization import OptimizationHealthCheck
+    from lightning_recipe.checks.optimization.check import OptimizationHealthCheck
 
     growth, checks = {}, {}
     for model in (_FloatLR, _TensorLR):

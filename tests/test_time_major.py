@@ -10,7 +10,7 @@ from test_no_false_alarms import _TimeMajor
 from torch import nn
 
 import lightning_recipe as lr
-from lightning_recipe._conventions import resolve_task
+from lightning_recipe._core.conventions import resolve_task
 from lightning_recipe.exceptions import RecipeConfigError
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_recipe._conventions import (
+from lightning_recipe._core.conventions import (
     TaskSpec,
     _Settings,
     find_head,
@@ -23,8 +23,8 @@ from lightning_recipe._conventions import (
     run_forward,
     split_batch,
 )
-from lightning_recipe._head_guard import HeadView, head_view, probe_loss
-from lightning_recipe._labels import first_batch, label_stats
+from lightning_recipe._core.head_guard import HeadView, head_view, probe_loss
+from lightning_recipe._core.labels import first_batch, label_stats
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats, constant_loss, optimal_constant
 

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._labels import first_batch
+from lightning_recipe._core.base import OnFail, _OnceCheck
+from lightning_recipe._core.labels import first_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 

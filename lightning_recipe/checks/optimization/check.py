@@ -18,10 +18,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import probe_mode, read_losses, run_forward, split_batch
-from lightning_recipe._labels import first_batch
-from lightning_recipe._warn import warn_once
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import probe_mode, read_losses, run_forward, split_batch
+from lightning_recipe._core.labels import first_batch
+from lightning_recipe._core.warn import warn_once
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 
@@ -687,7 +687,7 @@ class OptimizationHealthCheck(RecipeCheck):
         self._flush_lrs()  # no collective: the learning rates of the last batches, for the figure
         if not self.figure or not trainer.is_global_zero or self._dir is None or not (self.lrs or self.grad_norms):
             return
-        from lightning_recipe.loggers import log_figure
+        from lightning_recipe.report.loggers import log_figure
 
         try:
             fig = plot_optimization(self.lrs, self.layer_history, self.layer_names, self.grad_norms,
@@ -825,7 +825,7 @@ def plot_optimization(
     """
     from matplotlib.figure import Figure
 
-    from lightning_recipe.plotting import _lean, log_y
+    from lightning_recipe.report.plotting import _lean, log_y
 
     fig = Figure(figsize=(12, 7))
     fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)

@@ -32,10 +32,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import find_loss, probe_mode, run_forward, split_batch
-from lightning_recipe import _labels
-from lightning_recipe._labels import (
+from lightning_recipe._core.base import OnFail, _OnceCheck
+from lightning_recipe._core.conventions import find_loss, probe_mode, run_forward, split_batch
+from lightning_recipe._core import labels as _labels
+from lightning_recipe._core.labels import (
     _private_loader,
     _single_loader,
     _to_device,
@@ -96,7 +96,7 @@ class DataCheck(_OnceCheck):
     What is read: at ``on_train_start`` at most ``max_batches`` batches of a private loader over the training dataset
     (its collate function and worker settings, workers not persistent; a random order from a private generator seeded
     with 0), and as many of the validation dataset; each scan also stops reading after about 2 seconds
-    (``lightning_recipe._labels.SCAN_SECONDS``; the ``finite`` finding says how many batches were read and whether the
+    (``lightning_recipe._core.labels.SCAN_SECONDS``; the ``finite`` finding says how many batches were read and whether the
     time budget stopped it). Everything below is computed on these rows, so the cost is bounded by ``max_batches``
     times the batch size, independent of the dataset length: one pass of reading, and hashing in
     ``O(rows x values per row)``. An ``IterableDataset`` is never read here (a one-shot stream would lose the batches,
@@ -578,7 +578,7 @@ class DataCheck(_OnceCheck):
 
     # -- figure -----------------------------------------------------------------------------------------------------
     def _draw(self, trainer: "pl.Trainer", first: tuple[Any, Any]) -> None:
-        from lightning_recipe.loggers import log_figure
+        from lightning_recipe.report.loggers import log_figure
 
         x, y = first
         tensors = _tensors(x)

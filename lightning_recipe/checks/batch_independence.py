@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import probe_mode, resolve_module, run_forward
-from lightning_recipe.data_checks import NEXT_TOKEN_FRACTION, labelled_positions, token_alignment
+from lightning_recipe._core.base import OnFail, _OnceCheck
+from lightning_recipe._core.conventions import probe_mode, resolve_module, run_forward
+from lightning_recipe.checks.data import NEXT_TOKEN_FRACTION, labelled_positions, token_alignment
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -53,7 +53,7 @@ class BatchIndependenceCheck(_OnceCheck):
     and the causal verdict is not given. Causal mode is on with ``causal=True``, off with ``causal=False``, and by
     default (``causal=None``) turned on automatically when the probe batch is next-token prediction: integer
     ``(N, T)`` inputs and targets, ``T > 1``, the targets the inputs shifted by one (``y[:, t] == x[:, t + 1]``) on
-    at least 95% of the labelled positions (see :func:`~lightning_recipe.data_checks.token_alignment`); the finding
+    at least 95% of the labelled positions (see :func:`~lightning_recipe.checks.data.token_alignment`); the finding
     says so. When the outputs are not ``(N, T, ...)`` (a model that flattens them itself) the automatic causal mode
     is left out with a note instead of an error.
 

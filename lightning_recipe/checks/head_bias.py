@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._context import FitContext
-from lightning_recipe._head_guard import guard_summary, keep_write
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.context import FitContext
+from lightning_recipe._core.head_guard import guard_summary, keep_write
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 

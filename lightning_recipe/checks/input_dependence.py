@@ -11,11 +11,11 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, sanity_examples, take_examples
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import TaskSpec, probe_mode, run_forward, sanity_examples, take_examples
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
-from lightning_recipe.loggers import log_scalars
+from lightning_recipe.report.loggers import log_scalars
 
 _CAUSES = [
     "the model ignores its input (forward returns a learned constant, or the input path is cut)",

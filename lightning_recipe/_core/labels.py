@@ -36,7 +36,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from lightning_recipe._conventions import TaskSpec, split_batch
+from lightning_recipe._core.conventions import TaskSpec, split_batch
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional import LabelStats
 

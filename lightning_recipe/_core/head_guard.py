@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward
+from lightning_recipe._core.conventions import TaskSpec, probe_mode, run_forward
 
 # g and its inverse on the open range (lo, hi) of g
 _FAMILIES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], float, float]] = {

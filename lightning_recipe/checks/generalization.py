@@ -13,12 +13,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import TaskSpec, probe_mode, run_forward, split_batch, take_examples
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.input_dependence import per_example_loss
-from lightning_recipe.loggers import log_scalars
+from lightning_recipe.checks.input_dependence import per_example_loss
+from lightning_recipe.report.loggers import log_scalars
 
 _NO_TRANSFER_CAUSES = [
     "validation data preprocessed differently from the training data (another scaler, normalisation or tokenizer)",
@@ -426,12 +426,12 @@ class GeneralizationCheck(RecipeCheck):
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         if not trainer.is_global_zero or self._dir is None:
             return
-        from lightning_recipe.loggers import log_figure
-        from lightning_recipe.plotting import plot_generalization
+        from lightning_recipe.report.loggers import log_figure
+        from lightning_recipe.report.plotting import plot_generalization
 
         drawn = getattr(self, "_worst_draw", None)
         if drawn is not None:
-            from lightning_recipe.plotting import plot_worst_examples
+            from lightning_recipe.report.plotting import plot_worst_examples
 
             inputs, captions, split = drawn
             fig = plot_worst_examples(inputs, captions, f"The {split} examples with the highest loss at the end of "

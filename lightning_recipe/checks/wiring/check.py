@@ -23,10 +23,10 @@ from torch.utils.data import (
 )
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._context import get_context
-from lightning_recipe._conventions import find_loss, split_batch
-from lightning_recipe._labels import _single_loader
+from lightning_recipe._core.base import OnFail, _OnceCheck
+from lightning_recipe._core.context import get_context
+from lightning_recipe._core.conventions import find_loss, split_batch
+from lightning_recipe._core.labels import _single_loader
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 

@@ -15,8 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import (
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import (
     TaskSpec,
     planned_batches,
     probe_mode,
@@ -370,8 +370,8 @@ class PredictionDynamics(RecipeCheck):
         self._drawn_at = len(self.values)
         if not trainer.is_global_zero or self._dir is None or self._spec is None:
             return
-        from lightning_recipe.loggers import log_figure, log_scalars
-        from lightning_recipe.plotting import plot_prediction_dynamics
+        from lightning_recipe.report.loggers import log_figure, log_scalars
+        from lightning_recipe.report.plotting import plot_prediction_dynamics
 
         steps, values = np.asarray(self.steps), np.stack(self.values)
         j = self._jitter()
@@ -381,7 +381,7 @@ class PredictionDynamics(RecipeCheck):
                      targets=self.targets if self.targets is not None else np.empty(0), task=self._spec.task,
                      jitter_index=j["index"])
         except OSError as err:  # a file we cannot write never stops the fit
-            from lightning_recipe.loggers import unwritable
+            from lightning_recipe.report.loggers import unwritable
 
             unwritable(trainer, self._dir, err)
         if np.isfinite(j["index"]):

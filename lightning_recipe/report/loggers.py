@@ -241,7 +241,7 @@ def unwritable(trainer: Any, directory: str, err: BaseException) -> None:
 
     The checks go on; their findings stay available through :func:`~lightning_recipe.collect_findings`.
     """
-    from lightning_recipe._warn import warn_once
+    from lightning_recipe._core.warn import warn_once
 
     warn_once(
         trainer,

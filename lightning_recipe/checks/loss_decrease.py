@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, RecipeCheck
-from lightning_recipe._conventions import planned_batches, read_losses
+from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import planned_batches, read_losses
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional import above_prior_test, decrease_test, diverged, plateau_test, trend
@@ -174,7 +174,7 @@ class LossDecreaseCheck(RecipeCheck):
         self._warmup = _effective_warmup(self.warmup_steps, trainer)
         self.window = self._window_arg or max(5, min(50, self._warmup // 5))
         try:
-            from lightning_recipe._context import get_context
+            from lightning_recipe._core.context import get_context
 
             ctx = get_context(trainer, pl_module, self._settings)
         except RecipeConfigError as err:
@@ -414,8 +414,8 @@ class LossDecreaseCheck(RecipeCheck):
             self._flush()  # no collectives on the exception path
         if not trainer.is_global_zero or not self.losses or self._dir is None:
             return
-        from lightning_recipe.loggers import log_figure
-        from lightning_recipe.plotting import plot_loss_curve
+        from lightning_recipe.report.loggers import log_figure
+        from lightning_recipe.report.plotting import plot_loss_curve
 
         fig = plot_loss_curve(self.losses, self.expected_initial_loss, self.prior_loss, self.epoch_ends)
         path = log_figure(trainer, "recipe/loss_curve", fig, trainer.global_step, self._dir)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
+from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 

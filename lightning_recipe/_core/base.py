@@ -15,13 +15,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_recipe._context import FitContext, get_context, new_fit
-from lightning_recipe._conventions import _Settings, _validate_settings
-from lightning_recipe._labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
+from lightning_recipe._core.context import FitContext, get_context, new_fit
+from lightning_recipe._core.conventions import _Settings, _validate_settings
+from lightning_recipe._core.labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding, _send_to_parent, _write_reports, collect_findings
-from lightning_recipe._warn import new_fit as _new_warn_fit
-from lightning_recipe._warn import warn_once
+from lightning_recipe._core.warn import new_fit as _new_warn_fit
+from lightning_recipe._core.warn import warn_once
 
 OnFail = Literal["raise", "warn"]
 # the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
@@ -136,7 +136,7 @@ def unused_recipe_dir(root: str) -> str:
 
 def _context_notes(trainer: "pl.Trainer", settings: _Settings) -> list[str]:
     """Notes of the fit's shared context (guesses made), if it was computed; never computes it."""
-    from lightning_recipe._context import _CACHE
+    from lightning_recipe._core.context import _CACHE
 
     ctx = _CACHE.get(trainer, {}).get(settings.key())
     return list(ctx.spec.notes) if ctx is not None else []
@@ -353,11 +353,11 @@ class RecipeCheck(Callback):
             _send_to_parent(trainer, getattr(self, "_token", None))  # spawned workers: the parent's callbacks get them
             paths = _write_reports(self._dir, collect_findings(trainer), figures, meta)
         except OSError as err:  # a report we cannot write is a warning (once per folder), never a failure
-            from lightning_recipe.loggers import unwritable
+            from lightning_recipe.report.loggers import unwritable
 
             unwritable(trainer, self._dir, err)
             return
-        from lightning_recipe.loggers import log_file, log_text
+        from lightning_recipe.report.loggers import log_file, log_text
 
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())

@@ -11,8 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_recipe._base import OnFail, _OnceCheck
-from lightning_recipe._conventions import input_target_correlation, probe_mode, run_forward
+from lightning_recipe._core.base import OnFail, _OnceCheck
+from lightning_recipe._core.conventions import input_target_correlation, probe_mode, run_forward
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 

@@ -2,7 +2,7 @@
 
 Every function builds a :class:`matplotlib.figure.Figure` with the object API: nothing is registered in pyplot's
 figure manager and no GUI backend is touched, so the figures render headless and are freed with their last
-reference (:func:`lightning_recipe.loggers.log_figure` also clears them once sent).
+reference (:func:`lightning_recipe.report.loggers.log_figure` also clears them once sent).
 """
 
 from __future__ import annotations
