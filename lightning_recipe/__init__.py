@@ -10,14 +10,14 @@ from lightning_recipe.checks.head_bias import HeadBiasInit
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.input_dependence import InputDependenceCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
-from lightning_recipe.checks.optimization.check import OptimizationHealthCheck
+from lightning_recipe.checks.optimization import OptimizationHealthCheck
 from lightning_recipe.checks.output_range import OutputRangeCheck
 from lightning_recipe.overfit import overfit_one_batch
 from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 from lightning_recipe.presets import Recipe, recommended, strict
 from lightning_recipe.checks.reproducibility import ReproducibilityCheck
-from lightning_recipe.checks.wiring.check import WiringCheck
+from lightning_recipe.checks.wiring import WiringCheck
 
 __version__ = "0.1.0"
 

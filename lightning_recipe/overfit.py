@@ -24,7 +24,7 @@ from lightning_recipe._core.labels import stats_from_targets
 from lightning_recipe._core.namespaces import _is_lightning, _namespace
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import constant_loss, numeric_constant, optimal_constant
+from lightning_recipe.functional.constants import constant_loss, numeric_constant, optimal_constant
 
 _CHECK = "overfit_one_batch"
 _CAUSES = [

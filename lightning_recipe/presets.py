@@ -28,12 +28,12 @@ from lightning_recipe.checks.head_bias import HeadBiasInit
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.input_dependence import InputDependenceCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
-from lightning_recipe.checks.optimization.check import OptimizationHealthCheck
+from lightning_recipe.checks.optimization import OptimizationHealthCheck
 from lightning_recipe.checks.output_range import OutputRangeCheck
 from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 from lightning_recipe.checks.reproducibility import ReproducibilityCheck
-from lightning_recipe.checks.wiring.check import WiringCheck
+from lightning_recipe.checks.wiring import WiringCheck
 
 Preset = Literal["strict", "recommended"]
 _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended": "warn"}

@@ -4,7 +4,8 @@ import torch
 from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
-from lightning_recipe.checks.batch_independence import BatchIndependenceCheck, batch_leaks, future_leaks
+from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
+from lightning_recipe.functional.batch_independence import batch_leaks, future_leaks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
 
 

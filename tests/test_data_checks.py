@@ -8,7 +8,9 @@ from helpers import TinyModel, blobs, loader, trainer
 from sklearn.datasets import load_digits
 from torch import nn
 
-from lightning_recipe.checks.data import DataCheck, duplicate_fraction, plot_first_batch, row_hashes, token_alignment
+from lightning_recipe.checks.data import DataCheck
+from lightning_recipe.functional.data import duplicate_fraction, row_hashes, token_alignment
+from lightning_recipe.report.plotting import plot_first_batch
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
 
 
@@ -127,7 +129,7 @@ def test_small_categorical_space_only_warns():
     # 3 binary features: 8 possible rows; 400 rows repeat by chance, which is no evidence of copying
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 2, (400, 3), generator=g).float()
-    from lightning_recipe.checks.data import _Scan
+    from lightning_recipe._core.scan import _Scan
 
     s = _Scan("auto")
     s.add(x, torch.zeros(400, dtype=torch.long), x)
@@ -419,7 +421,7 @@ def test_norm_probe_leaves_training_untouched(tmp_path):
 
 def test_off_scale_judges_the_small_side_by_magnitude():
     """Too large by mean or std (factor 10), too small only when every value is under 1 / factor**2 = 0.01."""
-    from lightning_recipe.checks.data import off_scale
+    from lightning_recipe.functional.data import off_scale
 
     mean = torch.tensor([0.0, 12.1, 0.0, 4.6e-5, 0.5, 0.0])
     std = torch.tensor([1.0, 5.0, 11.0, 1.7e-3, 1e-3, 1e-4])

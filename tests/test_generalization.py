@@ -139,7 +139,7 @@ def test_without_validation_the_verdict_skips(tmp_path):
 
 
 def test_bias_variance_closed_forms():
-    from lightning_recipe.checks.generalization import bias_variance
+    from lightning_recipe.functional.generalization import bias_variance
 
     assert bias_variance(0.2, 0.3) == "neither"
     assert bias_variance(0.8, 0.85) == "high bias"

@@ -5,7 +5,8 @@ from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeCheckError
-from lightning_recipe.checks.input_dependence import InputDependenceCheck, input_dependence_test, per_example_loss
+from lightning_recipe.checks.input_dependence import InputDependenceCheck
+from lightning_recipe.functional.input_dependence import input_dependence_test, per_example_loss
 
 
 class IgnoresInput(TinyModel):

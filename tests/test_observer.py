@@ -22,7 +22,7 @@ from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
 from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
-from lightning_recipe.checks.wiring.check import WiringCheck
+from lightning_recipe.checks.wiring import WiringCheck
 
 
 class NoisyModel(TinyModel):

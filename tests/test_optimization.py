@@ -10,7 +10,8 @@ from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
-from lightning_recipe.checks.optimization.check import OptimizationHealthCheck, lr_ratio_before
+from lightning_recipe.checks.optimization import OptimizationHealthCheck
+from lightning_recipe.functional.optimization import lr_ratio_before
 
 
 def _fit(tmp_path, model, dl, steps=40, figure=False, **kw):
@@ -245,7 +246,7 @@ def test_gradient_statistics_and_figure_match_a_direct_computation(tmp_path):
     for (_, rms), window in zip(cb.layer_history, ([0, 3, 6, 9], [12, 15, 18])):
         expected = [np.mean([rec.rms[i][layer] for i in window]) for layer in cb.layer_names]
         assert rms == pytest.approx(expected, rel=1e-5)
-    from lightning_recipe.checks.optimization.check import plot_optimization
+    from lightning_recipe.report.plotting import plot_optimization
 
     fig = plot_optimization(cb.lrs, cb.layer_history, cb.layer_names, cb.grad_norms, None, cb.weight_history, 20,
                             grad_every=3)

@@ -7,7 +7,8 @@ from helpers import TinyModel, blobs, loader, regression_data, trainer
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
-from lightning_recipe.checks.output_range import OutputRangeCheck, class_like_targets, probability_rows, squashed_by
+from lightning_recipe.checks.output_range import OutputRangeCheck
+from lightning_recipe.functional.output_range import class_like_targets, probability_rows, squashed_by
 
 
 class SoftmaxClassifier(TinyModel):
@@ -235,7 +236,7 @@ def test_healthy_output_ranges_pass(tmp_path):
 
 
 def test_output_interval_pure():
-    from lightning_recipe.checks.output_range import activation_range, affine_fit, out_of_reach, output_interval
+    from lightning_recipe.functional.output_range import activation_range, affine_fit, out_of_reach, output_interval
 
     assert activation_range(nn.Hardtanh(-2.0, 3.0)) == (-2.0, 3.0) and activation_range(nn.ReLU6()) == (0.0, 6.0)
     h = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)).double()

@@ -5,7 +5,8 @@ from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
 from lightning_recipe.exceptions import RecipeCheckError, RecipeWarning
-from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck, gradient_growth
+from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
+from lightning_recipe.functional.parameter_updates import gradient_growth
 
 
 def _fit(tmp_path, model, dl=None, max_steps=8, **kw):
@@ -168,7 +169,7 @@ def test_pickle_and_state(tmp_path):
 
 
 def test_fingerprint_sees_any_change_and_stays_small():
-    from lightning_recipe.checks.parameter_updates import tensor_fingerprint
+    from lightning_recipe.functional.parameter_updates import tensor_fingerprint
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1000, 1000, generator=g) * 0.02

@@ -18,7 +18,8 @@ from torch import nn
 from lightning_recipe.exceptions import RecipeWarning
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
 from lightning_recipe.report.plotting import plot_loss_curve, plot_prediction_dynamics
-from lightning_recipe.checks.prediction_dynamics import PredictionDynamics, jitter_index
+from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
+from lightning_recipe.functional.prediction import jitter_index
 
 
 @pytest.fixture

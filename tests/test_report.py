@@ -15,7 +15,8 @@ import torch
 from helpers import TinyModel, blobs, loader, trainer
 
 from lightning_recipe.report.html import render_html
-from lightning_recipe.findings import Finding, collect_findings, render_markdown
+from lightning_recipe.findings import Finding, collect_findings
+from lightning_recipe.report.writers import render_markdown
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics

@@ -279,7 +279,8 @@ def test_a_second_fit_of_the_same_model_says_why_the_bias_is_kept(tmp_path):
 
 
 def test_report_md_makes_html_from_names_inert():
-    from lightning_recipe.findings import Finding, render_markdown
+    from lightning_recipe.findings import Finding
+    from lightning_recipe.report.writers import render_markdown
 
     name = "<script>alert(1)</script>"
     md = render_markdown([Finding(f"Check{name}", "warn", f"key {name} is odd", causes=[name])], [f"/x/{name}.png"],

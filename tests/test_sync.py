@@ -28,7 +28,7 @@ from lightning_recipe.checks.head_bias import HeadBiasInit
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
-from lightning_recipe.checks.wiring.check import WiringCheck
+from lightning_recipe.checks.wiring import WiringCheck
 
 _SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "__format__")
 
@@ -214,7 +214,7 @@ class _TensorLR(_FloatLR):
 
 
 def test_a_tensor_learning_rate_is_read_with_the_periodic_reads(tmp_path: Any) -> None:
-    from lightning_recipe.checks.optimization.check import OptimizationHealthCheck
+    from lightning_recipe.checks.optimization import OptimizationHealthCheck
 
     growth, checks = {}, {}
     for model in (_FloatLR, _TensorLR):

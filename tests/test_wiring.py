@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from lightning_recipe import RecipeCheckError, RecipeWarning, WiringCheck
-from lightning_recipe.checks.wiring.check import expected_distinct_classes, shuffle_test
+from lightning_recipe.functional.wiring import expected_distinct_classes, shuffle_test
 
 
 def _fit(tmp_path, model, train, epochs=1, check=None, **kw):

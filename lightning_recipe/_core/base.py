@@ -19,7 +19,8 @@ from lightning_recipe._core.context import FitContext, get_context, new_fit
 from lightning_recipe._core.conventions import _Settings, _validate_settings
 from lightning_recipe._core.labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
-from lightning_recipe.findings import Finding, _send_to_parent, _write_reports, collect_findings
+from lightning_recipe.findings import Finding, _send_to_parent, collect_findings
+from lightning_recipe.report.writers import _write_reports
 from lightning_recipe._core.warn import new_fit as _new_warn_fit
 from lightning_recipe._core.warn import warn_once
 

@@ -26,7 +26,7 @@ from lightning_recipe._core.conventions import (
 from lightning_recipe._core.head_guard import HeadView, head_view, probe_loss
 from lightning_recipe._core.labels import first_batch, label_stats
 from lightning_recipe.exceptions import RecipeConfigError
-from lightning_recipe.functional import LabelStats, constant_loss, optimal_constant
+from lightning_recipe.functional.constants import LabelStats, constant_loss, optimal_constant
 
 _CACHE: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 

@@ -404,32 +404,6 @@ def _channel_dim(
     return None, per_out
 
 
-def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
-    """Pearson correlation, element by element, of floating inputs and targets with as many values per example.
-
-    1.0 for an autoencoder (targets are the inputs), high for a denoiser; ``None`` when the shapes do not pair up
-    or either side is constant. An untrained network's output is a function of the input, so with such targets it
-    already carries information about them.
-
-    Example::
-
-        >>> x = torch.arange(12.0).reshape(2, 6)
-        >>> input_target_correlation(x, x.reshape(2, 1, 6))
-        1.0
-        >>> input_target_correlation(x, torch.zeros(2, 3)) is None
-        True
-    """
-    if not (isinstance(inputs, Tensor) and isinstance(targets, Tensor)) or inputs.ndim == 0 or targets.ndim == 0:
-        return None
-    if not inputs.is_floating_point() or not targets.is_floating_point() or inputs.shape[0] != targets.shape[0]:
-        return None
-    if inputs.numel() != targets.numel() or inputs.numel() < 4:
-        return None
-    x, y = inputs.detach().double().reshape(-1), targets.detach().double().reshape(-1)
-    ok = torch.isfinite(x) & torch.isfinite(y)
-    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
-    den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
-    return round(float((x * y).sum()) / den, 6) if den > 0 else None
 def _loss_task(name: str) -> Optional[tuple[str, ...]]:
     """The tasks a known loss serves (``None`` for another loss)."""
     if name in _MULTICLASS:

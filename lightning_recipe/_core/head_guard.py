@@ -327,3 +327,14 @@ def keep_write(summary: Tensor, z: float = 3.0) -> tuple[bool, float, float, flo
         var = max(sd2 - sd * sd / n, 0.0) / (n - 1)
         tol += z * math.sqrt(var / n)
     return la <= lb + tol, tol, lb, la
+
+
+def _head_bias_in_use(trainer: "pl.Trainer") -> bool:
+    """Whether a callback of the trainer (or of a bundle it holds) sets the head bias to the prior this fit."""
+    stack = list(trainer.callbacks)
+    while stack:
+        cb = stack.pop()
+        if getattr(cb, "_sets_head_bias", False) and not getattr(cb, "skip", False):
+            return True
+        stack.extend(c for c in (getattr(cb, "callbacks", None) or []) if c is not cb)
+    return False

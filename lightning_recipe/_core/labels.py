@@ -38,7 +38,7 @@ from torch.utils.data import (
 
 from lightning_recipe._core.conventions import TaskSpec, split_batch
 from lightning_recipe.exceptions import RecipeConfigError
-from lightning_recipe.functional import LabelStats
+from lightning_recipe.functional.constants import LabelStats
 
 _SAMPLE = 65_536
 _MAX_VALUES = 1 << 24  # label values read per fit: dense targets (segmentation maps) are subsampled by example beyond

@@ -11,9 +11,10 @@ from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe._core.conventions import probe_mode, resolve_module, run_forward
-from lightning_recipe.checks.data import NEXT_TOKEN_FRACTION, labelled_positions, token_alignment
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
+from lightning_recipe.functional.batch_independence import batch_leaks, future_leaks
+from lightning_recipe.functional.data import NEXT_TOKEN_FRACTION, labelled_positions, token_alignment
 
 _BATCH_CAUSES = [
     "`view`/`reshape` used where `transpose`/`permute` was meant, which interleaves examples "
@@ -53,7 +54,7 @@ class BatchIndependenceCheck(_OnceCheck):
     and the causal verdict is not given. Causal mode is on with ``causal=True``, off with ``causal=False``, and by
     default (``causal=None``) turned on automatically when the probe batch is next-token prediction: integer
     ``(N, T)`` inputs and targets, ``T > 1``, the targets the inputs shifted by one (``y[:, t] == x[:, t + 1]``) on
-    at least 95% of the labelled positions (see :func:`~lightning_recipe.checks.data.token_alignment`); the finding
+    at least 95% of the labelled positions (see :func:`~lightning_recipe.functional.data.token_alignment`); the finding
     says so. When the outputs are not ``(N, T, ...)`` (a model that flattens them itself) the automatic causal mode
     is left out with a note instead of an error.
 
@@ -340,7 +341,6 @@ class BatchIndependenceCheck(_OnceCheck):
                        details)
 
 
-
 class _Frozen:
     """The model probed in place: parameters out of the autograd graph, buffers put back as they were.
 
@@ -410,54 +410,3 @@ def _next_token(inputs: Any, targets: Any, ignore_index: Optional[int]) -> Optio
     return a["shifted"]
 
 
-def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any]:
-    """Which examples ``j != i`` the output of example ``i`` depends on.
-
-    Args:
-        dependence: ``(N,)`` size of the gradient of output ``i`` on each example (e.g. ``sum |grad_j|``).
-        i: the example whose output was differentiated.
-        rtol: a dependence counts when it exceeds ``rtol`` times the largest one.
-
-    Returns:
-        ``leaking`` (indices), ``ratio`` (largest dependence outside ``i`` over the largest overall) and ``own``
-        (the dependence on ``i`` itself).
-
-    Example::
-
-        >>> batch_leaks(torch.tensor([0.0, 2.0, 0.0]), 1)["leaking"]
-        []
-        >>> r = batch_leaks(torch.tensor([0.5, 2.0, 0.0]), 1)
-        >>> r["leaking"], r["ratio"]
-        ([0], 0.25)
-    """
-    d = dependence.double().reshape(-1)
-    top = float(d.max()) if d.numel() else 0.0
-    others = d.clone()
-    others[i] = 0.0
-    ratio = float(others.max()) / top if top > 0 else 0.0
-    leaking = [int(j) for j in torch.nonzero(others > rtol * top).reshape(-1)] if top > 0 else []
-    return {"leaking": leaking, "ratio": ratio, "own": float(d[i])}
-
-
-def future_leaks(dependence: Tensor, t: int, rtol: float = 1e-5) -> dict[str, Any]:
-    """Which positions after ``t`` the output at position ``t`` depends on.
-
-    Args:
-        dependence: ``(T,)`` size of the gradient of output ``t`` on each input position.
-        t: the position whose output was differentiated.
-        rtol: a dependence counts when it exceeds ``rtol`` times the largest one.
-
-    Example::
-
-        >>> future_leaks(torch.tensor([1.0, 1.0, 0.0, 0.0]), 1)["leaking"]
-        []
-        >>> future_leaks(torch.tensor([1.0, 1.0, 0.5, 0.0]), 1)["leaking"]
-        [2]
-    """
-    d = dependence.double().reshape(-1)
-    top = float(d.max()) if d.numel() else 0.0
-    later = d[t + 1 :]
-    if top == 0 or later.numel() == 0:
-        return {"leaking": [], "ratio": 0.0}
-    leaking = [t + 1 + int(j) for j in torch.nonzero(later > rtol * top).reshape(-1)]
-    return {"leaking": leaking, "ratio": float(later.max()) / top}

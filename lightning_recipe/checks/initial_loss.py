@@ -12,10 +12,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, _OnceCheck
-from lightning_recipe._core.conventions import input_target_correlation, probe_mode, run_forward, split_batch
+from lightning_recipe._core.conventions import probe_mode, run_forward, split_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import constant_loss, noise_band
+from lightning_recipe.functional.constants import constant_loss, noise_band
+from lightning_recipe.functional.data import input_target_correlation
 from lightning_recipe.report.loggers import log_scalars
 
 _TRACKS_INPUT = 0.3  # |correlation| of inputs and targets above which an untrained output may carry the targets

@@ -15,7 +15,7 @@ from lightning_recipe._core.base import OnFail, RecipeCheck
 from lightning_recipe._core.conventions import planned_batches, read_losses
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional import above_prior_test, decrease_test, diverged, plateau_test, trend
+from lightning_recipe.functional.loss_decrease import above_prior_test, decrease_test, diverged, plateau_test, trend
 
 _NONFINITE = [
     "learning rate too high (the loss exploded to inf/NaN)",

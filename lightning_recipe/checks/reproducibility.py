@@ -20,6 +20,7 @@ from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe._core.labels import first_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
+from lightning_recipe.functional.reproducibility import step_difference
 
 _NO_SEED = [
     "no `lightning.seed_everything(seed)` (or `seed_everything: <int>` in the LightningCLI config) before the fit",
@@ -140,32 +141,6 @@ class ReproducibilityCheck(_OnceCheck):
         super().setup(trainer, pl_module, stage)
         if stage == "fit":
             self.done = False  # a checkpoint restored after this brings back `done`
-
-
-
-def step_difference(a: Any, b: Any) -> float:
-    """Largest relative difference between two numbers or two equal-length sequences of numbers.
-
-    ``|a - b| / max(|a|, |b|)`` (0 for two zeros, ``inf`` when only one is NaN).
-
-    Example::
-
-        >>> step_difference(2.0, 2.0), step_difference([1.0, 4.0], [1.0, 5.0])
-        (0.0, 0.2)
-    """
-    xs = a if isinstance(a, (list, tuple)) else [a]
-    ys = b if isinstance(b, (list, tuple)) else [b]
-    out = 0.0
-    for x, y in zip(xs, ys):
-        x, y = float(x), float(y)
-        if math.isnan(x) and math.isnan(y):
-            continue
-        if math.isnan(x) or math.isnan(y):
-            return math.inf
-        scale = max(abs(x), abs(y))
-        if scale > 0:
-            out = max(out, abs(x - y) / scale)
-    return out
 
 
 def _environment(trainer: "pl.Trainer") -> dict[str, Any]:

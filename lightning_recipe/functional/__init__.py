@@ -1,4 +1,9 @@
-"""Pure math of the recipe: the best input-independent prediction, its loss, and the loss-curve tests.
+"""Pure math of the recipe, one module per family: tensors in, numbers out, no Lightning, doctested.
+
+``constants`` (the best input-independent prediction and its loss), ``loss_decrease`` (the loss-curve tests),
+``data`` (row hashes, duplicates, scale, token alignment), ``input_dependence``, ``generalization``,
+``optimization``, ``output_range``, ``wiring`` and ``prediction``; the names of ``constants`` and ``loss_decrease``
+are also importable from here.
 
 Every function here works on plain tensors in a *canonical layout* and is tested against closed forms:
 
@@ -12,368 +17,38 @@ initialisation (the ``c`` that minimises the loss), the expected initial loss (t
 the plateau diagnosis (the loss of the best ``c``: everything a model can learn from the label prior alone).
 """
 
-from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
-
-import torch
-from torch import Tensor
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
-_ABSENT = 0.5  # pseudo-count given to a class or label value that never occurs (keeps the bias finite)
-
-
-@dataclass
-class LabelStats:
-    """Label statistics of the training set, in the canonical layout.
-
-    Attributes:
-        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"``.
-        count: number of labelled positions seen (ignored positions excluded).
-        class_counts: ``(C,)`` class counts (sums of probabilities for soft targets), multiclass only.
-        positives: ``(L,)`` number of positive labels, binary/multilabel only.
-        mean: ``(D,)`` target mean, regression only.
-        var: ``(D,)`` target variance (population), regression only.
-        sample: a bounded sample of canonical targets, used for medians and numeric minimisation.
-        source: how the labels were read (``"dataset.targets"``, ``"TensorDataset"``, ``"dataloader"``, ...).
-    """
-
-    task: str
-    count: int
-    sample: Tensor
-    class_counts: Optional[Tensor] = None
-    positives: Optional[Tensor] = None
-    mean: Optional[Tensor] = None
-    var: Optional[Tensor] = None
-    source: str = ""
-
-    def summary(self) -> dict:
-        """Plain numbers for the report."""
-        out: dict = {"task": self.task, "count": self.count, "source": self.source}
-        for name in ("class_counts", "positives", "mean", "var"):
-            v = getattr(self, name)
-            if v is not None:
-                out[name] = [round(float(x), 6) for x in v.flatten()[:64]]
-        return out
-
-
-def log_prior(class_counts: Tensor, weight: Optional[Tensor] = None, label_smoothing: float = 0.0) -> Tensor:
-    """Logits of the constant prediction that minimises the cross-entropy: ``log q``.
-
-    ``q_j ∝ n_j w_j`` with class weights, ``q = (1 - ε) p + ε / C`` with label smoothing ``ε``. A class that never
-    occurs gets a pseudo-count of 0.5, so its logit is finite.
-
-    Args:
-        class_counts: ``(C,)`` counts of each class.
-        weight: the loss's class weights, if any.
-        label_smoothing: the loss's label smoothing.
-
-    Example::
-
-        >>> log_prior(torch.tensor([1.0, 3.0])).exp()
-        tensor([0.2500, 0.7500])
-    """
-    n = class_counts.double().clamp_min(0)
-    n = torch.where(n > 0, n, torch.full_like(n, _ABSENT))
-    if weight is not None:
-        n = n * weight.double().to(n.device)
-    p = n / n.sum()
-    if label_smoothing:
-        p = (1 - label_smoothing) * p + label_smoothing / p.numel()
-    return p.log().float()
-
-
-def log_odds(positives: Tensor, count: int, pos_weight: Optional[Tensor] = None) -> Tensor:
-    """Logits of the constant prediction that minimises the binary cross-entropy with logits.
-
-    ``log(w p / (1 - p))`` per label, with ``w`` the ``pos_weight`` (1 without one). Labels that are always or never
-    positive get a pseudo-count of 0.5, so the logit is finite.
-
-    Args:
-        positives: ``(L,)`` number of positives per label.
-        count: number of examples.
-        pos_weight: the loss's ``pos_weight``, if any.
-
-    Example::
-
-        >>> log_odds(torch.tensor([10.0]), 100)  # p = 0.1
-        tensor([-2.1972])
-    """
-    pos = positives.double().clamp(_ABSENT, count - _ABSENT) if count > 1 else positives.double().clamp(0.25, 0.75)
-    p = pos / max(count, 1)
-    w = 1.0 if pos_weight is None else pos_weight.double().to(p.device)
-    return (w * p / (1 - p)).log().float()
-
-
-def entropy(class_counts: Tensor) -> float:
-    """Entropy (nats) of the label distribution: the cross-entropy of the prior prediction.
-
-    Example::
-
-        >>> round(entropy(torch.tensor([5.0, 5.0])), 6) == round(math.log(2), 6)
-        True
-    """
-    p = class_counts.double() / class_counts.double().sum()
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
-
-
-def constant_loss(loss: LossFn, constant: Tensor, targets: Tensor) -> float:
-    """The loss of predicting ``constant`` for every target.
-
-    Args:
-        loss: a loss on canonical ``(outputs, targets)``.
-        constant: ``(K,)`` prediction.
-        targets: canonical targets (``(M,)`` class indices or ``(M, K)``).
-
-    Example::
-
-        >>> round(constant_loss(torch.nn.CrossEntropyLoss(), torch.zeros(4), torch.tensor([0, 1, 2, 3])), 4)
-        1.3863
-    """
-    out = constant.float().reshape(1, -1).expand(targets.shape[0], -1)
-    with torch.no_grad():
-        return float(loss(out, targets))
-
-
-def numeric_constant(loss: LossFn, targets: Tensor, init: Tensor, max_iter: int = 200) -> Tensor:
-    """Minimise ``loss`` over one constant vector by L-BFGS, starting at ``init``.
-
-    Used for losses without a closed form (Huber, class weights together with label smoothing, a user's callable).
-
-    Example::
-
-        >>> y = torch.tensor([[0.0], [0.0], [10.0]])
-        >>> c = numeric_constant(torch.nn.MSELoss(), y, torch.zeros(1))
-        >>> round(float(c), 3)
-        3.333
-    """
-    c = init.detach().float().clone().reshape(-1).requires_grad_(True)
-    opt = torch.optim.LBFGS([c], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        value = loss(c.reshape(1, -1).expand(targets.shape[0], -1), targets)
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return c.detach()
-
-
-def optimal_constant(
-    task: str,
-    stats: LabelStats,
-    loss: LossFn,
-    loss_name: str = "",
-    weight: Optional[Tensor] = None,
-    label_smoothing: float = 0.0,
-    pos_weight: Optional[Tensor] = None,
-) -> tuple[Tensor, str]:
-    """The constant prediction that minimises the loss on the training labels, and how it was found.
-
-    Closed forms: ``log p`` for cross-entropy (class weights or label smoothing included), log-odds for BCE with
-    logits (``pos_weight`` included), mean for MSE, median for L1. Anything else is minimised numerically on the
-    label sample, starting from the closed form of the same task.
-
-    Args:
-        task: the task.
-        stats: label statistics.
-        loss: the loss on canonical ``(outputs, targets)``.
-        loss_name: the loss class name (``"CrossEntropyLoss"``, ...); an unknown name means numeric.
-        weight: class weights of a cross-entropy loss.
-        label_smoothing: label smoothing of a cross-entropy loss.
-        pos_weight: ``pos_weight`` of a BCE-with-logits loss.
-
-    Example::
-
-        >>> s = LabelStats("regression", 3, torch.tensor([[1.0], [2.0], [6.0]]), mean=torch.tensor([3.0]))
-        >>> optimal_constant("regression", s, torch.nn.L1Loss(), "L1Loss")
-        (tensor([2.]), 'median')
-    """
-    if task == "multiclass":
-        assert stats.class_counts is not None
-        closed = loss_name in ("CrossEntropyLoss", "NLLLoss")
-        if closed and not (weight is not None and label_smoothing):
-            return log_prior(stats.class_counts, weight, label_smoothing), "log class prior"
-        init = log_prior(stats.class_counts)
-        return numeric_constant(loss, stats.sample, init), "numeric"
-    if task in ("binary", "multilabel"):
-        assert stats.positives is not None
-        init = log_odds(stats.positives, stats.count, pos_weight)
-        if loss_name in ("BCEWithLogitsLoss", "BCELoss"):  # BCELoss: the log-odds before the model's sigmoid
-            return init, "log-odds"
-        return numeric_constant(loss, stats.sample, init), "numeric"
-    assert stats.mean is not None
-    if loss_name == "MSELoss":
-        return stats.mean.float(), "mean"
-    if loss_name == "L1Loss":
-        return stats.sample.float().median(dim=0).values, "median"
-    return numeric_constant(loss, stats.sample.float(), stats.mean.float()), "numeric"
-
-
-def noise_band(
-    loss: LossFn, constant: Tensor, targets: Tensor, sigma: float, draws: int = 64, seed: int = 0
-) -> tuple[float, float]:
-    """Mean and standard deviation of the loss when the outputs are ``constant`` plus i.i.d. ``N(0, sigma²)`` noise.
-
-    A model at initialisation outputs its head bias plus input-dependent deviations; this is the loss such a model
-    would have if the deviations carried no information about the labels. It sets the tolerance of the initial-loss
-    check in the loss's own units, for any loss, without a table of constants. Uses a private generator (no global
-    random state is touched).
-
-    Example::
-
-        >>> mean, sd = noise_band(torch.nn.MSELoss(), torch.zeros(1), torch.zeros(1000, 1), sigma=2.0)
-        >>> abs(mean - 4.0) < 0.2
-        True
-    """
-    gen = torch.Generator().manual_seed(seed)
-    t = targets.cpu()
-    m, k = t.shape[0], constant.numel()
-    draws = int(max(8, min(draws, 4_000_000 // max(1, m * k))))
-    base = constant.float().cpu().reshape(1, -1)
-    values = []
-    with torch.no_grad():
-        for _ in range(draws):
-            noise = torch.randn(m, k, generator=gen) * sigma
-            values.append(float(loss(base + noise, t)))
-    v = torch.tensor(values, dtype=torch.float64)
-    return float(v.mean()), float(v.std()) if len(values) > 1 else 0.0
-
-
-def _values(x: Union[Tensor, Sequence[float]]) -> list[float]:
-    """Host values as Python floats: one ``tolist`` for a tensor (the statistics below run on the host)."""
-    return x.double().reshape(-1).tolist() if isinstance(x, Tensor) else [float(v) for v in x]
-
-
-def _mean_sd(x: Union[Tensor, Sequence[float]]) -> tuple[float, float]:
-    """Mean and standard error of the mean (unbiased variance)."""
-    v = _values(x)
-    n = len(v)
-    if n == 0:
-        return math.nan, 0.0
-    m = math.fsum(v) / n
-    if n == 1:
-        return m, 0.0
-    return m, math.sqrt(math.fsum((a - m) ** 2 for a in v) / (n - 1) / n)
-
-
-def decrease_test(first: Tensor, last: Tensor, floor: Optional[float], min_rel: float = 0.05, z: float = 3.0) -> dict:
-    """Did the loss decrease from the ``first`` window of steps to the ``last``?
-
-    The relative decrease is ``(m0 - m1) / (m0 - floor)`` (``floor`` is the smallest value the loss can take, e.g. 0;
-    without one, ``|m0|``). The loss counts as *not decreasing* when the relative decrease is below ``min_rel`` **and**
-    the decrease is not significant (below ``z`` standard errors of the difference of the window means): a small but
-    real decrease of a hard task passes; a flat, noisy curve fails.
-
-    Example::
-
-        >>> decrease_test(torch.full((10,), 2.3), torch.full((10,), 2.3), floor=0.0)["decreased"]
-        False
-        >>> decrease_test(torch.full((10,), 2.3), torch.full((10,), 1.0), floor=0.0)["decreased"]
-        True
-    """
-    m0, s0 = _mean_sd(first)
-    m1, s1 = _mean_sd(last)
-    scale = abs(m0 - floor) if floor is not None else abs(m0)
-    scale = max(scale, 1e-12)
-    rel = (m0 - m1) / scale
-    se = math.sqrt(s0**2 + s1**2)
-    significant = (m0 - m1) > z * se and se > 0
-    return {"first": m0, "last": m1, "relative_decrease": rel, "se": se, "decreased": rel >= min_rel or significant}
-
-
-def diverged(reference: float, last: Tensor, floor: Optional[float], factor: float = 2.0) -> dict:
-    """Is every loss of the ``last`` window above ``factor`` times the ``reference`` loss's distance to ``floor``?
-
-    ``reference`` is the larger of the first loss and the loss of the constant prediction (a model worse than
-    knowing nothing but the label prior, ``factor`` times over, has diverged). Taking the smallest loss of the
-    window means one spike of a healthy run never counts.
-
-    Example::
-
-        >>> diverged(1.0, torch.full((5,), 50.0), floor=0.0)["diverged"]
-        True
-        >>> diverged(1.0, torch.tensor([50.0, 0.5, 50.0]), floor=0.0)["diverged"]
-        False
-    """
-    low = float(last.double().min())
-    ref = floor if floor is not None else 0.0
-    scale = max(abs(reference - ref), 1e-12)
-    grown = (low - ref) / scale if floor is not None else abs(low) / scale
-    return {"reference": reference, "last": low, "growth": grown, "diverged": grown > factor and low > reference}
-
-
-def trend(values: Union[Tensor, Sequence[float]]) -> dict:
-    """Least-squares slope of ``values`` over their index, its standard error and t-statistic.
-
-    Example::
-
-        >>> round(trend(torch.arange(10.0) * -0.5)["slope"], 6)
-        -0.5
-    """
-    y = _values(values)
-    n = len(y)
-    if n < 3:
-        return {"slope": 0.0, "se": float("inf"), "t": 0.0}
-    ym = math.fsum(y) / n
-    x = [i - (n - 1) / 2 for i in range(n)]
-    sxx = math.fsum(a * a for a in x)
-    slope = math.fsum(a * (b - ym) for a, b in zip(x, y)) / sxx
-    se = math.sqrt(math.fsum((b - ym - slope * a) ** 2 for a, b in zip(x, y)) / (n - 2) / sxx)
-    return {"slope": slope, "se": se, "t": slope / se if se > 0 else (0.0 if slope == 0 else math.copysign(math.inf, slope))}
-
-
-def above_prior_test(windows: Sequence[Sequence[float]], prior_loss: float, floor: Optional[float], rtol: float = 0.05,
-                     z: float = 3.0) -> dict:
-    """Is the loss worse than the best constant prediction, and staying there?
-
-    Above: the mean of every window in ``windows`` (consecutive stretches of steps) exceeds the prior loss by more than
-    ``rtol`` of its distance to the floor and by more than ``z`` standard errors of that mean, and the losses of all
-    windows together show no significant downward trend (``t < -z``) nor the last window a mean below the first's by
-    more than ``z`` standard errors of their difference: a network that predicts worse than the label prior for every
-    input, and is not recovering from a transient spike.
-
-    Example::
-
-        >>> above_prior_test([[1.2] * 10, [1.2] * 10], prior_loss=0.65, floor=0.0)["above"]
-        True
-        >>> above_prior_test([[0.66] * 10, [0.64] * 10], prior_loss=0.65, floor=0.0)["above"]
-        False
-    """
-    scale = max(abs(prior_loss - floor) if floor is not None else abs(prior_loss), 1e-12)
-    means, margins, ses = [], [], []
-    for w in windows:
-        m, s = _mean_sd(w)
-        means.append(m)
-        ses.append(s)
-        margins.append(max(rtol * scale, z * s))
-    slope = trend([v for w in windows for v in _values(w)])
-    falling = means[0] - means[-1] > z * math.sqrt(ses[0] ** 2 + ses[-1] ** 2)
-    above = all(m - prior_loss > b for m, b in zip(means, margins)) and slope["t"] >= -z and not falling
-    return {"means": means, "margins": margins, "prior_loss": prior_loss, "trend": slope, "above": above,
-            "recent": means[-1]}
-
-
-def plateau_test(recent: Tensor, prior_loss: float, floor: Optional[float], rtol: float = 0.05, z: float = 3.0) -> dict:
-    """Is the loss stuck at the loss of the best constant prediction (the label prior)?
-
-    At the prior means: the recent mean is within ``rtol`` of the prior loss's distance to the floor, widened to ``z``
-    standard errors of the mean when the losses are noisy, but never beyond ``3 * rtol`` (a thrashing loss far from
-    the prior is not a plateau).
-
-    Example::
-
-        >>> plateau_test(torch.full((20,), 0.69), prior_loss=0.6931, floor=0.0)["plateau"]
-        True
-        >>> plateau_test(torch.full((20,), 0.20), prior_loss=0.6931, floor=0.0)["plateau"]
-        False
-    """
-    m, s = _mean_sd(recent)
-    scale = max(abs(prior_loss - floor) if floor is not None else abs(prior_loss), 1e-12)
-    band = min(max(rtol * scale, z * s), 3 * rtol * scale)  # noise widens the band, up to 3x: noisy is not flat
-    return {"recent": m, "prior_loss": prior_loss, "band": band, "plateau": abs(m - prior_loss) <= band}
+from lightning_recipe.functional.constants import (
+    LabelStats,
+    LossFn,
+    constant_loss,
+    entropy,
+    log_odds,
+    log_prior,
+    noise_band,
+    numeric_constant,
+    optimal_constant,
+)
+from lightning_recipe.functional.loss_decrease import (
+    above_prior_test,
+    decrease_test,
+    diverged,
+    plateau_test,
+    trend,
+)
+
+__all__ = [
+    "LabelStats",
+    "LossFn",
+    "above_prior_test",
+    "constant_loss",
+    "decrease_test",
+    "diverged",
+    "entropy",
+    "log_odds",
+    "log_prior",
+    "noise_band",
+    "numeric_constant",
+    "optimal_constant",
+    "plateau_test",
+    "trend",
+]

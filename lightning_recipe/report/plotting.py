@@ -7,11 +7,17 @@ reference (:func:`lightning_recipe.report.loggers.log_figure` also clears them o
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import math
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+import torch
+from torch import Tensor
 
-__all__ = ["plot_generalization", "plot_loss_curve", "plot_prediction_dynamics", "plot_worst_examples"]
+from lightning_recipe.functional.data import _feature_matrix, _is_image
+
+__all__ = ["plot_first_batch", "plot_generalization", "plot_loss_curve", "plot_optimization", "plot_prediction_dynamics",
+           "plot_worst_examples"]
 
 _MAX_PANELS = 4  # label panels of a multilabel figure; more labels get a labels x steps heatmap instead
 
@@ -377,3 +383,195 @@ def plot_worst_examples(inputs: Any, captions: Sequence[str], title: str, max_it
                     fontsize=8, transform=ax.transAxes)
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def _plain_figure(width: float, height: float):  # noqa: ANN202
+    """A plain figure: no constrained layout (it costs seconds for a grid of small panels)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.06, top=0.88, wspace=0.15, hspace=0.45)
+    return fig
+
+
+def plot_first_batch(
+    inputs: Tensor,
+    targets: Optional[Tensor] = None,
+    layout: str = "auto",
+    decode: Optional[Callable[[list[int]], str]] = None,
+    max_items: int = 16,
+    max_features: int = 8,
+):  # noqa: ANN201
+    """The first batch exactly as it goes into the network.
+
+    Image-like inputs (``(N, C, H, W)``, ``(N, H, W)``): a grid of up to ``max_items`` images (tiles of one image, so
+    it draws as fast as one panel) with their labels above, one colour scale for the whole batch (its range in the title, so that unscaled values show); RGB when
+    ``C == 3``, else the first channel. Integer 2-D inputs (token ids): the first rows, decoded with ``decode`` when
+    given, else the ids. Anything else: a histogram per feature (up to ``max_features``) with its mean and std, and
+    one of the targets.
+
+    Example::
+
+        >>> fig = plot_first_batch(torch.rand(8, 1, 6, 6) * 255, torch.arange(8))
+        >>> [t.get_text() for t in fig.axes[0].texts][:3]
+        ['y=0', 'y=1', 'y=2']
+    """
+    x = inputs.detach().cpu()
+    y = targets.detach().cpu() if isinstance(targets, Tensor) else None
+
+    def label(i: int) -> str:
+        if y is None or y.ndim == 0 or i >= y.shape[0]:
+            return ""
+        v = y[i]
+        return f"y={v.item():.4g}" if v.numel() == 1 else f"y={v.reshape(-1)[:4].tolist()}"
+
+    if x.dtype != torch.bool and not x.is_floating_point() and x.ndim == 2 and x.dtype != torch.uint8:
+        rows = min(x.shape[0], 8)
+        fig = _plain_figure(12, 0.6 * rows + 1)
+        ax = fig.add_subplot()
+        ax.axis("off")
+        lines = []
+        for i in range(rows):
+            ids = x[i].tolist()
+            text = decode(ids) if decode is not None else " ".join(str(t) for t in ids[:48]) + (" ..." if len(ids) > 48 else "")
+            lines.append(f"[{i}] {label(i)}  {text!s}"[:200])
+        ax.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=8, transform=ax.transAxes)
+        ax.set_title("First batch: " + ("decoded token ids" if decode is not None else "token ids (pass `decode=` for text)"))
+        return fig
+    xf = x.float()
+    if _is_image(x, layout) and x.ndim in (3, 4):
+        imgs = (xf if x.ndim == 3 else (xf.permute(0, 2, 3, 1) if x.shape[1] == 3 else xf[:, 0])).numpy()
+        n = min(imgs.shape[0], max_items)
+        cols = min(n, 4) if n else 1
+        rows = max(1, math.ceil(n / cols))
+        lo, hi = float(xf.min()), float(xf.max())
+        # one image of tiles on one axes (a grid of axes costs ~30 ms a panel to draw); the gap above a tile holds
+        # its label
+        h, w = imgs.shape[1], imgs.shape[2]
+        gap = max(1, math.ceil(0.2 * h))
+        rgb = imgs.ndim == 4
+        canvas = np.full((rows * (h + gap), cols * (w + 1) + 1) + ((3,) if rgb else ()), 1.0 if rgb else np.nan)
+        for i in range(n):
+            r, c = divmod(i, cols)
+            tile = np.clip((imgs[i] - lo) / max(hi - lo, 1e-12), 0, 1) if rgb else imgs[i]
+            canvas[r * (h + gap) + gap:(r + 1) * (h + gap), c * (w + 1) + 1:(c + 1) * (w + 1)] = tile
+        fig = _plain_figure(1.8 * cols, (1.8 * cols) * canvas.shape[0] / canvas.shape[1] + 0.6)
+        ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.02 - 0.5 / fig.get_figheight()))
+        ax.axis("off")
+        if rgb:
+            ax.imshow(canvas, interpolation="nearest", aspect="auto")
+        else:
+            import matplotlib
+
+            cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
+            ax.imshow(canvas, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest", aspect="auto")
+        for i in range(n):
+            r, c = divmod(i, cols)
+            ax.text(c * (w + 1) + 1 + w / 2, r * (h + gap) + gap - 0.5, label(i), ha="center", va="bottom", fontsize=8)
+        fig.suptitle(f"First batch as the network sees it: {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}, "
+                     f"values in [{lo:.4g}, {hi:.4g}], mean {float(xf.mean()):.3g}, std {float(xf.std()):.3g}", fontsize=9)
+        return fig
+    m = _feature_matrix(xf, layout)
+    k = min(m.shape[1], max_features)
+    extra = 1 if y is not None and y.numel() else 0
+    cols = min(k + extra, 4)
+    rows = max(1, math.ceil((k + extra) / cols))
+    fig = _plain_figure(3 * cols, 2.2 * rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+    for j, ax in enumerate(axes):
+        if j < k:
+            v = m[:, j].numpy()
+            v = v[np.isfinite(v)]
+            _histogram(ax, v, f"feature {j}: mean {v.mean() if v.size else float('nan'):.3g}, std "
+                       f"{v.std() if v.size else float('nan'):.3g}", "tab:blue")
+        elif j == k and extra:
+            _histogram(ax, y.float().reshape(-1).numpy(), "targets", "tab:orange")
+        else:
+            ax.axis("off")
+    fig.suptitle(f"First batch as the network sees it: {tuple(x.shape)}, {m.shape[1]} features"
+                 + (f" (first {k} shown)" if k < m.shape[1] else ""), fontsize=9)
+    return fig
+
+
+def _histogram(ax: Any, v: np.ndarray, title: str, color: str) -> None:
+    """A histogram panel without ticks (they cost most of a panel's drawing time): the range is written under it."""
+    ax.hist(v, bins=20, color=color, histtype="stepfilled")  # one patch, not one per bin
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    if v.size:
+        ax.set_xlabel(f"{v.min():.3g} .. {v.max():.3g}", fontsize=7, labelpad=1)
+
+
+def plot_optimization(
+    lrs: list[list[float]],
+    layer_history: list[tuple[int, list[float]]],
+    layer_names: list[str],
+    grad_norms: list[float],
+    clip_val: Optional[float] = None,
+    weight_history: Optional[list[tuple[int, float, float]]] = None,
+    planned_steps: Optional[float] = None,
+    schedule_fraction: float = 0.25,
+    grad_every: int = 1,
+):  # noqa: ANN201
+    """Learning rate per batch, mean RMS gradient per layer per window, pre-clip gradient norm per step with the clip
+    value, and weight norm and window loss relative to their first read (both on one axis: shrinking weights with a
+    flat loss is what weight decay that is too strong looks like).
+
+    Example::
+
+        >>> fig = plot_optimization([[0.1], [0.05]], [(10, [1e-3, 1e-1])], ["net.0", "net.2"], [1.0, 2.0], 0.5,
+        ...                         [(10, 3.0, 2.3)], 100)
+        >>> len(fig.axes) >= 4
+        True
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 7))
+    fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)
+    (a_lr, a_layer), (a_clip, a_w) = fig.subplots(2, 2)
+    lr = np.asarray(lrs, dtype=float) if lrs else np.zeros((0, 1))
+    for j in range(min(lr.shape[1] if lr.ndim == 2 else 0, 6)):
+        a_lr.plot(lr[:, j], lw=1.2, label=f"group {j}")
+    if planned_steps:
+        a_lr.axvline(schedule_fraction * planned_steps, color="tab:red", ls=":", label=f"{schedule_fraction:g} of plan")
+    if lr.size and (lr > 0).any():
+        log_y(a_lr)
+    a_lr.set_title("learning rate per batch", fontsize=9)
+    a_lr.legend(fontsize=7)
+    if layer_history:
+        steps = [s for s, _ in layer_history]
+        mark = "o" if len(steps) <= 30 else None  # markers on long series cost more to draw than they show
+        vals = np.asarray([v for _, v in layer_history], dtype=float)
+        shown = range(vals.shape[1]) if vals.shape[1] <= 10 else np.linspace(0, vals.shape[1] - 1, 10).astype(int)
+        for i in shown:
+            v = np.where(vals[:, i] > 0, vals[:, i], np.nan)
+            a_layer.plot(steps, v, marker=mark, ms=3, lw=1, label=layer_names[i] if i < len(layer_names) else str(i))
+        if np.nanmax(np.where(vals > 0, vals, np.nan)) > 0:
+            log_y(a_layer)
+        a_layer.legend(fontsize=6, ncol=2)
+    a_layer.set_title("RMS gradient per layer (window mean)", fontsize=9)
+    if grad_norms:
+        g = np.asarray(grad_norms, dtype=float)
+        a_clip.plot(np.arange(g.size) * grad_every, g, lw=0.8, label="pre-clip gradient norm")
+        if clip_val:
+            a_clip.axhline(float(clip_val), color="tab:red", ls="--", label=f"gradient_clip_val={float(clip_val):g}")
+        if np.isfinite(g).any() and np.nanmin(np.where(g > 0, g, np.nan)) > 0:
+            log_y(a_clip)
+        a_clip.legend(fontsize=7)
+    a_clip.set_title(f"gradient norm (every {grad_every} optimizer steps)" if grad_every > 1 else
+                     "gradient norm per optimizer step", fontsize=9)
+    if weight_history:  # one axis, both relative to the first read (a twin axis would double the drawing time)
+        s = [h[0] for h in weight_history]
+        mark = "o" if len(s) <= 30 else None
+        w = np.asarray([h[1] for h in weight_history], dtype=float)
+        loss = np.asarray([h[2] for h in weight_history], dtype=float)
+        if w[0] > 0:
+            a_w.plot(s, w / w[0], marker=mark, ms=3, color="tab:green", label=f"weight norm / {w[0]:.4g}")
+        first = next((v for v in loss if np.isfinite(v) and v != 0), None)
+        if first is not None:
+            a_w.plot(s, loss / first, marker=mark, ms=3, color="tab:blue", label=f"window mean loss / {first:.4g}")
+        a_w.axhline(1.0, color="0.7", lw=0.8)
+        a_w.legend(fontsize=7)
+    a_w.set_title("weight norm and loss, relative to the first read", fontsize=9)
+    return _lean(fig)
