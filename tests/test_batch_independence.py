@@ -367,3 +367,51 @@ def test_a_scripted_submodule_is_probed_and_a_scripted_embedding_skips(tmp_path)
     assert f.status == "skip" and "no embedding consumed the inputs (8, 8)" in f.message and "`embedding=`" in f.message
     f = _fit(tmp_path, model, _tokens(), causal=True, embedding="emb").findings[0]
     assert f.status == "skip" and "takes no forward hook" in f.message and "`embedding=`" in f.message
+
+
+class _MaskedPool(L.LightningModule):
+    """Attention pooling over a padded set: batches ``((x, mask), y)``; ``mix=True`` takes the softmax over the batch."""
+
+    def __init__(self, mix: bool = False) -> None:
+        super().__init__()
+        self.enc, self.score, self.head = nn.Linear(4, 8), nn.Linear(8, 1), nn.Linear(8, 3)
+        self.loss_fn, self.mix = nn.CrossEntropyLoss(), mix
+
+    def forward(self, inputs):
+        x, mask = inputs
+        h = torch.tanh(self.enc(x))  # (N, T, 8)
+        s = self.score(h).squeeze(-1).masked_fill(~mask, -1e9)  # (N, T)
+        w = torch.softmax(s, dim=0 if self.mix else 1)
+        return self.head((w.unsqueeze(-1) * h).sum(1))
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_fn(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _sets(n: int = 64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, 4, generator=g)
+    mask = torch.arange(6).expand(n, 6) < torch.randint(2, 7, (n, 1), generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    from torch.utils.data import DataLoader, TensorDataset
+
+    collate = lambda items: ((torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])),  # noqa: E731
+                             torch.stack([i[2] for i in items]))
+    return DataLoader(TensorDataset(x, mask, y), batch_size=16, collate_fn=collate)
+
+
+@pytest.mark.parametrize("mix", [False, True])
+def test_tuple_inputs_with_a_mask_are_probed(tmp_path, mix):
+    cb = BatchIndependenceCheck(on_fail="warn")
+    t = trainer(tmp_path, [cb], max_steps=1)
+    t.fit(_MaskedPool(mix), _sets())
+    (f,) = cb.findings
+    assert f.status == ("fail" if mix else "pass"), f.message
+    assert f.details["batch_size"] == 16
+    if mix:  # a softmax over the batch: every output depends on every other example
+        assert "examples of the batch are mixed" in f.message and f.measured > 1e-3
+    else:
+        assert f.measured <= cb.rtol

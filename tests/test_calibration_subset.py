@@ -24,10 +24,15 @@ SUBSET = [
     ("autoencoder", {"epochs": 5}),  # MLP autoencoder on digits, MSE with target = input
     ("transformer", {"epochs": 3}),  # transformer with a padding mask, mean-pooled, warm-up
     ("segmentation", {"epochs": 2}),  # fully convolutional net with BatchNorm, per-pixel CE over 3 classes
+    # fits that alarmed before the dense-output, scale and severity fixes
+    ("segmentation", {"loss": "bce", "epochs": 2}),  # one logit per pixel, BCE (the head bias is per channel)
+    ("segmentation", {"loss": "bce", "unet": True, "opt": "adamw", "bs": 64, "sched": "warmup", "epochs": 3}),
+    ("autoencoder", {"kind": "conv", "epochs": 3}),  # conv autoencoder, (N, 1, 8, 8) output, MSE
+    ("autoencoder", {"out": "sigmoid", "epochs": 5}),  # sigmoid output on pixels in [0, 1]: near-constant borders
 ]
 
 
-@pytest.mark.parametrize(("family", "opts"), SUBSET, ids=[f"{f}-{o.get('task', 'default')}" for f, o in SUBSET])
+@pytest.mark.parametrize(("family", "opts"), SUBSET, ids=[f"{f}-{'-'.join(str(v) for k, v in o.items() if k != 'epochs') or 'default'}" for f, o in SUBSET])
 def test_healthy_fit_raises_no_alarm(family: str, opts: dict, tmp_path) -> None:
     fit = corpus.Fit(f"{family}/subset", family, "healthy", tuple(sorted(opts.items())))
     res = corpus.run(fit, str(tmp_path))

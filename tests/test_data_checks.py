@@ -455,3 +455,54 @@ def test_imbalance_with_head_bias_init_is_a_note(tmp_path):
     f = _by_name(cb)["balance"]
     assert f.status == "note" and f.measured == pytest.approx(float(counts.max() / counts.min()))
     assert f.details["rarest_examples"] == float(counts.min()) and f.details["head_bias_init"]
+
+
+class _TableModel(TinyModel):
+    """Batches ``((categories, numbers), y)``: an embedding per categorical column, then the MLP."""
+
+    def __init__(self) -> None:
+        super().__init__(in_dim=8 + 5, out_dim=3)
+        self.emb = nn.Embedding(12, 8)
+
+    def forward(self, x):
+        cat, num = x
+        return self.net(torch.cat([self.emb(cat[:, 0]), num], 1))
+
+    def compute_loss(self, batch):
+        (cat, num), y = batch
+        return self.loss_fn(self((cat, num)), y)
+
+
+def _table(n: int = 600):
+    g = torch.Generator().manual_seed(0)
+    cat = torch.randint(0, 12, (n, 1), generator=g)
+    num = torch.randn(n, 5, generator=g)
+    return cat, num, (num[:, 0] > 0).long() + (cat[:, 0] > 5).long()
+
+
+def _table_loader(cat, num, y, shuffle=True):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    ds = TensorDataset(cat, num, y)
+    return DataLoader(ds, batch_size=64, shuffle=shuffle, collate_fn=lambda items: (
+        (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])), torch.stack([i[2] for i in items])))
+
+
+def test_categorical_and_numeric_columns_cannot_repeat_by_chance(tmp_path):
+    # integer categories beside continuous numbers: equal rows are copies, not chance (the numbers never repeat)
+    cat, num, y = _table()
+    with pytest.raises(RecipeCheckError, match="exact duplicates"):
+        _fit(tmp_path, _TableModel(), _table_loader(torch.cat([cat, cat]), torch.cat([num, num]), torch.cat([y, y])))
+    with pytest.raises(RecipeCheckError, match="also occur in the training set"):
+        _fit(tmp_path, _TableModel(), _table_loader(cat, num, y), _table_loader(cat[:128], num[:128], y[:128], False))
+    # the categories alone (12 values) repeat by chance: a note, never a failure
+    from lightning_recipe._core.scan import _Scan
+
+    s = _Scan("auto")
+    s.add(cat, y, cat)
+    s.finish()
+    assert s.discrete and not s.chance_free()
+    s = _Scan("auto")
+    s.add((cat, num), y, (cat, num))
+    s.finish()
+    assert not s.discrete and s.chance_free()

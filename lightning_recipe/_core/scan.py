@@ -76,8 +76,11 @@ class _Scan:
         if not tensors:
             return
         if self.rows == 0 and not self._pending:
-            t = tensors[0][1]
-            self.discrete = not t.is_floating_point() and t.dtype not in (torch.uint8, torch.bool)
+            # discrete: integer inputs (other than uint8 images) and no continuous floating column beside them (a
+            # 0/1 mask is not continuous; the numeric columns of a categorical + numeric table are)
+            ints = [t for _, t in tensors if not t.is_floating_point() and t.dtype not in (torch.uint8, torch.bool)]
+            floats = [t for _, t in tensors if t.is_floating_point()]
+            self.discrete = bool(ints) and not any(bool((f != f.round()).any()) for f in floats)
         self._pending.append((x, y, hx))
         self._pending_size += sum(t.numel() for _, t in tensors)
         if self._pending_size >= self._CHUNK:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -158,25 +159,27 @@ class BatchIndependenceCheck(_OnceCheck):
         if type(trainer.strategy).__name__ in _MODEL_PARALLEL:
             return self._skip(f"not run under {type(trainer.strategy).__name__} (a sharded model cannot be "
                               "differentiated on one rank).")
-        if not isinstance(inputs, Tensor) or inputs.ndim == 0:
-            return self._skip(f"the inputs are a {type(inputs).__name__}, not a batched tensor. HINT: pass "
-                              "`split_batch=` returning the input tensor and `forward=` consuming it.")
-        n = min(inputs.shape[0], self.max_batch_size)
+        found = _batched(inputs, self.max_batch_size)
+        if found is None:
+            return self._skip(f"the inputs are a {type(inputs).__name__} holding no batched tensor (N, ...) to "
+                              "differentiate. HINT: pass `split_batch=` returning the input tensor and `forward=` "
+                              "consuming it.")
+        x, wrap, n = found
         if n < 2:
             return self._skip("the probe batch has a single example: nothing to compare.")
-        x = inputs[:n].detach()
         with _Frozen(pl_module):  # parameters out of the graph, buffers put back: the model is probed in place
-            return self._probe_frozen(trainer, pl_module, x, n, causal, auto, class_first, labelled)
+            return self._probe_frozen(trainer, pl_module, x, n, causal, auto, class_first, labelled, wrap)
 
     def _probe_frozen(self, trainer: "pl.Trainer", model: "pl.LightningModule", x: Tensor, n: int, causal: bool,
-                      auto: Optional[float], class_first: bool, labelled: Optional[Tensor]) -> Finding:
+                      auto: Optional[float], class_first: bool, labelled: Optional[Tensor],
+                      wrap: Callable[[Tensor], Any] = lambda t: t) -> Finding:
         holder: dict[str, Any] = {}
         handles = []
         what = "the inputs"
         try:
             if x.is_floating_point():
                 holder["leaf"] = x.clone().requires_grad_(True)
-                feed = holder["leaf"]
+                feed = wrap(holder["leaf"])
             else:
                 modules = self._embeddings(model)
                 if not modules:
@@ -198,7 +201,7 @@ class BatchIndependenceCheck(_OnceCheck):
                     except RuntimeError as err:  # a scripted module takes no hook
                         return self._skip(f"the embedding ({type(m).__name__}) takes no forward hook ({err}). HINT: "
                                           "pass `embedding=` naming an eager module that consumes the inputs.")
-                feed = x
+                feed = wrap(x)
             with probe_mode(trainer, model), torch.enable_grad():
                 try:
                     out = run_forward(model, feed, self._settings.forward)
@@ -397,6 +400,51 @@ def _labelled(targets: Any, ignore_index: Optional[int]) -> Optional[Tensor]:
     if not isinstance(targets, Tensor) or targets.ndim != 2 or targets.is_floating_point() or targets.dtype == torch.bool:
         return None
     return labelled_positions(targets, ignore_index).cpu()
+
+
+def _batched(inputs: Any, max_batch: int) -> Optional[tuple[Tensor, Callable[[Tensor], Any], int]]:
+    """The tensor of ``inputs`` to differentiate, a function putting a tensor in its place, and the examples probed.
+
+    A tensor is itself (its first ``max_batch`` examples). A tuple, list or dict (``(x, mask)``, ``(x, lengths)``,
+    ``{"ids": ..., "mask": ...}``): the first floating tensor of at least two dimensions whose first dimension is the
+    batch's (``N``, the first dimension of the first tensor), else the first such integer tensor (token ids, through
+    their embedding); every other tensor with first dimension ``N`` is cut to the same examples, the rest is left as
+    it is. ``None`` when there is no such tensor.
+
+    Example::
+
+        >>> x, mask = torch.randn(5, 3, 2), torch.ones(5, 3, dtype=torch.bool)
+        >>> t, wrap, n = _batched((x, mask), 4)
+        >>> tuple(t.shape), n, [tuple(v.shape) for v in wrap(t)]
+        ((4, 3, 2), 4, [(4, 3, 2), (4, 3)])
+    """
+    if isinstance(inputs, Tensor):
+        if inputs.ndim == 0:
+            return None
+        n = min(inputs.shape[0], max_batch)
+        return inputs[:n].detach(), lambda t: t, n
+    found: list[Tensor] = []
+    apply_to_collection(inputs, Tensor, lambda t: found.append(t) or t)
+    batched = [t for t in found if t.ndim >= 1]
+    if not batched:
+        return None
+    size = batched[0].shape[0]
+    n = min(size, max_batch)
+    candidates = [t for t in batched if t.ndim >= 2 and t.shape[0] == size]
+    chosen = [t for t in candidates if t.is_floating_point()] or [t for t in candidates if t.dtype != torch.bool]
+    if not chosen:
+        return None
+    x = chosen[0]
+
+    def wrap(leaf: Tensor) -> Any:
+        def put(t: Tensor) -> Tensor:
+            if t is x:
+                return leaf
+            return t[:n] if t.ndim >= 1 and t.shape[0] == size else t
+
+        return apply_to_collection(inputs, Tensor, put)
+
+    return x[:n].detach(), wrap, n
 
 
 def _next_token(inputs: Any, targets: Any, ignore_index: Optional[int]) -> Optional[float]:
