@@ -154,7 +154,7 @@ class ActivationCheck(_OnceCheck):
         flat = [inputs_vary.float().reshape(1).to(dev), out_varies.float().reshape(1).to(dev)]
         flat += [h.float().reshape(1).to(dev) for h in head_in]
         flat += [s.to(dev) for _, s in calls]
-        host = torch.cat(flat).double().cpu().tolist() if flat else []
+        host = torch.cat(flat).double().tolist() if flat else []
         n_head = len(head_in)
         per = host[2 + n_head:]
         counts: dict[str, int] = {}

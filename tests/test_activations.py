@@ -275,10 +275,32 @@ def test_no_observer_effect(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-def test_runs_once_and_not_on_resume(tmp_path):
+def test_three_findings_once_and_done_in_the_checkpoint(tmp_path):
     x, y = blobs(n=64)
     cb = ActivationCheck()
     trainer(tmp_path, [cb], max_steps=2).fit(TinyModel(), loader(x, y))
     assert [f.check for f in cb.findings] == ["ActivationCheck.saturation", "ActivationCheck.depth",
                                               "ActivationCheck.dead"]
     assert cb.state_dict() == {"done": True}
+
+
+def test_one_host_sync(tmp_path, monkeypatch):
+    from test_sync import _SyncCounter
+
+    counts = []
+
+    class Counted(ActivationCheck):
+        def _probe(self, *args, **kwargs):
+            counter = _SyncCounter()
+            counter.start()
+            try:
+                return super()._probe(*args, **kwargs)
+            finally:
+                counter.stop()
+                counts.append(counter.count)
+
+    x, y = blobs(n=64)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    cb = Counted()
+    trainer(tmp_path, [cb], max_steps=3).fit(Net(net), loader(x, y))
+    assert counts == [1] and len(cb.findings) == 3  # the probe, once, one transfer of every number
