@@ -129,22 +129,36 @@ class ActivationCheck(_OnceCheck):
             leaves.append(head)
         calls: list[tuple[nn.Module, Tensor]] = []
         head_in: list[Tensor] = []
+        pending: dict[int, list[tuple[int, Tensor, Tensor]]] = {}
+
+        def pre_hook(module: nn.Module, args: Any) -> None:
+            # the input measured before the call: an in-place layer (ReLU(inplace=True)) overwrites it
+            i = _first_tensor(args)
+            if i is None or i.ndim == 0:
+                pending.setdefault(id(module), []).append((-1, torch.ones(()), torch.zeros(())))
+                return
+            std = i.detach().float().std(unbiased=False) if i.numel() > 1 else i.new_zeros((), dtype=torch.float)
+            pending.setdefault(id(module), []).append((int(i.shape[0]), _varies(i.detach()), std))
 
         def hook(module: nn.Module, args: Any, out: Any) -> None:
+            stack = pending.get(id(module))
+            n, varies, std = stack.pop() if stack else (-1, torch.ones(()), torch.zeros(()))
             o = _first_tensor(out)
-            i = _first_tensor(args)
             if module is head:
-                head_in.append(_varies(i) if i is not None else torch.ones((), device=_dev(o)))
+                head_in.append(varies if n >= 0 else torch.ones((), device=_dev(o)))
             if o is None or not o.is_floating_point() or o.numel() == 0 or o.ndim == 0:
                 return
-            calls.append((module, _stats(module, o, i)))
+            in_varies = varies.float().to(o.device) if n == o.shape[0] else o.new_zeros(())
+            calls.append((module, _stats(module, o, in_varies, std.to(o.device))))
 
-        handles = [m.register_forward_hook(hook) for m in leaves]
+        handles = [m.register_forward_pre_hook(pre_hook) for m in leaves]
+        handles += [m.register_forward_hook(hook) for m in leaves]
         try:
             with probe_mode(trainer, pl_module):
                 out = run_forward(pl_module, ctx.inputs, self._settings.forward)
-                x = _first_tensor(ctx.inputs)
-                inputs_vary = _varies(x) if x is not None else torch.ones((), device=out.device)
+                xs = [t for t in _tensors(ctx.inputs) if t.ndim > 0]
+                inputs_vary = (torch.stack([_varies(t).to(out.device) for t in xs]).any() if xs
+                               else torch.ones((), dtype=torch.bool, device=out.device))
                 out_varies = _varies(out.detach()) if out.ndim > 0 else torch.zeros((), device=out.device)
         finally:
             for h in handles:
@@ -281,6 +295,13 @@ def _dev(t: Optional[Tensor]) -> torch.device:
 
 def _first_tensor(x: Any) -> Optional[Tensor]:
     """The first tensor in ``x`` (a tensor, or nested tuples/lists/dicts), floating first."""
+    found = _tensors(x)
+    floating = [t for t in found if t.is_floating_point()]
+    return (floating or found or [None])[0]
+
+
+def _tensors(x: Any) -> list[Tensor]:
+    """The tensors in ``x`` (a tensor, or nested tuples/lists/dicts, a ``PackedSequence``'s data), in order."""
     found: list[Tensor] = []
 
     def walk(v: Any) -> None:
@@ -296,8 +317,7 @@ def _first_tensor(x: Any) -> Optional[Tensor]:
             found.append(v.data)
 
     walk(x)
-    floating = [t for t in found if t.is_floating_point()]
-    return (floating or found or [None])[0]
+    return found
 
 
 def _batch_size(inputs: Any) -> Optional[int]:
@@ -312,19 +332,15 @@ def _varies(t: Tensor) -> Tensor:
     return (t != t[:1]).any()
 
 
-def _stats(module: nn.Module, out: Tensor, inp: Optional[Tensor]) -> Tensor:
-    """The ``_STATS`` numbers of one call of a leaf (see the module constants), on the output's device."""
+def _stats(module: nn.Module, out: Tensor, in_varies: Tensor, in_std: Tensor) -> Tensor:
+    """The ``_STATS`` numbers of one call of a leaf (see the module constants), on the output's device; ``in_varies``
+    and ``in_std`` were measured on its input before the call."""
     o = out.detach().float()
     b = o.shape[0]
     flat = o.reshape(b, -1)
     std = o.std(unbiased=False) if o.numel() > 1 else o.new_zeros(())
     constant = (~_varies(o)).float() if b > 1 else o.new_zeros(())
     zero = (o == 0).all().float()
-    if inp is not None and inp.ndim > 0 and inp.shape[0] == b:
-        in_varies = _varies(inp.detach()).float()
-    else:
-        in_varies = o.new_zeros(())
-    in_std = inp.detach().float().std(unbiased=False) if inp is not None and inp.numel() > 1 else o.new_zeros(())
     nan = o.new_full((), math.nan)
     sat, examples = nan, nan
     if isinstance(module, nn.Tanh):
@@ -337,7 +353,7 @@ def _stats(module: nn.Module, out: Tensor, inp: Optional[Tensor]) -> Tensor:
         sat = s.float().mean()
         examples = (s.float().mean(1) > 0.5).float().mean()
     dead = (flat == 0).all(0).float().mean() if isinstance(module, (nn.ReLU, nn.ReLU6)) else o.new_zeros(())
-    return torch.stack([std, constant, zero, in_varies, sat, examples, dead, in_std.to(o.device)]).double()
+    return torch.stack([std, constant, zero, in_varies.float(), sat, examples, dead, in_std.float()]).double()
 
 
 __all__ = ["ActivationCheck"]

@@ -117,9 +117,10 @@ def test_tanh_with_xavier_init_and_default_init_pass(tmp_path):
         assert v["examples_over_half"] < 0.05  # threshold 0.5 (an outlier digit with rare pixels: 1 of 128)
 
 
-def test_relu_made_dead_by_a_large_negative_bias_fails_naming_it(tmp_path):
+@pytest.mark.parametrize("inplace", [False, True])  # an in-place ReLU overwrites its input: measured before the call
+def test_relu_made_dead_by_a_large_negative_bias_fails_naming_it(tmp_path, inplace):
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(inplace), nn.Linear(32, 32), nn.ReLU(inplace), nn.Linear(32, 4))
     with torch.no_grad():
         net[2].bias.fill_(-100.0)
     x, y = blobs(n=128)
