@@ -61,34 +61,33 @@ class ActivationCheck(_OnceCheck):
       ``atanh(0.99) = 2.647``) or an ``nn.Sigmoid`` output outside ``[0.01, 0.99]`` (``|pre| > 4.595``) is saturated:
       its gradient is below 2% (tanh) or 1% (sigmoid) of the largest. Warns when more than half of a layer's units are
       saturated on more than half of the probe examples. For pre-activations ``N(0, s^2)`` the saturated share is
-      ``2 * (1 - Phi(2.647 / s))`` (tanh), which passes one half at ``s = 3.92`` (sigmoid: ``s = 6.81``). Healthy inits
-      stay far below: on standardised inputs PyTorch's default init gives ``s ~ 0.58`` (saturated share ``4e-6``),
-      Xavier ``s <= 1`` (``8e-3``; ``s <= 5/3`` with the tanh gain: 11%), even He init ``s = 1.41`` (6%); weights ``N(0, 1)`` on 8 standardised inputs give
-      ``s = 2.8`` (35%, passes), ``N(0, 3^2)`` ``s = 8.5`` (76%, warns), raw 0-255 pixels ``s`` in the hundreds.
-      Measured (``benchmarks/activations_calibration.py --sweep``: tanh and sigmoid MLPs, 3 hidden layers of 128, on
-      the four bundled tables): under default, Xavier (gain 1 or 5/3), orthogonal and He inits at most 6.9% of a
-      layer's outputs saturate and at most 1.6% of the examples have half of a layer's units saturated (0 of 40
-      configurations warn); ``N(0, 1)`` and ``N(0, 3^2)`` weights give 54-94% saturated, 89-100% of the examples, and
-      warn (16 of 16), so do raw inputs (a tanh on digits 0-16, breast cancer, wine: 54-99%; a sigmoid on breast cancer, wine: 95-98%); raw 0-16 digits into a
-      sigmoid (29% saturated, no example over half) pass: a missed alarm, not a false one. The measured saturated share,
-      the share of examples over half saturated and the pre-activation std are in
-      ``details``. Not a ``fail``: a model may saturate on purpose (a gate, a hard attention).
-    * ``ActivationCheck.dead`` (``fail``): a leaf whose output is **exactly constant across the probe examples**
-      (zero included: a ReLU behind a bias of -100) while its input varies (a weight layer, an activation or a norm
-      layer: a custom leaf may return a learned constant, a query or a table, by design), when the signal is cut on every path:
-      the head's input (the model's output when no head is known) is constant across the examples too while the
-      model's inputs vary. The prediction is then the same for every example, and no gradient reaches the layers before
-      the cut. A constant layer that some other path bypasses (a zero-initialised residual branch, "zero-init the last
-      BN gamma", ReZero) is a ``note``; a zero-initialised head is its own constant and passes. So is a ReLU layer
-      with more than half of its units zero on every probe example (partly dead: a ``note``; with default init a unit
-      is zero on ``B`` examples with probability about ``2^-B``).
+      ``2 * (1 - Phi(2.647 / s))`` (tanh), which passes one half at ``s = 3.92`` (sigmoid: ``s = 6.81``). Healthy inits stay
+      far below: on standardised inputs PyTorch's default init gives ``s ~ 0.58`` (saturated share ``4e-6``), Xavier
+      ``s <= 1`` (``8e-3``; ``s <= 5/3`` with the tanh gain: 11%), even He init ``s = 1.41`` (6%); weights ``N(0, 1)`` on 8
+      standardised inputs give ``s = 2.8`` (35%, passes), ``N(0, 3^2)`` ``s = 8.5`` (76%, warns), raw 0-255 pixels ``s``
+      in the hundreds. Measured (``benchmarks/activations_calibration.py --sweep``: tanh and sigmoid MLPs, 3 hidden
+      layers of 128, on the four bundled tables): under default, Xavier (gain 1 or 5/3), orthogonal and He inits at most
+      6.9% of a layer's outputs saturate and at most 1.6% of the examples have half of a layer's units saturated (0 of
+      40 configurations warn); ``N(0, 1)`` and ``N(0, 3^2)`` weights give 54-94% saturated, 89-100% of the examples, and
+      warn (16 of 16), so do raw inputs (a tanh on digits 0-16, breast cancer, wine: 54-99%; a sigmoid on breast cancer,
+      wine: 95-98%); raw 0-16 digits into a sigmoid (29% saturated, no example over half) pass: a missed alarm, not a
+      false one. The measured saturated share, the share of examples over half saturated and the pre-activation std are
+      in ``details``. Not a ``fail``: a model may saturate on purpose (a gate, a hard attention).
+    * ``ActivationCheck.dead`` (``fail``): a leaf whose output is **exactly constant across the probe examples** (zero
+      included: a ReLU behind a bias of -100) while its input varies (a weight layer, an activation or a norm layer: a
+      custom leaf may return a learned constant, a query or a table, by design), when the signal is cut on every path:
+      the head's input (the model's output when no head is known) is constant across the examples too while the model's
+      inputs vary. The prediction is then the same for every example, and no gradient reaches the layers before the cut.
+      A constant layer that some other path bypasses (a zero-initialised residual branch, "zero-init the last BN gamma",
+      ReZero) is a ``note``; a zero-initialised head is its own constant and passes. So is a ReLU layer with more than
+      half of its units zero on every probe example (partly dead: a ``note``; with default init a unit is zero on ``B``
+      examples with probability about ``2^-B``).
     * ``ActivationCheck.depth`` (``note``): the std of the outputs of the weight layers (``Linear``, ``Conv``,
       ``Embedding``, ``RNN``s, ...) and activations in execution order, the head left out; notes when the last one over
-      the first one leaves ``[1e-3, 1e3]``. Plain nets without normalisation drift legitimately (a default-init ReLU
-      MLP loses a factor ~0.41 of std per layer: ``1e-3`` after ~8 layers), so this is never a warning. On the 64
-      healthy fits of the calibration corpus the ratio lies in ``[0.0075, 0.35]`` (the unscaled-inputs tabular fit
-      reaches 43); the band ``[1e-3, 1e3]`` leaves a factor 7 below the lowest healthy one. The per-layer stds are in
-      ``details``.
+      the first one leaves ``[1e-3, 1e3]``. Plain nets without normalisation drift legitimately (a default-init ReLU MLP
+      loses a factor ~0.41 of std per layer: ``1e-3`` after ~8 layers), so this is never a warning. On the 64 healthy
+      fits of the calibration corpus the ratio lies in ``[0.0075, 0.35]`` (the unscaled-inputs tabular fit reaches 43);
+      the band ``[1e-3, 1e3]`` leaves a factor 7 below the lowest healthy one. The per-layer stds are in ``details``.
 
     Layers that run inside a module (the gates of ``nn.LSTM``, a fused attention) are not leaves and are not seen.
     The batch dimension is taken to be the first of each leaf's output.
