@@ -59,7 +59,7 @@ class ActivationCheck(_OnceCheck):
 
     * ``ActivationCheck.saturation`` (``warn``): an ``nn.Tanh`` output with ``|tanh| > 0.99`` (pre-activation beyond
       ``atanh(0.99) = 2.647``) or an ``nn.Sigmoid`` output outside ``[0.01, 0.99]`` (``|pre| > 4.595``) is saturated:
-      its gradient is below 2% (tanh) or 1% (sigmoid) of the largest. Warns when more than half of a layer's units are
+      its gradient is below 2% (tanh) or 4% (sigmoid) of its largest. Warns when more than half of a layer's units are
       saturated on more than half of the probe examples. For pre-activations ``N(0, s^2)`` the saturated share is
       ``2 * (1 - Phi(2.647 / s))`` (tanh), which passes one half at ``s = 3.92`` (sigmoid: ``s = 6.81``). Healthy inits stay
       far below: on standardised inputs PyTorch's default init gives ``s ~ 0.58`` (saturated share ``4e-6``), Xavier

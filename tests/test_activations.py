@@ -134,6 +134,18 @@ def test_relu_made_dead_by_a_large_negative_bias_fails_naming_it(tmp_path, inpla
     assert by["depth"].details["stds"]["net.3"] == 0.0
 
 
+def test_partly_dead_relu_is_a_note(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        net[0].bias[:24] = -100.0  # 24 of 32 units dead on every example, 8 alive: the signal passes
+    x, y = blobs(n=128)
+    by, warned = _fit(tmp_path, Net(net), loader(x, y))
+    _healthy(by, warned)
+    f = by["dead"]
+    assert f.status == "note" and f.details["partly_dead"] == {"net.1": 24 / 32} and "(75%)" in f.message
+
+
 def test_relu_mlp_with_default_init_passes(tmp_path):
     x, y = _digits()
     torch.manual_seed(0)
