@@ -150,9 +150,14 @@ class ActivationCheck(_OnceCheck):
             in_varies = varies.float().to(o.device) if n == o.shape[0] else o.new_zeros(())
             calls.append((module, _stats(module, o, in_varies, std.to(o.device))))
 
-        handles = [m.register_forward_pre_hook(pre_hook) for m in leaves]
-        handles += [m.register_forward_hook(hook) for m in leaves]
+        handles = []
         try:
+            for m in leaves:
+                try:
+                    handles.append(m.register_forward_pre_hook(pre_hook))
+                    handles.append(m.register_forward_hook(hook))
+                except RuntimeError:  # a scripted (torch.jit) module takes no hook: its layers are not measured
+                    continue
             with probe_mode(trainer, pl_module):
                 out = run_forward(pl_module, ctx.inputs, self._settings.forward)
                 xs = [t for t in _tensors(ctx.inputs) if t.ndim > 0]
