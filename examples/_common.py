@@ -70,7 +70,7 @@ def fit_and_report(trainer: L.Trainer, model: L.LightningModule, datamodule: L.L
     log_dir = trainer.log_dir or trainer.default_root_dir
     recipe = os.path.join(log_dir, "recipe")
     counts = _counts(os.path.join(recipe, "report.json"))
-    summary = ", ".join(f"{counts[k]} {k}" for k in ("fail", "warn", "pass", "skip")) if counts else "(no report)"
+    summary = ", ".join(f"{counts[k]} {k}" for k in ("fail", "warn", "note", "pass", "skip")) if counts else "(no report)"
     print()
     if error is not None:
         print(f"A recipe check stopped the fit:\n{error}\n")
@@ -96,4 +96,4 @@ def _counts(path: str) -> Optional[dict[str, int]]:
             counts = json.load(fh)["summary"]
     except (OSError, ValueError, KeyError):
         return None
-    return {k: int(counts.get(k, 0)) for k in ("fail", "warn", "pass", "skip")}
+    return {k: int(counts.get(k, 0)) for k in ("fail", "warn", "note", "pass", "skip")}

@@ -1,6 +1,7 @@
 """lightning_recipe: PyTorch Lightning callbacks that make the silent failures of neural-net training loud."""
 
 from lightning_recipe._core.base import RecipeCheck
+from lightning_recipe.checks.activations import ActivationCheck
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data import DataCheck
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
@@ -22,6 +23,7 @@ from lightning_recipe.checks.wiring import WiringCheck
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationCheck",
     "BatchIndependenceCheck",
     "DataCheck",
     "Finding",

@@ -1,8 +1,8 @@
 """Preset bundles: every check, failing (``strict``) or warning (``recommended``), held by ``Recipe``, one callback
 that forwards Lightning's hooks to its checks.
 
-A preset is one callback rather than eleven: Lightning pays about 3 microseconds per callback for every hook it calls
-(six hooks per training step), whether or not the callback implements it, so eleven separate callbacks would cost
+A preset is one callback rather than fourteen: Lightning pays about 3 microseconds per callback for every hook it calls
+(six hooks per training step), whether or not the callback implements it, so fourteen separate callbacks would cost
 ~0.2 ms per step in dispatch alone. ``Recipe`` calls, per hook, only the checks that implement it.
 """
 
@@ -21,6 +21,7 @@ from typing_extensions import override
 from lightning_recipe._core.base import BATCH_HOOKS, RecipeCheck, _record_switch_off, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
+from lightning_recipe.checks.activations import ActivationCheck
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data import DataCheck
 from lightning_recipe.checks.generalization import GeneralizationCheck
@@ -42,7 +43,8 @@ _ON_FAIL: dict[str, Literal["raise", "warn"]] = {"strict": "raise", "recommended
 # monitors come last; the wiring check reads the first steps (the first loss's graph and layout, the first batches'
 # labels)
 _CHECKS: tuple[type[RecipeCheck], ...] = (
-    DataCheck, HeadBiasInit, OutputRangeCheck, InitialLossCheck, BatchIndependenceCheck, ParameterUpdateCheck,
+    DataCheck, HeadBiasInit, ActivationCheck, OutputRangeCheck, InitialLossCheck, BatchIndependenceCheck,
+    ParameterUpdateCheck,
     WiringCheck, LossDecreaseCheck, InputDependenceCheck, GeneralizationCheck, OptimizationHealthCheck,
     ReproducibilityCheck, PredictionDynamics,
 )
@@ -116,7 +118,7 @@ def strict(
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=strict(), logger=False)
         >>> [type(cb).__name__ for cb in strict()[0].callbacks][:4]
-        ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
+        ['DataCheck', 'HeadBiasInit', 'ActivationCheck', 'OutputRangeCheck']
     """
     return _PresetList([Recipe("strict", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
                                task=task, exclude=exclude)])
@@ -140,7 +142,7 @@ def recommended(
         >>> import lightning as L
         >>> trainer = L.Trainer(callbacks=recommended(exclude=["BatchIndependenceCheck"]), logger=False)
         >>> len(recommended(exclude=["BatchIndependenceCheck"])[0].callbacks)
-        12
+        13
     """
     return _PresetList([Recipe("recommended", split_batch=split_batch, forward=forward, loss_fn=loss_fn, head=head,
                                task=task, exclude=exclude)])
@@ -199,7 +201,7 @@ class Recipe(Callback):
         >>> import lightning as L
         >>> recipe = Recipe(preset="recommended", head="net.2")
         >>> [type(cb).__name__ for cb in recipe.callbacks][:4]
-        ['DataCheck', 'HeadBiasInit', 'OutputRangeCheck', 'InitialLossCheck']
+        ['DataCheck', 'HeadBiasInit', 'ActivationCheck', 'OutputRangeCheck']
         >>> trainer = L.Trainer(callbacks=[recipe], logger=False)
     """
 

@@ -88,7 +88,7 @@ def test_lightning_cli_parses_preset_and_overrides(tmp_path, class_path):
     cli = LightningCLI(TinyModel, BlobsData, args=["--config", _config(tmp_path, class_path, init_args)], run=False,
                        save_config_callback=None)
     (recipe,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, Recipe)]
-    assert [cb.on_fail for cb in recipe.callbacks] == ["warn"] * len(recipe.callbacks) == ["warn"] * 11
+    assert [cb.on_fail for cb in recipe.callbacks] == ["warn"] * len(recipe.callbacks) == ["warn"] * 12
     assert not {"BatchIndependenceCheck", "ReproducibilityCheck"} & {type(cb).__name__ for cb in recipe.callbacks}
     assert all(cb._settings.split_batch is first_two and cb._settings.task == "multiclass" for cb in recipe.callbacks)
 

@@ -416,8 +416,9 @@ class GeneralizationCheck(RecipeCheck):
         acc = (f"; accuracy {last['train_acc']:.3f} on training, {last['val_acc']:.3f} on validation"
                if "train_acc" in last else "")
         best = min(self.history, key=lambda h: h["val_loss"])
-        return Finding(name, "note", f"{self.name}: {verdict} at epoch {last['epoch']}: the loss keeps {rt:.0%} of "
-                       f"the constant prediction's on training ({last['train_loss']:.4g} of {last['train_prior']:.4g}) "
+        said = "neither high bias nor high variance" if verdict == "neither" else verdict
+        return Finding(name, "note", f"{self.name}: {said} at epoch {last['epoch']}: the loss is {rt:.0%} of the "
+                       f"constant prediction's on training ({last['train_loss']:.4g} of {last['train_prior']:.4g}) "
                        f"and {rv:.0%} on validation ({last['val_loss']:.4g} of {last['val_prior']:.4g}){acc}; best "
                        f"validation loss {best['val_loss']:.4g} at epoch {best['epoch']}. Try: {_ADVICE[verdict]}.",
                        rv - rt, self.variance_gap, trainer.global_step, [],

@@ -2,8 +2,8 @@
 
 ``constants`` (the best input-independent prediction and its loss), ``loss_decrease`` (the loss-curve tests),
 ``data`` (row hashes, duplicates, scale, token alignment), ``input_dependence``, ``generalization``,
-``optimization``, ``output_range``, ``wiring`` and ``prediction``; the names of ``constants`` and ``loss_decrease``
-are also importable from here.
+``optimization``, ``output_range``, ``wiring``, ``batch_independence``, ``parameter_updates``, ``reproducibility``,
+``prediction`` and ``activations``; the names of ``constants`` and ``loss_decrease`` are also importable from here.
 
 Every function here works on plain tensors in a *canonical layout* and is tested against closed forms:
 
