@@ -528,15 +528,19 @@ def plot_optimization(
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 7))
-    fig.subplots_adjust(left=0.07, right=0.93, bottom=0.08, top=0.93, wspace=0.3, hspace=0.4)
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.94, wspace=0.25, hspace=0.42)
     (a_lr, a_layer), (a_clip, a_w) = fig.subplots(2, 2)
     lr = np.asarray(lrs, dtype=float) if lrs else np.zeros((0, 1))
     for j in range(min(lr.shape[1] if lr.ndim == 2 else 0, 6)):
-        a_lr.plot(lr[:, j], lw=1.2, label=f"group {j}")
+        # the values in the legend: a flat line on a log axis falls between two labelled decades
+        a_lr.plot(lr[:, j], lw=1.2, label=f"group {j}: {lr[0, j]:.3g} -> {lr[-1, j]:.3g}")
     if planned_steps:
         a_lr.axvline(schedule_fraction * planned_steps, color="tab:red", ls=":", label=f"{schedule_fraction:g} of plan")
-    if lr.size and (lr > 0).any():
+    positive = lr[lr > 0] if lr.size else lr
+    if positive.size and positive.max() / positive.min() > 10:  # a log axis only where the rate spans a decade
         log_y(a_lr)
+    a_lr.set_xlabel("training batch", fontsize=8)
+    a_lr.set_ylabel("learning rate", fontsize=8)
     a_lr.set_title("learning rate per batch", fontsize=9)
     a_lr.legend(fontsize=7)
     if layer_history:
@@ -551,16 +555,21 @@ def plot_optimization(
             log_y(a_layer)
         a_layer.legend(fontsize=6, ncol=2)
     a_layer.set_title("RMS gradient per layer (window mean)", fontsize=9)
+    a_layer.set_xlabel("training batch", fontsize=8)
+    a_layer.set_ylabel("RMS gradient", fontsize=8)
     if grad_norms:
         g = np.asarray(grad_norms, dtype=float)
         a_clip.plot(np.arange(g.size) * grad_every, g, lw=0.8, label="pre-clip gradient norm")
         if clip_val:
             a_clip.axhline(float(clip_val), color="tab:red", ls="--", label=f"gradient_clip_val={float(clip_val):g}")
-        if np.isfinite(g).any() and np.nanmin(np.where(g > 0, g, np.nan)) > 0:
+        pos = g[np.isfinite(g) & (g > 0)]
+        if pos.size and pos.max() / pos.min() > 10:  # a log axis only where the norm spans a decade
             log_y(a_clip)
         a_clip.legend(fontsize=7)
     a_clip.set_title(f"gradient norm (every {grad_every} optimizer steps)" if grad_every > 1 else
                      "gradient norm per optimizer step", fontsize=9)
+    a_clip.set_xlabel("optimizer step", fontsize=8)
+    a_clip.set_ylabel("gradient norm (pre-clip)", fontsize=8)
     if weight_history:  # one axis, both relative to the first read (a twin axis would double the drawing time)
         s = [h[0] for h in weight_history]
         mark = "o" if len(s) <= 30 else None
@@ -574,4 +583,6 @@ def plot_optimization(
         a_w.axhline(1.0, color="0.7", lw=0.8)
         a_w.legend(fontsize=7)
     a_w.set_title("weight norm and loss, relative to the first read", fontsize=9)
+    a_w.set_xlabel("training batch", fontsize=8)
+    a_w.set_ylabel("ratio to the first read", fontsize=8)
     return _lean(fig)
