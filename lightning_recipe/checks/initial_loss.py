@@ -201,15 +201,9 @@ class InitialLossCheck(_OnceCheck):
         clue = f"initial output spread (std around the bias on a training batch): {e['output_std']:.4g}"
         notes = "".join(f"\n  note: {n}" for n in spec.notes)
         details = {k: v for k, v in e.items() if k != "spec"}
-        if not math.isfinite(measured):
-            return Finding(self.name, "fail", f"{self.name}: the first training loss is {measured}.\n{numbers}", measured,
-                           e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"],
-                           details)
-        if spec.floor is not None and measured < spec.floor - 1e-6 * max(1.0, abs(e["expected"])):
-            return Finding(self.name, "fail", f"{self.name}: the first training loss {measured:.4g} is below "
-                           f"{spec.floor:g}, the smallest value {spec.loss_name} can take: training_step returns the "
-                           f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}{notes}",
-                           measured, e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
+        broken = self._broken(measured, e, step, numbers, notes, details)
+        if broken is not None:
+            return broken
         # a guessed loss (no loss module found) may not be the one training_step computes (a focal loss, a sum): a
         # mismatch is then a warning, not a verdict
         status = "warn" if spec.inferred or spec.loss_name == "KLDivLoss" else "fail"
@@ -240,13 +234,11 @@ class InitialLossCheck(_OnceCheck):
                        f"{e['expected']:.4g} ({what}); healthy range [{shown_lower:.4g}, {e['upper']:.4g}]; {clue}.",
                        measured, e["expected"], step, [], details)
 
-    def _judge_actual(self, measured: float, e: dict[str, Any], step: int) -> Finding:
-        """The first loss of a model whose head output is transformed before the loss: only what does not rely on the
-        bias being the constant prediction is judged (a finite loss, not below the loss's minimum)."""
+    def _broken(self, measured: float, e: dict[str, Any], step: int, numbers: str, notes: str,
+                details: dict[str, Any]) -> Optional[Finding]:
+        """The failures that hold whatever the expected value: a non-finite first loss, or one below the loss's
+        minimum (``-loss``); ``None`` when neither."""
         spec = e["spec"]
-        details = {k: v for k, v in e.items() if k != "spec"}
-        numbers = (f"  measured first loss: {measured:.4g}\n  the model's actual output on the first batch (eval mode, "
-                   f"{spec.loss_name}): {e['expected']:.4g}")
         if not math.isfinite(measured):
             return Finding(self.name, "fail", f"{self.name}: the first training loss is {measured}.\n{numbers}", measured,
                            e["expected"], step, ["NaN/Inf in the inputs or targets", "division by zero in the loss"],
@@ -254,8 +246,20 @@ class InitialLossCheck(_OnceCheck):
         if spec.floor is not None and measured < spec.floor - 1e-6 * max(1.0, abs(e["expected"])):
             return Finding(self.name, "fail", f"{self.name}: the first training loss {measured:.4g} is below "
                            f"{spec.floor:g}, the smallest value {spec.loss_name} can take: training_step returns the "
-                           f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}", measured,
-                           e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
+                           f"loss with its sign flipped (-loss), so the optimiser maximises it.\n{numbers}{notes}",
+                           measured, e["expected"], step, [_LOW_CAUSES[2], _LOW_CAUSES[3]], details)
+        return None
+
+    def _judge_actual(self, measured: float, e: dict[str, Any], step: int) -> Finding:
+        """The first loss of a model whose head output is transformed before the loss: only what does not rely on the
+        bias being the constant prediction is judged (a finite loss, not below the loss's minimum)."""
+        spec = e["spec"]
+        details = {k: v for k, v in e.items() if k != "spec"}
+        numbers = (f"  measured first loss: {measured:.4g}\n  the model's actual output on the first batch (eval mode, "
+                   f"{spec.loss_name}): {e['expected']:.4g}")
+        broken = self._broken(measured, e, step, numbers, "", details)
+        if broken is not None:
+            return broken
         why = e["transformed"] or ("the model's actual output predicted the targets better than the loss-optimal "
                                    "constant written into the bias")
         kept = ""
