@@ -25,6 +25,7 @@ from lightning_recipe._core.conventions import (
 )
 from lightning_recipe._core.head_guard import HeadView, head_view, probe_loss
 from lightning_recipe._core.labels import first_batch, label_stats
+from lightning_recipe._core.sharding import full_params
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional.constants import LabelStats, constant_loss, optimal_constant
 
@@ -131,7 +132,8 @@ class FitContext:
         """How the head's output relates to the model's output (one probe forward, the first time, when the head was
         not found as the model's output itself)."""
         if self._view is None:
-            self._view = head_view(self)
+            with full_params(self.trainer, writeback=True):  # FSDP: the full bias, shifted and put back on every rank
+                self._view = head_view(self)
         return self._view
 
     @property
@@ -163,7 +165,8 @@ class FitContext:
     def current_constant(self) -> Tensor:
         """The constant the model predicts at init: its head bias (zeros without a usable head)."""
         if self.head_error is None:
-            return self.head.bias.detach().float().reshape(-1).cpu().clone()
+            with full_params(self.trainer):  # FSDP: the full bias, not this rank's shard
+                return self.head.bias.detach().float().reshape(-1).cpu().clone()
         return torch.zeros(self.spec.num_outputs)
 
 
@@ -190,5 +193,6 @@ def get_context(trainer: Any, pl_module: nn.Module, settings: _Settings, max_bat
     per_trainer = _CACHE.setdefault(trainer, {})
     key = settings.key()
     if key not in per_trainer:
-        per_trainer[key] = FitContext(trainer, pl_module, settings, max_batches)
+        with full_params(trainer):  # FSDP: the head's full bias (its shape is checked against the outputs)
+            per_trainer[key] = FitContext(trainer, pl_module, settings, max_batches)
     return per_trainer[key]

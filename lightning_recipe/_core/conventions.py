@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe._core.sharding import full_params
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
@@ -495,8 +496,8 @@ def probe_mode(trainer: Any, pl_module: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in pl_module.modules()]
     buffers = _snapshot_buffers(pl_module)
     ctx = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
-    try:
-        with isolate_rng(), torch.no_grad(), ctx:
+    try:  # under FSDP the module's own parameters are shards: a probe forward runs on the full ones (every rank)
+        with isolate_rng(), torch.no_grad(), full_params(trainer), ctx:
             pl_module.eval()
             yield
     finally:

@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_recipe._core.base import OnFail, RecipeCheck
 from lightning_recipe._core.context import FitContext
 from lightning_recipe._core.head_guard import guard_summary, keep_write
+from lightning_recipe._core.sharding import full_params, sharding_skip
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -80,6 +81,12 @@ class HeadBiasInit(RecipeCheck):
                    "the trained bias is kept")
             self.findings.append(Finding(self.name, "skip", f"{self.name}: {why}."))
             return
+        why_not = sharding_skip(trainer, self.name, "setting the head's bias", "set the head's bias in "
+                                "`configure_model` (or before the fit), or run HeadBiasInit on a single device once")
+        if why_not is not None:
+            self.done = True
+            self.findings.append(Finding(self.name, "skip", why_not))
+            return
         ctx = self._context(trainer, pl_module)
         if ctx is None:
             return
@@ -96,7 +103,8 @@ class HeadBiasInit(RecipeCheck):
                 f"log-probabilities), so `{ctx.head_name}.bias` is left as it is. HINT: pass `loss_fn=` taking the "
                 "model's own outputs, or `task=`.", step=trainer.global_step, details={"method": how}))
             return
-        self._write_guarded(trainer, pl_module, ctx, c, how)
+        with full_params(trainer, writeback=True):  # FSDP: written into the full bias on every rank, then re-sharded
+            self._write_guarded(trainer, pl_module, ctx, c, how)
 
     def _write_guarded(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", ctx: FitContext, c: Tensor, how: str

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe._core.sharding import sharding, sharding_skip
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.parameter_updates import _chunk_for, _eps, gradient_growth, tensor_fingerprint
 
@@ -120,6 +121,12 @@ class ParameterUpdateCheck(_OnceCheck):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._tracking = False
         if not self._first_time(trainer):
+            return
+        why_not = sharding_skip(trainer, self.name, "reading each parameter's gradient and change",
+                                "run the check once on a single device or under DDP/FSDP")
+        if why_not is not None:
+            self.done = True
+            self.findings.append(Finding(self.name, "skip", why_not))
             return
         named = [(n, p) for n, p in pl_module.named_parameters()
                  if p.requires_grad and not any(fnmatch.fnmatch(n, pat) for pat in self.ignore)]
@@ -238,8 +245,11 @@ class ParameterUpdateCheck(_OnceCheck):
             changed = torch.stack([(tensor_fingerprint(p, chunk=self._chunk) != f).any()
                                    for p, f in zip(self._params, self._initial)])
             scale = torch.stack([f[0].float() for f in self._initial])  # the largest |p| at the start
-            packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()]).cpu()  # the one sync
-            series = torch.stack([self._gnorm, self._loss]).cpu()
+            packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()])
+            series = torch.stack([self._gnorm, self._loss])
+            if sharding(trainer) == "fsdp":  # each rank holds a shard of every parameter: combine them
+                packed, series = _combine_shards(trainer, packed, series)
+            packed, series = packed.cpu(), series.cpu()  # the one sync
         self._initial = []
         changed_l, gmax, pmax, stale = (packed[i].tolist() for i in range(4))
         k0 = min(self._opt_steps[0], self.steps) if self._opt_steps else 0
@@ -354,3 +364,15 @@ class ParameterUpdateCheck(_OnceCheck):
 def _names(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(f"`{n}`" for n in names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _combine_shards(trainer: "pl.Trainer", packed: Tensor, series: Tensor) -> tuple[Tensor, Tensor]:
+    """Under FSDP each rank holds a shard of every parameter (an empty one for some): a parameter changed, received a
+    gradient, outlived its step when it did on any rank; its largest ``|p|`` is the largest of the shards'; the
+    gradient norm of a step is the root of the sum of the shards' squared norms. A collective: every rank calls it."""
+    changed, gmax, scale, stale = packed
+    any_rank = trainer.strategy.reduce(torch.stack([changed, stale]), reduce_op="sum") > 0
+    peaks = trainer.strategy.reduce(torch.stack([gmax, scale]), reduce_op="max")
+    gnorm = trainer.strategy.reduce(series[0].nan_to_num(0.0).pow(2), reduce_op="sum").sqrt()
+    return (torch.stack([any_rank[0].float(), peaks[0], peaks[1], any_rank[1].float()]),
+            torch.stack([gnorm, series[1]]))

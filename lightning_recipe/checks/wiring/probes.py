@@ -162,7 +162,8 @@ def _unregistered_leaves(loss: Tensor, pl_module: nn.Module, optimizers: list[An
                 stack.append(nxt)
     nodes = len(seen) + len(leaves)
     seen.clear()
-    stray = {k: v for k, v in leaves.items() if k not in registered}
+    # FSDP's flat parameters (the graph reads them; the module's own parameters are views of them) are registered
+    stray = {k: v for k, v in leaves.items() if k not in registered and not getattr(v, "_is_flat_param", False)}
     names = _hidden_names(pl_module) if stray else {}
     hidden, held, notes = [], [], []
     inputs, checkpoint = 0, 0
