@@ -163,7 +163,20 @@ class ParameterUpdateCheck(_OnceCheck):
         self._unobserved = False
         self._total = 0
         self._batches_with_step = 0
+        # 16-mixed: a GradScaler skips the optimizer step when the gradients are not finite (the first steps, while
+        # the scale calibrates); only the steps it applied count, told on the host by a step hook (no sync)
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        self._applied = 0
+        self._hooks = [getattr(opt, "optimizer", opt).register_step_post_hook(self._count_applied)
+                       for opt in self._optimizers] if self._scaler else []
         self._tracking = True
+
+    def _count_applied(self, *args: Any) -> None:
+        self._applied += 1
+
+    def _unhook(self) -> None:
+        for handle in self.__dict__.pop("_hooks", []):
+            handle.remove()
 
     def _norms(self) -> Tensor:
         """``(P,)`` gradient norm of every tracked parameter (0 for ``None``), on the device, without a sync."""
@@ -191,6 +204,8 @@ class ParameterUpdateCheck(_OnceCheck):
             return
         k = next((i for i, o in enumerate(self._optimizers) if o is optimizer or getattr(optimizer, "optimizer", None) is o), None)
         norms = self._norms()
+        if self._scaler:  # non-finite gradients: the scaler skips this step; they are no evidence of training
+            norms = torch.where(torch.isfinite(norms), norms, self._zero)
         self._grad_max = torch.maximum(self._grad_max, norms)
         if k is None:
             return
@@ -224,7 +239,7 @@ class ParameterUpdateCheck(_OnceCheck):
         s = self._opt_steps[0] - 1 if self._opt_steps else -1
         if isinstance(loss, Tensor) and loss.numel() == 1 and 0 <= s < self.steps:
             self._loss[s] = loss.detach().float().reshape(()).to(self._device)
-        if self._total >= self.steps:
+        if (self._applied if self._scaler else self._total) >= self.steps or self._total >= self.steps + _MAX_SKIPPED:
             self._evaluate(trainer)
 
     @override
@@ -237,6 +252,13 @@ class ParameterUpdateCheck(_OnceCheck):
         self._tracking = False
         self.done = True
         self._retire("on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+        self._unhook()
+        if self._scaler and self._applied == 0 and self._total > 0:
+            self._initial = []
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: the GradScaler skipped all {self._total} "
+                                            "optimizer step(s) (non-finite gradients): no update to judge (see "
+                                            "WiringCheck.framework).", details={"steps": self._total, "applied": 0}))
+            return
         if self._total == 0:
             self._initial = []
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: no optimizer step was taken."))
@@ -359,6 +381,12 @@ class ParameterUpdateCheck(_OnceCheck):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._initial = []  # free the fingerprints if the fit stopped early
         self._tracking = False
+        self._unhook()
+
+
+# a GradScaler that keeps skipping: judge anyway after this many steps beyond `steps` (from 2**16 the scale reaches 1
+# in 16 skipped steps)
+_MAX_SKIPPED = 64
 
 
 def _names(names: list[str], limit: int = 8) -> str:
