@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_recipe._core.conventions import TaskSpec, find_loss, probe_mode, resolve_task, run_forward
+from lightning_recipe._core.dtypes import wide
 from lightning_recipe._core.conventions import split_batch as _split
 from lightning_recipe._core.labels import stats_from_targets
 from lightning_recipe._core.namespaces import _is_lightning, _namespace
@@ -273,14 +274,14 @@ def alignment(spec: TaskSpec, outputs: Tensor, targets: Tensor) -> tuple[float, 
     y = spec.canonical_targets(targets)
     if spec.task == "multiclass":
         if spec.soft_targets:
-            return float((out.argmax(-1) == y.argmax(-1)).double().mean()), "accuracy"
+            return float(wide(out.argmax(-1) == y.argmax(-1)).mean()), "accuracy"
         mask = spec.valid_mask(y)
         hit = out.argmax(-1) == y
         if mask is not None:
             hit = hit[mask]
-        return float(hit.double().mean()) if hit.numel() else 1.0, "accuracy"
+        return float(wide(hit).mean()) if hit.numel() else 1.0, "accuracy"
     if spec.task in ("binary", "multilabel"):
-        return float(((out > 0) == (y > 0.5)).double().mean()), "accuracy"
+        return float(wide((out > 0) == (y > 0.5)).mean()), "accuracy"
     resid = ((out - y) ** 2).sum()
     total = ((y - y.mean(0, keepdim=True)) ** 2).sum()
     return (1.0 - float(resid / total)) if total > 0 else (1.0 if resid == 0 else 0.0), "R²"

@@ -28,7 +28,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcess
 
 from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe import recommended
-from lightning_recipe._core.sharding import sharding, sharding_skip, wide_dtype, zero_stage
+from lightning_recipe._core.dtypes import wide, wide_dtype
+from lightning_recipe._core.sharding import sharding, sharding_skip, zero_stage
 from lightning_recipe.exceptions import RecipeWarning
 from lightning_recipe.findings import _finding, collect_findings
 
@@ -201,3 +202,5 @@ def test_wide_dtype_without_float64_on_mps() -> None:
     assert wide_dtype("cuda:0") is torch.float64
     assert wide_dtype(torch.device("mps")) is torch.float32  # MPS has no float64
     assert wide_dtype(torch.device("mps", 0)) is torch.float32
+    assert wide(torch.tensor([1, 2])).dtype is torch.float64  # what `.double()` gave, wherever float64 exists
+    assert wide(torch.tensor([0.1], dtype=torch.float16)).item() == pytest.approx(0.1, abs=1e-4)

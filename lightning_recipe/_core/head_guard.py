@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from lightning_recipe._core.conventions import TaskSpec, probe_mode, run_forward
+from lightning_recipe._core.dtypes import wide
 
 # g and its inverse on the open range (lo, hi) of g
 _FAMILIES: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor], float, float]] = {
@@ -120,7 +121,7 @@ def identify_transform(head: Tensor, out: Tensor, shift_invariant: bool = False)
     """
     if head.shape != out.shape or head.ndim != 2 or head.shape[0] < _MIN_ROWS:
         return None
-    h, o = head.double(), out.double()
+    h, o = wide(head), wide(out)
     if not bool(torch.isfinite(h).all() and torch.isfinite(o).all()):
         return None
     if shift_invariant:
@@ -277,7 +278,7 @@ def probe_loss(ctx: Any, groups: int = 256) -> tuple[float, Tensor]:
 def _loss_value(spec: TaskSpec, o: Tensor, y: Tensor) -> float:
     try:
         with torch.no_grad():
-            return float(torch.as_tensor(spec.loss(o, y)).double().mean())
+            return float(wide(torch.as_tensor(spec.loss(o, y))).mean())
     except Exception:  # a loss that needs the whole batch: no per-group value
         return math.nan
 
@@ -291,7 +292,7 @@ def guard_summary(before: tuple[float, Tensor], after: tuple[float, Tensor]) -> 
         >>> guard_summary((2.0, torch.tensor([1.0, 3.0])), (1.0, torch.tensor([0.5, 1.5]))).tolist()
         [2.0, 1.0, 1.0, 2.0, -2.0, 2.5]
     """
-    d = (after[1] - before[1]).double()
+    d = wide(after[1] - before[1]).cpu()
     d = d[torch.isfinite(d)]
     return torch.tensor([before[0], after[0], 1.0, float(d.numel()), float(d.sum()), float(d.pow(2).sum())],
                         dtype=torch.float64)

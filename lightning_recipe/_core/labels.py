@@ -39,6 +39,7 @@ from torch.utils.data import (
 from lightning_recipe._core.conventions import TaskSpec, split_batch
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional.constants import LabelStats
+from lightning_recipe._core.dtypes import wide, wide_dtype
 
 _SAMPLE = 65_536
 _MAX_VALUES = 1 << 24  # label values read per fit: dense targets (segmentation maps) are subsampled by example beyond
@@ -283,7 +284,7 @@ def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, prob
     if got.shape != want.shape:
         return (f"the batches carry targets of shape {tuple(got.shape)} for {k} examples, the shortcut "
                 f"{tuple(want.shape)}")
-    same = torch.isclose(got.double(), want.double(), rtol=1e-5, atol=1e-6) if got.is_floating_point() else got == want
+    same = torch.isclose(wide(got), wide(want.to(got.device)), rtol=1e-5, atol=1e-6) if got.is_floating_point() else got == want
     rows = same.reshape(k, -1).all(1)
     bad = int((~rows).sum())
     if bad == 0:
@@ -399,7 +400,7 @@ def stats_from_targets(
         y = y[mask]
         weights = weights[mask] if weights is not None else None
     if weights is not None:
-        w = weights.double() * (y.shape[0] / weights.double().sum().clamp_min(1e-300))
+        w = wide(weights) * (y.shape[0] / wide(weights).sum().clamp_min(1e-300))
         # the sample is what the sampler draws: rows picked with their weights (a private generator)
         pick = torch.multinomial(w.cpu().float(), min(y.shape[0], _SAMPLE), replacement=True,
                                  generator=torch.Generator().manual_seed(0))
@@ -410,10 +411,10 @@ def stats_from_targets(
     else:
         sample = y.detach().cpu()
     rw = w.to(y.device) if weights is not None else None  # row weights, or None (each row counts 1)
-    count = int(reduce(torch.tensor([float(y.shape[0])], device=y.device, dtype=torch.float64)).item())
+    count = int(reduce(torch.tensor([float(y.shape[0])], device=y.device, dtype=wide_dtype(y.device))).item())
     if spec.task == "multiclass":
         if spec.soft_targets:
-            counts = (y.double() * (rw[:, None] if rw is not None else 1.0)).sum(0)
+            counts = (wide(y) * (rw[:, None] if rw is not None else 1.0)).sum(0)
         else:
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= spec.num_outputs):
                 raise RecipeConfigError(
@@ -421,15 +422,15 @@ def stats_from_targets(
                     f"{spec.num_outputs} classes. HINT: set the head's output size to the number of classes, or pass "
                     "`head=`/`forward=` if the wrong module or output was picked."
                 )
-            counts = torch.bincount(y, weights=rw, minlength=spec.num_outputs).double()
+            counts = torch.bincount(y, weights=rw, minlength=spec.num_outputs).to(wide_dtype(y.device))
         counts = reduce(counts).cpu()
         return LabelStats(spec.task, count, sample, class_counts=counts, source=source)
     if spec.task in ("binary", "multilabel"):
-        pos = reduce((y.double() * (rw[:, None] if rw is not None else 1.0)).sum(0)).cpu()
+        pos = reduce((wide(y) * (rw[:, None] if rw is not None else 1.0)).sum(0)).cpu()
         return LabelStats(spec.task, count, sample, positives=pos, source=source)
     wy = rw[:, None] if rw is not None else 1.0
-    s1 = reduce((y.double() * wy).sum(0)).cpu()
-    s2 = reduce((y.double() ** 2 * wy).sum(0)).cpu()
+    s1 = reduce((wide(y) * wy).sum(0)).cpu()
+    s2 = reduce((wide(y) ** 2 * wy).sum(0)).cpu()
     mean = s1 / max(count, 1)
     var = (s2 / max(count, 1) - mean**2).clamp_min(0)
     return LabelStats(spec.task, count, sample, mean=mean.float(), var=var.float(), source=source)

@@ -1,11 +1,10 @@
-"""What a strategy that shards the parameters allows the checks, and the dtype for exact sums on a device.
+"""What a strategy that shards the parameters allows the checks.
 
 * :func:`sharding` names the strategy by its class name (``FSDPStrategy``, ``DeepSpeedStrategy``,
   ``ModelParallelStrategy``): no import of an optional package (DeepSpeed is rarely installed), and a user's
   subclass counts as its base.
 * :func:`full_params`: the full parameters, on every rank, for the code inside (FSDP's
   ``summon_full_params``); ``writeback=True`` keeps what the code wrote into them. A collective: every rank enters.
-* :func:`wide_dtype`: float64 where the device has it, float32 on Apple's MPS (which has no float64).
 """
 
 from __future__ import annotations
@@ -86,13 +85,3 @@ def full_params(trainer: Any, writeback: bool = False) -> Iterator[None]:
     finally:
         _INSIDE.discard(id(module))
 
-
-def wide_dtype(device: Any) -> torch.dtype:
-    """float64 for exact sums and statistics on ``device``; float32 on Apple's MPS, which has no float64.
-
-    Example::
-
-        >>> wide_dtype(torch.device("cpu")), wide_dtype(torch.device("mps"))
-        (torch.float64, torch.float32)
-    """
-    return torch.float32 if torch.device(device).type == "mps" else torch.float64

@@ -15,6 +15,7 @@ from lightning_recipe._core.conventions import probe_mode, run_forward
 from lightning_recipe.exceptions import RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.activations import _SIGMOID_EDGE, _STATS, _TANH_EDGE, _phi, _stats, _varies
+from lightning_recipe._core.dtypes import wide
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
 _ACTIVATIONS = (
@@ -164,7 +165,7 @@ class ActivationCheck(_OnceCheck):
         flat = [inputs_vary.float().reshape(1).to(dev), out_varies.float().reshape(1).to(dev)]
         flat += [h.float().reshape(1).to(dev) for h in head_in]
         flat += [s.to(dev) for _, s in calls]
-        host = torch.cat(flat).double().tolist() if flat else []
+        host = wide(torch.cat(flat)).tolist() if flat else []
         n_head = len(head_in)
         per = host[2 + n_head:]
         counts: dict[str, int] = {}

@@ -20,6 +20,7 @@ from lightning_recipe.findings import Finding
 from lightning_recipe.functional.generalization import bias_variance
 from lightning_recipe.functional.input_dependence import per_example_loss
 from lightning_recipe.report.loggers import log_scalars
+from lightning_recipe._core.dtypes import wide, wide_dtype
 
 _NO_TRANSFER_CAUSES = [
     "validation data preprocessed differently from the training data (another scaler, normalisation or tokenizer)",
@@ -199,7 +200,8 @@ class GeneralizationCheck(RecipeCheck):
         """Sums over ranks of ``values`` (each a sum over ``count`` local examples); means and the total count."""
         if trainer.world_size <= 1:
             return [v / max(count, 1) for v in values], count
-        t = torch.tensor([*values, float(count)], dtype=torch.float64, device=trainer.strategy.root_device)
+        t = torch.tensor([*values, float(count)], dtype=wide_dtype(trainer.strategy.root_device),
+                         device=trainer.strategy.root_device)
         t = trainer.strategy.reduce(t, reduce_op="sum").cpu()
         total = int(t[-1])
         return [float(v) / max(total, 1) for v in t[:-1]], total
@@ -214,7 +216,7 @@ class GeneralizationCheck(RecipeCheck):
         tr, va = self._score(trainer, pl_module, self._train), self._score(trainer, pl_module, self._val)
         sums = [float(tr["loss"].sum()), float(tr["prior"].sum())]
         (lt, pt), _ = self._reduce_mean(trainer, sums, int(tr["loss"].numel()))
-        gap = (va["prior"] - va["loss"]).double()  # the validation gain over the constant prediction, per example
+        gap = wide(va["prior"] - va["loss"])  # the validation gain over the constant prediction, per example
         (lv, pv, g1, g2), nv = self._reduce_mean(
             trainer, [float(va["loss"].sum()), float(va["prior"].sum()), float(gap.sum()), float(gap.pow(2).sum())],
             int(va["loss"].numel()))
@@ -289,7 +291,7 @@ class GeneralizationCheck(RecipeCheck):
         return None
 
     def _judge_overfit(self, trainer: "pl.Trainer", rec: dict[str, Any], va: dict[str, Tensor]) -> None:
-        losses = va["loss"].double()
+        losses = wide(va["loss"])
         vals = [h["val_loss"] for h in self.history]
         best = min(range(len(vals)), key=vals.__getitem__)
         if best == len(vals) - 1:
@@ -311,7 +313,7 @@ class GeneralizationCheck(RecipeCheck):
         costs = True
         acc = ""
         if "val_acc" in rec and self._best_correct is not None and "correct" in va:
-            dc = (self._best_correct - va["correct"]).double()
+            dc = wide(self._best_correct - va["correct"])
             se_acc = float(dc.std() / math.sqrt(dc.numel())) if dc.numel() > 1 else math.inf
             drop = b["val_acc"] - rec["val_acc"]
             costs = drop > self.z * se_acc and drop > 0
@@ -484,6 +486,6 @@ def _correct(spec: TaskSpec, canon: Tensor, targets: Tensor, n: int) -> Optional
         return None
     rows = hit.shape[0] // max(n, 1)
     hit, w = (hit * w).reshape(n, rows).sum(-1), w.reshape(n, rows).sum(-1)
-    return (hit / w.clamp_min(1)).double()
+    return wide(hit / w.clamp_min(1))
 
 

@@ -22,6 +22,7 @@ from lightning_recipe.functional.output_range import (
     probability_rows,
     squashed_by,
 )
+from lightning_recipe._core.dtypes import wide
 
 _DOUBLE = [
     "softmax/sigmoid applied in forward and again inside the loss (CrossEntropyLoss and BCEWithLogitsLoss take "
@@ -220,7 +221,7 @@ class OutputRangeCheck(_OnceCheck):
                        f"as {spec.loss_name} expects.", hi, None, 0, [], details)
 
     def _nll(self, canon: Tensor, rows: dict[str, Any], details: dict[str, Any], what: str, atol: float) -> Finding:
-        lse = torch.logsumexp(canon.double(), dim=-1).abs().max().item() if canon.numel() else 0.0
+        lse = torch.logsumexp(wide(canon), dim=-1).abs().max().item() if canon.numel() else 0.0
         details["max_abs_logsumexp"] = lse
         if rows["in_unit"] and rows["sums_to_one"]:
             return Finding(self.name, "fail", f"{self.name}: the {what} are probabilities (rows in [0, 1] summing to 1), "
@@ -323,8 +324,8 @@ class OutputRangeCheck(_OnceCheck):
         out, leaves = self._leaf_outputs(trainer, pl_module, ctx, ctx.initial_output.numel())
         names = {m: n for n, m in pl_module.named_modules()}
         tol = 1e-4 if out.dtype in (torch.float32, torch.float64) else 2e-2
-        canon = spec.canonical_outputs(out.double())
-        found = output_interval(canon, [(m, spec.canonical_outputs(o.double().reshape(out.shape))) for m, o in leaves],
+        canon = spec.canonical_outputs(wide(out))
+        found = output_interval(canon, [(m, spec.canonical_outputs(wide(o).reshape(out.shape))) for m, o in leaves],
                                 tol)
         if found is None:
             const = canon.shape[0] > 1 and bool((canon.amax(0) == canon.amin(0)).any())
@@ -335,7 +336,7 @@ class OutputRangeCheck(_OnceCheck):
         lo, hi, what, module = found
         where = f"`{names.get(module, '?')}` ({type(module).__name__})"
         what = what.replace("{m}", where)
-        y = ctx.stats.sample.double()
+        y = wide(ctx.stats.sample)
         reach = out_of_reach(y, lo, hi, rtol=max(tol, 1e-6) if "affine" in what else 1e-6)
         details = {**reach, "output": what, "low": _show(lo), "high": _show(hi),
                    "interval": [float(lo.min()), float(hi.max())], "targets_from": ctx.stats.source,

@@ -26,6 +26,7 @@ from lightning_recipe._core.conventions import (
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.prediction import jitter_index
+from lightning_recipe._core.dtypes import wide
 
 _RECORDS = 50  # records per fit when `every_n_steps` is not given
 _DEFAULT_EVERY = 25  # ... and the length of the fit is unknown
@@ -299,7 +300,7 @@ class PredictionDynamics(RecipeCheck):
             y = self._batch[1].detach()
             self.targets = _recorded_targets(self._spec, y).cpu().numpy()
             if self._spec is not None and self._spec.dense and y.numel() > 1 and y.is_floating_point():
-                self._target_std = float(y.double().std())  # a prediction's size: a pixel's, not a mean's
+                self._target_std = float(wide(y).std())  # a prediction's size: a pixel's, not a mean's
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

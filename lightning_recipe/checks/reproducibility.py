@@ -21,6 +21,7 @@ from lightning_recipe._core.labels import first_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.reproducibility import step_difference
+from lightning_recipe._core.dtypes import wide
 
 _NO_SEED = [
     "no `lightning.seed_everything(seed)` (or `seed_everything: <int>` in the LightningCLI config) before the fit",
@@ -184,7 +185,7 @@ def _one_step(trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            prints = [torch.stack([p.double().sum(), p.double().square().sum(), p.double().abs().max()])
+            prints = [torch.stack([wide(p).sum(), wide(p).square().sum(), wide(p).abs().max()])
                       for p in module.parameters() if p.numel()]
             flat = torch.cat(prints).tolist() if prints else []  # one read, once per fit
         return {"loss": float(loss.detach()), "params": flat}

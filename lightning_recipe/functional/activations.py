@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe._core.dtypes import wide
+
 # |tanh| > 0.99 <=> |pre-activation| > atanh(0.99) = 2.647; sigmoid outside [0.01, 0.99] <=> |pre| > logit(0.99) = 4.595
 _SAT = 0.99
 _TANH_EDGE = math.atanh(_SAT)
@@ -49,4 +51,4 @@ def _stats(module: nn.Module, out: Tensor, in_varies: Tensor, in_std: Tensor) ->
         sat = s.float().mean()
         examples = (s.float().mean(1) > 0.5).float().mean()
     dead = (flat == 0).all(0).float().mean() if isinstance(module, (nn.ReLU, nn.ReLU6)) else o.new_zeros(())
-    return torch.stack([std, constant, zero, in_varies.float(), sat, examples, dead, in_std.float()]).double()
+    return wide(torch.stack([std, constant, zero, in_varies.float(), sat, examples, dead, in_std.float()]))

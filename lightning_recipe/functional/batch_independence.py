@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide
+
 
 def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any]:
     """Which examples ``j != i`` the output of example ``i`` depends on.
@@ -28,7 +30,7 @@ def batch_leaks(dependence: Tensor, i: int, rtol: float = 1e-5) -> dict[str, Any
         >>> r["leaking"], r["ratio"]
         ([0], 0.25)
     """
-    d = dependence.double().reshape(-1)
+    d = wide(dependence).reshape(-1)
     top = float(d.max()) if d.numel() else 0.0
     others = d.clone()
     others[i] = 0.0
@@ -52,7 +54,7 @@ def future_leaks(dependence: Tensor, t: int, rtol: float = 1e-5) -> dict[str, An
         >>> future_leaks(torch.tensor([1.0, 1.0, 0.5, 0.0]), 1)["leaking"]
         [2]
     """
-    d = dependence.double().reshape(-1)
+    d = wide(dependence).reshape(-1)
     top = float(d.max()) if d.numel() else 0.0
     later = d[t + 1 :]
     if top == 0 or later.numel() == 0:

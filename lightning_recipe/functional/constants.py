@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide
+
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -66,10 +68,10 @@ def log_prior(class_counts: Tensor, weight: Optional[Tensor] = None, label_smoot
         >>> log_prior(torch.tensor([1.0, 3.0])).exp()
         tensor([0.2500, 0.7500])
     """
-    n = class_counts.double().clamp_min(0)
+    n = wide(class_counts).clamp_min(0)
     n = torch.where(n > 0, n, torch.full_like(n, _ABSENT))
     if weight is not None:
-        n = n * weight.double().to(n.device)
+        n = n * wide(weight.to(n.device))
     p = n / n.sum()
     if label_smoothing:
         p = (1 - label_smoothing) * p + label_smoothing / p.numel()
@@ -92,9 +94,9 @@ def log_odds(positives: Tensor, count: int, pos_weight: Optional[Tensor] = None)
         >>> log_odds(torch.tensor([10.0]), 100)  # p = 0.1
         tensor([-2.1972])
     """
-    pos = positives.double().clamp(_ABSENT, count - _ABSENT) if count > 1 else positives.double().clamp(0.25, 0.75)
+    pos = wide(positives).clamp(_ABSENT, count - _ABSENT) if count > 1 else wide(positives).clamp(0.25, 0.75)
     p = pos / max(count, 1)
-    w = 1.0 if pos_weight is None else pos_weight.double().to(p.device)
+    w = 1.0 if pos_weight is None else wide(pos_weight.to(p.device))
     return (w * p / (1 - p)).log().float()
 
 
@@ -106,7 +108,7 @@ def entropy(class_counts: Tensor) -> float:
         >>> round(entropy(torch.tensor([5.0, 5.0])), 6) == round(math.log(2), 6)
         True
     """
-    p = class_counts.double() / class_counts.double().sum()
+    p = wide(class_counts) / wide(class_counts).sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum())
 

@@ -10,6 +10,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe._core.dtypes import wide
+
 # "nearly all": the fraction of positions at which targets that are the inputs shifted by one match them (exactly 1.0
 # for `x, y = s[:, :-1], s[:, 1:]`; a few positions may differ through padding or special tokens)
 NEXT_TOKEN_FRACTION = 0.95
@@ -241,7 +243,7 @@ def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
         return None
     if inputs.numel() != targets.numel() or inputs.numel() < 4:
         return None
-    x, y = inputs.detach().double().reshape(-1), targets.detach().double().reshape(-1)
+    x, y = wide(inputs.detach()).reshape(-1), wide(targets.detach()).reshape(-1)
     ok = torch.isfinite(x) & torch.isfinite(y)
     x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
     den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())

@@ -8,6 +8,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide
+
 
 def per_example_loss(loss: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor, n: int) -> Tensor:
     """The loss of each of ``n`` examples, from canonical ``outputs`` and ``targets`` (``n * k`` rows, e.g. positions).
@@ -55,7 +57,7 @@ def input_dependence_test(
         >>> input_dependence_test(r, r.clone(), p)["uses_input"]  # the model ignores its input
         False
     """
-    r, zl, p = real.double(), zeroed.double(), prior.double()
+    r, zl, p = wide(real), wide(zeroed), wide(prior)
     if r.numel() == 0:
         return {"uses_input": False, "real": math.nan, "zeroed": math.nan, "prior": math.nan, "difference": math.nan,
                 "se": math.nan, "advantage": math.nan, "threshold": math.nan}

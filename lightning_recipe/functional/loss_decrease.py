@@ -8,10 +8,12 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide
+
 
 def _values(x: Union[Tensor, Sequence[float]]) -> list[float]:
     """Host values as Python floats: one ``tolist`` for a tensor (the statistics below run on the host)."""
-    return x.double().reshape(-1).tolist() if isinstance(x, Tensor) else [float(v) for v in x]
+    return wide(x).reshape(-1).tolist() if isinstance(x, Tensor) else [float(v) for v in x]
 
 
 def _mean_sd(x: Union[Tensor, Sequence[float]]) -> tuple[float, float]:
@@ -65,7 +67,7 @@ def diverged(reference: float, last: Tensor, floor: Optional[float], factor: flo
         >>> diverged(1.0, torch.tensor([50.0, 0.5, 50.0]), floor=0.0)["diverged"]
         False
     """
-    low = float(last.double().min())
+    low = float(wide(last).min())
     ref = floor if floor is not None else 0.0
     scale = max(abs(reference - ref), 1e-12)
     grown = (low - ref) / scale if floor is not None else abs(low) / scale

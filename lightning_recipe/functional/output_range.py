@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from lightning_recipe._core.dtypes import wide
+
 _FUNCTIONAL: tuple[tuple[str, Any, tuple[float, float]], ...] = (
     ("sigmoid", torch.sigmoid, (0.0, 1.0)),
     ("tanh", torch.tanh, (-1.0, 1.0)),
@@ -66,7 +68,7 @@ def affine_fit(out: Tensor, z: Tensor, tol: float = 1e-4) -> Optional[tuple[Tens
     """
     if out.shape != z.shape or out.ndim != 2 or out.shape[0] < 3:
         return None
-    o, x = out.double(), z.double()
+    o, x = wide(out), wide(z)
     xc, oc = x - x.mean(0), o - o.mean(0)
     sxx = xc.pow(2).sum(0)
     spread = o.max(0).values - o.min(0).values
@@ -169,10 +171,10 @@ def out_of_reach(targets: Tensor, lo: Tensor, hi: Tensor, rtol: float = 1e-6) ->
         >>> out_of_reach(y, torch.tensor([-2.0]), torch.tensor([2.0]))["share"]
         0.0
     """
-    y = targets.detach().double().cpu()
+    y = targets.detach().cpu().double()
     if y.ndim < 2:
         y = y.reshape(-1, 1)
-    lo_t, hi_t = lo.detach().double().cpu().reshape(-1), hi.detach().double().cpu().reshape(-1)
+    lo_t, hi_t = lo.detach().cpu().double().reshape(-1), hi.detach().cpu().double().reshape(-1)
     if lo_t.numel() != y.shape[-1] and lo_t.numel() > 1:  # outputs and targets laid out differently: the envelope
         lo_t, hi_t = lo_t.min().reshape(1), hi_t.max().reshape(1)
     bounded = bool(torch.isfinite(lo_t).any() or torch.isfinite(hi_t).any())
@@ -211,7 +213,7 @@ def probability_rows(outputs: Tensor, atol: float = 1e-4) -> dict[str, Any]:
         >>> probability_rows(torch.tensor([[0.2, 0.3], [0.9, -1.0]]))["in_unit"]
         False
     """
-    x = outputs.detach().double()
+    x = wide(outputs.detach())
     if x.numel() == 0:
         return {"in_unit": False, "sums_to_one": False, "min": float("nan"), "max": float("nan"),
                 "max_sum_error": float("nan")}
@@ -231,7 +233,7 @@ def squashed_by(outputs: Tensor, pre: Tensor, atol: float = 1e-4) -> Optional[st
         >>> squashed_by(torch.softmax(z, -1), z), squashed_by(torch.sigmoid(z), z), squashed_by(z, z)
         ('softmax', 'sigmoid', None)
     """
-    o, z = outputs.detach().double(), pre.detach().double()
+    o, z = wide(outputs.detach()), wide(pre.detach())
     if o.shape != z.shape or o.numel() == 0 or torch.allclose(o, z, atol=atol, rtol=0):
         return None
     if o.shape[-1] > 1 and torch.allclose(o, torch.softmax(z, -1), atol=atol, rtol=1e-3):
@@ -254,7 +256,7 @@ def class_like_targets(targets: Tensor, max_classes: int = 20, integer_dtype: bo
         >>> class_like_targets(torch.linspace(0, 1, 30))["class_like"]
         False
     """
-    y = targets.detach().reshape(-1).double().cpu()
+    y = targets.detach().reshape(-1).cpu().double()
     y = y[torch.isfinite(y)]
     values = torch.unique(y)
     integral = bool((y == y.round()).all()) if y.numel() else False

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide_dtype
+
 
 def gradient_growth(grad_norms: Sequence[float], losses: Sequence[float] = ()) -> dict[str, Any]:
     """Does the gradient norm grow as if gradients were accumulated across steps (``zero_grad`` missing)?
@@ -78,7 +80,7 @@ def tensor_fingerprint(t: Tensor, samples: int = 64, chunk: int = 2**16) -> Tens
     v = t.detach()
     if v.is_complex():
         v = torch.view_as_real(v)
-    acc = torch.float32 if v.device.type == "mps" else torch.float64
+    acc = wide_dtype(v.device)
     flat = v.reshape(-1)  # a view for a contiguous tensor
     n = flat.numel()
     zero = torch.zeros((), dtype=acc, device=v.device)

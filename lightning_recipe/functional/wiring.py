@@ -9,6 +9,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from lightning_recipe._core.dtypes import wide
+
 _SHUFFLE_P = 1e-6  # a random order gives all-single-class batches with at most this probability
 
 
@@ -116,7 +118,7 @@ def shuffle_test(per_batch_counts: Tensor, class_counts: Tensor) -> dict[str, An
 
 
 def _as_key(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float32 if t.device.type == "mps" else torch.float64)
+    return wide(t.detach())
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:

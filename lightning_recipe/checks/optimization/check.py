@@ -26,6 +26,7 @@ from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import _decoupled, _norms, _weight_norm
 from lightning_recipe.report.plotting import plot_optimization
+from lightning_recipe._core.dtypes import wide
 
 _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor")
 _CHECKS = ("lr_schedule", "clipping", "gradients", "dead_relu", "weight_decay")
@@ -338,7 +339,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
             for lr in lrs:
                 if isinstance(lr, Tensor):
                     by_device.setdefault(lr.device, []).append(lr)
-        values = {d: iter(torch.stack([t.reshape(()).double() for t in ts]).tolist()) for d, ts in by_device.items()}
+        values = {d: iter(torch.stack([wide(t.reshape(())) for t in ts]).tolist()) for d, ts in by_device.items()}
         for step, lrs in pending:
             self._take_lrs([next(values[lr.device]) if isinstance(lr, Tensor) else float(lr) for lr in lrs], step)
 
