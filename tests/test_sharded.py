@@ -204,3 +204,35 @@ def test_wide_dtype_without_float64_on_mps() -> None:
     assert wide_dtype(torch.device("mps", 0)) is torch.float32
     assert wide(torch.tensor([1, 2])).dtype is torch.float64  # what `.double()` gave, wherever float64 exists
     assert wide(torch.tensor([0.1], dtype=torch.float16)).item() == pytest.approx(0.1, abs=1e-4)
+
+
+class DeepSigmoid(TinyModel):
+    """Ten sigmoid layers: the first layers' gradients vanish (a spread of the per-layer RMS gradient > 1e6)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        layers: list[torch.nn.Module] = []
+        for d in [8] + [32] * 9:
+            layers += [torch.nn.Linear(d, 32), torch.nn.Sigmoid()]
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(32, 4))
+
+
+def test_gradient_spread_is_a_note_on_shards(tmp_path: Any) -> None:
+    """Under a sharded strategy each rank measures its own pieces of the layers: the per-layer gradient spread that
+    warns on one device (a deep sigmoid net: > 1e6) is a note there, with the reason."""
+    from lightning_recipe.checks.optimization import OptimizationHealthCheck
+
+    x, y = blobs(512)
+    spreads = {}
+    for name, strategy in (("single", "auto"), ("sharded", DeepSpeedStrategy(2))):
+        L.seed_everything(0, verbose=False)
+        cb = OptimizationHealthCheck(on_fail="warn", check_every_n_steps=10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(tmp_path, [cb], strategy=strategy, max_steps=20).fit(
+                DeepSigmoid(optimizer="sgd", lr=0.1), loader(x, y))
+        f = next(f for f in cb.findings if f.check.endswith(".gradients"))
+        spreads[name] = (f.status, f.measured, [str(w.message) for w in caught if w.category is RecipeWarning])
+    assert spreads["single"][0] == "warn" and spreads["single"][1] > 1e6 and spreads["single"][2]
+    status, measured, warned = spreads["sharded"]
+    assert status == "note" and measured == pytest.approx(spreads["single"][1]) and warned == []

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
+from lightning_recipe._core.sharding import sharding
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import _batch_size
 
@@ -151,11 +152,19 @@ class _OptimizationRules:
                 if spread > self.max_grad_spread:
                     vanishing = lo[0] < hi[0]
                     what = "vanishing" if vanishing else "exploding"
-                    return Finding(name, "warn", f"{self.name}: {what} gradients: the RMS gradient of layer "
+                    # FSDP/DeepSpeed/ModelParallel: each rank measures its own shard of a layer, and a few elements
+                    # of a split layer are no measure of the layer: a note, never a warning
+                    sharded = sharding(self._trainer()) is not None  # type: ignore[attr-defined]
+                    status = "note" if sharded else "warn"
+                    shard_note = (" Measured on this rank's shards of the parameters (a sharded strategy): a layer "
+                                  "split across ranks may be represented by a few elements, so this is a note."
+                                  if sharded else "")
+                    return Finding(name, status, f"{self.name}: {what} gradients: the RMS gradient of layer "
                                    f"`{self.layer_names[lo[0]]}` is {lo[1]:.3g}, of layer `{self.layer_names[hi[0]]}` "
                                    f"{hi[1]:.3g}: a spread of {spread:.3g} (limit {self.max_grad_spread:g}) over steps "
                                    f"up to {step}. The {'early' if vanishing else 'late'} layers barely learn. HINT: "
-                                   "pass `max_grad_spread=` if this is expected.", spread, self.max_grad_spread, step,
+                                   f"pass `max_grad_spread=` if this is expected.{shard_note}", spread,
+                                   self.max_grad_spread, step,
                                    list(_VANISH if vanishing else _EXPLODE),
                                    {"layers": self.layer_names, "rms": rms, "nonfinite_steps": self._nonfinite_steps})
         if final:
