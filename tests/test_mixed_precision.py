@@ -69,6 +69,9 @@ def test_first_steps_skipped_by_the_scaler_are_not_failures(tmp_path: Any) -> No
     assert {f.status for f in found.values()} <= {"pass", "skip", "note"}
     assert found["ParameterUpdateCheck"].status == "pass"
     assert "all 4 trainable parameters" in found["ParameterUpdateCheck"].message
+    # it waited for 5 applied steps: 7 skipped, 1 applied, 1 skipped, then 4 applied (13 steps, 8 skipped)
+    assert found["ParameterUpdateCheck"].details["applied"] == 5
+    assert f"A GradScaler skipped {skipped} of these steps" in found["ParameterUpdateCheck"].message
     assert found["ParameterUpdateCheck.zero_grad"].status == "pass"
     assert found["OptimizationHealthCheck.gradients"].status == "pass"
     assert found["LossDecreaseCheck"].status == "pass"

@@ -48,7 +48,10 @@ class HeadBiasInit(RecipeCheck):
     the probe batch (``g`` one of identity, sigmoid, tanh, softplus, exp), the constant is mapped through its inverse
     first, and that write goes through the same test. Under DDP rank zero's value is written on every rank, and the
     losses and their changes are summed over the ranks, so every rank takes the same decision for the global probe
-    batch.
+    batch. Under FSDP the bias is written into the full parameters (``summon_full_params(writeback=True)``, on every
+    rank) and re-sharded. Under DeepSpeed (its optimizer steps its own copy of the weights, ZeRO-3 partitions them)
+    and ``ModelParallelStrategy`` (DTensor shards) a callback cannot write it: the check skips and says to set the
+    bias in ``configure_model``.
 
     Args:
         on_fail: what a configuration error does (``"raise"`` or ``"warn"`` and skip).

@@ -84,6 +84,12 @@ class ParameterUpdateCheck(_OnceCheck):
     computed from gradients). No host sync happens before step ``steps``.
     Skipped on a resume.
 
+    **Mixed precision and sharding.** With a GradScaler (``16-mixed``), a step the scaler skipped (non-finite
+    gradients, typical while the scale calibrates) does not count: the check waits for ``steps`` applied steps
+    (counted by an optimizer step hook, on the host), ignores the skipped steps' gradients, and gives a ``skip``
+    finding when the scaler skipped every step (WiringCheck reports that). Under FSDP the ranks' shards are combined
+    at the evaluation (one reduction); under DeepSpeed and ``ModelParallelStrategy`` the check skips with the reason.
+
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
         steps: optimizer steps after which parameters are compared (every optimizer's steps count).
@@ -347,6 +353,9 @@ class ParameterUpdateCheck(_OnceCheck):
             notes += f" Unchanged in a group with learning rate 0: {_names(lr_zero)}."
         if tiny:
             notes += f" Unchanged because the update is below float resolution: {_names(tiny)}."
+        if self.__dict__.get("_scaler") and self._applied < self._total:
+            notes += f" A GradScaler skipped {self._total - self._applied} of these steps (not counted)."
+            details["applied"] = self._applied
         return Finding(self.name, "warn" if lr_zero else "pass", f"{self.name}: all {n} trainable parameters received "
                        f"gradients and changed within {self._total} optimizer step(s).{notes}", 0.0, 0.0, step, [], details)
 
