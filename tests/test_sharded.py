@@ -24,12 +24,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallel
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
 
 from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe import recommended
 from lightning_recipe._core.dtypes import wide, wide_dtype
-from lightning_recipe._core.sharding import sharding, sharding_skip, zero_stage
+from lightning_recipe._core.sharding import full_tensor, local_tensor, sharding, sharding_skip, zero_stage
 from lightning_recipe.exceptions import RecipeWarning
 from lightning_recipe.findings import _finding, collect_findings
 
@@ -97,10 +98,15 @@ class Probe(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        shard = pl_module.net[-1].bias.numel()
-        with FSDP.summon_full_params(trainer.model):
-            bias = pl_module.net[-1].bias.detach().tolist()
-        self._dump(trainer, {"bias": bias, "shard": shard, "wrapper": type(trainer.model).__name__})
+        bias = pl_module.net[-1].bias
+        shard = local_tensor(bias).numel()
+        if isinstance(trainer.model, FSDP):
+            with FSDP.summon_full_params(trainer.model):
+                full = pl_module.net[-1].bias.detach().tolist()
+        else:  # a DTensor (ModelParallelStrategy)
+            full = full_tensor(bias.detach()).tolist()
+        self._dump(trainer, {"bias": full, "shard": shard, "wrapper": type(trainer.model).__name__,
+                             "type": type(bias).__name__})
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         self._dump(trainer, {"warnings": [w for w in self.warned if w.startswith("RecipeWarning")]}, "end")
@@ -140,6 +146,51 @@ def test_fsdp_cpu_recommended_healthy(tmp_path: Any) -> None:
         assert found[name].status == "pass", (name, found[name].message)
     assert "all 4 trainable parameters" in found["ParameterUpdateCheck"].message
     assert found["HeadBiasInit"].details["bias"] == pytest.approx(prior, abs=1e-5)
+
+
+class CPUModelParallel(LightningModelParallel):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2 ``fully_shard`` in ``configure_model``, DTensor parameters) runs on
+    CPU with gloo as it is; only the launcher is the spawning one."""
+
+    def _configure_launcher(self) -> None:
+        self._launcher = _Launcher(self, start_method="spawn")
+
+
+class FullyShardedModel(ShardModel):
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for m in self.net:
+            if isinstance(m, torch.nn.Linear):
+                fully_shard(m, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_model_parallel_cpu_recommended_skips_with_reasons(tmp_path: Any) -> None:
+    t = L.Trainer(
+        strategy=CPUModelParallel(data_parallel_size=2, tensor_parallel_size=1), accelerator="cpu", devices=2,
+        max_epochs=1, callbacks=[*recommended(), Probe(str(tmp_path))], default_root_dir=str(tmp_path), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    L.seed_everything(0)
+    t.fit(FullyShardedModel())
+    starts = [json.load(open(os.path.join(tmp_path, f"start{r}.json"))) for r in (0, 1)]
+    assert {s["type"] for s in starts} == {"DTensor"} and sorted(s["shard"] for s in starts) == [2, 2]
+    assert starts[0]["bias"] == starts[1]["bias"]  # left as it was (HeadBiasInit skipped), the same on both ranks
+    for r in (0, 1):
+        assert json.load(open(os.path.join(tmp_path, f"end{r}.json")))["warnings"] == []
+    report = json.load(open(os.path.join(tmp_path, "recipe", "report.json")))
+    found = {f["check"]: _finding(f) for f in report["findings"]}
+    assert {f.status for f in found.values()} <= {"pass", "skip", "note"}, [
+        (f.check, f.status, f.message) for f in found.values() if f.status not in ("pass", "skip", "note")]
+    for name in ("HeadBiasInit", "ParameterUpdateCheck"):
+        assert found[name].status == "skip" and "ModelParallelStrategy" in found[name].message
+    # the probes run on every rank (FSDP2 gathers in forward), the DTensor bias is read whole
+    for name in ("InitialLossCheck", "WiringCheck.unregistered", "BatchIndependenceCheck", "OutputRangeCheck",
+                 "PredictionDynamics", "GeneralizationCheck.transfer", "OptimizationHealthCheck.gradients"):
+        assert found[name].status == "pass", (name, found[name].message)
 
 
 # -- DeepSpeed / ModelParallel: recognised by class name ---------------------------------------------------------------

@@ -25,7 +25,7 @@ from lightning_recipe._core.conventions import (
 )
 from lightning_recipe._core.head_guard import HeadView, head_view, probe_loss
 from lightning_recipe._core.labels import first_batch, label_stats
-from lightning_recipe._core.sharding import full_params
+from lightning_recipe._core.sharding import full_params, full_tensor
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.functional.constants import LabelStats, constant_loss, optimal_constant
 
@@ -89,7 +89,7 @@ class FitContext:
         # the spread of the initial outputs around the head bias (what InitialLossCheck's noise model assumes);
         # around the mean output when there is no usable head
         if self.head_error is None and canon.shape[-1] == self.head.bias.numel():
-            dev = canon - self.head.bias.detach().float().reshape(1, -1).to(canon.device)
+            dev = canon - full_tensor(self.head.bias.detach()).float().reshape(1, -1).to(canon.device)
         else:
             dev = canon - canon.mean(0, keepdim=True)
         self.initial_output_std = float(dev.pow(2).mean().sqrt()) if canon.shape[0] > 1 else 0.0
@@ -166,7 +166,7 @@ class FitContext:
         """The constant the model predicts at init: its head bias (zeros without a usable head)."""
         if self.head_error is None:
             with full_params(self.trainer):  # FSDP: the full bias, not this rank's shard
-                return self.head.bias.detach().float().reshape(-1).cpu().clone()
+                return full_tensor(self.head.bias.detach()).float().reshape(-1).cpu().clone()
         return torch.zeros(self.spec.num_outputs)
 
 

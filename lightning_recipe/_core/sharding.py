@@ -85,3 +85,16 @@ def full_params(trainer: Any, writeback: bool = False) -> Iterator[None]:
     finally:
         _INSIDE.discard(id(module))
 
+
+
+def full_tensor(t: Any) -> Any:
+    """``t`` whole: a ``DTensor`` (``ModelParallelStrategy``, FSDP2) gathered from every rank (a collective: every
+    rank calls it), anything else as it is."""
+    gather = getattr(t, "full_tensor", None)
+    return gather() if callable(gather) else t
+
+
+def local_tensor(t: Any) -> Any:
+    """This rank's shard of a ``DTensor`` (no communication), anything else as it is."""
+    local = getattr(t, "to_local", None)
+    return local() if callable(local) else t

@@ -27,6 +27,7 @@ from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import _decoupled, _norms, _weight_norm
 from lightning_recipe.report.plotting import plot_optimization
 from lightning_recipe._core.dtypes import wide
+from lightning_recipe._core.sharding import local_tensor
 
 _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor")
 _CHECKS = ("lr_schedule", "clipping", "gradients", "dead_relu", "weight_decay")
@@ -252,7 +253,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         if (self._opt_steps - 1) % self.grad_every_n_steps or self._numel is None:
             return
         params, idx = self._params_of(optimizer)
-        grads = [p.grad for p in params]
+        grads = [local_tensor(p.grad) for p in params]  # a DTensor's own shard (ModelParallelStrategy)
         if not grads:
             return
         # one fused norm per measurement, kept on the device; the per-layer arithmetic is batched at the next read

@@ -20,6 +20,7 @@ from torch.utils.data import (
 )
 
 from lightning_recipe._core.labels import _single_loader
+from lightning_recipe._core.sharding import sharding
 
 # warnings of torch and Lightning that mean a bug: key -> pattern of the message
 _KNOWN_WARNINGS = (
@@ -162,8 +163,13 @@ def _unregistered_leaves(loss: Tensor, pl_module: nn.Module, optimizers: list[An
                 stack.append(nxt)
     nodes = len(seen) + len(leaves)
     seen.clear()
-    # FSDP's flat parameters (the graph reads them; the module's own parameters are views of them) are registered
-    stray = {k: v for k, v in leaves.items() if k not in registered and not getattr(v, "_is_flat_param", False)}
+    # FSDP's flat parameters (the graph reads them; the module's own parameters are views of them) are registered;
+    # under ModelParallelStrategy (FSDP2) the graph reads the all-gathered copy of each DTensor parameter, which has
+    # that parameter's (global) shape
+    gathered = ({tuple(p.shape) for p in pl_module.parameters()}
+                if sharding(getattr(pl_module, "_trainer", None)) == "model_parallel" else set())
+    stray = {k: v for k, v in leaves.items() if k not in registered and not getattr(v, "_is_flat_param", False)
+             and tuple(v.shape) not in gathered}
     names = _hidden_names(pl_module) if stray else {}
     hidden, held, notes = [], [], []
     inputs, checkpoint = 0, 0
