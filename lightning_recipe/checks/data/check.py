@@ -217,7 +217,8 @@ class DataCheck(_DataRules, _OnceCheck):
             *([self._stream_skip(train, step)] if stream else [
                 self._duplicates(train, step),
                 self._val_stream_skip(step) if val_stream else self._overlap(train, val, step),
-                self._balance(train, step, loss, _head_bias_in_use(trainer))]),
+                self._balance(train, step, loss, _head_bias_in_use(trainer)),
+                self._shift_stream_skip(step) if val_stream else self._shift(train, val, step)]),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:

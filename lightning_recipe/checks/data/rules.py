@@ -10,7 +10,17 @@ from torch import Tensor, nn
 
 from lightning_recipe._core.scan import _Scan, _tensors
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional.data import _PER_FEATURE_NORMS, NEXT_TOKEN_FRACTION, _class_weighting, token_alignment
+from lightning_recipe.functional.data import (
+    _PER_FEATURE_NORMS,
+    LARGE_TV,
+    NEXT_TOKEN_FRACTION,
+    _class_weighting,
+    familywise_z,
+    label_shift,
+    scale_shift,
+    standardized_on_itself,
+    token_alignment,
+)
 
 _NONFINITE = [
     "missing values in the features (NaN) not imputed",
@@ -38,6 +48,19 @@ _LEAK = [
     "the same tensor returned as inputs and targets (a dataset yielding `(x, x)`, a wrong key in `split_batch`)",
     "the label column left among the input features",
 ]
+_SHIFT = [
+    "validation scaled with its own statistics (a scaler fitted on each split) instead of the training set's",
+    "forgot to scale the validation/test data (the transform applied to the training split only)",
+    "a different preprocessing per split (another normalisation, resizing, colour order or augmentation at "
+    "evaluation time)",
+    "a different unit in one split (metres vs centimetres, 0-1 vs 0-255 pixels)",
+]
+_LABEL_SHIFT = [
+    "a split by position of data sorted by class (or by time, source or file): shuffle before splitting, or split "
+    "stratified by class",
+    "a different class-index mapping per split (label encoders fitted on each split)",
+    "validation data from another source or period than the training data",
+]
 # class balance: beyond this ratio, or with fewer examples of a class than this, an imbalance warns even when the head
 # bias is set to the prior (a model can ignore the class; per-class metrics have too few examples to mean anything)
 EXTREME_IMBALANCE = 1000.0
@@ -56,6 +79,11 @@ class _DataRules:
         return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
                        "which only validation may read (a stream drawn from here would lose batches, or give "
                        "validation other ones): train/validation overlap not checked.", step=step)
+
+    def _shift_stream_skip(self, step: int) -> Finding:
+        return Finding(f"{self.name}.shift", "skip", f"{self.name}: the validation data is an iterable dataset, "
+                       "which only validation may read: its distribution is not compared with the training data's.",
+                       step=step)
 
     def _stream_skip(self, s: "_Scan", step: int) -> Finding:
         return Finding(
@@ -274,3 +302,155 @@ class _DataRules:
                 "not a copy")
         return Finding(name, "pass", f"{self.name}: the targets are {what}: {numbers}.", a["equal"], limit, step,
                        details=details)
+
+    def _shift(self, train: "_Scan", val: Optional["_Scan"], step: int) -> Finding:
+        """Validation inputs on another scale than the training inputs, or labels distributed far from them."""
+        name = f"{self.name}.shift"
+        if val is None or val.rows == 0:
+            return Finding(name, "skip", f"{self.name}: no validation dataloader: the validation distribution is not "
+                           "compared with the training one.", step=step)
+        parts: list[tuple[str, str]] = []  # (status, sentence)
+        details: dict[str, Any] = {"train_rows": train.rows, "val_rows": val.rows}
+        causes: list[str] = []
+        inputs = self._input_shift(train, val, details)
+        if inputs is not None:
+            parts.append(inputs)
+            causes += _SHIFT if inputs[0] != "pass" else []
+        labels = self._label_shift(train, val, details)
+        if labels is not None:
+            parts.append(labels)
+            causes += _LABEL_SHIFT if labels[0] != "pass" else []
+        if not parts:
+            return Finding(name, "skip", f"{self.name}: no real-valued input features and no class labels to compare "
+                           "between the training and validation data (integer token ids are not compared).",
+                           step=step, details=details)
+        order = {"pass": 0, "note": 1, "warn": 2}
+        status = max((p[0] for p in parts), key=order.__getitem__)
+        text = " ".join(p[1] for p in parts)
+        inp, lab = details.get("inputs", {}), details.get("labels", {})
+        if lab and (status == lab.get("status") or not inp):
+            measured, expected = lab["tv"], max(lab["bound"], LARGE_TV)
+        else:
+            measured, expected = inp.get("large_fraction", 0.0), 0.5
+        if status == "pass":
+            return Finding(name, "pass", f"{self.name}: validation data distributed as the training data: {text}",
+                           measured, expected, step, details=details)
+        hint = (" HINT: fit every preprocessing step (scaler, normaliser, label encoder) on the training split and "
+                "apply it unchanged to the others; shuffle (or stratify) before splitting. If the validation data is "
+                "meant to differ (another domain or period), this is expected.")
+        lead = ("the validation data is distributed differently from the training data" if status == "warn" else
+                "the validation data differs somewhat from the training data (more than sampling explains; healthy "
+                "data split by time or source can differ this much: a note, not a warning)")
+        return Finding(name, status, f"{self.name}: {lead}: {text}" + (hint if status == "warn" else ""), measured,
+                       expected, step, causes if status == "warn" else [], details)
+
+    def _input_shift(self, train: "_Scan", val: "_Scan", details: dict[str, Any]) -> Optional[tuple[str, str]]:
+        mt, mv = train.moments(), val.moments()
+        judged = large = moderate = 0
+        worst: Optional[dict[str, Any]] = None
+        ratios: list[Tensor] = []
+        own: list[str] = []
+        for tname, a in mt.items():
+            b = mv.get(tname)
+            if b is None or b["mean"].shape != a["mean"].shape or a["rows"] < 2 or b["rows"] < 2:
+                continue
+            keep = ~a["binary"] & (a["n"] > 1)
+            r = scale_shift(a["mean"], a["std"], a["kurtosis"], a["rows"], b["mean"], b["std"], b["kurtosis"],
+                            b["rows"])
+            ok = r["judged"] & keep
+            if not ok.any():
+                continue
+            judged += int(ok.sum())
+            large += int((r["large"] & ok).sum())
+            moderate += int((r["moderate"] & ok).sum())
+            ratios.append(r["ratio"][ok])
+            # the worst feature: the farthest beyond its sampling limit, on either statistic
+            sig = torch.maximum(r["smd"].abs() / r["se_smd"], (r["ratio"] ** 2 - 1).abs() / (2 * r["se_log_ratio"])
+                                .clamp_min(1e-300)) / r["z"]
+            score = torch.where(ok, sig, torch.full_like(r["smd"], -1.0))
+            j = int(score.argmax())
+            if worst is None or float(score[j]) > worst["limits"]:
+                worst = {"tensor": tname, "index": j, "smd": float(r["smd"][j]), "std_ratio": float(r["ratio"][j]),
+                         "se_smd": float(r["se_smd"][j]), "se_log_ratio": float(r["se_log_ratio"][j]),
+                         "z": float(r["z"]), "limits": float(score[j])}
+            # a whole validation set standardized on itself (2-D features, every row read): means exactly 0, stds 1
+            complete = val.population is None or val.population <= val.rows
+            if (b["ndim"] == 2 and complete and standardized_on_itself(b["mean"][keep], b["std"][keep], b["rows"])
+                    and not (torch.equal(a["mean"], b["mean"]) and torch.equal(a["std"], b["std"]))):
+                own.append(tname)
+        if not judged:
+            return None
+        ratio = torch.cat(ratios)
+        med = float(ratio.median())
+        frac = large / judged
+        details["inputs"] = {"judged": judged, "large": large, "moderate": moderate, "large_fraction": frac,
+                             "std_ratio_median": med, "std_ratios": [round(float(v), 4) for v in ratio[:64]],
+                             "worst": worst, "standardized_on_itself": own}
+        w = worst or {}
+        where = "" if w.get("tensor") == "inputs" else f" of `{w.get('tensor')}`"
+        numbers = (f"{large} of {judged} input features shifted far beyond sampling error (|mean difference| > 1 "
+                   f"training std, or std ratio beyond 2x), {moderate} beyond 0.2 std or 1.25x; median std ratio "
+                   f"(validation/training) {med:.3g}; worst feature {w.get('index')}{where}: standardized mean "
+                   f"difference {w.get('smd', 0):.3g} (sampling error {w.get('se_smd', 0):.2g}), std ratio "
+                   f"{w.get('std_ratio', 1):.3g} (sampling error of its log {w.get('se_log_ratio', 0):.2g}; limit "
+                   f"{w.get('z', 3):.2f} sampling errors)")
+        if own:
+            status = "warn"
+            text = (f"the validation inputs ({', '.join(f'`{t}`' for t in own)}) were standardized with their own "
+                    "statistics: every feature's mean is 0 and std 1 on the validation rows to within 1% of the "
+                    f"sampling error 1/sqrt({val.rows}) = {1 / math.sqrt(val.rows):.2g} that the training set's "
+                    "statistics would leave; a shift between the splits is hidden, not removed (and the model is "
+                    f"judged on other inputs than it will get) ({numbers}).")
+        elif large and frac >= 0.5:
+            status = "warn"
+            text = f"inputs on another scale: {numbers}."
+        elif moderate:
+            status = "note"
+            text = (f"inputs: {numbers}" + (" (a few features: drift, or one feature in another unit)" if large
+                                            else "") + ".")
+        else:
+            status = "pass"
+            text = f"inputs: {numbers}."
+        details["inputs"]["status"] = status
+        return status, text
+
+    def _label_shift(self, train: "_Scan", val: "_Scan", details: dict[str, Any]) -> Optional[tuple[str, str]]:
+        ct, cv = train.class_counts(), val.class_counts()
+        if ct is None or cv is None or ct[0] != cv[0]:
+            return None
+        # labels per position (tokens, pixels) are not independent: the examples are the independent units
+        nt = float(train.target_rows) if train.per_position else None
+        nv = float(val.target_rows) if val.per_position else None
+        if ct[0] == "classes":
+            r = label_shift(ct[1], cv[1], nt, nv)
+            what = f"{r['classes']} classes"
+        else:
+            (pt, rt), (pv, rv) = ct[1], cv[1]
+            if pt.shape != pv.shape:
+                return None
+            best = None
+            for j in range(pt.numel()):  # each 0/1 label as a distribution over two values; the farthest one
+                rj = label_shift(torch.stack([rt - pt[j], pt[j]]), torch.stack([rv - pv[j], pv[j]]), nt or rt,
+                                 nv or rv, z=3.0 if pt.numel() == 1 else familywise_z(pt.numel()))
+                if best is None or rj["tv"] - rj["bound"] > best["tv"] - best["bound"]:
+                    best = {**rj, "label": j}
+            r = best
+            what = f"0/1 label {r['label']}" if pt.numel() > 1 else "0/1 labels"
+        far = r["tv"] > r["bound"]
+        missing = r["missing"]
+        details["labels"] = {k: r[k] for k in ("tv", "bound", "classes", "missing")}
+        numbers = (f"label distributions ({what}) at total variation distance {r['tv']:.3g} (sampling explains up to "
+                   f"{r['bound']:.3g}, the chi-square bound at 3 sigma for {train.target_rows} and {val.target_rows} "
+                   "examples)")
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+            numbers += (f"; classes absent from the validation data although each should appear at least 7 times: "
+                        f"{shown} ({len(missing)} of {r['classes']})")
+        if far and (r["tv"] >= LARGE_TV or missing):
+            status, text = "warn", f"labels: {numbers}."
+        elif far:
+            status, text = "note", f"labels: {numbers}."
+        else:
+            status, text = "pass", f"labels: {numbers}."
+        details["labels"]["status"] = status
+        return status, text
