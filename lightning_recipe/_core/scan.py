@@ -1,4 +1,10 @@
-"""The data scan of ``DataCheck``: running statistics of the rows read (scale, non-finite values, hashes, labels)."""
+"""The data scan of ``DataCheck``: running statistics of the rows read (scale, non-finite values, hashes, labels).
+
+The scan streams: each batch is processed as it comes, in slices of at most ``_Scan._CHUNK`` values, and only
+running sums, class counts, two 64-bit hashes per row (16 bytes a row) and a fixed-size reservoir of rows (for the
+column statistics that decide whether equal rows can arise by chance) are kept, so its memory is bounded
+independently of the data size: no row is kept beyond the first batch (the figure).
+"""
 
 from __future__ import annotations
 
@@ -39,11 +45,31 @@ def _cat(items: list[Any]) -> Any:
     raise TypeError(f"cannot concatenate {type(first).__name__}")
 
 
+def _slice_rows(x: Any, a: int, b: int, n: int) -> Any:
+    """Rows ``a:b`` of every tensor of ``x`` (a tensor, or a dict/sequence of them) whose first dimension is ``n``."""
+    if isinstance(x, Tensor):
+        return x[a:b] if x.ndim and x.shape[0] == n else x
+    if isinstance(x, dict):
+        return {k: _slice_rows(v, a, b, n) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        items = [_slice_rows(v, a, b, n) for v in x]
+        return type(x)(*items) if hasattr(x, "_fields") else type(x)(items)
+    return x
+
+
 class _Scan:
-    """Running statistics of the rows read (CPU, float64): bounded memory except the hashes (16 bytes a row)."""
+    """Running statistics of the rows read (CPU, float64): memory bounded independently of the number of rows, except
+    the hashes (16 bytes a row, ``max_batches`` times the batch size rows at most).
+
+    Batches are processed in slices of at most ``_CHUNK`` values (small batches merged up to it, large ones cut), so
+    the float64 temporaries of a slice stay under a few MiB whatever the batch or dataset size. ``_RESERVOIR`` rows
+    (at most ``_MAX_COLS`` columns of each) are kept as a uniform sample of the rows read (reservoir sampling with a
+    private generator), for the per-column numbers of distinct values of :meth:`chance_free`.
+    """
 
     _MAX_COLS = 256
-    _CHUNK = 2**20
+    _CHUNK = 2**16
+    _RESERVOIR = 1024
 
     def __init__(self, layout: str) -> None:
         self.layout = layout
@@ -61,10 +87,19 @@ class _Scan:
         self._nonfinite_feat: dict[tuple[str, int], int] = {}
         self._hashes: list[Tensor] = []
         self._label_hashes: list[Tensor] = []
-        self._cols: list[Tensor] = []
+        self._cols: Optional[Tensor] = None  # the reservoir: (at most _RESERVOIR rows, at most _MAX_COLS columns)
+        self._cols_seen = 0  # rows offered to the reservoir
+        self._gen = torch.Generator().manual_seed(0)  # private: the global random state is never drawn from
         self._col_idx: Optional[Tensor] = None
         self._stats: dict[str, dict[str, Any]] = {}
-        self._targets: list[Tensor] = []
+        # class counts, streamed: ("classes", counts) for integer targets, ("labels", positives, rows) for 0/1 floats
+        self._target_width: Optional[int] = None
+        self._target_int: Optional[bool] = None
+        self._counts: Optional[Tensor] = None
+        self._pos: Optional[Tensor] = None
+        self._label_rows = 0
+        self._binary_labels = True
+        self.target_rows = 0  # examples whose targets were counted
         self._unique: Optional[int] = None
         self._pending: list[tuple[Any, Any, Any]] = []
         self._pending_size = 0
@@ -106,7 +141,12 @@ class _Scan:
             if merged is not None:
                 pending = [(merged[0], merged[1], merged[2])]
         for x, y, hx in pending:
-            self._process(x, y, hx)
+            n = _tensors(x)[0][1].shape[0]
+            per_row = max(1, sum(t[0].numel() for _, t in _tensors(x) if t.ndim and t.shape[0] == n and n))
+            step = max(1, self._CHUNK // per_row)
+            for a in range(0, max(n, 1), step):
+                b = min(n, a + step)
+                self._process(_slice_rows(x, a, b, n), _slice_rows(y, a, b, n), _slice_rows(hx, a, b, n))
 
     def _process(self, x: Any, y: Any, hx: Any) -> None:
         tensors = _tensors(x)
@@ -131,7 +171,7 @@ class _Scan:
                 self.target_shape, self.target_float = tuple(y.shape[1:]), y.is_floating_point()
             if y.is_floating_point():
                 self.nonfinite_y += int((~torch.isfinite(y)).sum())
-            self._targets.append(y.reshape(y.shape[0], -1) if y.ndim else y.reshape(1, 1))
+            self._count_targets(y.reshape(y.shape[0], -1) if y.ndim else y.reshape(1, 1))
             if y.ndim and y.shape[0] == n:
                 self._label_hashes.append(row_hashes(y))
         hashed = [t for _, t in _tensors(hx) if t.shape[0] == n]
@@ -143,7 +183,63 @@ class _Scan:
             self._col_idx = torch.linspace(0, v.shape[1] - 1, min(v.shape[1], self._MAX_COLS)).round().long().unique()
         self._hashes.append(row_hashes(v))
         if v.shape[1] == self.width and self._col_idx is not None:
-            self._cols.append(v[:, self._col_idx])
+            self._offer(v[:, self._col_idx])
+
+    def _offer(self, rows: Tensor) -> None:
+        """Reservoir sampling (Vitter's algorithm R, one batch at a time): after ``t`` rows offered, each is in the
+        reservoir with probability ``_RESERVOIR / t``."""
+        k = self._RESERVOIR
+        if self._cols is None:
+            self._cols = rows[:k].clone()
+            self._cols_seen = min(k, rows.shape[0])
+            rows = rows[k:]
+        elif self._cols.shape[0] < k:
+            take = k - self._cols.shape[0]
+            self._cols = torch.cat([self._cols, rows[:take]])
+            self._cols_seen += min(take, rows.shape[0])
+            rows = rows[take:]
+        m = rows.shape[0]
+        if m == 0:
+            return
+        t = self._cols_seen + 1 + torch.arange(m, dtype=torch.float64)  # 1-based index of each row offered
+        slot = (torch.rand(m, generator=self._gen, dtype=torch.float64) * t).long()
+        keep = slot < k
+        self._cols[slot[keep]] = rows[keep]
+        self._cols_seen += m
+
+    def _count_targets(self, y: Tensor) -> None:
+        """Add ``(n, values per example)`` targets to the class counts (negative class indices left out; float targets
+        counted as 0/1 labels per column over the rows whose values are all finite, while every such value is 0 or 1)."""
+        if self._target_width is None:
+            self._target_width, self._target_int = y.shape[1], not (y.is_floating_point() or y.dtype == torch.bool)
+        if y.shape[1] != self._target_width:
+            return
+        self.target_rows += y.shape[0]
+        if y.dtype == torch.bool:
+            y = y.float()
+        if self._target_int and not y.is_floating_point():
+            v = y.reshape(-1)
+            v = v[v >= 0]
+            if v.numel():
+                c = torch.bincount(v, minlength=int(v.max()) + 1).double()
+                if self._counts is None:
+                    self._counts = c
+                else:
+                    if c.shape[0] > self._counts.shape[0]:
+                        c[: self._counts.shape[0]] += self._counts
+                        self._counts = c
+                    else:
+                        self._counts[: c.shape[0]] += c
+            return
+        if self._target_int or not self._binary_labels:
+            return
+        y = y[torch.isfinite(y).all(1)]
+        if not bool(((y == 0) | (y == 1)).all()):
+            self._binary_labels = False
+            return
+        pos = y.double().sum(0)
+        self._pos = pos if self._pos is None else self._pos + pos
+        self._label_rows += y.shape[0]
 
     def _accumulate(self, name: str, t: Tensor) -> None:
         m = _feature_matrix(t, self.layout).double()
@@ -155,9 +251,20 @@ class _Scan:
             "s2": torch.zeros(m.shape[1], dtype=torch.float64), "binary": torch.ones(m.shape[1], dtype=torch.bool),
             "absmax": torch.zeros(m.shape[1], dtype=torch.float64),
             "min": math.inf, "max": -math.inf, "image": _is_image(t, self.layout),
+            # sums of powers of (x - c), c the first slice's mean: central moments without cancellation (shift rule)
+            "c": m0.sum(0) / finite.sum(0).clamp_min(1), "q": torch.zeros(4, m.shape[1], dtype=torch.float64),
+            "rows": 0, "ndim": t.ndim,
         })
         if s["n"].shape[0] != m.shape[1]:
             return
+        s["rows"] += t.shape[0]
+        dev = torch.where(finite, m0 - s["c"], torch.zeros_like(m0))
+        p = dev.clone()
+        for k in range(4):
+            s["q"][k] += p.sum(0)
+            if k < 3:
+                p *= dev
+        del dev, p
         s["n"] += finite.sum(0)
         s["s1"] += m0.sum(0)
         s["s2"] += (m0 * m0).sum(0)
@@ -238,16 +345,18 @@ class _Scan:
         """
         if self.discrete:
             return False
-        if not self._cols:
+        if self._cols is None:
             return True
-        cols = torch.cat(self._cols)
+        cols = self._cols
         k = cols.shape[0]
         s = cols.sort(0).values
         distinct = 1 + (s[1:] != s[:-1]).sum(0) if k > 1 else torch.ones(cols.shape[1], dtype=torch.long)
         if int(distinct.max()) >= max(2, k // 2):
             return True
+        # distinct values counted on the reservoir (at most the true numbers: the space is underestimated, so this
+        # errs towards "can repeat by chance"); the pairs that could coincide are those of all the rows read
         log_space = float(distinct.double().log().sum())
-        return log_space > 2 * math.log(max(k, 2)) + math.log(100)
+        return log_space > 2 * math.log(max(self._cols_seen, k, 2)) + math.log(100)
 
     @property
     def per_position(self) -> bool:
@@ -259,22 +368,27 @@ class _Scan:
         return len(self.target_shape) >= 2 if self.target_float else math.prod(self.target_shape) > 1
 
     def class_counts(self) -> Optional[tuple[str, Any]]:
-        if not self._targets:
+        """``("classes", counts)`` for class-index targets, ``("labels", (positives per column, rows))`` for 0/1
+        float targets, else ``None``."""
+        if self._target_int:
+            return ("classes", self._counts.clone()) if self._counts is not None else None
+        if self._target_int is None or not self._binary_labels or self._pos is None or self._label_rows == 0:
             return None
-        y = torch.cat([t for t in self._targets if t.shape[1:] == self._targets[0].shape[1:]])
-        if y.dtype == torch.bool:
-            y = y.float()
-        if not y.is_floating_point():
-            v = y.reshape(-1)
-            v = v[v >= 0]
-            if v.numel() == 0:
-                return None
-            return "classes", torch.bincount(v, minlength=int(v.max()) + 1).double()
-        finite = torch.isfinite(y).all(1)
-        y = y[finite]
-        if y.numel() == 0 or not bool(((y == 0) | (y == 1)).all()):
-            return None
-        return "labels", (y.double().sum(0), float(y.shape[0]))
+        return "labels", (self._pos.clone(), float(self._label_rows))
+
+    def moments(self) -> dict[str, dict[str, Any]]:
+        """Per judged input tensor: per-feature ``mean``, ``std`` (population), ``kurtosis`` (``m4 / std**4``; 1 for
+        a constant), ``rows`` (examples read), ``binary`` and ``ndim`` (of the tensor, batch dimension included)."""
+        out = {}
+        for name, s in self._stats.items():
+            n = s["n"].clamp_min(1)
+            a1, a2, a3, a4 = (s["q"][k] / n for k in range(4))
+            var = (a2 - a1**2).clamp_min(0)
+            m4 = (a4 - 4 * a1 * a3 + 6 * a1**2 * a2 - 3 * a1**4).clamp_min(0)
+            kurt = torch.where(var > 0, m4 / var.clamp_min(1e-300) ** 2, torch.ones_like(var))
+            out[name] = {"mean": s["c"] + a1, "std": var.sqrt(), "kurtosis": kurt, "rows": s["rows"],
+                         "n": s["n"], "binary": s["binary"], "ndim": s["ndim"]}
+        return out
 
 
 def _to_cpu(x: Any) -> Any:

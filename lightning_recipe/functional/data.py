@@ -5,6 +5,7 @@ Pure functions of tensors (no Lightning): ``DataCheck`` and ``BatchIndependenceC
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -248,3 +249,133 @@ def input_target_correlation(inputs: Any, targets: Any) -> Optional[float]:
     x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
     den = float((x.pow(2).sum() * y.pow(2).sum()).sqrt())
     return round(float((x * y).sum()) / den, 6) if den > 0 else None
+
+
+# -- validation vs training distribution (the ``shift`` rule of DataCheck) ------------------------------------------
+# a shift is "large" beyond one training standard deviation of the mean, or a factor 2 in the spread; "moderate" (a
+# note, as a temporal split can have) beyond 0.2 standard deviations or a factor 1.25; a label distribution is far
+# when a quarter of the probability mass moved (total variation distance)
+LARGE_SMD, LARGE_RATIO = 1.0, 2.0
+MODERATE_SMD, MODERATE_RATIO = 0.2, 1.25
+LARGE_TV = 0.25
+# a validation set standardised with its own statistics: every mean within this fraction of a sampling error of 0, and
+# every std as close to 1
+EXACT_FRACTION = 0.01
+
+
+def familywise_z(tests: int, z: float = 3.0) -> float:
+    """The normal quantile that keeps the chance of any of ``tests`` two-sided tests exceeding it at the chance of one
+    test exceeding ``z`` (Bonferroni): ``Φ⁻¹(1 - (1 - Φ(z)) / tests)``; ``z`` for one test.
+
+    Example::
+
+        >>> familywise_z(1), round(familywise_z(64), 1)
+        (3.0, 4.1)
+    """
+    if tests <= 1:
+        return float(z)
+    tail = 0.5 * math.erfc(z / math.sqrt(2)) / tests
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1.0 - tail, dtype=torch.float64)))
+
+
+def scale_shift(mean_t: Tensor, std_t: Tensor, kurt_t: Tensor, n_t: float, mean_v: Tensor, std_v: Tensor,
+                kurt_v: Tensor, n_v: float, z: float = 3.0) -> dict[str, Tensor]:
+    """Per feature, how the validation inputs sit relative to the training inputs, against sampling error.
+
+    ``smd = (mean_v - mean_t) / std_t`` (standardized mean difference) and ``ratio = std_v / std_t``. For two
+    independent samples of ``n_t`` and ``n_v`` examples from one distribution, ``smd`` has the sampling error
+    ``sqrt(1 / n_t + max(1, ratio²) / n_v)`` and ``ratio² - 1`` (the variance ratio) ``sqrt((κ - 1) (1 / n_t +
+    1 / n_v))``, ``κ`` the larger kurtosis ``m4 / σ⁴`` of the two (3 for a normal, about ``1 / p`` for a sparse
+    feature nonzero in a fraction ``p`` of the examples, whose spread is noisy: a validation set in which it happens to
+    be all zero, ``ratio`` 0, is ``sqrt(n_v p)`` errors away, the square root of the nonzero values expected).
+    ``se_log_ratio`` is half the latter (the error of ``log ratio`` for small shifts). ``significant``: beyond
+    ``familywise_z(D, z)`` sampling errors for one of the two (``D`` features tested: a healthy split exceeds it on
+    any feature with the chance of one ``z``-sigma event). ``large``: significant and ``|smd| > 1`` or a ratio beyond
+    2 either way; ``moderate``: significant and ``|smd| > 0.2`` or a ratio beyond 1.25. Features constant in training
+    (``std_t`` 0) are not judged (``judged`` False).
+
+    Example::
+
+        >>> ones = torch.ones(3)
+        >>> r = scale_shift(torch.zeros(3), ones, 3 * ones, 1000, torch.tensor([0.01, 0.0, 5.0]),
+        ...                 torch.tensor([1.0, 16.0, 1.0]), 3 * ones, 300)
+        >>> r["large"].tolist(), r["ratio"].tolist()
+        ([False, True, True], [1.0, 16.0, 1.0])
+    """
+    judged = (std_t > 1e-12 * mean_t.abs().clamp_min(1)) & torch.isfinite(mean_v) & torch.isfinite(std_v)
+    sd = torch.where(judged, std_t, torch.ones_like(std_t))
+    smd = (mean_v - mean_t) / sd
+    ratio = std_v / sd
+    log_ratio = torch.log(ratio.clamp_min(1e-300))
+    se_smd = (1 / n_t + ratio.clamp_min(1) ** 2 / n_v).sqrt()
+    se_var = ((torch.maximum(kurt_t, kurt_v) - 1).clamp_min(0) * (1 / n_t + 1 / n_v)).sqrt()
+    zd = familywise_z(int(judged.sum()), z)
+    significant = judged & ((smd.abs() > zd * se_smd) | ((ratio**2 - 1).abs() > zd * se_var))
+    large = significant & ((smd.abs() > LARGE_SMD) | (log_ratio.abs() > math.log(LARGE_RATIO)))
+    moderate = significant & ((smd.abs() > MODERATE_SMD) | (log_ratio.abs() > math.log(MODERATE_RATIO)))
+    return {"smd": smd, "ratio": ratio, "se_smd": se_smd, "se_log_ratio": se_var / 2, "z": torch.tensor(zd),
+            "judged": judged, "significant": significant, "large": large, "moderate": moderate}
+
+
+def standardized_on_itself(mean: Tensor, std: Tensor, rows: int, tol: float = EXACT_FRACTION) -> bool:
+    """Whether features were standardized with the statistics of these very rows: every non-constant feature's mean
+    within ``tol / sqrt(rows)`` of 0 and its (population) std within as much of 1 or of ``sqrt((rows - 1) / rows)``
+    (a standardization with the sample std), on at least 2 features. Rows standardized with the statistics of
+    *other* rows (the training set's) keep means and stds that differ from 0 and 1 by about ``1 / sqrt(rows)``, their
+    sampling error: each lands within ``tol`` (0.01) of a sampling error with a chance of about 1% (``2 tol /
+    sqrt(2 pi)``), so a healthy split passes for both statistics on every one of two features with a chance below
+    1e-8. The tolerance stays far above float32 rounding (a standardization in float32 leaves means of ~1e-5).
+
+    Example::
+
+        >>> x = torch.randn(200, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> standardized_on_itself(x.mean(0), x.std(0, unbiased=False), 200)
+        False
+        >>> z = (x - x.mean(0)) / x.std(0)
+        >>> standardized_on_itself(z.mean(0), z.std(0, unbiased=False), 200)
+        True
+    """
+    keep = std > 0
+    if int(keep.sum()) < 2 or rows < 3:
+        return False
+    m, s = mean[keep], std[keep]
+    limit = tol / math.sqrt(rows)
+    sample = math.sqrt((rows - 1) / rows)
+    return bool((m.abs() <= limit).all()) and bool(((s - 1).abs() <= limit).all()
+                                                   or ((s - sample).abs() <= limit).all())
+
+
+def label_shift(counts_t: Tensor, counts_v: Tensor, n_t: Optional[float] = None, n_v: Optional[float] = None,
+                z: float = 3.0) -> dict[str, Any]:
+    """Total variation distance between the training and validation label distributions, and the largest distance
+    that sampling explains.
+
+    ``tv = ½ Σ |p_v - p_t|``. Under one distribution ``X² = Σ_k (p_v,k - p_t,k)² / (p_k (1/n_t + 1/n_v))`` (``p_k``
+    pooled) is about chi-square with ``K - 1`` degrees of freedom (``K`` classes seen); by Cauchy-Schwarz
+    ``tv ≤ ½ sqrt(X² (1/n_t + 1/n_v))``, so ``bound = ½ sqrt((K - 1 + z sqrt(2 (K - 1))) (1/n_t + 1/n_v))`` (X² at
+    its mean plus ``z`` standard deviations) is exceeded only when X² is. ``n_t``, ``n_v``: the independent
+    examples behind the counts (default: the counts' sums; fewer when the labels are per position, which widens the
+    bound). ``missing``: classes absent from validation although ``n_v p_t,k ≥ 7`` of them were expected (each absent
+    by chance with probability ``e⁻⁷ ≈ 0.001``).
+
+    Example::
+
+        >>> r = label_shift(torch.tensor([50.0, 50.0]), torch.tensor([100.0, 0.0]))
+        >>> r["tv"], round(r["bound"], 3), r["missing"]
+        (0.5, 0.162, [1])
+    """
+    k = max(counts_t.numel(), counts_v.numel())
+    ct = torch.zeros(k, dtype=torch.float64)
+    cv = torch.zeros(k, dtype=torch.float64)
+    ct[: counts_t.numel()] = counts_t.double().reshape(-1)
+    cv[: counts_v.numel()] = counts_v.double().reshape(-1)
+    st, sv = float(ct.sum()), float(cv.sum())
+    n_t, n_v = n_t or st, n_v or sv
+    pt, pv = ct / max(st, 1.0), cv / max(sv, 1.0)
+    tv = 0.5 * float((pv - pt).abs().sum())
+    seen = int(((ct + cv) > 0).sum())
+    dof = max(seen - 1, 1)
+    bound = 0.5 * math.sqrt((dof + z * math.sqrt(2 * dof)) * (1 / max(n_t, 1.0) + 1 / max(n_v, 1.0)))
+    missing = torch.nonzero((cv == 0) & (pt * n_v >= 7)).reshape(-1).tolist()
+    return {"tv": tv, "bound": bound, "classes": seen, "missing": missing, "p_train": pt.tolist()[:100],
+            "p_val": pv.tolist()[:100]}

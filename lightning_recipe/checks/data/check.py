@@ -20,7 +20,6 @@ token ids.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Literal, Optional
 
 import lightning.pytorch as pl
@@ -37,56 +36,15 @@ from lightning_recipe._core.head_guard import _head_bias_in_use
 from lightning_recipe._core.labels import _private_loader, _single_loader, _to_device, first_batch, is_iterable, read_batches
 from lightning_recipe._core.scan import _Scan, _tensors, _to_cpu
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
-from lightning_recipe.findings import Finding
-from lightning_recipe.functional.data import (
-    _PER_EXAMPLE_NORMS,
-    _PER_FEATURE_NORMS,
-    NEXT_TOKEN_FRACTION,
-    _class_weighting,
-    _stateful_leaf,
-    token_alignment,
-)
+from lightning_recipe.checks.data.rules import _DataRules
+from lightning_recipe.functional.data import _PER_EXAMPLE_NORMS, _PER_FEATURE_NORMS, _stateful_leaf
 from lightning_recipe.report.plotting import plot_first_batch
+
 
 Layout = Literal["auto", "image", "features"]
 
-_NONFINITE = [
-    "missing values in the features (NaN) not imputed",
-    "division by zero or log of zero in preprocessing (a feature with zero variance standardised)",
-    "corrupted files or a failed decode producing NaN/Inf",
-]
-_SCALE = [
-    "raw pixel values 0-255 (divide by 255 and standardise per channel)",
-    "features in mixed units (standardise each feature: subtract the mean, divide by the std)",
-    "a scaler fitted on the wrong split, or not applied to this one",
-]
-_DUPLICATES = [
-    "the dataset concatenated twice (or a list of files read twice)",
-    "oversampling applied before the train/validation split",
-    "a data pipeline that repeats examples (wrong index mapping in __getitem__)",
-]
-_OVERLAP = [
-    "validation split taken from the training set (or a subset of it)",
-    "duplicated examples that landed on both sides of the split (deduplicate before splitting)",
-    "the same files listed in both splits",
-]
-_LEAK = [
-    "a language model whose targets were not shifted by one (`y = tokens[:, :-1]` instead of `tokens[:, 1:]`): the "
-    "target of each position is its own input, so the model learns to copy",
-    "the same tensor returned as inputs and targets (a dataset yielding `(x, x)`, a wrong key in `split_batch`)",
-    "the label column left among the input features",
-]
-# class balance: beyond this ratio, or with fewer examples of a class than this, an imbalance warns even when the head
-# bias is set to the prior (a model can ignore the class; per-class metrics have too few examples to mean anything)
-EXTREME_IMBALANCE = 1000.0
-MIN_CLASS_EXAMPLES = 10
-_IMBALANCE = [
-    "heavy class imbalance: accuracy is misleading; HeadBiasInit sets the head bias to the class prior so the "
-    "initial loss is right; consider class weights or resampling if the rare classes matter",
-]
 
-
-class DataCheck(_OnceCheck):
+class DataCheck(_DataRules, _OnceCheck):
     """Check the training data before the first step and show exactly what goes into the network.
 
     What is read: at ``on_train_start`` at most ``max_batches`` batches of a private loader over the training dataset
@@ -259,7 +217,8 @@ class DataCheck(_OnceCheck):
             *([self._stream_skip(train, step)] if stream else [
                 self._duplicates(train, step),
                 self._val_stream_skip(step) if val_stream else self._overlap(train, val, step),
-                self._balance(train, step, loss, _head_bias_in_use(trainer))]),
+                self._balance(train, step, loss, _head_bias_in_use(trainer)),
+                self._shift_stream_skip(step) if val_stream else self._shift(train, val, step)]),
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
@@ -319,229 +278,6 @@ class DataCheck(_OnceCheck):
             return None
         return scan
 
-    # -- checks -----------------------------------------------------------------------------------------------------
-    def _val_stream_skip(self, step: int) -> Finding:
-        return Finding(f"{self.name}.overlap", "skip", f"{self.name}: the validation data is an iterable dataset, "
-                       "which only validation may read (a stream drawn from here would lose batches, or give "
-                       "validation other ones): train/validation overlap not checked.", step=step)
-
-    def _stream_skip(self, s: "_Scan", step: int) -> Finding:
-        return Finding(
-            f"{self.name}.scan", "skip",
-            f"{self.name}: the training data is an iterable dataset, which only training may read (a stream drawn from "
-            "here would lose batches, or give training other ones): only the first batch training fetched was checked "
-            f"({s.rows} rows: finite values, scale, targets copied from the inputs, and the figure). Duplicates, "
-            "train/validation overlap and class balance need a scan of the data and were not checked. HINT: check a "
-            "map-style copy of a sample of the data (a list of examples in a DataLoader) with DataCheck to cover them.",
-            step=step, details={"rows": s.rows, "batches": 1},
-        )
-
-    def _finite(self, s: "_Scan", step: int) -> Finding:
-        name = f"{self.name}.finite"
-        bad = s.nonfinite_x + s.nonfinite_y
-        if bad:
-            where = ", ".join(f"feature {j}: {c}" for j, c in s.nonfinite_features()[:8])
-            return Finding(
-                name, "fail",
-                f"{self.name}: {bad} non-finite values (NaN/Inf) in the training data ({s.nonfinite_x} in the inputs, "
-                f"{s.nonfinite_y} in the targets) among {s.rows} rows read ({s.read()})"
-                f"{'; per input feature: ' + where if where else ''}."
-                " Expected 0: a single NaN input makes the loss NaN. HINT: impute or drop missing values before "
-                "training.", float(bad), 0.0, step, list(_NONFINITE),
-                {"rows": s.rows, "batches": s.batches, "timed_out": s.timed_out, "nonfinite_inputs": s.nonfinite_x,
-                 "nonfinite_targets": s.nonfinite_y},
-            )
-        return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read ({s.read()}).", 0.0,
-                       0.0, step)
-
-    def _scale(self, s: "_Scan", step: int, input_norm: Callable[[], Optional[tuple[str, nn.Module]]]) -> Finding:
-        name = f"{self.name}.scale"
-        summary = s.scale_summary(self.scale_factor)
-        if summary is None:
-            return Finding(name, "skip", f"{self.name}: no real-valued input features to judge (integer token ids, "
-                           "booleans or binary features only).", step=step)
-        off, judged = summary["off"], summary["judged"]
-        unit = "channel" if summary["image"] else "feature"
-        worst = summary["worst"]
-        numbers = (f"{len(off)} of {judged} judged input {unit}s off scale; worst {unit} {worst['index']} of "
-                   f"`{worst['tensor']}`: mean {worst['mean']:.4g}, std {worst['std']:.4g}, max |x| "
-                   f"{worst['max_abs']:.4g} (expected |mean| <= {self.scale_factor:g}, std <= {self.scale_factor:g} "
-                   f"and max |x| >= {1 / self.scale_factor**2:g}; overall range [{summary['min']:.4g}, "
-                   f"{summary['max']:.4g}])")
-        details = {k: v for k, v in summary.items() if k != "off"} | {"off": off[:64]}
-        if off:
-            norm = input_norm()
-            layer = f"`{norm[0]}` ({type(norm[1]).__name__})" if norm is not None else ""
-            if norm is not None and (isinstance(norm[1], _PER_FEATURE_NORMS) or summary["image"]):
-                how = "each feature (channel)" if isinstance(norm[1], _PER_FEATURE_NORMS) else "each example"
-                details["input_norm"] = norm[0]
-                return Finding(name, "pass", f"{self.name}: the raw inputs are off scale ({numbers}), but the first "
-                               f"layer they reach, {layer}, standardises {how}: the model normalises its own input.",
-                               len(off) / judged, 0.0, step, details=details)
-            note = (f" The first layer the inputs reach, {layer}, standardises each example across its features, which "
-                    "does not bring features in mixed units to one scale." if norm is not None else "")
-            return Finding(name, "warn", f"{self.name}: inputs are far from a standardised scale: {numbers}.{note} "
-                           "HINT: standardise the inputs; if this scale is intended, raise `scale_factor`.",
-                           len(off) / judged, 0.0, step, list(_SCALE), details)
-        return Finding(name, "pass", f"{self.name}: inputs on a standardised scale: {numbers}.", 0.0, 0.0, step,
-                       details=details)
-
-    def _duplicates(self, s: "_Scan", step: int) -> Finding:
-        name = f"{self.name}.duplicates"
-        frac, pairs, exact = s.duplicate_fraction()
-        chance_free = s.chance_free()
-        how = (f"{s.rows} of {s.population} rows read; " if not exact else f"all {s.rows} rows read; ") + (
-            f"{pairs} equal pairs" if not exact else f"{s.rows - s.unique} extra copies")
-        details = {"rows": s.rows, "population": s.population, "equal_pairs": pairs, "exact": exact,
-                   "chance_free": chance_free, "conflicting_labels": s.conflicting_labels()}
-        if s.conflicting_labels():
-            how += f", {s.conflicting_labels()} duplicated inputs with different labels"
-        limit = 5 * self.max_duplicates
-        if frac > limit and chance_free:
-            return Finding(name, "fail", f"{self.name}: {frac:.3g} of the training examples are exact duplicates ({how}); "
-                           f"expected at most {limit:g} (0.5 means every example is there twice). HINT: deduplicate the "
-                           "dataset; if the repetition is intended (oversampling), pass `max_duplicates=`.", frac,
-                           limit, step, list(_DUPLICATES), details)
-        if frac > self.max_duplicates:
-            # where equal rows arise by chance (token ids, small categorical spaces) healthy data repeats: a note
-            tail = "" if chance_free else " (the input space is small enough that equal rows can occur by chance)"
-            return Finding(name, "warn" if chance_free else "note", f"{self.name}: {frac:.3g} of the training "
-                           f"examples are exact duplicates ({how}); "
-                           f"expected at most {self.max_duplicates:g}{tail}.", frac, self.max_duplicates, step,
-                           list(_DUPLICATES), details)
-        return Finding(name, "pass", f"{self.name}: duplicated training examples: {frac:.3g} ({how}).", frac,
-                       self.max_duplicates, step, details=details)
-
-    def _overlap(self, train: "_Scan", val: Optional["_Scan"], step: int) -> Finding:
-        name = f"{self.name}.overlap"
-        if val is None or val.rows == 0:
-            return Finding(name, "skip", f"{self.name}: no validation dataloader: train/validation overlap not checked.",
-                           step=step)
-        if val.width != train.width:
-            return Finding(name, "skip", f"{self.name}: validation rows have {val.width} values, training rows "
-                           f"{train.width}: not comparable.", step=step)
-        found = int(torch.isin(val.hash_keys(), train.hash_keys()).sum())
-        scale = (train.population / train.rows) if train.population and train.population > train.rows else 1.0
-        frac = min(1.0, found / val.rows * scale)
-        chance_free = train.chance_free()
-        numbers = (f"{found} of {val.rows} validation rows read are also among {train.rows} training rows read"
-                   + (f" (of {train.population}; estimated fraction {frac:.3g})" if scale > 1 else f" ({frac:.3g})"))
-        details = {"found": found, "val_rows": val.rows, "train_rows": train.rows, "train_population": train.population,
-                   "chance_free": chance_free}
-        if frac > self.max_overlap:
-            # a split bug (validation taken from train, a dataset duplicated before splitting) puts a large share of
-            # the validation rows in train; a few natural duplicates straddling a split only warn
-            # ... and where equal rows can arise by chance, or only one or two rows straddle the split (one pair in
-            # iris), healthy data does it: a note
-            status = ("fail" if chance_free and frac > 5 * self.max_overlap and found >= 3 else
-                      "warn" if chance_free and found >= 3 else "note")
-            return Finding(name, status, f"{self.name}: validation examples also occur in the training set: {numbers}; "
-                           f"expected at most {self.max_overlap:g}. Validation metrics overstate generalisation. HINT: "
-                           "split before any duplication; pass `max_overlap=` if the overlap is intended.", frac,
-                           self.max_overlap, step, list(_OVERLAP), details)
-        return Finding(name, "pass", f"{self.name}: train/validation overlap: {numbers}.", frac, self.max_overlap, step,
-                       details=details)
-
-    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable], bias_init: bool = False) -> Finding:
-        name = f"{self.name}.balance"
-        counts = s.class_counts()
-        if counts is None:
-            return Finding(name, "skip", f"{self.name}: the targets are not class indices or 0/1 labels: no class "
-                           "balance to report.", step=step)
-        kind, c = counts
-        if kind == "classes":
-            ratio = float(c.max() / c.min()) if c.min() > 0 else math.inf
-            shown = ", ".join(f"{j}: {int(v)}" for j, v in enumerate(c.tolist()[:20])) + (" ..." if len(c) > 20 else "")
-            what = f"class counts among {int(c.sum())} labels read: {{{shown}}}; largest/smallest = {ratio:.3g}"
-            details = {"class_counts": [int(v) for v in c.tolist()[:1000]], "ratio": ratio}
-        else:
-            pos, n = c
-            neg = n - pos
-            ratios = torch.where(torch.minimum(pos, neg) > 0, torch.maximum(pos, neg) / torch.minimum(pos, neg).clamp_min(1),
-                                 torch.full_like(pos, math.inf))
-            j = int(ratios.argmax())
-            ratio = float(ratios[j])
-            what = (f"positives per label among {int(n)} rows read: {[int(v) for v in pos.tolist()[:20]]}; most "
-                    f"imbalanced label {j}: majority/minority = {ratio:.3g}")
-            details = {"positives": [int(v) for v in pos.tolist()[:1000]], "rows": int(n), "ratio": ratio}
-        weighted, against = _class_weighting(loss, kind, c, j if kind == "labels" else 0)
-        if against:  # a weight that favours the majority handles nothing: judged as unweighted, and said so
-            what += f"; the loss's {weighted} weights the rare side LESS than the frequent one, making it worse"
-            weighted = None
-        details["per_position"], details["weighted"], details["weight_against"] = s.per_position, weighted, against
-        if ratio > self.max_imbalance and (s.per_position or weighted):
-            why = []
-            if s.per_position:
-                shape = ", ".join(["N", *map(str, s.target_shape)])
-                why.append(f"the targets hold a class per position (shape ({shape})): token and pixel "
-                           "frequencies are naturally skewed (spaces in text, background in segmentation maps)")
-            if weighted:
-                why.append(f"the loss weights the classes ({weighted})")
-            return Finding(name, "pass", f"{self.name}: {what} (more than {self.max_imbalance:g}); not warned about: "
-                           + "; ".join(why) + ".", ratio, self.max_imbalance, step, details=details)
-        multilabel = kind == "labels" and int(c[0].numel()) > 1
-        # the rarest class (label side) as it occurs in the whole training set, estimated from the rows read
-        rarest = float(c.min()) if kind == "classes" else float(torch.minimum(pos, neg)[j])
-        if s.population and s.population > s.rows:
-            rarest *= s.population / s.rows
-        details["rarest_examples"], details["head_bias_init"], details["multilabel"] = rarest, bias_init, multilabel
-        extreme = not multilabel and (ratio > EXTREME_IMBALANCE or rarest < MIN_CLASS_EXAMPLES)
-        if ratio > self.max_imbalance and not extreme and (bias_init or multilabel):
-            why = ("HeadBiasInit sets the head bias to the class prior, so training starts at the right loss"
-                   if bias_init else "rare labels are the norm of a multilabel task; the loss treats each label "
-                   "on its own")
-            return Finding(name, "note", f"{self.name}: class imbalance: {what} (more than {self.max_imbalance:g}); "
-                           f"a note, not a warning: {why}. Watch per-class metrics, not accuracy.", ratio,
-                           self.max_imbalance, step, list(_IMBALANCE), details)
-        if ratio > self.max_imbalance:
-            why = (f" The rarest class has about {rarest:.3g} examples in the training set (fewer than "
-                   f"{MIN_CLASS_EXAMPLES}): too few to learn it or to measure it." if rarest < MIN_CLASS_EXAMPLES else
-                   f" Beyond {EXTREME_IMBALANCE:g}:1 a model can reach a low loss while never predicting the rare "
-                   "class." if ratio > EXTREME_IMBALANCE else
-                   " No HeadBiasInit sets the head bias to the prior, so training starts far from the right loss.")
-            return Finding(name, "warn", f"{self.name}: heavy class imbalance: {what} (more than {self.max_imbalance:g})."
-                           f"{why} Watch per-class metrics, not accuracy. HINT: add HeadBiasInit, weight the loss, "
-                           "or pass `max_imbalance=` to change the threshold.", ratio, self.max_imbalance, step,
-                           list(_IMBALANCE), details)
-        return Finding(name, "pass", f"{self.name}: {what}.", ratio, self.max_imbalance, step, details=details)
-
-    def _leak(self, s: "_Scan", step: int, loss: Optional[Callable]) -> Finding:
-        name = f"{self.name}.leak"
-        x, y = s.first if s.first is not None else (None, None)
-        ignore = getattr(loss, "ignore_index", None)
-        best: Optional[tuple[str, dict[str, Any]]] = None
-        if isinstance(y, Tensor):
-            for tname, t in _tensors(x):
-                a = token_alignment(t, y, ignore if isinstance(ignore, int) else None)
-                if a is not None and (best is None or a["equal"] > best[1]["equal"]):
-                    best = (tname, a)
-        if best is None:
-            return Finding(name, "skip", f"{self.name}: no class-index targets with an integer input of the same "
-                           "shape: nothing to compare (float targets equal to the inputs, as in an autoencoder, are "
-                           "legitimate and never flagged).", step=step)
-        tname, a = best
-        where = "" if tname == "inputs" else f" `{tname}`"
-        numbers = (f"{a['equal']:.1%} of the {a['positions']} labelled target positions of the first batch equal the "
-                   f"input{where} at the same position")
-        if a["shifted"] is not None:
-            numbers += f", {a['shifted']:.1%} the input at the next position"
-        details = {"input": tname, **a}
-        limit = self.max_copied_targets
-        if a["equal"] > limit:
-            return Finding(name, "fail", f"{self.name}: the targets are a copy of the inputs: {numbers} (expected at "
-                           f"most {limit:.1%}). A model that copies its input reaches a loss near 0 and learns "
-                           "nothing. HINT: for next-token prediction shift the targets by one (`x, y = tokens[:, :-1], "
-                           "tokens[:, 1:]`); for a copy task (the target is meant to be the input) pass "
-                           "`max_copied_targets=1.0`.", a["equal"], limit, step, list(_LEAK), details)
-        if a["shifted"] is not None and a["shifted"] >= NEXT_TOKEN_FRACTION:
-            return Finding(name, "pass", f"{self.name}: the targets are the inputs shifted by one position (next-token "
-                           f"prediction): {numbers}.", a["equal"], limit, step, details=details)
-        what = ("a copy of the inputs (allowed by `max_copied_targets={:g}`)".format(limit) if a["equal"] == 1.0 else
-                "mostly a copy of the inputs, as in a correction or denoising task (only a copy of more than "
-                f"max_copied_targets={limit:g} of the positions fails)" if a["equal"] >= NEXT_TOKEN_FRACTION else
-                "not a copy")
-        return Finding(name, "pass", f"{self.name}: the targets are {what}: {numbers}.", a["equal"], limit, step,
-                       details=details)
 
     def _input_norm(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
                     s: "_Scan") -> Optional[tuple[str, nn.Module]]:
