@@ -1047,8 +1047,10 @@ BROKEN: list[Fit] = [
     _b("mlp", "lr too low", data="wine", epochs=40), _b("mlp", "zeroed inputs", data="digits"),
     _b("mlp", "missing zero_grad", data="wine", epochs=40), _b("mlp", "duplicated dataset", data="digits"),
     _b("mlp", "raw 0..255 inputs", data="digits"), _b("mlp", "val split = train split", data="breast_cancer"),
-    # one parameter group (the first layer with a weight matrix) with a learning rate 1e-4x or 100x the others'
-    *(_b(family, f"one layer's lr x{f}", **opts) for f in ("1e-4", "100") for family, opts in (
+    # one parameter group (the first layer with a weight matrix) at 1e-4x the others' learning rate (the same at 100x
+    # was measured and left out: under Adam its weights grow until its update ratio is within 2-5x of the others',
+    # every rule passes and the held-out metric is as good as the healthy fits')
+    *(_b(family, f"one layer's lr x{f}", **opts) for f in ("1e-4",) for family, opts in (
         ("resnet", {}), ("transformer", {}), ("rnn", {}), ("mlp", {"data": "digits"}), ("autoencoder", {}),
         ("tabular", {}))),
     # the same training as the healthy diabetes_bs256, run 100 epochs past its best without a checkpoint: held-out R2

@@ -1,10 +1,14 @@
 """The update-ratio rule of ``OptimizationHealthCheck`` over the calibration corpus: per fit, the spread of the
-per-tensor update ratio ``||dw|| / ||w||`` (each tensor's median over its measurements, against the median tensor).
+per-tensor update ratio ``||dw|| / ||w||`` (each tensor's median over its measurements): the factor by which the
+slowest parameter group with a 10x lower learning rate moves less than the others (what warns), and the largest gap
+between neighbouring tensors once sorted (what makes a note).
 
 Each fit runs under :class:`~lightning_recipe.OptimizationHealthCheck` alone (``on_fail="warn"``, the preset's
-arguments), seed 0, CPU. Printed per fit: the median tensor's ratio, the smallest and the largest tensor with their
-factor below/above it, and whether the rule warned. A healthy fit must not warn; the broken fits ``one layer's lr
-x1e-4`` / ``x100`` (a parameter group with that learning rate factor) are the ones it is meant to catch.
+arguments), seed 0, CPU. Printed per fit: the held-out metric, the median tensor's ratio, the slowest group's factor,
+the largest gap, the spread from the slowest to the fastest tensor, and the rule's status. A healthy fit must not
+warn; the broken fits ``one layer's lr x1e-4`` (the first layer with a weight matrix in its own parameter group at
+1e-4x the learning rate) are the ones it is meant to catch. ``benchmarks/calibration.py`` runs the
+same fits under every check of ``recommended()``.
 
 Usage::
 
@@ -77,7 +81,7 @@ def _row(r: dict) -> None:
         lo = min(ratios, key=ratios.get)
         hi = max(ratios, key=ratios.get)
         med = d["median_ratio"]
-        txt = (f"median {med:.2e}  gap {d['gap']:8.3g}x  spread {d['spread']:8.3g}x  smallest `{lo}` "
+        txt = (f"median {med:.2e}  group {d['group_factor']:8.3g}x  gap {d['gap']:8.3g}x  spread {d['spread']:8.3g}x  smallest `{lo}` "
                f"{ratios[lo]:.2e}  largest `{hi}` {ratios[hi]:.2e}")
     else:
         txt = r["crash"] or r["message"][:80]
@@ -106,6 +110,9 @@ def main() -> None:
         if not rs:
             continue
         warned = [r["name"] for r in rs if r["status"] in ("warn", "fail")]
+        factors = [r["details"]["group_factor"] for r in rs if len(set(r["details"].get("groups", {}).values())) > 1]
+        print(f"{kind}: {len(factors)} fits with several parameter groups; slowest group below the others (learning "
+              f"rate 10x lower or more, else 1): {', '.join(f'{v:.3g}x' for v in sorted(factors))}")
         gaps = sorted(r["details"]["gap"] for r in rs if "gap" in r["details"])
         spreads = sorted(r["details"]["spread"] for r in rs if "spread" in r["details"])
         print(f"{kind}: {len(warned)}/{len(rs)} warned {warned}; largest gap between neighbouring tensors: "

@@ -230,3 +230,25 @@ def split_by_gap(values: list[float]) -> tuple[float, list[int], list[int]]:
     gaps = [b[0] - a[0] for a, b in zip(live, live[1:])]
     k = max(range(len(gaps)), key=gaps.__getitem__)
     return round(gaps[k], 12), [i for _, i in live[: k + 1]], [i for _, i in live[k + 1:]]
+
+
+def weighted_median(values: list[float], weights: list[float]) -> float:
+    """The median of ``values`` with each counted ``weights`` times (the lower one at an exact half): e.g. the
+    ``log10`` update ratio of the typical *entry* of a set of tensors, where a weight matrix outweighs its bias.
+
+    Example::
+
+        >>> weighted_median([-6.2, -1.4], [2304, 48])  # a weight matrix that barely moves, its zero-initialised bias
+        -6.2
+        >>> weighted_median([1.0, 2.0, 3.0], [1, 1, 1])
+        2.0
+    """
+    if not values:
+        return math.nan
+    order = sorted(range(len(values)), key=values.__getitem__)
+    half, acc = sum(weights) / 2, 0.0
+    for i in order:
+        acc += weights[i]
+        if acc >= half:
+            return float(values[i])
+    return float(values[order[-1]])
