@@ -50,6 +50,7 @@ class Model(L.LightningModule):
         self.net, self.loss_fn = net, loss_fn
         self.opt, self.lr, self.wd, self.sched, self.steps, self.epochs = opt, lr, wd, sched, steps, epochs
         self.mixup, self.loss_of, self.bug = mixup, loss_of, bug
+        self.groups = ""  # parameter groups (set by Fit.build): "nodecay", "backbone x0.1"
         self.automatic_optimization = not manual
 
     def forward(self, x: Any) -> Any:
@@ -83,7 +84,21 @@ class Model(L.LightningModule):
         self.log("val_loss", self._loss(batch))
 
     def configure_optimizers(self) -> Any:
-        params = self.parameters()
+        params: Any = self.parameters()
+        if self.groups == "nodecay":  # no weight decay on biases and normalisation gains (a common recipe)
+            decay = [p for p in self.parameters() if p.ndim >= 2]
+            params = [{"params": decay}, {"params": [p for p in self.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+        elif self.groups == "backbone x0.1":  # discriminative learning rates: the head at lr, the rest at lr / 10
+            head = [m for m in self.net.modules() if isinstance(m, nn.Linear)][-1]
+            mine = {id(p) for p in head.parameters()}
+            params = [{"params": [p for p in self.parameters() if id(p) not in mine], "lr": self.lr * 0.1},
+                      {"params": list(head.parameters())}]
+        if self.bug.startswith("one layer's lr x"):  # the first non-embedding layer with a weight matrix, own group
+            layer = next(m for m in self.net.modules() if not isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                         and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim >= 2)
+            mine = {id(p) for p in layer.parameters()}
+            params = [{"params": [p for p in self.parameters() if id(p) not in mine]},
+                      {"params": list(layer.parameters()), "lr": self.lr * float(self.bug.split(" x")[-1])}]
         if self.opt == "sgd":
             opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.wd)
         elif self.opt == "adamw":
@@ -906,7 +921,11 @@ class Fit:
     quick: bool = False
 
     def build(self) -> Built:
-        return BUILDERS[self.family](bug=self.bug, **dict(self.opts))
+        opts = dict(self.opts)
+        groups = opts.pop("groups", "")
+        built = BUILDERS[self.family](bug=self.bug, **opts)
+        built.module.groups = groups
+        return built
 
 
 BUILDERS: dict[str, Callable[..., Built]] = {
@@ -1002,6 +1021,12 @@ HEALTHY: list[Fit] = [
     _h("mlp", "wine_onecycle", data="wine", sched="onecycle", lr=3e-3, epochs=20),
     # validation = the last 20% of the rows in the data set's order (as a temporal split): a moderate shift (a note)
     _h("mlp", "digits_split_by_position", data="digits", split="position", epochs=10),
+    # parameter groups: no weight decay on biases and norms; discriminative learning rates (the rest at a tenth)
+    _h("resnet", "adamw_no_decay_on_norms_and_biases", opt="adamw", wd=0.05, groups="nodecay"),
+    _h("transformer", "topic_adamw_no_decay_groups", opt="adamw", groups="nodecay"),
+    _h("resnet", "backbone_lr_0.1x_head", lr=3e-3, epochs=6, groups="backbone x0.1"),
+    _h("transformer", "topic_backbone_lr_0.1x_head", lr=3e-3, groups="backbone x0.1"),
+    _h("mlp", "digits_backbone_lr_0.1x_head", data="digits", lr=3e-3, groups="backbone x0.1"),
 ]
 
 BROKEN: list[Fit] = [
@@ -1036,6 +1061,12 @@ BROKEN: list[Fit] = [
     _b("mlp", "lr too low", data="wine", epochs=40), _b("mlp", "zeroed inputs", data="digits"),
     _b("mlp", "missing zero_grad", data="wine", epochs=40), _b("mlp", "duplicated dataset", data="digits"),
     _b("mlp", "raw 0..255 inputs", data="digits"), _b("mlp", "val split = train split", data="breast_cancer"),
+    # one parameter group (the first layer with a weight matrix) at 1e-4x the others' learning rate (the same at 100x
+    # was measured and left out: under Adam its weights grow until its update ratio is within 2-5x of the others',
+    # every rule passes and the held-out metric is as good as the healthy fits')
+    *(_b(family, f"one layer's lr x{f}", **opts) for f in ("1e-4",) for family, opts in (
+        ("resnet", {}), ("transformer", {}), ("rnn", {}), ("mlp", {"data": "digits"}), ("autoencoder", {}),
+        ("tabular", {}))),
     # the same training as the healthy diabetes_bs256, run 100 epochs past its best without a checkpoint: held-out R2
     # falls from ~0.57 at its best epoch to ~0.32
     _b("mlp", "trained far past its best epoch", data="diabetes", bs=256, lr=3e-3, epochs=120),

@@ -20,6 +20,7 @@ from helpers import TinyModel, blobs, loader, trainer
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
+from lightning_recipe.checks.optimization import OptimizationHealthCheck
 from lightning_recipe.checks.parameter_updates import ParameterUpdateCheck
 from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 from lightning_recipe.checks.wiring import WiringCheck
@@ -41,6 +42,9 @@ MONITORS: dict[str, Callable[[], list[Callback]]] = {
     "LossDecreaseCheck": lambda: [LossDecreaseCheck(on_fail="warn", check_every_n_steps=3, warmup_steps=8)],
     "PredictionDynamics": lambda: [PredictionDynamics(on_fail="warn", every_n_steps=2)],
     "WiringCheck": lambda: [WiringCheck(on_fail="warn", batches=4)],
+    # samples the weights before each step and compares after (update ratio), probes ReLUs, reads gradients
+    "OptimizationHealthCheck": lambda: [OptimizationHealthCheck(on_fail="warn", check_every_n_steps=3,
+                                                                grad_every_n_steps=1, figure=False)],
     "bundle_without_HeadBiasInit": lambda: [
         InitialLossCheck(on_fail="warn"),
         LossDecreaseCheck(on_fail="warn", check_every_n_steps=3, warmup_steps=8),

@@ -513,10 +513,13 @@ def plot_optimization(
     planned_steps: Optional[float] = None,
     schedule_fraction: float = 0.25,
     grad_every: int = 1,
+    update_ratios: Optional[list[tuple[int, list[float]]]] = None,
+    update_ratio_names: Optional[list[str]] = None,
 ):  # noqa: ANN201
     """Learning rate per batch, mean RMS gradient per layer per window, pre-clip gradient norm per step with the clip
     value, and weight norm and window loss relative to their first read (both on one axis: shrinking weights with a
-    flat loss is what weight decay that is too strong looks like).
+    flat loss is what weight decay that is too strong looks like); with ``update_ratios``, a bottom row with the
+    update ratio per tensor (:func:`~lightning_recipe.report.update_ratio_plot.update_ratio_panel`).
 
     Example::
 
@@ -527,9 +530,16 @@ def plot_optimization(
     """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12, 7))
-    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.94, wspace=0.25, hspace=0.42)
-    (a_lr, a_layer), (a_clip, a_w) = fig.subplots(2, 2)
+    rows = 3 if update_ratios else 2
+    fig = Figure(figsize=(12, 3.5 * rows))
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.16 / rows, top=1 - 0.12 / rows, wspace=0.25, hspace=0.42)
+    (a_lr, a_layer), (a_clip, a_w) = fig.subplots(rows, 2)[:2]
+    if update_ratios:
+        from lightning_recipe.report.update_ratio_plot import update_ratio_panel
+
+        for ax in fig.axes[4:]:
+            ax.remove()
+        update_ratio_panel(fig.add_subplot(rows, 2, (5, 5)), update_ratios, update_ratio_names or [])
     lr = np.asarray(lrs, dtype=float) if lrs else np.zeros((0, 1))
     for j in range(min(lr.shape[1] if lr.ndim == 2 else 0, 6)):
         # the values in the legend: a flat line on a log axis falls between two labelled decades

@@ -22,6 +22,7 @@ from lightning_recipe._core.conventions import probe_mode, read_losses, run_forw
 from lightning_recipe._core.labels import first_batch
 from lightning_recipe._core.warn import warn_once
 from lightning_recipe.checks.optimization.rules import _OptimizationRules
+from lightning_recipe.checks.optimization.update_ratio import _UpdateRatio
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import _decoupled, _norms, _weight_norm
@@ -30,11 +31,11 @@ from lightning_recipe._core.dtypes import wide
 from lightning_recipe._core.sharding import local_tensor
 
 _ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam", "Adafactor")
-_CHECKS = ("lr_schedule", "clipping", "gradients", "dead_relu", "weight_decay")
+_CHECKS = ("lr_schedule", "clipping", "gradients", "dead_relu", "weight_decay", "update_ratio")
 
 
-class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
-    """Five checks of the optimisation, gathered on the device and judged every ``check_every_n_steps`` batches.
+class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
+    """Six checks of the optimisation, gathered on the device and judged every ``check_every_n_steps`` batches.
 
     * **lr_schedule**: the learning rate of every parameter group, read from ``trainer.optimizers`` at each batch
       (a Python float; a tensor learning rate is copied on its device and read with the periodic reads, so it costs
@@ -81,6 +82,23 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
       suspected, when ``weight_decay >= 0.01``): weight decay shrinks the weights instead of letting them fit.
       Warn; fail when both the weight norm and the decay term fell below 10 % of the start. (A network that learns nothing for another reason, e.g.
       vanishing gradients, with a small weight decay is not blamed on the decay.)
+    * **update_ratio** (warn): ``||dw|| / ||w||`` of one optimizer step per parameter tensor (CS231n: ~1e-3),
+      measured with the gradients: a fixed sample of at most ``update_sample`` entries per tensor is copied (float32,
+      on the device) before the step and compared after it (see :func:`~lightning_recipe.functional.optimization.
+      update_ratios` for the estimator and its error, ~``1/sqrt(update_sample)``). No ratio for a tensor that is all
+      zero, for a step that moved nothing (a skipped GradScaler step), for sparse gradients; embeddings are measured
+      but not judged (rows move only when seen). Each tensor's median over the measurements; per parameter group,
+      the median over its tensors weighted by their sizes (the typical entry). Warn when a group whose peak learning
+      rate is 10x or more below the other groups' moves more than ``max_update_spread`` times less than they do (a
+      group with a wrong learning rate). A gap of more than ``max_update_spread`` between neighbouring tensors
+      (sorted) that no learning rate explains (a parameter in raw units, a layer scale at 1e-5) is a ``note``; so is
+      a median tensor outside [1e-5, 1e-1] (the ~1e-3 rule of thumb, which adaptive optimizers do not follow).
+      Calibration (``benchmarks/update_ratio_calibration.py``, 69 healthy fits of ``benchmarks/corpus.py``): the
+      largest gap between neighbouring tensors is 9.8x (slowest to fastest tensor up to 179x); on the healthy fits
+      with parameter groups (no decay on norms, the backbone at a tenth of the head's rate) the slowest group moves at
+      most 4.5x less than the rest; one layer at 1e-4x the learning rate moves 6.4e3x to 2.9e4x less. A layer at 100x is
+      not seen: its weights grow until its ratio is back within 2-5x of the others'. Tensors that do not move at all
+      (learning rate 0) and tensors in no optimizer are left to ``ParameterUpdateCheck``.
 
     Gradient statistics are computed every ``grad_every_n_steps`` optimizer steps (one pass over the gradients,
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
@@ -103,6 +121,8 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         min_shrink: relative fall of the weight norm that counts as shrinking.
         min_rel_decrease: relative decrease of the loss that counts as fitting.
         warmup_steps: batches before the weight-decay test.
+        max_update_spread: largest allowed gap between neighbouring per-tensor update ratios (sorted).
+        update_sample: entries per tensor sampled for the update ratio (memory: 4 bytes each, during one step).
         figure: draw the figure at the end of the fit.
         **kwargs: overrides (``split_batch``, ``forward``, ...), see :class:`RecipeCheck`.
 
@@ -126,6 +146,8 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         min_shrink: float = 0.5,
         min_rel_decrease: float = 0.05,
         warmup_steps: int = 50,
+        max_update_spread: float = 100.0,
+        update_sample: int = 256,
         figure: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -139,9 +161,11 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
                         ("min_shrink", min_shrink), ("min_rel_decrease", min_rel_decrease)):
             if not 0 < v <= 1:
                 raise RecipeConfigError(f"{self.name}: `{name}` must be in (0, 1], got {v!r}.")
-        if not clip_ratio > 1 or not max_grad_spread > 1:
-            raise RecipeConfigError(f"{self.name}: `clip_ratio` and `max_grad_spread` must be > 1, got {clip_ratio!r}, "
-                                    f"{max_grad_spread!r}.")
+        if not isinstance(update_sample, int) or update_sample < 1:
+            raise RecipeConfigError(f"{self.name}: `update_sample` must be a positive int, got {update_sample!r}.")
+        if not clip_ratio > 1 or not max_grad_spread > 1 or not max_update_spread > 1:
+            raise RecipeConfigError(f"{self.name}: `clip_ratio`, `max_grad_spread` and `max_update_spread` must be "
+                                    f"> 1, got {clip_ratio!r}, {max_grad_spread!r}, {max_update_spread!r}.")
         self.check_every_n_steps = check_every_n_steps
         self.grad_every_n_steps = grad_every_n_steps
         self._reads = 0
@@ -154,6 +178,8 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         self.min_shrink = float(min_shrink)
         self.min_rel_decrease = float(min_rel_decrease)
         self.warmup_steps = warmup_steps
+        self.max_update_spread = float(max_update_spread)
+        self.update_sample = update_sample
         self.figure = figure
         # histories read on the host (plain values)
         self.lrs: list[list[float]] = []  # per batch: the learning rate of every parameter group
@@ -163,6 +189,11 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         self.weight_history: list[tuple[int, float, float]] = []  # per read: step, weight norm, mean loss
         self.dead_history: list[tuple[int, dict[str, float]]] = []
         self.losses: list[float] = []
+        # per measurement: optimizer step and ||dw|| / ||w|| per tensor (NaN: not measured), with the tensors' names;
+        # per read: median/min/max over the tensors of their median ratio in that read's window (host floats)
+        self.update_ratios: list[tuple[int, list[float]]] = []
+        self.update_ratio_names: list[str] = []
+        self.update_ratio_stats: list[tuple[int, dict[str, float]]] = []
         self.concluded: dict[str, str] = {}
         self._reset_fit()
 
@@ -200,6 +231,13 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         self._wds: list[float] = []
         self._decay_budget: list[float] = []
         self._coupled_adaptive = False
+        self._slot_of: dict[int, int] = {}  # id(parameter) -> index in update_ratio_names
+        self._embedding: set[int] = set()  # slots of nn.Embedding/EmbeddingBag weights (rows updated sparsely)
+        self._group_of: dict[int, int] = {}  # slot -> parameter group (counted over all optimizers)
+        self._numel_of: list[int] = []  # slot -> number of entries
+        self._plan_cache: dict[int, tuple[list[nn.Parameter], list[tuple[int, int, int]], list[int], list[int]]] = {}
+        self._sample: Optional[tuple[Any, ...]] = None  # step, parameters, plans, counts, slots, sampled values
+        self._ratio_pending: list[tuple[int, list[int], Tensor]] = []
 
     # -- setup ----------------------------------------------------------------------------------------------------
     @override
@@ -231,6 +269,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
             self._layer_of[id(p)] = names[layer]
             numel[names[layer]] += p.numel()
         self.layer_names = list(names)
+        self._start_update_ratio(trainer, pl_module)
         self._numel = torch.tensor(numel, dtype=torch.float32, device=pl_module.device)
         self._relus = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
         if self._relus:
@@ -249,6 +288,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
     # -- gathering (no host sync) -----------------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: Any) -> None:
+        self._end_sample()  # another optimizer stepped since the last sample (manual optimization, several optimizers)
         self._opt_steps += 1
         if (self._opt_steps - 1) % self.grad_every_n_steps or self._numel is None:
             return
@@ -259,6 +299,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         # one fused norm per measurement, kept on the device; the per-layer arithmetic is batched at the next read
         top = _norms(grads, math.inf).max() if trainer.gradient_clip_algorithm == "value" else None
         self._grad_pending.append((idx, _norms(grads, 2.0), top))
+        self._begin_sample(trainer.global_step, optimizer, params)
 
     def _gather_grads(self) -> None:
         """Per-layer RMS gradients and the total norm of the measurements since the last read, batched per optimizer
@@ -304,6 +345,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._end_sample()  # the optimizer stepped after on_before_optimizer_step (automatic or manual optimization)
         self._batches += 1
         lrs = [g.get("lr", 0.0) for opt in trainer.optimizers for g in opt.param_groups]
         if self._lr_pending or any(isinstance(lr, Tensor) for lr in lrs):
@@ -429,6 +471,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         finite_losses = [v for v in new_losses if math.isfinite(v)]
         window_loss = sum(finite_losses) / len(finite_losses) if finite_losses else math.nan
         self.weight_history.append((step, w, window_loss))
+        self._read_ratios(step)
         if self._dead_pending is not None:
             self.dead_history.append((step, dict(zip((n for n, _ in self._relus), self._dead_pending.tolist()))))
             self._dead_pending = None
@@ -446,6 +489,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
                 self._judge_gradients(step, final),
                 self._judge_dead(step, final),
                 self._judge_wd(step, final),
+                self._judge_update_ratio(step, final),
             ) if f is not None
         ]
         for f in findings:
@@ -469,7 +513,9 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._numel is None:
             return
-        if self._loss_pending or self._grad_pending or self._gn_pending or self._layer_count or self._lr_pending:
+        self._end_sample()
+        if (self._loss_pending or self._grad_pending or self._gn_pending or self._layer_count or self._lr_pending
+                or self._ratio_pending):
             self._read(trainer, pl_module)
         self._judge(trainer, final=True)
 
@@ -483,7 +529,8 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
         try:
             fig = plot_optimization(self.lrs, self.layer_history, self.layer_names, self.grad_norms,
                                     trainer.gradient_clip_val, self.weight_history, self._planned,
-                                    self.schedule_fraction, self.grad_every_n_steps)
+                                    self.schedule_fraction, self.grad_every_n_steps,
+                                    update_ratios=self.update_ratios, update_ratio_names=self.update_ratio_names)
         except Exception as err:  # a figure must never stop the fit
             rank_zero_warn(f"{self.name}: could not draw its figure: {err}", category=RecipeWarning)
             return
@@ -499,6 +546,7 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
             self.concluded = {}
             self.lrs, self.grad_norms, self.layer_history, self.losses = [], [], [], []
             self.weight_history, self.dead_history = [], []
+            self.update_ratios, self.update_ratio_stats = [], []
             self._reads = 0
 
     @override
