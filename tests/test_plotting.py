@@ -431,6 +431,8 @@ def test_legends_sit_outside_the_data():
         assert legend.x0 >= box.x1  # right of the axes: it covers no data
         assert legend.x1 <= fig.bbox.x1 and legend.y0 >= 0  # and inside the figure
     assert len(many.axes[0].get_legend().get_texts()) == 6  # curve, 2 references, moving mean, validation, non-finite
+    train, val = gen.axes[0].get_lines()[:2]  # equal losses at the start: neither line hides the other
+    assert train.get_linestyle() != val.get_linestyle() and train.get_marker() != val.get_marker()
 
 
 def test_single_snapshot_prediction_lines_have_markers_and_worst_images_wrap():

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 # one label on a log axis per decade is enough from this many decades on; below it the 2x and 5x ticks are labelled
-_FEW_DECADES = 2.0
+_FEW_DECADES = 3.0
 
 
 def _figure(width: float = 10.0, height: float = 4.0, right: float = 0.25) -> Any:

@@ -331,9 +331,13 @@ def plot_generalization(
     x = np.asarray(steps, dtype=float)
     tr = np.asarray(train_losses, dtype=float)
     va = np.asarray(val_losses, dtype=float)
-    mark = {"marker": "o", "ms": 7 if len(x) == 1 else 3} if len(x) <= 60 else {}
-    ax.plot(x, tr, color="tab:blue", lw=1.6, label="training loss (fixed sample, eval mode)", **mark)
-    ax.plot(x, va, color="tab:green", lw=1.6, label="validation loss (fixed sample)", **mark)
+    ms = 7 if len(x) == 1 else 3
+    few = len(x) <= 60
+    # validation dashed with squares over solid training with dots: both show where the two losses agree
+    ax.plot(x, tr, color="tab:blue", lw=1.6, label="training loss (fixed sample, eval mode)",
+            **({"marker": "o", "ms": ms} if few else {}))
+    ax.plot(x, va, color="tab:green", lw=1.4, ls="--", label="validation loss (fixed sample)",
+            **({"marker": "s", "ms": ms + 1, "mfc": "none"} if few else {}))
     if prior_loss is not None and np.isfinite(prior_loss):
         ax.axhline(prior_loss, color="tab:orange", ls="--", lw=1.5,
                    label=f"constant-prediction loss {prior_loss:.4g}")
