@@ -77,8 +77,8 @@ def test_tensorboard_event_file_holds_the_images_text_and_jitter(fitted):
     assert {"recipe/prediction_dynamics", "recipe/loss_curve"} <= set(tags["images"])
     loss_imgs = acc.Images("recipe/loss_curve")
     assert [e.step for e in loss_imgs] == [STEPS]
-    assert (loss_imgs[0].width, loss_imgs[0].height) == (1000, 400)
-    assert _png_size(loss_imgs[0].encoded_image_string) == (1000, 400)
+    assert (loss_imgs[0].width, loss_imgs[0].height) == (1200, 420)
+    assert _png_size(loss_imgs[0].encoded_image_string) == (1200, 420)
     # the prediction figure is drawn at the epoch end (and not redrawn at fit end: nothing changed)
     assert [e.step for e in acc.Images("recipe/prediction_dynamics")] == [STEPS]
     assert "recipe/report/text_summary" in tags["tensors"]
@@ -100,7 +100,7 @@ def test_mlflow_sqlite_run_holds_the_artifacts(fitted, tmp_path):
         f"recipe/loss_curve/step_{STEPS:07d}.png"}
     local = client.download_artifacts(run_id, f"recipe/loss_curve/step_{STEPS:07d}.png", str(tmp_path))
     with open(local, "rb") as fh:
-        assert _png_size(fh.read()) == (1000, 400)
+        assert _png_size(fh.read()) == (1200, 420)
     report = client.download_artifacts(run_id, "recipe/report.md", str(tmp_path))
     with open(report) as fh:
         assert fh.read().startswith("# lightning_recipe report")
@@ -119,7 +119,7 @@ def test_wandb_offline_run_dir_holds_the_media(fitted):
     loss = glob.glob(os.path.join(media, "images", "recipe", "loss_curve_*.png"))
     assert len(pred) == 1 and len(loss) == 1
     with open(loss[0], "rb") as fh:
-        assert _png_size(fh.read()) == (1000, 400)
+        assert _png_size(fh.read()) == (1200, 420)
     assert glob.glob(os.path.join(media, "table", "recipe", "report_*.table.json"))
     (page,) = glob.glob(os.path.join(media, "html", "recipe", "report_html_*.html"))
     with open(page) as fh:

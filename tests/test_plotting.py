@@ -254,3 +254,196 @@ def test_learning_rate_zero_freezes_the_predictions(tmp_path):
     assert eval_mode.check == "PredictionDynamics.eval_mode" and eval_mode.status == "pass"
     assert finding.status == "warn" and finding.measured == 0.0 and finding.details["frozen"]
     assert finding.details["snapshots"] == 25
+
+
+# -- readability: labels, validation line, epoch markers, one step, coinciding reference lines, log axes, legends -----
+@pytest.fixture
+def kept(monkeypatch):
+    """The figures themselves, as sent (not cleared after sending)."""
+    seen: dict = {}
+    real = loggers_module.log_figure
+
+    def spy(trainer, tag, figure, step=None, directory=None, close=True):
+        seen[tag] = figure
+        return real(trainer, tag, figure, step, directory, close=False)
+
+    monkeypatch.setattr(loggers_module, "log_figure", spy)
+    return seen
+
+
+def _labelled_ticks(axis, lo: float, hi: float) -> list[str]:
+    """The non-empty tick labels of ``axis`` inside ``[lo, hi]`` (what a reader sees)."""
+    fmt = axis.get_major_formatter()
+    locs = [v for v in axis.get_major_locator()() if lo <= v <= hi]
+    fmt.set_locs(locs)
+    return [t for t in (fmt(v) for v in locs) if t]
+
+
+def _assert_labelled(fig) -> None:
+    for ax in fig.axes:
+        if not ax.axison:  # an image grid drawn with its axis off (first batch, worst examples)
+            continue
+        if ax.get_label() == "<colorbar>":
+            assert ax.get_ylabel() or ax.get_xlabel(), "a colour bar without its label"
+            continue
+        assert ax.get_xlabel() and ax.get_ylabel(), (ax.get_title(), ax.get_xlabel(), ax.get_ylabel())
+
+
+def _dynamics_args(task, s=4, n=5, d=3):
+    rng = np.random.default_rng(0)
+    if task == "multiclass":
+        return np.arange(s), rng.random((s, n)), rng.integers(0, 3, n), task
+    if task == "regression":
+        return np.arange(s), rng.random((s, n, 1)), rng.random((n, 1)), task
+    return np.arange(s), rng.random((s, n, d)), rng.integers(0, 2, (n, d)), task
+
+
+@pytest.mark.parametrize("labels", [1, 3, 7])
+def test_every_panel_of_every_figure_has_axis_labels(labels):
+    from lightning_recipe.report.plotting import plot_first_batch, plot_generalization, plot_optimization
+
+    figures = [
+        plot_loss_curve([2.3, 1.0, 0.5], 2.3, 2.2, [3], val_steps=[2], val_losses=[0.7]),
+        plot_generalization([1, 2], [1.0, 0.5], [1.1, 0.8], prior_loss=2.3),
+        plot_optimization([[0.1], [0.05]], [(10, [1e-3, 1e-1])], ["a", "b"], [1.0, 2.0], 0.5, [(10, 3.0, 2.3)], 100),
+        plot_first_batch(torch.randn(16, 5), torch.randn(16)),
+        plot_prediction_dynamics(*_dynamics_args("multiclass")),
+        plot_prediction_dynamics(*_dynamics_args("regression")),
+        plot_prediction_dynamics(*_dynamics_args("multilabel" if labels > 1 else "binary", d=labels)),
+    ]
+    for fig in figures:
+        _assert_labelled(fig)
+    assert len(figures[-1].axes) == (labels if labels <= 4 else 5)  # 7 labels: 3 panels, a heatmap and its colour bar
+
+
+def test_loss_curve_draws_the_logged_validation_loss_at_each_validation(tmp_path, kept):
+    torch.manual_seed(0)
+    x, y = blobs(n=192, classes=4)
+    csv = CSVLogger(str(tmp_path))
+    cb = LossDecreaseCheck(on_fail="warn")
+    tr = trainer(tmp_path, [cb], max_epochs=3, logger=csv, log_every_n_steps=1, num_sanity_val_steps=1)
+    tr.fit(TinyModel(), loader(x, y), loader(x[:64], y[:64], shuffle=False))  # 6 batches an epoch
+    with open(os.path.join(csv.log_dir, "metrics.csv")) as fh:
+        header, *rows = [line.split(",") for line in fh.read().splitlines()]
+    col = header.index("val_loss")
+    logged = [float(r[col]) for r in rows if r[col]]
+    assert len(logged) == 3  # one per validation epoch; the sanity check is not drawn
+    (ax,) = kept["recipe/loss_curve"].axes
+    (val,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("validation loss")]
+    assert val.get_label() == "validation loss (`val_loss`, logged)" and val.get_marker() == "o"
+    np.testing.assert_allclose(val.get_ydata(), logged, rtol=1e-6)
+    assert val.get_xdata().tolist() == [5, 11, 17]  # after the last training batch of each epoch
+    assert len(cb.losses) == 18 and ax.get_title().startswith("Training loss and validation loss")
+
+
+class _SilentValidation(TinyModel):
+    def validation_step(self, batch, batch_idx):  # a validation loop that logs no loss
+        return None
+
+
+def test_loss_curve_says_when_validation_logged_no_loss(tmp_path, kept):
+    torch.manual_seed(0)
+    x, y = blobs(n=128, classes=4)
+    trainer(tmp_path, [LossDecreaseCheck(on_fail="warn")], max_epochs=2).fit(_SilentValidation(), loader(x, y),
+                                                                            loader(x[:32], y[:32]))
+    (ax,) = kept["recipe/loss_curve"].axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "validation ran; no `val_loss`-like metric logged" in labels
+    assert not any(len(ln.get_xdata()) for ln in ax.get_lines() if ln.get_label().startswith("validation"))
+
+
+def test_loss_curve_of_a_single_step_is_a_visible_marker(tmp_path, kept):
+    torch.manual_seed(0)
+    x, y = blobs(n=64, classes=4)
+    cb = LossDecreaseCheck(on_fail="warn")
+    trainer(tmp_path, [cb], max_steps=1).fit(TinyModel(), loader(x, y))
+    (ax,) = kept["recipe/loss_curve"].axes
+    curve = ax.get_lines()[0]
+    assert curve.get_ydata().tolist() == pytest.approx(cb.losses) and len(cb.losses) == 1
+    assert curve.get_marker() == "o" and curve.get_markersize() >= 6
+    lo, hi = ax.get_xlim()
+    assert lo < 0 < hi and hi - lo >= 1  # the point inside an axis of whole batches, not -0.05 .. 0.05
+    assert all(float(t).is_integer() for t in ax.xaxis.get_major_locator()() if lo <= t <= hi)
+
+
+def test_expected_initial_and_prior_lines_both_show_when_they_coincide(tmp_path, kept):
+    from lightning_recipe import HeadBiasInit
+
+    torch.manual_seed(0)
+    x, y = blobs(n=256, classes=4, priors=[0.55, 0.25, 0.15, 0.05])
+    cb = LossDecreaseCheck(on_fail="warn")
+    trainer(tmp_path, [HeadBiasInit(), cb], max_steps=3).fit(TinyModel(), loader(x, y))
+    # the bias set to the log priors: the untrained network predicts the prior, its loss is the label entropy
+    assert cb.expected_initial_loss == pytest.approx(cb.prior_loss, rel=1e-3)
+    (ax,) = kept["recipe/loss_curve"].axes
+    expected = next(ln for ln in ax.get_lines() if ln.get_label().startswith("expected initial loss"))
+    prior = next(ln for ln in ax.get_lines() if ln.get_label().startswith("label-prior"))
+    assert "(= label-prior loss)" in expected.get_label()
+    assert expected.get_linestyle() != prior.get_linestyle()  # ':' over '--'
+    assert expected.get_zorder() > prior.get_zorder() and expected.get_linewidth() < prior.get_linewidth()
+    apart = plot_loss_curve([2.0, 1.0], expected_initial=2.0, prior_loss=1.5).axes[0].get_lines()[1]
+    assert "=" not in apart.get_label()  # 2.0 vs 1.5: two separate lines, no combined label
+
+
+@pytest.mark.parametrize(("epochs", "marks"), [(7, 7), (100, 10), (23, 5), (1000, 10)])
+def test_epoch_markers_stay_few_over_many_epochs(epochs, marks):
+    ends = [3 * (e + 1) for e in range(epochs)]
+    (ax,) = plot_loss_curve(np.linspace(2, 1, 3 * epochs), 2.0, 2.0, ends).axes
+    (top,) = ax.child_axes  # the epoch axis above the plot
+    labels = [t.get_text() for t in top.get_xticklabels()]
+    assert len(labels) == marks <= 10 and labels[-1] == str(epochs)  # the last epoch is always marked
+    (lines,) = [c for c in ax.collections if len(c.get_segments()) == marks]  # one faint line per labelled epoch
+    assert top.get_xlabel().startswith("epochs completed")
+
+
+def test_log_axes_only_over_a_decade_and_with_labelled_ticks():
+    from lightning_recipe.report.plotting import plot_generalization, plot_optimization
+
+    flat = plot_loss_curve(2.3 + 0.001 * np.sin(np.arange(60)), 2.3, 2.3).axes[0]
+    assert flat.get_yscale() == "linear" and len(_labelled_ticks(flat.yaxis, *flat.get_ylim())) >= 3
+    narrow = plot_loss_curve(np.geomspace(2.3, 0.03, 60), 2.3, 2.3).axes[0]  # 77x: log, under two decades
+    assert narrow.get_yscale() == "log"
+    assert len(_labelled_ticks(narrow.yaxis, 0.03, 2.3)) >= 5  # 0.05, 0.1, 0.2, 0.5, 1, 2 (1 and 2 x 10^k alone: 2)
+    wide = plot_loss_curve(np.geomspace(2.3, 1e-4, 60)).axes[0]
+    assert wide.get_yscale() == "log" and len(_labelled_ticks(wide.yaxis, 1e-4, 2.3)) >= 4  # one per decade
+    gen = plot_generalization([1, 2, 3], [1.0, 0.9, 0.8], [1.1, 1.0, 0.95]).axes[0]
+    assert gen.get_yscale() == "linear"
+    # frozen layers: RMS gradients within 4x of each other (before: a log axis with no label at all)
+    opt = plot_optimization([[0.0]] * 3, [(10, [1e-3, 2e-3, 4e-3])], ["a", "b", "c"], [0.3, 0.4, 0.35])
+    layer = opt.axes[1]
+    assert layer.get_yscale() == "linear" and len(_labelled_ticks(layer.yaxis, *layer.get_ylim())) >= 3
+    spread = plot_optimization([[0.1]] * 3, [(10, [1e-4, 1e-3, 3e-3])], ["a", "b", "c"], [0.3, 0.4, 0.35]).axes[1]
+    assert spread.get_yscale() == "log" and len(_labelled_ticks(spread.yaxis, 1e-4, 3e-3)) >= 3
+
+
+def test_legends_sit_outside_the_data():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from lightning_recipe.report.plotting import plot_generalization
+
+    many = plot_loss_curve(np.r_[np.geomspace(2.3, 0.01, 80), np.nan], 2.3, 2.3, [40, 81], val_steps=[39, 80],
+                           val_losses=[1.0, 0.5])
+    gen = plot_generalization([1, 2, 3], [1.0, 0.5, 0.2], [1.1, 0.7, 0.9], prior_loss=2.3, epochs=[0, 1, 2])
+    for fig in (many, gen):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        ax = fig.axes[0]
+        legend, box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= box.x1  # right of the axes: it covers no data
+        assert legend.x1 <= fig.bbox.x1 and legend.y0 >= 0  # and inside the figure
+    assert len(many.axes[0].get_legend().get_texts()) == 6  # curve, 2 references, moving mean, validation, non-finite
+    train, val = gen.axes[0].get_lines()[:2]  # equal losses at the start: neither line hides the other
+    assert train.get_linestyle() != val.get_linestyle() and train.get_marker() != val.get_marker()
+
+
+def test_single_snapshot_prediction_lines_have_markers_and_worst_images_wrap():
+    from lightning_recipe.report.plotting import plot_worst_examples
+
+    for task in ("multiclass", "regression", "binary"):
+        fig = plot_prediction_dynamics(*_dynamics_args(task, s=1, d=1))
+        curves = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) == 1 and ln.get_linestyle() == "-"]
+        assert curves and all(ln.get_marker() == "o" for ln in curves)
+        lo, hi = fig.axes[0].get_xlim()
+        assert hi - lo >= 2
+    fig = plot_worst_examples(torch.rand(8, 1, 8, 8), [f"y={i} pred=0 loss=1.0" for i in range(8)], "worst")
+    ys = sorted({round(t.get_position()[1], 3) for t in fig.axes[0].texts})
+    assert len(ys) == 2 and fig.get_figwidth() <= 10  # two rows of four: captions readable in a 1200 px page

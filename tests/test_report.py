@@ -130,7 +130,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert match, done.stderr[-2000:]
     probe = json.loads(html.unescape(match.group(1)))
     assert [img[:1] for img in probe["images"]] == [[True], [True]]
-    assert [tuple(img[1:]) for img in probe["images"]] == [(1000, 400), (1200, 450)]  # decoded at full size
+    assert [tuple(img[1:]) for img in probe["images"]] == [(1200, 420), (1200, 450)]  # decoded at full size
     text = probe["text"]
     for f in report["findings"]:
         assert f.check in text and f.message.splitlines()[0] in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -97,6 +98,13 @@ class LossDecreaseCheck(RecipeCheck):
     bias is not that constant and the loss of the model's actual output on the probe batch at the start of training
     (probe mode) takes its place. The best constant prediction's loss (the plateau test) does not depend on the bias.
 
+    The figure (``recipe/loss_curve``) draws the training loss per batch, the two reference losses, and the
+    validation loss when the fit has a validation loop: the value of the first logged metric named like a validation
+    loss (``val_loss``, ``val/loss``, ``validation_loss``, ``valid_loss``, ``loss/val``, then any key with ``val``
+    and ``loss`` in it) in ``trainer.callback_metrics``, kept as a tensor at each validation end (no host sync; the
+    values are read once, when the figure is drawn). The check itself judges the training loss only. A validation
+    loop that logs no such metric gets a legend entry saying so, and no line.
+
     The warm-up adapts to the run: ``max(30, min(warmup_steps, planned_batches // 2))``, so a short fit (a small
     data set, a few epochs) is still judged, at half its length. A fit shorter than that gets a ``skip`` finding for
     the decrease and plateau tests.
@@ -166,6 +174,9 @@ class LossDecreaseCheck(RecipeCheck):
         self._initial_done = False
         self._accumulate = 1
         self._reported: set[str] = set()
+        self._val: list[tuple[int, Any]] = []  # (training losses so far, logged validation loss) per validation run
+        self._val_key: Optional[str] = None
+        self._val_runs = 0
 
     # -- hooks ----------------------------------------------------------------------------------------------------
     @override
@@ -407,6 +418,20 @@ class LossDecreaseCheck(RecipeCheck):
                            ["learning rate too high", "learning-rate schedule restarting or warming up too far"], d)
         return None
 
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # for the figure only: the logged validation loss, kept as a tensor (read once, when the figure is drawn)
+        if trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
+            return
+        self._val_runs += 1
+        key = _val_loss_key(trainer.callback_metrics, self._val_key)
+        if key is None:
+            return
+        self._val_key = key
+        value = trainer.callback_metrics[key]
+        value = value.detach().clone() if isinstance(value, Tensor) else value
+        self._val.append((len(self.losses) + len(self._pending), value))
+
     # -- end of fit -----------------------------------------------------------------------------------------------
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
@@ -417,7 +442,13 @@ class LossDecreaseCheck(RecipeCheck):
         from lightning_recipe.report.loggers import log_figure
         from lightning_recipe.report.plotting import plot_loss_curve
 
-        fig = plot_loss_curve(self.losses, self.expected_initial_loss, self.prior_loss, self.epoch_ends)
+        logged = [v for _, v in self._val]
+        vals = (read_losses(logged) if logged and all(isinstance(v, Tensor) for v in logged)  # one host sync
+                else [float(v) for v in logged])
+        label = (f"validation loss (`{self._val_key}`, logged)" if vals else
+                 "validation ran; no `val_loss`-like metric logged" if self._val_runs else "validation loss")
+        fig = plot_loss_curve(self.losses, self.expected_initial_loss, self.prior_loss, self.epoch_ends,
+                              val_steps=[n - 1 for n, _ in self._val], val_losses=vals, val_label=label)
         path = log_figure(trainer, "recipe/loss_curve", fig, trainer.global_step, self._dir)
         if path and path not in self.figures:
             self.figures.append(path)
@@ -451,6 +482,31 @@ def _effective_warmup(warmup_steps: int, trainer: "pl.Trainer") -> int:
     if planned is None:
         return warmup_steps
     return int(max(min(30, warmup_steps), min(warmup_steps, planned // 2)))
+
+
+_VAL_KEYS = ("val_loss", "val/loss", "validation_loss", "validation/loss", "valid_loss", "valid/loss", "loss/val",
+             "val_loss_epoch", "val/loss_epoch")
+
+
+def _val_loss_key(metrics: dict[str, Any], previous: Optional[str] = None) -> Optional[str]:
+    """The logged metric that holds the validation loss: ``previous`` if still there, a usual name, else the first
+    key with a word starting ``val`` and ``loss`` in it (not a step-level ``_step`` value, not the recipe's own
+    ``recipe/...`` scalars); ``None`` when none is logged.
+
+    Example::
+
+        >>> _val_loss_key({"train_loss": 1, "val/loss": 2}), _val_loss_key({"valid_ce_loss": 1})
+        ('val/loss', 'valid_ce_loss')
+        >>> _val_loss_key({"interval_loss": 1, "recipe/generalization/val_loss": 2}), _val_loss_key({})
+        (None, None)
+    """
+    if previous is not None and previous in metrics:
+        return previous
+    for key in _VAL_KEYS:
+        if key in metrics:
+            return key
+    return next((k for k in metrics if re.search(r"(^|[^a-z])val", k.lower()) and "loss" in k.lower()
+                 and not k.endswith("_step") and not k.startswith("recipe/")), None)
 
 
 def _mean(x: list[float]) -> float:
