@@ -7,7 +7,6 @@ import glob
 import json
 import os
 import re
-import time
 
 import pytest
 from helpers import TinyModel, blobs, loader, trainer

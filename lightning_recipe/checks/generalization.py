@@ -82,7 +82,8 @@ class GeneralizationCheck(RecipeCheck):
     * Without a validation loop a ``skip`` finding says so.
 
     A figure (``recipe/generalization``) shows both losses per evaluation with the constant-prediction line and the
-    best epoch marked. Scalars ``recipe/generalization/train_loss`` and ``.../val_loss`` go to the loggers at each
+    best epoch marked, redrawn at each evaluation within the live-figure time budget
+    (:mod:`lightning_recipe.report.live`) and at the end. Scalars ``recipe/generalization/train_loss`` and ``.../val_loss`` go to the loggers at each
     evaluation. Under DDP each rank scores its own samples and the sums are reduced.
 
     Args:

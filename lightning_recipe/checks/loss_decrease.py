@@ -97,6 +97,11 @@ class LossDecreaseCheck(RecipeCheck):
     bias is not that constant and the loss of the model's actual output on the probe batch at the start of training
     (probe mode) takes its place. The best constant prediction's loss (the plateau test) does not depend on the bias.
 
+    At each read the loggers get ``recipe/loss_to_constant``, the mean of the losses just read over the loss of the
+    best constant prediction, both measured from the floor (1: no better than the label prior; 0: the floor), and the
+    loss curve (``loss_curve.png``) is redrawn every few reads within the live-figure time budget
+    (:mod:`lightning_recipe.report.live`), and at the end of the fit.
+
     The warm-up adapts to the run: ``max(30, min(warmup_steps, planned_batches // 2))``, so a short fit (a small
     data set, a few epochs) is still judged, at half its length. A fit shorter than that gets a ``skip`` finding for
     the decrease and plateau tests.

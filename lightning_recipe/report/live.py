@@ -105,9 +105,9 @@ def finding_counts(trainer: Any) -> tuple[int, int]:
 
 def publish(trainer: Any, scalars: dict[str, Optional[float]], step: Optional[int] = None) -> None:
     """Send ``scalars`` (host floats; ``None``, non-finite values and a series that already has a point at ``step``
-    are left out) to every logger at ``step``, with
-    ``recipe/fail`` and ``recipe/warn`` (once per step, or when they change); a changed count also updates the
-    MLflow tags and the W&B summary. Rank zero only; nothing is done without a logger."""
+    are left out) to every logger at ``step``, with ``recipe/fail`` and ``recipe/warn`` (once per step, or when they
+    change); a changed count also updates the MLflow tags and the W&B summary. Rank zero only; nothing is done
+    without a logger."""
     if not trainer.is_global_zero or not trainer.loggers:
         return
     from lightning_recipe.report.loggers import log_scalars, log_tags

@@ -84,7 +84,10 @@ class OptimizationHealthCheck(_OptimizationRules, RecipeCheck):
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
     Python floats (tensor learning rates are read with the gradient statistics). A figure
     (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs clip value, weight norm
-    and loss) goes to the loggers at the end of the fit.
+    and loss) goes to the loggers at the end of the fit, and during it every few reads within the live-figure time
+    budget (:mod:`lightning_recipe.report.live`). At each read the loggers get the series ``recipe/lr`` (one per
+    parameter group, ``recipe/lr/pg<j>``, when there are several), ``recipe/grad_norm`` and ``recipe/grad_norm_max``
+    (mean and largest since the last read) and ``recipe/weight_norm``: values the read already holds on the host.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
