@@ -56,7 +56,7 @@ class PredictionDynamics(RecipeCheck):
     judged on the scale of one target value). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
     ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
     redrawn during training every few records within the fit's time budget for live figures (see
-    :mod:`lightning_recipe.report.live`: at most 1% of the training time by default; rendering a figure costs 0.1 to
+    :mod:`lightning_recipe.report.live`: at most 0.5% of the training time by default; rendering a figure costs 0.1 to
     1 s on a CPU), and at the end of the fit.
 
     **Eval mode** (``PredictionDynamics.eval_mode``, at the first record; a ``fail``: it stops the fit under
