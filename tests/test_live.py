@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+import lightning as L
 import pytest
 from helpers import TinyModel, blobs, loader, trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -40,6 +41,7 @@ def fitted(tmp_path_factory):
     ml = MLFlowLogger(experiment_name="live", tracking_uri=f"sqlite:///{root}/mlflow.db")
     tb = TensorBoardLogger(str(root / "tb"))
     wb = WandbLogger(save_dir=str(root / "wandb"), offline=True, project="live")
+    L.seed_everything(0, verbose=False)  # the frozen network's loss depends on its initial weights
     x, y = blobs(n=2048)
     xv, yv = blobs(n=128, seed=1)
     # the preset with its prediction records every 50 batches (12 reads, like the other checks'), so that the test
@@ -87,8 +89,13 @@ def test_tensorboard_has_each_live_figure_at_several_steps_and_the_series(fitted
     assert {"recipe/lr", "recipe/grad_norm", "recipe/loss_to_constant", "recipe/fail", "recipe/warn",
             "recipe/prediction_jitter"} <= long, sorted(long)
     assert all(p.value == 0.0 for p in series["recipe/lr"])  # the learning rate of this fit
-    # nothing is learned: the loss stays at the constant prediction's (within the noise of 50 batches of 64)
-    assert all(0.9 < p.value < 1.3 for p in series["recipe/loss_to_constant"])
+    # nothing is learned: the frozen network's loss over the constant prediction's stays where it started, up to the
+    # noise of the batches a read averages
+    ratios = [p.value for p in series["recipe/loss_to_constant"]]
+    assert min(ratios) > 0.9 and max(ratios) / min(ratios) < 1.1  # measured: 1.213 to 1.217 (seed 0)
+    check = next(cb for cb in fitted["trainer"].callbacks[0].callbacks if isinstance(cb, LossDecreaseCheck))
+    whole = sum(check.losses) / len(check.losses) / check.prior_loss  # the floor of the cross-entropy is 0
+    assert sorted(ratios)[len(ratios) // 2] == pytest.approx(whole, rel=0.01)
     fail, warn = _counts(fitted["trainer"])
     last = series["recipe/warn"][-1]  # written last (a count that changed at the last step has two points there)
     assert (last.step, last.value) == (STEPS, warn)
@@ -138,10 +145,12 @@ def test_wandb_offline_run_has_summary_and_images_at_several_steps(fitted):
             summary.update(items)
     assert (summary["recipe/fail"], summary["recipe/warn"]) == (fail, warn)
     images = os.path.join(run_dir, "files", "media", "images", "recipe")
-    for name in ("loss_curve", "prediction_dynamics", "optimization_health", "generalization"):
-        steps = {int(re.match(rf"{name}_(\d+)_", os.path.basename(p)).group(1))
-                 for p in glob.glob(os.path.join(images, f"{name}_*.png"))}
-        assert len(steps) >= 3, (name, steps)
+    history = [items for kind, items in _wandb_records(run_dir) if kind == "history"]
+    for tag in FIGURES:
+        name = tag.split("/")[-1]
+        steps = sorted(h["trainer/global_step"] for h in history if f"{tag}/filenames" in h)  # log_image's x-axis
+        assert len(set(steps)) >= 3 and steps[0] < STEPS // 2, (tag, steps)
+        assert len(glob.glob(os.path.join(images, f"{name}_*.png"))) == len(steps)  # one media file each
     assert os.path.isfile(os.path.join(run_dir, "files", "recipe", "report.json"))  # synced with the run
 
 
