@@ -12,6 +12,7 @@ which the whole-fit ratio is at most x1.03 on this model (one-time cost / (3% of
     python benchmarks/overhead.py --batch-size 128     # a heavier step: the same absolute cost, a smaller ratio
     python benchmarks/overhead.py --steps 300 --repeats 3   # a quick run
     python benchmarks/overhead.py --configs recommended --hook-times   # time inside each check, per step and once
+    python benchmarks/overhead.py --logger tensorboard  # live scalars and figures to TensorBoard (default: none)
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Fit(NamedTuple):
     once: float  # of which inside the callbacks' one-time hooks (fit start and end)
     hooks: float  # of which inside all of their hooks
     calls: int  # hook calls Lightning made to them
+    live: dict  # live figures: seconds spent, redraws and last cost per figure (lightning_recipe.report.live.spent)
 
 
 class HookTimer(Profiler):
@@ -132,22 +134,28 @@ class HookTimer(Profiler):
         return ""
 
 
-def fit_seconds(callbacks: list[Callback], steps: int, root: str, batch_size: int = 32) -> Fit:
-    """One timed fit; the callbacks' hooks are timed as Lightning calls them (:class:`HookTimer`)."""
+def fit_seconds(callbacks: list[Callback], steps: int, root: str, batch_size: int = 32, logger: str = "none") -> Fit:
+    """One timed fit; the callbacks' hooks are timed as Lightning calls them (:class:`HookTimer`). ``logger``:
+    ``"none"`` (figures go to PNG files only) or ``"tensorboard"`` (live scalars and figures to an event file)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_recipe.report import live
+
     timer = HookTimer()
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
-        max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, enable_progress_bar=False,
+        logger=TensorBoardLogger(root) if logger == "tensorboard" else False,
         enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks, default_root_dir=root,
         profiler=timer,
     )
     model, data = DigitsCNN(), digits_loader(batch_size)
     t0 = time.perf_counter()
     trainer.fit(model, data)
-    return Fit(time.perf_counter() - t0, timer.once, timer.all, timer.calls)
+    return Fit(time.perf_counter() - t0, timer.once, timer.all, timer.calls, live.spent(trainer))
 
 
-def hook_times(steps: int, root: str, batch_size: int = 32) -> None:
+def hook_times(steps: int, root: str, batch_size: int = 32, logger: str = "none") -> None:
     """Time spent inside each callback of ``recommended()`` during one fit, split into per-step and one-time hooks."""
     import collections
     import functools
@@ -170,7 +178,7 @@ def hook_times(steps: int, root: str, batch_size: int = 32) -> None:
                         spent[key] += time.perf_counter() - t0
                 return g
             setattr(cb, h, timed())
-    total = fit_seconds([recipe], steps, root, batch_size).wall
+    total = fit_seconds([recipe], steps, root, batch_size, logger).wall
     per_step = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                 "on_before_optimizer_step", "on_before_zero_grad")
     print(f"\ntime inside each callback of recommended() over one {steps}-step fit ({total:.2f}s):")
@@ -188,6 +196,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (the step's cost)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise)")
     parser.add_argument("--hook-times", action="store_true", help="also time each callback's hooks in one fit")
+    parser.add_argument("--logger", choices=["none", "tensorboard"], default="none",
+                        help="the fits' logger: none (figures to PNG files only) or tensorboard (live scalars too)")
     parser.add_argument("--configs", nargs="*",
                         default=["plain", "recommended", "strict", "SpikeDetection", "one no-op callback"],
                         choices=list(CONFIGS), help="configurations to time; a check's class name times it alone")
@@ -201,12 +211,12 @@ def main() -> None:
     configs = ["plain"] + [c for c in args.configs if c != "plain"]
     dispatch = dispatch_seconds()
     with tempfile.TemporaryDirectory() as root:
-        fit_seconds([], min(args.steps, 50), root, args.batch_size)  # warm-up: imports, allocator, first figure
-        fit_seconds(lr.recommended(), min(args.steps, 50), root, args.batch_size)
+        fit_seconds([], min(args.steps, 50), root, args.batch_size, args.logger)  # warm-up: imports, first figure
+        fit_seconds(lr.recommended(), min(args.steps, 50), root, args.batch_size, args.logger)
         fits: dict[str, list[Fit]] = {c: [] for c in configs}
         for r in range(args.repeats):
             for c in configs:
-                fits[c].append(fit_seconds(CONFIGS[c](), args.steps, root, args.batch_size))
+                fits[c].append(fit_seconds(CONFIGS[c](), args.steps, root, args.batch_size, args.logger))
             plain_wall = fits["plain"][-1].wall
             line = "  ".join(f"{c} {fits[c][-1].wall:.2f}s" + ("" if c == "plain" else f" (x{fits[c][-1].wall / plain_wall:.3f})")
                              for c in configs)
@@ -235,9 +245,18 @@ def main() -> None:
         reach = f"{1e3 * fixed / room:,.0f} steps" if room > 0 else "never"
         print(f"  {c:<22}x{wall:<7.3f}x{in_fit:<8.3f}{fixed:>7.2f}s{per_step:>+9.3f} ms{reach:>16}")
         print(f"  {'':<22}(wall per repeat: {', '.join(f'x{f.wall / p.wall:.3f}' for f, p in zip(fits[c], fits['plain']))})")
+        redraws = [sum(f.live["redraws"].values()) for f in fits[c]]
+        if any(redraws):
+            costs = [v for f in fits[c] for v in f.live["costs_s"].values()]
+            spent = ", ".join(f"{f.live['spent_s']:.2f}s" for f in fits[c])
+            share = ", ".join(f"{100 * f.live['spent_s'] / f.wall:.2f}%" for f in fits[c])
+            print(f"  {'':<22}(live redraws per fit: {redraws}, {spent} = {share} of the fit, "
+                  f"{statistics.median(costs):.3f}s each (median), counted in per step)")
+        else:
+            print(f"  {'':<22}(no live redraw: the fit is shorter than its first redraw's share of the time budget)")
     if args.hook_times:
         with tempfile.TemporaryDirectory() as root:
-            hook_times(args.steps, root, args.batch_size)
+            hook_times(args.steps, root, args.batch_size, args.logger)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from lightning_recipe.findings import Finding, _send_to_parent, collect_findings
 from lightning_recipe.report.writers import _write_reports
 from lightning_recipe._core.warn import new_fit as _new_warn_fit
 from lightning_recipe._core.warn import warn_once
+from lightning_recipe.report.live import new_fit as _new_live_fit
 
 OnFail = Literal["raise", "warn"]
 # the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
@@ -117,10 +118,36 @@ def recipe_dir(trainer: "pl.Trainer") -> str:
     """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
     gives figure paths that the report finds from any working directory); ``recipe_1``, ``recipe_2``, ... when an
     earlier fit's report is there (the report line says so). Call it on every rank at setup (``trainer.log_dir``
-    broadcasts under DDP); only global rank zero writes there."""
+    broadcasts under DDP); only global rank zero writes there.
+
+    When the first logger is an ``MLFlowLogger`` or a ``WandbLogger`` (whose ``log_dir`` is their ``save_dir``, shared by
+    every run), the folder is the run's own, where Lightning's ``ModelCheckpoint`` puts the run's ``checkpoints``:
+    ``<save_dir>/<experiment id>/<run id>/recipe`` (MLflow; ``default_root_dir`` when the tracking store is not a local
+    folder, e.g. ``sqlite:///``), ``<save_dir>/<project>/<run id>/recipe`` (W&B). Rank zero's names are broadcast."""
     base = str(trainer.log_dir or trainer.default_root_dir)
+    run = _run_folder(trainer)
+    if run is not None:
+        base = run
     root = os.path.join(base if "://" in base else os.path.abspath(base), "recipe")
     return unused_recipe_dir(root)
+
+
+def _run_folder(trainer: "pl.Trainer") -> Optional[str]:
+    """``<save_dir>/<name>/<version>`` of an MLflow or W&B first logger (as ``ModelCheckpoint`` resolves its folder),
+    broadcast from rank zero; ``None`` for other loggers. A collective under DDP: call it on every rank."""
+    if not trainer.loggers or type(trainer.loggers[0]).__name__ not in ("MLFlowLogger", "WandbLogger"):
+        return None
+    logger = trainer.loggers[0]
+    folder: Optional[str] = None
+    try:
+        if trainer.is_global_zero:
+            save_dir = logger.save_dir or trainer.default_root_dir
+            version = logger.version
+            version = version if isinstance(version, str) else f"version_{version}"
+            folder = os.path.join(str(save_dir), str(logger.name), version)
+    except Exception:  # a logger that cannot name its run: the shared folder, as before
+        folder = None
+    return trainer.strategy.broadcast(folder)
 
 
 def unused_recipe_dir(root: str) -> str:
@@ -304,6 +331,7 @@ class RecipeCheck(Callback):
             forget_batch(trainer)
             self.__dict__.pop("_start_pending", None)
             _new_warn_fit(trainer)
+            _new_live_fit(trainer)
             # each fit reports its own results (a resumed fit with the same instances reports nothing twice)
             self.findings, self.figures, self._disabled, self._saved = [], [], False, False
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
@@ -341,6 +369,23 @@ class RecipeCheck(Callback):
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         """Called once at fit end or on an exception: draw the figures, add the last findings. No collectives."""
 
+    def _publish(self, trainer: "pl.Trainer", scalars: dict[str, Optional[float]]) -> None:
+        """Live scalars at a periodic read: host floats already read (no sync), to every logger at the global step,
+        with the fit's ``recipe/fail`` and ``recipe/warn`` counts (see :mod:`lightning_recipe.report.live`)."""
+        from lightning_recipe.report.live import publish
+
+        publish(trainer, scalars)
+
+    def _live_figure(self, trainer: "pl.Trainer", tag: str, draw: Callable[["pl.Trainer"], Any],
+                     every_n_reads: Optional[int] = None) -> None:
+        """A periodic read of figure ``tag``: ``draw`` (the method that draws it at the end too) runs every few reads
+        within the fit's time budget for live figures (see :mod:`lightning_recipe.report.live`). Rank zero only."""
+        if self._dir is None:
+            return
+        from lightning_recipe.report.live import tick
+
+        tick(trainer, tag, draw, every_n_reads)
+
     def _maybe_write_report(self, trainer: "pl.Trainer") -> None:
         """The last recipe callback of the trainer writes the report of all of them (rank zero only)."""
         ours = [cb for cb in trainer.callbacks if getattr(cb, "_is_recipe_callback", False)]
@@ -358,11 +403,16 @@ class RecipeCheck(Callback):
 
             unwritable(trainer, self._dir, err)
             return
-        from lightning_recipe.report.loggers import log_file, log_text
+        from lightning_recipe.report.live import finding_counts, publish
+        from lightning_recipe.report.loggers import log_file, log_tags, log_text
 
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
+        log_file(trainer, "recipe/report_json", paths["json"])
+        publish(trainer, {})  # the last point of the recipe/fail and recipe/warn series
+        fail, warn = finding_counts(trainer)
+        log_tags(trainer, {"recipe/fail": fail, "recipe/warn": warn})
         earlier = ""
         if os.path.basename(self._dir) != "recipe":  # recipe_1, ...: the folder held an earlier fit's report
             earlier = f"; {os.path.join(os.path.dirname(self._dir), 'recipe')} keeps the report of an earlier fit"

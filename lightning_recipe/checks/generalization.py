@@ -4,6 +4,7 @@ regularize"): a model that does not transfer, the onset of overfitting, and the 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -19,7 +20,6 @@ from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.generalization import bias_variance
 from lightning_recipe.functional.input_dependence import per_example_loss
-from lightning_recipe.report.loggers import log_scalars
 from lightning_recipe._core.dtypes import wide, wide_dtype
 
 _NO_TRANSFER_CAUSES = [
@@ -83,7 +83,8 @@ class GeneralizationCheck(RecipeCheck):
     * Without a validation loop a ``skip`` finding says so.
 
     A figure (``recipe/generalization``) shows both losses per evaluation with the constant-prediction line and the
-    best epoch marked. Scalars ``recipe/generalization/train_loss`` and ``.../val_loss`` go to the loggers at each
+    best epoch marked, redrawn at each evaluation within the live-figure time budget
+    (:mod:`lightning_recipe.report.live`) and at the end. Scalars ``recipe/generalization/train_loss`` and ``.../val_loss`` go to the loggers at each
     evaluation. Under DDP each rank scores its own samples and the sums are reduced.
 
     Args:
@@ -231,9 +232,10 @@ class GeneralizationCheck(RecipeCheck):
                                             int(va["correct"].numel()))
             rec.update(train_acc=at, val_acc=av, train_const_acc=ct, val_const_acc=cv)
         self.history.append(rec)
-        log_scalars(trainer, {"recipe/generalization/train_loss": lt, "recipe/generalization/val_loss": lv})
         self._judge_transfer(trainer, rec)
         self._judge_overfit(trainer, rec, va)
+        self._publish(trainer, {"recipe/generalization/train_loss": lt, "recipe/generalization/val_loss": lv})
+        self._live_figure(trainer, "recipe/generalization", self._draw_curve, every_n_reads=1)  # evaluations are rare
 
     def _share(self, loss: float, prior: float) -> float:
         """The share of the prior loss left: ``(L - floor) / (P - floor)``."""
@@ -431,7 +433,6 @@ class GeneralizationCheck(RecipeCheck):
         if not trainer.is_global_zero or self._dir is None:
             return
         from lightning_recipe.report.loggers import log_figure
-        from lightning_recipe.report.plotting import plot_generalization
 
         drawn = getattr(self, "_worst_draw", None)
         if drawn is not None:
@@ -443,9 +444,19 @@ class GeneralizationCheck(RecipeCheck):
             path = log_figure(trainer, "recipe/worst_examples", fig, trainer.global_step, self._dir)
             if path and path not in self.figures:
                 self.figures.append(path)
+        drawn = any(os.path.basename(p) == "generalization.png" for p in self.figures)
+        if self.__dict__.get("_drawn_n") != len(self.history) or not drawn:  # not drawn live at this point
+            self._draw_curve(trainer)
+
+    def _draw_curve(self, trainer: "pl.Trainer") -> None:
+        """The train/validation figure to the loggers and ``generalization.png`` (at the end, and live)."""
+        from lightning_recipe.report.loggers import log_figure
+        from lightning_recipe.report.plotting import plot_generalization
+
         h = self.history
-        if not h:
+        if not h or not trainer.is_global_zero or self._dir is None:
             return
+        self._drawn_n = len(h)
         fig = plot_generalization([r["step"] for r in h], [r["train_loss"] for r in h], [r["val_loss"] for r in h],
                                   h[-1]["val_prior"], [r["epoch"] for r in h])
         path = log_figure(trainer, "recipe/generalization", fig, trainer.global_step, self._dir)

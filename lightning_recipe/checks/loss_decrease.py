@@ -105,6 +105,11 @@ class LossDecreaseCheck(RecipeCheck):
     values are read once, when the figure is drawn). The check itself judges the training loss only. A validation
     loop that logs no such metric gets a legend entry saying so, and no line.
 
+    At each read the loggers get ``recipe/loss_to_constant``, the mean of the losses just read over the loss of the
+    best constant prediction, both measured from the floor (1: no better than the label prior; 0: the floor), and the
+    loss curve (``loss_curve.png``) is redrawn every few reads within the live-figure time budget
+    (:mod:`lightning_recipe.report.live`), and at the end of the fit.
+
     The warm-up adapts to the run: ``max(30, min(warmup_steps, planned_batches // 2))``, so a short fit (a small
     data set, a few epochs) is still judged, at half its length. A fit shorter than that gets a ``skip`` finding for
     the decrease and plateau tests.
@@ -286,6 +291,17 @@ class LossDecreaseCheck(RecipeCheck):
                 self._reported.add(finding.check)
                 self._stopped = self.on_fail == "raise"
         self._conclude(trainer, finding)
+        if new:  # live: the values just read (no further sync), the figure every few reads within its time budget
+            self._publish(trainer, {"recipe/loss_to_constant": self._to_constant(new)})
+            self._live_figure(trainer, "recipe/loss_curve", self._draw)
+
+    def _to_constant(self, new: list[float]) -> Optional[float]:
+        """The mean of the losses just read over the loss of the best constant prediction, both measured from the
+        floor: 1 = no better than predicting the label prior, 0 = the floor (``None`` without a prior)."""
+        floor = self._floor or 0.0
+        if self.prior_loss is None or not self.prior_loss - floor > 0:
+            return None
+        return (_mean(new) - floor) / (self.prior_loss - floor)
 
     def _reference(self) -> float:
         """The larger of the first loss and the losses of the constant predictions (the best one, the untrained one)."""
@@ -437,8 +453,14 @@ class LossDecreaseCheck(RecipeCheck):
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         if failed:
             self._flush()  # no collectives on the exception path
+        if self.__dict__.get("_drawn_n") != len(self.losses) or not self.figures:  # not drawn live at this point
+            self._draw(trainer)
+
+    def _draw(self, trainer: "pl.Trainer") -> None:
+        """The loss curve to the loggers and ``loss_curve.png`` (at the end of the fit, and live)."""
         if not trainer.is_global_zero or not self.losses or self._dir is None:
             return
+        self._drawn_n = len(self.losses)
         from lightning_recipe.report.loggers import log_figure
         from lightning_recipe.report.plotting import plot_loss_curve
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -30,7 +29,6 @@ from lightning_recipe._core.dtypes import wide
 
 _RECORDS = 50  # records per fit when `every_n_steps` is not given
 _DEFAULT_EVERY = 25  # ... and the length of the fit is unknown
-_DRAW_BUDGET = 0.01  # intermediate drawings: at most this fraction of the training time
 
 
 class PredictionDynamics(RecipeCheck):
@@ -58,8 +56,8 @@ class PredictionDynamics(RecipeCheck):
     the mean prediction over positions per channel (dense regression, drawn against the targets' means, its jitter
     judged on the scale of one target value). Figures (``prediction_dynamics.png``) and arrays (``prediction_dynamics.npz``: ``steps``
     ``(S,)``, ``values`` ``(S, N, ...)``, ``targets``) go to ``<log_dir>/recipe/`` and to the loggers. The figure is
-    redrawn at an epoch end when the number of records has grown by half since the last drawing (a long fit draws
-    O(log n) times) and the drawings so far took less than 1% of the training time (rendering a figure costs 0.1 to
+    redrawn during training every few records within the fit's time budget for live figures (see
+    :mod:`lightning_recipe.report.live`: at most 0.5% of the training time by default; rendering a figure costs 0.1 to
     1 s on a CPU), and at the end of the fit.
 
     **Eval mode** (``PredictionDynamics.eval_mode``, at the first record; a ``fail``: it stops the fit under
@@ -134,7 +132,6 @@ class PredictionDynamics(RecipeCheck):
         self._spec: Optional[TaskSpec] = None
         self._batches = 0
         self._drawn_at = 0
-        self._t0, self._draw_s, self._draw_cost = time.perf_counter(), 0.0, 0.5  # drawing-time budget
 
     # -- the fixed batch ------------------------------------------------------------------------------------------
     @override
@@ -149,7 +146,6 @@ class PredictionDynamics(RecipeCheck):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._t0, self._draw_s = time.perf_counter(), 0.0
         ctx = self._context(trainer, pl_module)
         if ctx is None:
             return
@@ -289,6 +285,13 @@ class PredictionDynamics(RecipeCheck):
         self._batches += 1
         if self._batches % self._every == 0:
             self._record(trainer, pl_module)
+            self._live_figure(trainer, "recipe/prediction_dynamics", self._draw_live)  # a record is this check's read
+
+    def _draw_live(self, trainer: "pl.Trainer") -> None:
+        """A redraw during training: the records to the host (one copy, only when a redraw is granted), then the
+        figure."""
+        self._to_host()
+        self._draw(trainer)
 
     def _to_host(self) -> None:
         if self._pending:
@@ -305,12 +308,9 @@ class PredictionDynamics(RecipeCheck):
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._to_host()
-        budget = _DRAW_BUDGET * (time.perf_counter() - self._t0)
-        if len(self.values) >= max(2, int(1.5 * self._drawn_at) + 1) and self._draw_s + self._draw_cost <= budget:
-            t = time.perf_counter()
-            self._draw(trainer)
-            self._draw_cost = time.perf_counter() - t
-            self._draw_s += self._draw_cost
+        if trainer.loggers and trainer.is_global_zero and len(self.values) >= 2:  # live: the jitter so far
+            index = self._jitter()["index"]
+            self._publish(trainer, {"recipe/prediction_jitter": index if np.isfinite(index) else None})
 
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
@@ -371,7 +371,7 @@ class PredictionDynamics(RecipeCheck):
         self._drawn_at = len(self.values)
         if not trainer.is_global_zero or self._dir is None or self._spec is None:
             return
-        from lightning_recipe.report.loggers import log_figure, log_scalars
+        from lightning_recipe.report.loggers import log_figure
         from lightning_recipe.report.plotting import plot_prediction_dynamics
 
         steps, values = np.asarray(self.steps), np.stack(self.values)
@@ -385,8 +385,7 @@ class PredictionDynamics(RecipeCheck):
             from lightning_recipe.report.loggers import unwritable
 
             unwritable(trainer, self._dir, err)
-        if np.isfinite(j["index"]):
-            log_scalars(trainer, {"recipe/prediction_jitter": j["index"]}, trainer.global_step)
+        self._publish(trainer, {"recipe/prediction_jitter": j["index"] if np.isfinite(j["index"]) else None})
         sequence = self.targets is not None and self.targets.ndim >= 2 and self._spec.task == "multiclass"
         jitter = j["index"] if np.isfinite(j["index"]) else None
         if self._spec.dense and self._spec.task in ("binary", "multilabel"):  # one mean p(true label) per example

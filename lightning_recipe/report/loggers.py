@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from lightning_recipe.exceptions import RecipeWarning
 
-__all__ = ["log_figure", "log_file", "log_scalars", "log_text"]
+__all__ = ["log_figure", "log_file", "log_scalars", "log_tags", "log_text"]
 
 _DPI = 100
 
@@ -192,10 +192,11 @@ def log_text(trainer: Any, tag: str, text: str, step: Optional[int] = None) -> N
 
 @rank_zero_only
 def log_file(trainer: Any, tag: str, path: str, step: Optional[int] = None) -> None:
-    """Send a file (the self-contained ``report.html``) to every logger that keeps files.
+    """Send a file (the self-contained ``report.html``, ``report.json``) to every logger that keeps files.
 
-    MLflow: artifact under the tag's folder (the MLflow UI shows HTML artifacts inline); W&B: ``wandb.Html`` under
-    ``tag`` (a media file in the run); Comet: ``log_asset``; CSVLogger and unknown loggers: a copy under
+    MLflow: artifact under the tag's folder (the MLflow UI shows HTML artifacts inline); W&B: an HTML file as
+    ``wandb.Html`` under ``tag`` (a media file in the run), any other file copied to the run's files
+    (``files/recipe/<name>``, synced with the run); Comet: ``log_asset``; CSVLogger and unknown loggers: a copy under
     ``<logger.log_dir>/recipe/`` unless it is the same file; TensorBoard keeps no files (it gets the markdown text
     through :func:`log_text`).
 
@@ -218,11 +219,15 @@ def log_file(trainer: Any, tag: str, path: str, step: Optional[int] = None) -> N
             if kind == "MLFlowLogger":
                 folder = _artifact_dir(tag).rsplit("/", 1)[0] if "/" in tag else None
                 logger.experiment.log_artifact(logger.run_id, path, folder)
-            elif kind == "WandbLogger":
+            elif kind == "WandbLogger" and base.endswith(".html"):
                 import wandb
 
                 with open(path) as fh:  # a file object: never mistaken for a path
                     logger.log_metrics({tag: wandb.Html(fh, inject=False)}, step=step)
+            elif kind == "WandbLogger":  # other files: the run's files (`files/recipe/<name>`), synced with the run
+                target = os.path.join(logger.experiment.dir, "recipe", base)
+                with open(path, "rb") as fh:
+                    _write_bytes(target, fh.read())
             elif kind == "CometLogger":
                 logger.experiment.log_asset(path, file_name=base, step=step)
             elif kind != "TensorBoardLogger":
@@ -234,6 +239,35 @@ def log_file(trainer: Any, tag: str, path: str, step: Optional[int] = None) -> N
                             _write_bytes(target, fh.read())
         except Exception as err:
             rank_zero_warn(f"lightning_recipe could not send file {base!r} to {kind}: {err}", category=RecipeWarning)
+
+
+@rank_zero_only
+def log_tags(trainer: Any, tags: dict[str, Any]) -> None:
+    """Set run-level values (the findings counts) where a logger keeps them: MLflow tags on the logger's run
+    (``set_tag``), the W&B run summary, Comet ``log_other``; other loggers have no such place and get nothing.
+
+    Args:
+        trainer: the Trainer (its ``loggers`` are used).
+        tags: name → value, e.g. ``{"recipe/fail": 0, "recipe/warn": 1}``.
+
+    Example::
+
+        >>> import lightning as L
+        >>> log_tags(L.Trainer(logger=False), {"recipe/fail": 0})
+    """
+    for logger in trainer.loggers:
+        kind = _kind(logger)
+        try:
+            if kind == "MLFlowLogger":
+                for k, v in tags.items():
+                    logger.experiment.set_tag(logger.run_id, k, str(v))
+            elif kind == "WandbLogger":
+                logger.experiment.summary.update(dict(tags))
+            elif kind == "CometLogger":
+                for k, v in tags.items():
+                    logger.experiment.log_other(k, v)
+        except Exception as err:
+            rank_zero_warn(f"lightning_recipe could not set tags on {kind}: {err}", category=RecipeWarning)
 
 
 def unwritable(trainer: Any, directory: str, err: BaseException) -> None:

@@ -104,7 +104,10 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
     Python floats (tensor learning rates are read with the gradient statistics). A figure
     (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs clip value, weight norm
-    and loss) goes to the loggers at the end of the fit.
+    and loss) goes to the loggers at the end of the fit, and during it every few reads within the live-figure time
+    budget (:mod:`lightning_recipe.report.live`). At each read the loggers get the series ``recipe/lr`` (one per
+    parameter group, ``recipe/lr/pg<j>``, when there are several), ``recipe/grad_norm`` and ``recipe/grad_norm_max``
+    (mean and largest since the last read) and ``recipe/weight_norm``: values the read already holds on the host.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -362,6 +365,8 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         if self._batches % self.check_every_n_steps == 0:
             self._read(trainer, pl_module)
             self._judge(trainer, final=False)
+            self._publish(trainer, self._live_scalars())  # live: the values this read brought to the host
+            self._live_figure(trainer, "recipe/optimization_health", self._draw)
 
     def _take_lrs(self, lrs: list[float], step: int) -> None:
         """The learning rates of one batch, as Python floats: history, schedule tracking, decay budget."""
@@ -522,8 +527,31 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         self._flush_lrs()  # no collective: the learning rates of the last batches, for the figure
+        if self.__dict__.get("_drawn_n") != (len(self.lrs), len(self.grad_norms)) or not self.figures:
+            self._draw(trainer)  # unless drawn live with the same data
+
+    def _live_scalars(self) -> dict[str, Optional[float]]:
+        """The series sent to the loggers at each read (host values this read brought; no sync): the learning rate
+        of each parameter group (``recipe/lr``, or ``recipe/lr/pg<j>`` with several groups), the mean and largest
+        gradient norm measured since the last read, the weight norm."""
+        out: dict[str, Optional[float]] = {}
+        if self.lrs:
+            lrs = self.lrs[-1]
+            out.update({"recipe/lr": lrs[0]} if len(lrs) == 1 else {f"recipe/lr/pg{j}": v for j, v in enumerate(lrs)})
+        start = self.__dict__.get("_live_from", 0)
+        norms = [v for v in self.grad_norms[start if start <= len(self.grad_norms) else 0:] if math.isfinite(v)]
+        self._live_from = len(self.grad_norms)
+        if norms:
+            out.update({"recipe/grad_norm": sum(norms) / len(norms), "recipe/grad_norm_max": max(norms)})
+        if self.weight_history:
+            out["recipe/weight_norm"] = self.weight_history[-1][1]
+        return out
+
+    def _draw(self, trainer: "pl.Trainer") -> None:
+        """The optimization-health figure to the loggers and ``optimization_health.png`` (at the end, and live)."""
         if not self.figure or not trainer.is_global_zero or self._dir is None or not (self.lrs or self.grad_norms):
             return
+        self._drawn_n = (len(self.lrs), len(self.grad_norms))
         from lightning_recipe.report.loggers import log_figure
 
         try:
@@ -547,7 +575,7 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
             self.lrs, self.grad_norms, self.layer_history, self.losses = [], [], [], []
             self.weight_history, self.dead_history = [], []
             self.update_ratios, self.update_ratio_stats = [], []
-            self._reads = 0
+            self._reads = self._live_from = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
