@@ -117,8 +117,9 @@ def take_sample(tensors: list[Tensor], plans: list[tuple[int, int, int]]) -> Ten
         >>> take_sample([w, torch.ones(3)], [(1, 3, 3), (0, 1, 3)])
         tensor([1., 4., 7., 1., 1., 1.])
     """
-    return torch.cat([_flat(t.detach())[off::stride][:count].float() for t, (off, stride, count) in
-                      zip(tensors, plans)])
+    # one copy kernel for the strided views (cat promotes mixed dtypes), one cast
+    views = [_flat(t.detach())[off::stride][:count] for t, (off, stride, count) in zip(tensors, plans)]
+    return torch.cat(views).float()
 
 
 def update_ratios(before: Tensor, after: Tensor, counts: list[int]) -> Tensor:
@@ -145,11 +146,9 @@ def update_ratios(before: Tensor, after: Tensor, counts: list[int]) -> Tensor:
         >>> update_ratios(b, b.clone(), [2, 2])  # a skipped step
         tensor([nan, nan])
     """
-    d = (after - before).square()
-    w = before.square()
-    dn = torch.stack([s.sum() for s in d.split(counts)])
-    wn = torch.stack([s.sum() for s in w.split(counts)])
-    ratio = (dn / wn).sqrt()
+    dn = _norms(list((after - before).split(counts)), 2.0)  # fused per-segment norms
+    wn = _norms(list(before.split(counts)), 2.0)
+    ratio = dn / wn
     nan = torch.full_like(ratio, math.nan)
     ratio = torch.where(wn > 0, ratio, nan)
     return torch.where(dn.sum() > 0, ratio, nan)
