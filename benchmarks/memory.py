@@ -90,7 +90,7 @@ def _data(model: str, n: int = 256, batch_size: int = 32) -> DataLoader:
 CONFIGS: dict[str, Callable[[], list[Callback]]] = {
     "plain": lambda: [],
     "recommended": lambda: lr.recommended(),
-    "recommended-DataCheck": lambda: lr.recommended(exclude=["DataCheck"]),  # the data scan's memory is the data's
+    "recommended-DataCheck": lambda: lr.recommended(exclude=["DataCheck"]),  # what the data scan and its figure add
 }
 # each check of the preset alone (``--configs`` with its class name)
 for _cb in lr.recommended()[0].callbacks:

@@ -12,6 +12,8 @@ sampled with a private seeded generator, so training's iterators and random stat
 * class balance (pass with the counts; a note on an imbalance the head bias handles; warn on heavy imbalance of
   per-example classes that nothing handles, or an extreme one);
 * class-index targets that are a copy of the integer inputs (a language model whose targets were not shifted; fail);
+* validation data distributed differently from the training data: inputs on another scale, validation standardized
+  with its own statistics, labels far from the training labels (warn; a moderate shift is a note);
 
 and a figure of the first batch exactly as it goes into the network (after ``transfer_batch_to_device`` and
 ``on_after_batch_transfer``) is saved through the loggers: an image grid, per-feature histograms, or decoded
@@ -53,7 +55,9 @@ class DataCheck(_DataRules, _OnceCheck):
     (``lightning_recipe._core.labels.SCAN_SECONDS``; the ``finite`` finding says how many batches were read and whether the
     time budget stopped it). Everything below is computed on these rows, so the cost is bounded by ``max_batches``
     times the batch size, independent of the dataset length: one pass of reading, and hashing in
-    ``O(rows x values per row)``. An ``IterableDataset`` is never read here (a one-shot stream would lose the batches,
+    ``O(rows x values per row)``. The scan streams: batches are processed in slices of at most 65536 values and
+    only running sums, class counts, 16 bytes of hashes per row and a fixed reservoir of 1024 rows are kept (no row
+    beyond the first batch, for the figure), so its memory does not grow with the data. An ``IterableDataset`` is never read here (a one-shot stream would lose the batches,
     a stream with its own random state would give training other ones): the check then runs at the first training
     batch, on that batch only (finite, scale, leak, the figure), and one ``scan`` skip finding says that duplicates,
     overlap and balance were not checked.
@@ -116,6 +120,29 @@ class DataCheck(_DataRules, _OnceCheck):
       ``y[:, t] == x[:, t + 1]`` on at least 95% of the positions).
       Float inputs are never compared: regressing on the inputs (an autoencoder) is legitimate. Skipped when no input
       has the targets' shape.
+
+    * **shift**: the validation data against the training data (skipped without a validation loader).
+
+      - *inputs*, per judged feature (as for ``scale``; integer token ids are not compared): the standardized mean
+        difference ``(mean_v - mean_t) / std_t`` and the std ratio ``std_v / std_t`` (features constant in training
+        are not judged), each against its sampling error for ``n_t`` and ``n_v`` examples
+        (:func:`~lightning_recipe.functional.data.scale_shift`: ``sqrt(1/n_t + 1/n_v)`` for the mean difference,
+        ``sqrt((kurtosis - 1)(1/n_t + 1/n_v))`` for the variance ratio, so sparse pixels that happen to be all zero in
+        validation are within it) at ``z`` such that a healthy split exceeds it on any of the ``D`` features with the
+        chance of one 3-sigma event. A feature is *far* when beyond that and the means differ by more than one
+        training std or the spreads by more than 2x. **warn** when at least half of the judged features are far (a
+        preprocessing difference moves every feature: digits scaled by 1/16 for training and left raw for
+        validation, median ratio 16, 60 of 61 pixels far), or when the validation rows of a 2-D input were
+        standardized with their own statistics (every mean 0 and std 1 to within 1% of the sampling error
+        ``1/sqrt(n_v)``, which the training statistics would leave: a shift hidden, not removed). A **note** when some
+        features are beyond sampling error by more than 0.2 std or 1.25x (drift, a split by time or source: the
+        last 297 rows of digits, another set of writers, are such a note).
+      - *labels*, class indices (or each 0/1 label): the total variation distance between the class frequencies
+        against ``½ sqrt((K - 1 + 3 sqrt(2 (K - 1))) (1/n_t + 1/n_v))``, the chi-square bound at 3 sigma
+        (:func:`~lightning_recipe.functional.data.label_shift`; examples, not positions, count for labels per
+        position). **warn** beyond it when the distance is at least 0.25 or classes are absent from validation that
+        should appear at least 7 times each (a class-sorted data set split by position: validation holds 2 of 10
+        digits, distance 0.8); a **note** beyond it otherwise.
 
     Hashing sees the examples as the dataset returns them, before ``on_after_batch_transfer``: random augmentation
     inside the dataset makes copies look different, so they go undetected (no false alarm). Under DDP each rank
