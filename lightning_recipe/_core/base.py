@@ -410,7 +410,7 @@ class RecipeCheck(Callback):
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
         log_file(trainer, "recipe/report_json", paths["json"])
-        publish(trainer, {})  # the last point of the recipe/fail and recipe/warn series
+        publish(trainer, {}, flush=True)  # the last point of the recipe/fail and recipe/warn series, on disk
         fail, warn = finding_counts(trainer)
         log_tags(trainer, {"recipe/fail": fail, "recipe/warn": warn})
         earlier = ""

@@ -111,11 +111,13 @@ def finding_counts(trainer: Any) -> tuple[int, int]:
     return fail, warn
 
 
-def publish(trainer: Any, scalars: dict[str, Optional[float]], step: Optional[int] = None) -> None:
+def publish(trainer: Any, scalars: dict[str, Optional[float]], step: Optional[int] = None,
+            flush: bool = False) -> None:
     """Send ``scalars`` (host floats; ``None``, non-finite values and a series that already has a point at ``step``
     are left out) to every logger at ``step``, with ``recipe/fail`` and ``recipe/warn`` (once per step, or when they
-    change); a changed count also updates the MLflow tags and the W&B summary. Rank zero only; nothing is done
-    without a logger."""
+    change); a changed count also updates the MLflow tags and the W&B summary. File-based loggers are saved only
+    with ``flush`` (at the end of the fit: Lightning saves them at its own logging steps). Rank zero only; nothing is
+    done without a logger."""
     if not trainer.is_global_zero or not trainer.loggers:
         return
     from lightning_recipe.report.loggers import log_scalars, log_tags
@@ -132,7 +134,7 @@ def publish(trainer: Any, scalars: dict[str, Optional[float]], step: Optional[in
         state.counts, state.counts_step = counts, step
     if values:
         state.steps.update(dict.fromkeys(values, step))
-        log_scalars(trainer, values, step)
+        log_scalars(trainer, values, step, flush=flush)
 
 
 def tick(trainer: Any, tag: str, draw: Callable[[Any], Any], every_n_reads: Optional[int] = None) -> bool:
