@@ -93,8 +93,8 @@ class _UpdateRatio:
 
     def _judge_update_ratio(self, step: int, final: bool) -> Optional[Finding]:
         name = f"{self.name}.update_ratio"
-        if "update_ratio" in self.concluded:
-            return None
+        if "update_ratio" in self.concluded or not (final or self._reads & (self._reads - 1) == 0):
+            return None  # judged at reads 1, 2, 4, 8, ... (each pass reads the whole history) and at the end
         rows = [(s, r) for s, r in self.update_ratios if any(math.isfinite(v) and v > 0 for v in r)]
         if len(rows) < (3 if final else 10):
             return Finding(name, "skip", f"{self.name}: {len(rows)} measurements of the update ratio (one every "
