@@ -85,7 +85,8 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
       on the device) before the step and compared after it (see :func:`~lightning_recipe.functional.optimization.
       update_ratios` for the estimator and its error, ~``1/sqrt(update_sample)``). No ratio for a tensor that is all
       zero, for a step that moved nothing (a skipped GradScaler step), for sparse gradients; embeddings are measured
-      but not judged (rows move only when seen). Each tensor's median over the measurements; per parameter group,
+      but not judged (rows move only when seen). Judged at reads 1, 2, 4, 8, ... and at the end, on each tensor's
+      median over the measurements so far; per parameter group,
       the median over its tensors weighted by their sizes (the typical entry). Warn when a group whose peak learning
       rate is 10x or more below the other groups' moves more than ``max_update_spread`` times less than they do (a
       group with a wrong learning rate). A gap of more than ``max_update_spread`` between neighbouring tensors
