@@ -86,24 +86,26 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
       update_ratios` for the estimator and its error, ~``1/sqrt(update_sample)``). No ratio for a tensor that is all
       zero, for a step that moved nothing (a skipped GradScaler step), for sparse gradients; embeddings are measured
       but not judged (rows move only when seen). Judged at reads 1, 2, 4, 8, ... and at the end, on each tensor's
-      median over the measurements so far; per parameter group,
-      the median over its tensors weighted by their sizes (the typical entry). Warn when a group whose peak learning
-      rate is 10x or more below the other groups' moves more than ``max_update_spread`` times less than they do (a
-      group with a wrong learning rate). A gap of more than ``max_update_spread`` between neighbouring tensors
-      (sorted) that no learning rate explains (a parameter in raw units, a layer scale at 1e-5) is a ``note``; so is
-      a median tensor outside [1e-5, 1e-1] (the ~1e-3 rule of thumb, which adaptive optimizers do not follow).
+      median over the measurements so far and, per parameter group, the median over its tensors weighted by their
+      sizes (the typical entry). Warn when a group whose peak learning rate is 10x or more below the other groups'
+      moves more than ``max_update_spread`` times less than they do (a group with a wrong learning rate). A gap of
+      more than ``max_update_spread`` between neighbouring tensors (sorted) that no learning rate explains (a
+      parameter in raw units, a layer scale at 1e-5) is a ``note``; so is a median tensor outside [1e-5, 1e-1] (the
+      ~1e-3 rule of thumb, which adaptive optimizers do not follow).
       Calibration (``benchmarks/update_ratio_calibration.py``, 69 healthy fits of ``benchmarks/corpus.py``): the
       largest gap between neighbouring tensors is 9.8x (slowest to fastest tensor up to 179x); on the healthy fits
       with parameter groups (no decay on norms, the backbone at a tenth of the head's rate) the slowest group moves at
-      most 4.5x less than the rest; one layer at 1e-4x the learning rate moves 6.4e3x to 2.9e4x less. A layer at 100x is
-      not seen: its weights grow until its ratio is back within 2-5x of the others'. Tensors that do not move at all
-      (learning rate 0) and tensors in no optimizer are left to ``ParameterUpdateCheck``.
+      most 4.5x less than the rest; one layer at 1e-4x the learning rate moves 6.4e3x to 2.9e4x less. A layer at
+      100x is not seen: its weights grow until its ratio is back within 2-5x of the others'. Tensors that do not move
+      at all (learning rate 0) and tensors in no optimizer are left to ``ParameterUpdateCheck``.
 
     Gradient statistics are computed every ``grad_every_n_steps`` optimizer steps (one pass over the gradients,
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
     Python floats (tensor learning rates are read with the gradient statistics). A figure
     (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs clip value, weight norm
-    and loss) goes to the loggers at the end of the fit.
+    and loss, update ratio per tensor) goes to the loggers at the end of the fit. ``update_ratios`` (a row of ratios
+    per measurement, NaN where not measured), ``update_ratio_names`` and ``update_ratio_stats`` (per read: the median,
+    smallest and largest of the tensors' median ratio in that read's window, host floats) are kept for live logging.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
