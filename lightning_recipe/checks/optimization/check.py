@@ -87,27 +87,32 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
       on the device) before the step and compared after it (see :func:`~lightning_recipe.functional.optimization.
       update_ratios` for the estimator and its error, ~``1/sqrt(update_sample)``). No ratio for a tensor that is all
       zero, for a step that moved nothing (a skipped GradScaler step), for sparse gradients; embeddings are measured
-      but not judged (rows move only when seen). Each tensor's median over the measurements; per parameter group,
-      the median over its tensors weighted by their sizes (the typical entry). Warn when a group whose peak learning
-      rate is 10x or more below the other groups' moves more than ``max_update_spread`` times less than they do (a
-      group with a wrong learning rate). A gap of more than ``max_update_spread`` between neighbouring tensors
-      (sorted) that no learning rate explains (a parameter in raw units, a layer scale at 1e-5) is a ``note``; so is
-      a median tensor outside [1e-5, 1e-1] (the ~1e-3 rule of thumb, which adaptive optimizers do not follow).
+      but not judged (rows move only when seen). Judged at reads 1, 2, 4, 8, ... and at the end, on each tensor's
+      median over the measurements so far and, per parameter group, the median over its tensors weighted by their
+      sizes (the typical entry). Warn when a group whose peak learning rate is 10x or more below the other groups'
+      moves more than ``max_update_spread`` times less than they do (a group with a wrong learning rate). A gap of
+      more than ``max_update_spread`` between neighbouring tensors (sorted) that no learning rate explains (a
+      parameter in raw units, a layer scale at 1e-5) is a ``note``; so is a median tensor outside [1e-5, 1e-1] (the
+      ~1e-3 rule of thumb, which adaptive optimizers do not follow).
       Calibration (``benchmarks/update_ratio_calibration.py``, 69 healthy fits of ``benchmarks/corpus.py``): the
       largest gap between neighbouring tensors is 9.8x (slowest to fastest tensor up to 179x); on the healthy fits
       with parameter groups (no decay on norms, the backbone at a tenth of the head's rate) the slowest group moves at
-      most 4.5x less than the rest; one layer at 1e-4x the learning rate moves 6.4e3x to 2.9e4x less. A layer at 100x is
-      not seen: its weights grow until its ratio is back within 2-5x of the others'. Tensors that do not move at all
-      (learning rate 0) and tensors in no optimizer are left to ``ParameterUpdateCheck``.
+      most 4.5x less than the rest; one layer at 1e-4x the learning rate moves 6.4e3x to 2.9e4x less. A layer at
+      100x is not seen: its weights grow until its ratio is back within 2-5x of the others'. Tensors that do not move
+      at all (learning rate 0) and tensors in no optimizer are left to ``ParameterUpdateCheck``.
 
     Gradient statistics are computed every ``grad_every_n_steps`` optimizer steps (one pass over the gradients,
     like clipping's own), kept on the device and read every ``check_every_n_steps`` batches; the learning rates are
     Python floats (tensor learning rates are read with the gradient statistics). A figure
     (``optimization_health.png``: learning rate, per-layer gradient norms, gradient norm vs clip value, weight norm
-    and loss) goes to the loggers at the end of the fit, and during it every few reads within the live-figure time
-    budget (:mod:`lightning_recipe.report.live`). At each read the loggers get the series ``recipe/lr`` (one per
-    parameter group, ``recipe/lr/pg<j>``, when there are several), ``recipe/grad_norm`` and ``recipe/grad_norm_max``
-    (mean and largest since the last read) and ``recipe/weight_norm``: values the read already holds on the host.
+    and loss, update ratio per tensor) goes to the loggers at the end of the fit, and during it every few reads within
+    the live-figure time budget (:mod:`lightning_recipe.report.live`). At each read the loggers get the series
+    ``recipe/lr`` (one per parameter group, ``recipe/lr/pg<j>``, when there are several), ``recipe/grad_norm`` and
+    ``recipe/grad_norm_max`` (mean and largest since the last read), ``recipe/weight_norm`` and
+    ``recipe/update_ratio`` (the median tensor's ratio in that read's window): values the read already holds on the
+    host. ``update_ratios`` (a row of ratios per measurement, NaN where not measured), ``update_ratio_names`` and
+    ``update_ratio_stats`` (per read: the median, smallest and largest of the tensors' median ratio in that read's
+    window, host floats) keep the history.
 
     Args:
         on_fail: ``"raise"`` or ``"warn"``.
@@ -302,7 +307,8 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         # one fused norm per measurement, kept on the device; the per-layer arithmetic is batched at the next read
         top = _norms(grads, math.inf).max() if trainer.gradient_clip_algorithm == "value" else None
         self._grad_pending.append((idx, _norms(grads, 2.0), top))
-        self._begin_sample(trainer.global_step, optimizer, params)
+        if "update_ratio" not in self.concluded:  # not under a sharded strategy (see `_start_update_ratio`)
+            self._begin_sample(trainer.global_step, optimizer, params)
 
     def _gather_grads(self) -> None:
         """Per-layer RMS gradients and the total norm of the measurements since the last read, batched per optimizer
@@ -545,6 +551,8 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
             out.update({"recipe/grad_norm": sum(norms) / len(norms), "recipe/grad_norm_max": max(norms)})
         if self.weight_history:
             out["recipe/weight_norm"] = self.weight_history[-1][1]
+        if self.update_ratio_stats and self.update_ratio_stats[-1][0] == self._last_read_step:
+            out["recipe/update_ratio"] = self.update_ratio_stats[-1][1]["median"]
         return out
 
     def _draw(self, trainer: "pl.Trainer") -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lightning_recipe._core.sharding import sharding
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import (log_spread, sample_plan, split_by_gap, take_sample,
                                                        update_ratios, weighted_median, window_medians)
@@ -39,6 +40,12 @@ class _UpdateRatio:
 
     def _start_update_ratio(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """Name the trainable tensors (their slot in ``update_ratio_names``), the embeddings, their groups."""
+        kind = sharding(trainer)
+        if kind is not None:  # each rank holds a shard of every tensor: a sample of a whole tensor is not at hand
+            self.concluded["update_ratio"] = "skip"
+            self.findings.append(Finding(f"{self.name}.update_ratio", "skip", (
+                f"{self.name}: the update ratio is not measured under a sharded strategy ({kind}): each rank holds a "
+                "shard of every parameter, so a tensor's ||dw|| / ||w|| is not at hand without gathering it.")))
         emb = {id(m.weight) for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
         for name, p in pl_module.named_parameters():
             if p.requires_grad and id(p) not in self._slot_of:
@@ -93,8 +100,8 @@ class _UpdateRatio:
 
     def _judge_update_ratio(self, step: int, final: bool) -> Optional[Finding]:
         name = f"{self.name}.update_ratio"
-        if "update_ratio" in self.concluded:
-            return None
+        if "update_ratio" in self.concluded or not (final or self._reads & (self._reads - 1) == 0):
+            return None  # judged at reads 1, 2, 4, 8, ... (each pass reads the whole history) and at the end
         rows = [(s, r) for s, r in self.update_ratios if any(math.isfinite(v) and v > 0 for v in r)]
         if len(rows) < (3 if final else 10):
             return Finding(name, "skip", f"{self.name}: {len(rows)} measurements of the update ratio (one every "
