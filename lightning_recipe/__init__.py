@@ -19,6 +19,7 @@ from lightning_recipe.checks.prediction_dynamics import PredictionDynamics
 from lightning_recipe.presets import Recipe, recommended, strict
 from lightning_recipe.checks.reproducibility import ReproducibilityCheck
 from lightning_recipe.checks.wiring import WiringCheck
+from lightning_recipe.report.live import set_live_figures
 
 __version__ = "0.1.0"
 
@@ -46,5 +47,6 @@ __all__ = [
     "collect_findings",
     "overfit_one_batch",
     "recommended",
+    "set_live_figures",
     "strict",
 ]

@@ -22,7 +22,7 @@ from lightning_recipe.functional.optimization import ratio_error, sample_plan, t
 
 
 def _fit(tmp_path: Any, model: L.LightningModule, steps: int = 40, extra: tuple = (), bs: int = 32, **kw: Any):
-    trainer_kw = {k: kw.pop(k) for k in list(kw) if k in ("accumulate_grad_batches",)}
+    trainer_kw = {k: kw.pop(k) for k in list(kw) if k in ("accumulate_grad_batches", "logger")}
     cb = OptimizationHealthCheck(on_fail="warn", figure=False, **{"check_every_n_steps": 10, "grad_every_n_steps": 2,
                                                                    **kw})
     x, y = blobs(512)
@@ -341,3 +341,22 @@ def test_every_ratio_far_below_the_rule_of_thumb_is_a_note(tmp_path):
     f = _finding(cb)
     assert f.status == "note" and not recipe and "far from the ~1e-3 rule of thumb" in f.message
     assert f.details["median_ratio"] < 1e-5
+
+
+def test_update_ratio_is_a_live_series_equal_to_each_reads_median(tmp_path):
+    """Each read sends ``recipe/update_ratio``: the median over tensors of their median ratio in that read's window,
+    the value kept in ``update_ratio_stats`` (a CSVLogger writes it; no other computation)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path), name="live")
+    cb, recipe = _fit(tmp_path, _Wide(), steps=40, logger=logger)
+    assert not recipe
+    with open(f"{logger.log_dir}/metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("recipe/update_ratio")]
+    logged = [float(r["recipe/update_ratio"]) for r in rows]
+    kept = [s["median"] for _, s in cb.update_ratio_stats]
+    assert len(logged) == len(kept) >= 3
+    assert logged == pytest.approx(kept, rel=1e-6)
+    assert all(1e-5 < v < 1e-1 for v in logged)  # SGD at lr 0.05 on this net: inside the rule of thumb's range

@@ -551,8 +551,9 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
             out.update({"recipe/grad_norm": sum(norms) / len(norms), "recipe/grad_norm_max": max(norms)})
         if self.weight_history:
             out["recipe/weight_norm"] = self.weight_history[-1][1]
-        if self.update_ratio_stats and self.update_ratio_stats[-1][0] == self._last_read_step:
+        if len(self.update_ratio_stats) > self.__dict__.get("_ratio_live_from", 0):  # a new window this read
             out["recipe/update_ratio"] = self.update_ratio_stats[-1][1]["median"]
+        self._ratio_live_from = len(self.update_ratio_stats)
         return out
 
     def _draw(self, trainer: "pl.Trainer") -> None:
@@ -583,7 +584,7 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
             self.lrs, self.grad_norms, self.layer_history, self.losses = [], [], [], []
             self.weight_history, self.dead_history = [], []
             self.update_ratios, self.update_ratio_stats = [], []
-            self._reads = self._live_from = 0
+            self._reads = self._live_from = self._ratio_live_from = 0
 
     @override
     def state_dict(self) -> dict[str, Any]:
