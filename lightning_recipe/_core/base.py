@@ -24,6 +24,7 @@ from lightning_recipe.report.writers import _write_reports
 from lightning_recipe._core.warn import new_fit as _new_warn_fit
 from lightning_recipe._core.warn import warn_once
 from lightning_recipe.report.live import new_fit as _new_live_fit
+from lightning_recipe.report.live import publish, tick
 
 OnFail = Literal["raise", "warn"]
 # the hooks Lightning calls on every batch; a check whose work in one of them is over sets it to None for the rest of
@@ -372,8 +373,6 @@ class RecipeCheck(Callback):
     def _publish(self, trainer: "pl.Trainer", scalars: dict[str, Optional[float]]) -> None:
         """Live scalars at a periodic read: host floats already read (no sync), to every logger at the global step,
         with the fit's ``recipe/fail`` and ``recipe/warn`` counts (see :mod:`lightning_recipe.report.live`)."""
-        from lightning_recipe.report.live import publish
-
         publish(trainer, scalars)
 
     def _live_figure(self, trainer: "pl.Trainer", tag: str, draw: Callable[["pl.Trainer"], Any],
@@ -382,8 +381,6 @@ class RecipeCheck(Callback):
         within the fit's time budget for live figures (see :mod:`lightning_recipe.report.live`). Rank zero only."""
         if self._dir is None:
             return
-        from lightning_recipe.report.live import tick
-
         tick(trainer, tag, draw, every_n_reads)
 
     def _maybe_write_report(self, trainer: "pl.Trainer") -> None:
@@ -403,16 +400,14 @@ class RecipeCheck(Callback):
 
             unwritable(trainer, self._dir, err)
             return
-        from lightning_recipe.report.live import finding_counts, publish
-        from lightning_recipe.report.loggers import log_file, log_tags, log_text
+        from lightning_recipe.report.loggers import log_file, log_text
 
         with open(paths["md"]) as fh:
             log_text(trainer, "recipe/report", fh.read())
         log_file(trainer, "recipe/report_html", paths["html"])
         log_file(trainer, "recipe/report_json", paths["json"])
-        publish(trainer, {}, flush=True)  # the last point of the recipe/fail and recipe/warn series, on disk
-        fail, warn = finding_counts(trainer)
-        log_tags(trainer, {"recipe/fail": fail, "recipe/warn": warn})
+        # the last point of the recipe/fail and recipe/warn series, on disk; the tags follow the counts (`publish`)
+        publish(trainer, {}, flush=True)
         earlier = ""
         if os.path.basename(self._dir) != "recipe":  # recipe_1, ...: the folder held an earlier fit's report
             earlier = f"; {os.path.join(os.path.dirname(self._dir), 'recipe')} keeps the report of an earlier fit"
