@@ -3,7 +3,8 @@
 A ~17M-parameter MLP (2048 -> 4096 -> 2048 -> 10, Adam) and optionally a BatchNorm conv net (~1.8M parameters) are
 fitted for ``--steps`` optimizer steps on synthetic data, once per configuration, each fit in its own subprocess so
 that every peak is clean (after a warm-up fit of the same configuration on a tiny model in that process, so that
-lazy imports and one-time caches are not counted). A child measures its peak memory during ``trainer.fit`` only
+lazy imports and one-time caches are not counted, and with the heap pages freed by the build handed back to
+the system first, so that neither side counts them). A child measures its peak memory during ``trainer.fit`` only
 (model and data are built before): on CPU the peak resident set size (Linux ``VmHWM``, reset before the fit
 through ``/proc/self/clear_refs``; elsewhere ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which then also covers
 the build), on a GPU ``torch.cuda.max_memory_allocated`` (reset before the fit). What is printed per configuration
@@ -25,6 +26,7 @@ between identical runs: read its ratios with that in mind.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -42,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_recipe as lr
+from lightning_recipe._core.memory import release_freed_memory
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -172,6 +175,8 @@ def child(model_name: str, config: str, steps: int, device: str) -> dict[str, An
             torch.cuda.synchronize()
             peak, how = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
         else:
+            gc.collect()
+            release_freed_memory()  # the build's freed heap pages are not counted as the fit's (both sides alike)
             if _hwm_reset():
                 base = _status_kb("VmRSS") * 1024
                 trainer.fit(model, data)

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_recipe._core.memory import release_freed_memory
 from lightning_recipe._core.base import BATCH_HOOKS, RecipeCheck, _record_switch_off, null_hook, recipe_dir, restore_hooks
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
@@ -290,6 +291,11 @@ class Recipe(Callback):
             self._dir = recipe_dir(trainer)  # on every rank: trainer.log_dir broadcasts
 
     @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        _forward_train_start(self, trainer, pl_module)
+        release_freed_memory()  # the scan's and probes' temporaries do not stay under the training's peak
+
+    @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         for cb in self.callbacks:
             if id(cb) not in self._broken:
@@ -422,6 +428,7 @@ def _hooks() -> list[str]:
     )
 
 
+_forward_train_start = _forwarder("on_train_start")
 for _hook in _hooks():
     if _hook not in vars(Recipe):
         setattr(Recipe, _hook, _forwarder(_hook))
