@@ -9,9 +9,11 @@ prediction's); broken fits carry one named bug each.
 A healthy fit is *alarmed* when it gets a warn/fail finding, a ``RecipeWarning`` or a crash; a broken fit is *caught*
 when it gets a warn/fail finding (or a RecipeWarning).
 
-    python benchmarks/blind.py                      # every fit, one at a time (about 10 min on one core)
+    python benchmarks/blind.py                      # every fit, one at a time (6-8 min on one core)
     python benchmarks/blind.py --only vit_digits    # one fit (or a comma-separated list, or "healthy"/"broken")
     python benchmarks/blind.py --json blind.json    # every result, findings with their full messages
+    python benchmarks/blind.py --plain              # also fit each healthy fit without the recipe (12 min): a fit
+                                                    # good without the recipe and not with it is marked HARMED
 
 Data: scikit-learn's bundled tables (digits, iris, wine, diabetes, breast cancer, linnerud), synthetic tensors and
 Python's standard-library source text. Nothing is downloaded.
@@ -26,7 +28,6 @@ import json
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -108,14 +109,6 @@ def stdlib_text() -> str:
         with open(mod.__file__, encoding="utf-8") as fh:
             text += fh.read()
     return "".join(c if 32 <= ord(c) < 127 or c == "\n" else "?" for c in text)
-
-
-@torch.no_grad()
-def _eval_outputs(module: L.LightningModule, loader: Any, fn: Callable[[Any], Any]) -> list[Any]:
-    module.eval()
-    out = [fn(batch) for batch in loader]
-    module.train()
-    return out
 
 
 def acc_eval(module: L.LightningModule, x: torch.Tensor, y: torch.Tensor, good: float = 0.9,
@@ -560,9 +553,7 @@ def _multilabel(bug: bool) -> Built:
             out = m(Xv)
         pred = (out > (0.5 if bug else 0.0)).float()
         a = (pred == dv.Y).float().mean().item()
-        base = torch.maximum(dt.Y.mean(0), 1 - dt.Y.mean(0))
-        base_acc = ((dt.Y.mean(0) > 0.5).float() == dv.Y).float().mean().item()
-        del base
+        base_acc = ((dt.Y.mean(0) > 0.5).float() == dv.Y).float().mean().item()  # the majority per label
         return "label_acc", a, base_acc, a >= 0.93
     return Built(m, DataLoader(dt, batch_size=32, shuffle=True), DataLoader(dv, batch_size=256), 25, ev)
 
@@ -1185,8 +1176,7 @@ class TiedCharLM(L.LightningModule):
 def _charlm(lr: float) -> Built:
     text = stdlib_text()
     chars = sorted(set(text))
-    ids = torch.tensor([chars.index(c) for c in text]) if len(text) < 0 else torch.tensor(
-        np.searchsorted(np.array(chars), np.array(list(text))))
+    ids = torch.tensor(np.searchsorted(np.array(chars), np.array(list(text))))
     n = len(ids) // 65 * 65
     seqs = ids[:n].view(-1, 65)
     k = int(len(seqs) * 0.9)
