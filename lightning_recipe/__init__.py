@@ -4,7 +4,7 @@ from lightning_recipe._core.base import RecipeCheck
 from lightning_recipe.checks.activations import ActivationCheck
 from lightning_recipe.checks.batch_independence import BatchIndependenceCheck
 from lightning_recipe.checks.data import DataCheck
-from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeSkipNotice, RecipeWarning
 from lightning_recipe.findings import Finding, collect_findings
 from lightning_recipe.checks.generalization import GeneralizationCheck
 from lightning_recipe.checks.head_bias import HeadBiasInit
@@ -41,6 +41,7 @@ __all__ = [
     "RecipeCheck",
     "RecipeCheckError",
     "RecipeConfigError",
+    "RecipeSkipNotice",
     "RecipeWarning",
     "ReproducibilityCheck",
     "WiringCheck",

@@ -33,3 +33,18 @@ class RecipeWarning(UserWarning):
         >>> issubclass(RecipeWarning, UserWarning)
         True
     """
+
+
+class RecipeSkipNotice(UserWarning):
+    """A check could not run on this code and skipped (``on_fail="warn"``): the conventions by which it finds inputs,
+    targets, loss or head did not fit (an output dict with keys of its own, a head without a bias, a loss that takes
+    a third tensor). It says nothing about the training, so it is not a :class:`RecipeWarning`: a healthy fit of a
+    model the conventions do not cover shows no ``RecipeWarning``. The message names the argument that lets the
+    check run; the check records a ``skip`` finding in the report. In ``on_fail="raise"`` mode the same problem is a
+    :class:`RecipeConfigError`.
+
+    Example::
+
+        >>> issubclass(RecipeSkipNotice, RecipeWarning)
+        False
+    """

@@ -2,6 +2,7 @@
 minimises (HeadBiasInit must leave the bias alone rather than write NaN)."""
 
 import math
+import warnings
 
 import lightning as L
 import pytest
@@ -80,12 +81,15 @@ class Focal(TinyModel):
         return ((1 - torch.exp(-ce)) ** 2 * ce).mean()
 
 
-def test_integer_zero_one_labels_with_one_output_are_binary_and_a_guessed_loss_only_warns(tmp_path):
+def test_integer_zero_one_labels_with_one_output_are_binary_and_a_guessed_loss_is_only_a_note(tmp_path):
     L.seed_everything(0)
     x, y = blobs(n=512, classes=2, priors=[0.8, 0.2])
     t = trainer(tmp_path, lr.strict(), max_epochs=4)
-    with pytest.warns(lr.RecipeWarning, match="far BELOW"):  # the focal loss is below the guessed cross-entropy
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         t.fit(Focal(), loader(x[:448], y[:448]), loader(x[448:], y[448:], shuffle=False))
+    # the focal loss is far below the guessed cross-entropy: a loss of its own, not a bug, so no RecipeWarning
+    assert not [str(w.message) for w in caught if issubclass(w.category, lr.RecipeWarning)]
     findings = {f.check: f for f in lr.collect_findings(t)}
     assert not [f.message for f in findings.values() if f.failed]
     head = findings["HeadBiasInit"]
@@ -93,7 +97,8 @@ def test_integer_zero_one_labels_with_one_output_are_binary_and_a_guessed_loss_o
     assert head.details["bias"] == pytest.approx([math.log(rate / (1 - rate))], abs=1e-4)  # log-odds: binary
     init = findings["InitialLossCheck"]
     # the guess (BCE at the log-odds) is the label entropy of the first batch; the focal loss there is far below it
-    assert init.status == "warn" and "inferred" in init.message and init.measured < 0.5 * init.expected
+    assert init.status == "note" and "inferred" in init.message and init.measured < 0.5 * init.expected
+    assert "far BELOW" in init.message
 
 
 def test_distillation_with_a_temperature_only_warns_at_the_first_loss(tmp_path):

@@ -14,11 +14,16 @@ from helpers import TinyModel, blobs, loader, trainer
 from torch import nn
 
 import lightning_recipe as lr
-from lightning_recipe import Recipe, RecipeCheck, RecipeConfigError, RecipeWarning, collect_findings
+from lightning_recipe import Recipe, RecipeCheck, RecipeConfigError, RecipeSkipNotice, RecipeWarning, collect_findings
 
 
 def _recipe_warnings(record: list) -> list[str]:
     return [str(w.message) for w in record if issubclass(w.category, RecipeWarning)]
+
+
+def _skip_notices(record: list) -> list[str]:
+    """A check that cannot run here says so once, as a RecipeSkipNotice (not a RecipeWarning: it is no alarm)."""
+    return [str(w.message) for w in record if issubclass(w.category, RecipeSkipNotice)]
 
 
 class _DictForward(TinyModel):
@@ -46,7 +51,8 @@ def test_recommended_never_stops_a_fit_whose_forward_gives_an_unknown_dict(tmp_p
     assert findings["OptimizationHealthCheck.lr_schedule"].status == "pass"
     skipped = [f for f in collect_findings(t) if f.status == "skip" and "returned dict with keys ['foo']" in f.message]
     assert len(skipped) >= 6  # every check that needs the forward records its own skip
-    said = [m for m in _recipe_warnings(record) if "returned dict with keys ['foo']" in m]
+    said = [m for m in _skip_notices(record) if "returned dict with keys ['foo']" in m]
+    assert not [m for m in _recipe_warnings(record) if "returned dict" in m]
     assert len(said) == 1  # ... and the user reads the reason once
     # strict() stops it at fit start instead, naming the argument
     with pytest.raises(RecipeConfigError, match="`forward="):
@@ -68,7 +74,7 @@ def test_a_configuration_error_in_any_hook_of_a_warn_check_is_a_skip_finding(tmp
 
     probe, decrease = _ConfigAtStart(on_fail="warn"), LossDecreaseCheck(on_fail="warn")
     x, y = blobs(256)
-    with pytest.warns(RecipeWarning, match=r"_ConfigAtStart: the probe needs `split_batch=`"):
+    with pytest.warns(RecipeSkipNotice, match=r"_ConfigAtStart: the probe needs `split_batch=`"):
         t = trainer(tmp_path, [Recipe(callbacks=[probe, decrease])], max_steps=8)
         t.fit(TinyModel(), loader(x, y))
     assert t.global_step == 8 and not hasattr(probe, "after")
@@ -184,7 +190,7 @@ def test_recommended_leaves_the_bias_alone_when_the_loss_is_unusable(tmp_path):
     x, y = blobs(128)
     model, seen = _NoReduction(), _BiasAtStart()
     bias = model.net[-1].bias.detach().clone()
-    with pytest.warns(RecipeWarning, match="reduction='none'"):
+    with pytest.warns(RecipeSkipNotice, match="reduction='none'"):
         t = trainer(tmp_path, [*lr.recommended(), seen], max_steps=4)
         t.fit(model, loader(x, y))
     assert torch.equal(seen.bias, bias)  # the finding says skipped, and the bias was indeed not rewritten
@@ -207,7 +213,7 @@ def test_a_skip_reason_shared_by_several_checks_is_warned_once_per_fit(tmp_path)
             warnings.simplefilter("always")
             t = trainer(tmp_path, lr.recommended(), max_steps=4)
             t.fit(DictModel(), batches)
-        said = [m for m in _recipe_warnings(record) if "Cannot find inputs and targets" in m]
+        said = [m for m in _skip_notices(record) if "Cannot find inputs and targets" in m]
         assert len(said) == 1
         skipped = {f.check for f in collect_findings(t) if "Cannot find inputs and targets" in f.message}
         assert len(skipped) >= 7  # each check still records its skip

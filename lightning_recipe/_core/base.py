@@ -18,7 +18,7 @@ from typing_extensions import override
 from lightning_recipe._core.context import FitContext, get_context, new_fit
 from lightning_recipe._core.conventions import _Settings, _validate_settings
 from lightning_recipe._core.labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
-from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeWarning
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeSkipNotice, RecipeWarning
 from lightning_recipe.findings import Finding, _send_to_parent, collect_findings
 from lightning_recipe.report.writers import _write_reports
 from lightning_recipe._core.warn import new_fit as _new_warn_fit
@@ -73,7 +73,7 @@ def _record_switch_off(trainer: "pl.Trainer", cb: Callback, hook: str, err: Exce
             config_error(reason)  # a skip finding; the warning once per distinct reason per fit
         else:  # pragma: no cover - a check of another kind
             cb.findings.append(Finding(name, "skip", f"{name}: {reason}"))
-            warn_once(trainer, f"{name}: {reason}", key=f"config: {reason}")
+            warn_once(trainer, f"{name}: {reason}", key=f"config: {reason}", category=RecipeSkipNotice)
         return
     frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ is not None else None
     where = f" at {os.path.basename(frame.filename)}:{frame.lineno}" if frame is not None else ""
@@ -269,14 +269,15 @@ class RecipeCheck(Callback):
     def _config_error(self, message: str) -> None:
         """A configuration problem: raise (``"raise"``), or skip this check with a ``skip`` finding (``"warn"``).
 
-        In ``"warn"`` mode the user reads each distinct problem once per fit: the checks that skip for the same
-        reason after the first record their finding without another warning."""
+        In ``"warn"`` mode the user reads each distinct problem once per fit, as a :class:`RecipeSkipNotice` (not a
+        :class:`RecipeWarning`: conventions that do not fit valid code say nothing about the training); the checks
+        that skip for the same reason after the first record their finding without another notice."""
         reason, message = message, f"{self.name}: {message}"
         if self.on_fail == "raise":
             raise RecipeConfigError(message)
         self._disabled = True
         self.findings.append(Finding(self.name, "skip", message))
-        warn_once(self._trainer(), message, key=f"config: {reason}")
+        warn_once(self._trainer(), message, key=f"config: {reason}", category=RecipeSkipNotice)
 
     def _trainer(self) -> Optional["pl.Trainer"]:
         """The trainer of the model this check last saw, if it is still attached."""

@@ -6,6 +6,7 @@ Conventional code needs no argument; unconventional code needs one, and every er
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
@@ -145,6 +146,8 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
         out = out[0]
     if isinstance(out, dict):
         out = next((out[k] for k in _OUTPUT_KEYS if k in out), out)
+    elif not isinstance(out, Tensor):  # an output object (a dataclass, a namedtuple-like): its attribute
+        out = next((getattr(out, k) for k in _OUTPUT_KEYS if isinstance(getattr(out, k, None), Tensor)), out)
     if not isinstance(out, Tensor):
         keys = f" with keys {sorted(map(str, out))} (recognised: {', '.join(_OUTPUT_KEYS)})" if isinstance(out, dict) else ""
         raise RecipeConfigError(
@@ -172,12 +175,18 @@ def find_loss(pl_module: nn.Module, loss_fn: Optional[Callable] = None) -> Optio
         return loss_fn
     for name in _LOSS_ATTRS:
         v = getattr(pl_module, name, None)
-        if isinstance(v, nn.modules.loss._Loss):
+        if isinstance(v, nn.modules.loss._Loss) and _input_target_loss(v):
             return v
     for _, child in pl_module.named_children():
-        if isinstance(child, nn.modules.loss._Loss):
+        if isinstance(child, nn.modules.loss._Loss) and _input_target_loss(child):
             return child
     return None
+
+
+def _input_target_loss(loss: nn.Module) -> bool:
+    """Whether ``loss(outputs, targets)`` is a valid call (not ``GaussianNLLLoss``, ``CTCLoss``, margin/triplet losses)."""
+    params = inspect.signature(loss.forward).parameters.values()
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) <= 2
 
 
 @dataclass

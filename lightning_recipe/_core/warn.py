@@ -18,8 +18,8 @@ _SEEN: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
 _NO_TRAINER: set[str] = set()  # when no trainer is known (a check called outside a fit): once per process
 
 
-def warn_once(trainer: Optional[Any], message: str, key: Optional[str] = None) -> bool:
-    """Emit ``message`` as a :class:`RecipeWarning` unless ``key`` (default: the message) was already warned about
+def warn_once(trainer: Optional[Any], message: str, key: Optional[str] = None, category: type = RecipeWarning) -> bool:
+    """Emit ``message`` as a ``category`` warning (default :class:`RecipeWarning`) unless ``key`` (default: the message) was already warned about
     in this fit of ``trainer``. Returns whether it was emitted."""
     key = message if key is None else key
     try:
@@ -29,7 +29,7 @@ def warn_once(trainer: Optional[Any], message: str, key: Optional[str] = None) -
     if key in seen:
         return False
     seen.add(key)
-    rank_zero_warn(message, category=RecipeWarning)
+    rank_zero_warn(message, category=category)
     return True
 
 

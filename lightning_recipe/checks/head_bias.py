@@ -96,6 +96,20 @@ class HeadBiasInit(RecipeCheck):
         if ctx.head_error is not None:
             self._config_error(ctx.head_error)
             return
+        spec = ctx.spec
+        counts = getattr(ctx.stats, "class_counts", None)
+        if spec.inferred and spec.task == "multiclass" and not spec.soft_targets and counts is not None \
+                and bool((counts > 0).any()):
+            used = int((counts > 0).nonzero().max()) + 1
+            if spec.num_outputs >= 2 * used:
+                self.done = True
+                self.findings.append(Finding(
+                    self.name, "skip", f"{self.name}: the loss was inferred from the targets as a cross-entropy, but "
+                    f"the model gives {spec.num_outputs} outputs for labels in [0, {used - 1}]: the output is not "
+                    f"logits over these labels (an embedding, a projection: the batch's labels may not be the loss's "
+                    f"targets), so `{ctx.head_name}.bias` is left as it is. HINT: pass `loss_fn=`/`task=` if it is.",
+                    step=trainer.global_step))
+                return
         c, how = ctx.optimal()
         if not bool(torch.isfinite(c).all()):  # never write a non-finite bias: the model would train on NaN
             self.done = True

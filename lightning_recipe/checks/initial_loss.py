@@ -123,6 +123,11 @@ class InitialLossCheck(_OnceCheck):
                                          "`split_batch=lambda batch: (inputs, targets)`."))
             return
         y = spec.canonical_targets(targets.detach()).cpu()
+        try:
+            ctx.stats  # the label statistics validate the class range (RecipeConfigError)
+        except RecipeConfigError as err:
+            self._config_error(str(err))
+            return
         if ctx.head_error is None and not ctx.bias_is_constant():
             self._expected = self._actual_output_reference(trainer, pl_module, ctx, batch, y)
             return
@@ -160,6 +165,11 @@ class InitialLossCheck(_OnceCheck):
         if loss is None:
             self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: the first training_step returned no loss "
                                             "(manual optimization or a skipped step): nothing to check."))
+            return
+        if any(isinstance(o, torch.optim.LBFGS) for o in trainer.optimizers):
+            self._conclude(trainer, Finding(self.name, "skip", f"{self.name}: LBFGS evaluates the loss several times "
+                                            "within its first step, and the loss it returns comes after them: there is "
+                                            "no untrained loss to check."))
             return
         measured = float(loss.detach()) * trainer.accumulate_grad_batches
         finding = self._judge(measured, e, trainer.global_step)
@@ -206,10 +216,10 @@ class InitialLossCheck(_OnceCheck):
             return broken
         # a guessed loss (no loss module found) may not be the one training_step computes (a focal loss, a sum): a
         # mismatch is then a warning, not a verdict
-        status = "warn" if spec.inferred or spec.loss_name == "KLDivLoss" else "fail"
+        status = "note" if spec.inferred else "warn" if spec.loss_name == "KLDivLoss" else "fail"
         if spec.inferred:
             notes += ("\n  note: the loss was inferred, not found on the module: a loss of its own in training_step "
-                      "(focal, summed, scaled) gives other numbers, hence a warning; pass `loss_fn=` for a verdict")
+                      "(focal, summed, scaled) gives other numbers, hence a note; pass `loss_fn=` for a verdict")
         elif spec.loss_name == "KLDivLoss":
             notes += ("\n  note: distillation usually divides the logits by a temperature T and multiplies the loss "
                       "by T**2 in training_step, which changes these numbers: hence a warning")

@@ -202,7 +202,12 @@ class InputDependenceCheck(RecipeCheck):
         else:
             how = ("the outputs do not change at all when the inputs are zeroed" if res["max_output_change"] == 0
                    else "zeroed inputs are not clearly worse than the real ones")
-            finding = Finding(self.name, "fail", f"{self.name}: {how}: {numbers}. The model does not use its input, or "
+            # an inferred loss (training_step computes its own: focal, InfoNCE) scores outputs the model was not
+            # trained to calibrate for: unless the outputs do not move at all, that is a note
+            inferred = spec.inferred and res["max_output_change"] != 0
+            finding = Finding(self.name, "note" if inferred else "fail", f"{self.name}: {how}: {numbers}"
+                              + (" (scored with a loss inferred from the targets, not the one training_step computes)"
+                                 if inferred else "") + ". The model does not use its input, or "
                               "the input carries no information about the labels. HINT: if zero is a meaningful input "
                               "here, pass `baseline=` (e.g. inputs shuffled across the batch); raise `after_steps` if "
                               "training needs longer to learn anything.", res["difference"], res["threshold"], step,

@@ -198,11 +198,12 @@ class LossDecreaseCheck(RecipeCheck):
                                          f"with ({err}); the finite/divergence/decrease tests still run."))
             return
         if self.loss_floor == "auto":
-            self._floor = ctx.spec.floor
+            self._floor = None if ctx.spec.inferred else ctx.spec.floor
         try:
             self.prior_loss = ctx.prior_loss()
         except Exception as err:  # the prior is a diagnosis aid: never stop training for it
-            rank_zero_warn(f"{self.name}: could not compute the prior loss: {err}", category=RecipeWarning)
+            self.findings.append(Finding(f"{self.name}.plateau", "skip", f"{self.name}: could not compute the prior "
+                                         f"loss ({err}); the finite/divergence/decrease tests still run."))
         self._ctx = ctx
 
     @override
@@ -372,6 +373,16 @@ class LossDecreaseCheck(RecipeCheck):
         if not self.decrease_checked:
             self.decrease_checked = True
             d = decrease_test(torch.tensor(losses[:w]), last, self._floor, self.min_rel_decrease, self.z)
+            base0 = self._floor if self._floor is not None else 0.0
+            converged = (self.prior_loss is not None and math.isfinite(self.prior_loss) and self.prior_loss > base0
+                         and d["first"] - base0 <= 0.5 * (self.prior_loss - base0))
+            if not d["decreased"] and converged:
+                return Finding(f"{self.name}.decrease", "note", f"{self.name}: the loss is flat after {len(losses)} "
+                               f"steps ({d['first']:.6g} -> {d['last']:.6g}) but was already at "
+                               f"{(d['first'] - base0) / (self.prior_loss - base0):.0%} of the constant prediction's "
+                               f"({self.prior_loss:.6g}) in its first {w} steps: it converged early (a closure "
+                               "optimizer such as LBFGS, a model solved in its first steps).", d["last"], d["first"],
+                               step, [], d)
             if not d["decreased"]:
                 at_prior = plateau is not None and plateau["plateau"]
                 diag = (f" It sits at the loss of the best constant prediction ({self.prior_loss:.6g}): the model "

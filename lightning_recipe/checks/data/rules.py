@@ -210,8 +210,10 @@ class _DataRules:
                            "balance to report.", step=step)
         kind, c = counts
         if kind == "classes":
+            first = int((c > 0).nonzero().min()) if bool((c > 0).any()) else 0
+            c = c[first:]  # labels offset by `first` (y - 5 in training_step): no class below it
             ratio = float(c.max() / c.min()) if c.min() > 0 else math.inf
-            shown = ", ".join(f"{j}: {int(v)}" for j, v in enumerate(c.tolist()[:20])) + (" ..." if len(c) > 20 else "")
+            shown = ", ".join(f"{j}: {int(v)}" for j, v in enumerate(c.tolist()[:20], first)) + (" ..." if len(c) > 20 else "")
             what = f"class counts among {int(c.sum())} labels read: {{{shown}}}; largest/smallest = {ratio:.3g}"
             details = {"class_counts": [int(v) for v in c.tolist()[:1000]], "ratio": ratio}
         else:

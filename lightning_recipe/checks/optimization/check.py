@@ -23,7 +23,7 @@ from lightning_recipe._core.labels import first_batch
 from lightning_recipe._core.warn import warn_once
 from lightning_recipe.checks.optimization.rules import _OptimizationRules
 from lightning_recipe.checks.optimization.update_ratio import _UpdateRatio
-from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
+from lightning_recipe.exceptions import RecipeConfigError, RecipeSkipNotice, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.optimization import _decoupled, _norms, _weight_norm
 from lightning_recipe.report.plotting import plot_optimization
@@ -428,7 +428,7 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         self._relus = []
         self.concluded["dead_relu"] = "skip"
         self.findings.append(Finding(f"{self.name}.dead_relu", "skip", f"{self.name}: {err}"))
-        warn_once(trainer, f"{self.name}: {err}", key=f"config: {err}")
+        warn_once(trainer, f"{self.name}: {err}", key=f"config: {err}", category=RecipeSkipNotice)
 
     def _probe(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self._relus or self._probe_inputs is None:
