@@ -108,12 +108,11 @@ def _private_loader(loader: DataLoader, seed: int = 0, sampled: bool = False, on
     workers = _worker_settings(loader)
     if one and workers["num_workers"] > 0:
         workers.update(num_workers=1, prefetch_factor=1)
-    if loader.batch_size is None and getattr(loader, "batch_sampler", None) is None:
-        # automatic batching off: each item of the dataset is a whole batch, as training sees it
-        return DataLoader(ds, batch_size=None, sampler=_private_sampler(loader, seed, sampled),
-                          collate_fn=loader.collate_fn, generator=gen, **workers)
-    return DataLoader(ds, batch_size=_batch_size(loader), sampler=_private_sampler(loader, seed, sampled),
-                      collate_fn=loader.collate_fn, generator=gen, **workers)
+    # automatic batching off (`batch_size=None`): each item of the dataset is a whole batch, as training sees it
+    unbatched = loader.batch_size is None and getattr(loader, "batch_sampler", None) is None
+    return DataLoader(ds, batch_size=None if unbatched else _batch_size(loader),
+                      sampler=_private_sampler(loader, seed, sampled), collate_fn=loader.collate_fn, generator=gen,
+                      **workers)
 
 
 def _batch_size(loader: DataLoader) -> int:

@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from typing import Any, Optional
 
-_libc: Optional[Any] = None
-_looked = False
+
+@functools.cache
+def _libc() -> Optional[Any]:
+    """glibc, when this process runs on it (the one allocator with ``malloc_trim``); else ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") else None
 
 
 def release_freed_memory() -> None:
     """``malloc_trim(0)`` under glibc (about a millisecond on a heap of a few hundred MiB); nothing elsewhere."""
-    global _libc, _looked
-    if not _looked:
-        _looked = True
-        if sys.platform.startswith("linux"):
-            try:
-                lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _libc = lib if hasattr(lib, "malloc_trim") else None
-            except OSError:
-                _libc = None
-    if _libc is not None:
-        _libc.malloc_trim(0)
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)

@@ -19,8 +19,8 @@ _NO_TRAINER: set[str] = set()  # when no trainer is known (a check called outsid
 
 
 def warn_once(trainer: Optional[Any], message: str, key: Optional[str] = None, category: type = RecipeWarning) -> bool:
-    """Emit ``message`` as a ``category`` warning (default :class:`RecipeWarning`) unless ``key`` (default: the message) was already warned about
-    in this fit of ``trainer``. Returns whether it was emitted."""
+    """Emit ``message`` as a ``category`` warning (default :class:`RecipeWarning`) unless ``key`` (default: the
+    message) was already said in this fit of ``trainer``. Returns whether it was emitted."""
     key = message if key is None else key
     try:
         seen = _SEEN.setdefault(trainer, set()) if trainer is not None else _NO_TRAINER
