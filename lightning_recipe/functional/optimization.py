@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import math  # noqa: F401 (the doctests use it)
+import math
+import statistics
 from typing import Any
 
 import numpy as np
@@ -146,12 +147,37 @@ def update_ratios(before: Tensor, after: Tensor, counts: list[int]) -> Tensor:
         >>> update_ratios(b, b.clone(), [2, 2])  # a skipped step
         tensor([nan, nan])
     """
-    dn = _norms(list((after - before).split(counts)), 2.0)  # fused per-segment norms
-    wn = _norms(list(before.split(counts)), 2.0)
-    ratio = dn / wn
-    nan = torch.full_like(ratio, math.nan)
-    ratio = torch.where(wn > 0, ratio, nan)
+    sums = square_sums(before, after, segments(counts, before.device), len(counts))
+    dn, wn = sums.sqrt().unbind(0)
+    nan = torch.full_like(dn, math.nan)
+    ratio = torch.where(wn > 0, dn / wn, nan)
     return torch.where(dn.sum() > 0, ratio, nan)
+
+
+def segments(counts: list[int], device: Any = None) -> Tensor:
+    """The tensor index of every sampled entry (``counts[i]`` times ``i``), for :func:`square_sums`.
+
+    Example::
+
+        >>> segments([2, 1, 3])
+        tensor([0, 0, 1, 2, 2, 2])
+    """
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+
+
+def square_sums(before: Tensor, after: Tensor, segment: Tensor, n: int) -> Tensor:
+    """``(2, n)``: per tensor, the sum of the squared updates ``(after - before)^2`` and of the squared weights
+    ``before^2`` over its sampled entries (``segment``: the tensor of each entry, from :func:`segments`). Three
+    kernels on the device whatever the number of tensors; the ratio is ``sqrt`` of their quotient.
+
+    Example::
+
+        >>> b = torch.tensor([3.0, 4.0, 1.0])
+        >>> square_sums(b, b + torch.tensor([0.0, 0.1, 0.0]), segments([2, 1]), 2)
+        tensor([[1.0000e-02, 0.0000e+00],
+                [2.5000e+01, 1.0000e+00]])
+    """
+    return before.new_zeros(2, n).index_add_(1, segment, torch.stack([after - before, before]).square())
 
 
 def ratio_error(k: int, numel: int, cv2_w: float = 2.0, cv2_dw: float = 2.0) -> float:
@@ -198,14 +224,12 @@ def window_medians(rows: list[list[float]]) -> list[float]:
         >>> window_medians([[1e-3, math.nan, 0.0], [3e-3, 1e-2, 0.0], [2e-3, math.nan, 0.0]])
         [0.002, 0.01]
     """
-    if not rows:
-        return []
-    a = np.asarray(rows, dtype=float)
+    # plain Python: a window holds a few measurements of a few dozen tensors, where numpy's per-call cost dominates
     out = []
-    for col in a.T:
-        v = col[np.isfinite(col) & (col > 0)]
-        if v.size:
-            out.append(float(np.median(v)))
+    for col in zip(*rows):
+        v = [x for x in col if 0 < x < math.inf]  # NaN compares False
+        if v:
+            out.append(float(statistics.median(v)))
     return out
 
 

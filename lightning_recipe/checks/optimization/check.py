@@ -243,8 +243,9 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         self._embedding: set[int] = set()  # slots of nn.Embedding/EmbeddingBag weights (rows updated sparsely)
         self._group_of: dict[int, int] = {}  # slot -> parameter group (counted over all optimizers)
         self._numel_of: list[int] = []  # slot -> number of entries
-        self._plan_cache: dict[int, tuple[list[nn.Parameter], list[tuple[int, int, int]], list[int], list[int]]] = {}
-        self._sample: Optional[tuple[Any, ...]] = None  # step, parameters, plans, counts, slots, sampled values
+        # per optimizer: its parameters, the views of their samples, their slots, their storage, each entry's tensor
+        self._plan_cache: dict[int, tuple[list[nn.Parameter], list[Tensor], list[int], list[int], Tensor]] = {}
+        self._sample: Optional[tuple[Any, ...]] = None  # step, the optimizer's plan, sampled values before the step
         self._ratio_pending: list[tuple[int, list[int], Tensor]] = []
 
     # -- setup ----------------------------------------------------------------------------------------------------

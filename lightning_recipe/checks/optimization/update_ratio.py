@@ -13,8 +13,8 @@ from torch import nn
 
 from lightning_recipe._core.sharding import sharding
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional.optimization import (log_spread, sample_plan, split_by_gap, take_sample,
-                                                       update_ratios, weighted_median, window_medians)
+from lightning_recipe.functional.optimization import (_flat, log_spread, sample_plan, segments, split_by_gap,
+                                                       square_sums, weighted_median, window_medians)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -60,37 +60,53 @@ class _UpdateRatio:
 
     def _begin_sample(self, step: int, optimizer: Any, params: list[nn.Parameter]) -> None:
         """Copy a fixed sample of at most ``update_sample`` entries per tensor (float32, on the device) before the
-        step; :meth:`_end_sample` compares it with the same entries after the step."""
+        step; :meth:`_end_sample` compares it with the same entries after the step.
+
+        The strided views of the sample are made once per optimizer and kept while every parameter keeps its storage
+        (``data_ptr``): a measurement is then one copy kernel and one cast before the step, and after it one copy and
+        three kernels for the sums of squares (:func:`~lightning_recipe.functional.optimization.square_sums`)."""
         key = id(getattr(optimizer, "optimizer", optimizer))
         cached = self._plan_cache.get(key)
-        if cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params)):
+        if (cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params))
+                or any(p.data_ptr() != ptr for p, ptr in zip(params, cached[3]))):
             slots = [self._slot_of[id(p)] for p in params]
             plans = [sample_plan(p.numel(), self.update_sample, p.shape[-1] if p.ndim else 1, seed=s)
                      for p, s in zip(params, slots)]
-            cached = (params, plans, [c for _, _, c in plans], slots)
+            views = [_flat(p.detach())[off::stride][:count] for p, (off, stride, count) in zip(params, plans)]
+            device = views[0].device if views else None
+            cached = (params, views, slots, [p.data_ptr() for p in params],
+                      segments([c for _, _, c in plans], device))
             self._plan_cache[key] = cached
-        params, plans, counts, slots = cached
-        self._sample = (step, params, plans, counts, slots, take_sample(params, plans))
+        self._sample = (step, cached, torch.cat(cached[1]).float())
 
     def _end_sample(self) -> None:
         if self._sample is not None:
-            step, params, plans, counts, slots, before = self._sample
+            step, (_, views, slots, _, segment), before = self._sample
             self._sample = None
-            self._ratio_pending.append((step, slots, update_ratios(before, take_sample(params, plans), counts)))
+            after = torch.cat(views).float()
+            self._ratio_pending.append((step, slots, square_sums(before, after, segment, len(slots))))
 
     def _read_ratios(self, step: int) -> None:
-        """The update ratios measured since the last read (one ``tolist``), a row per measurement (NaN for the
-        tensors it did not cover), and the window's median/min/max over the tensors of their median ratio."""
+        """The update ratios measured since the last read (one ``tolist`` of their sums of squares), a row per
+        measurement (NaN for the tensors it did not cover, for a tensor whose sampled weights are all zero, and for
+        every tensor of a step that moved nothing: a GradScaler step skipped on inf gradients), and the window's
+        median/min/max over the tensors of their median ratio."""
         pending, self._ratio_pending = self._ratio_pending, []
         if not pending:
             return
-        values = iter(torch.cat([r for _, _, r in pending]).tolist())
+        flat = torch.cat([s.reshape(-1) for _, _, s in pending]).tolist()
         n = len(self.update_ratio_names)
         rows = []
-        for at, slots, _ in pending:
+        pos = 0
+        for _, slots, _ in pending:
+            t = len(slots)
+            dn2, wn2 = flat[pos:pos + t], flat[pos + t:pos + 2 * t]
+            pos += 2 * t
+            moved = sum(dn2) > 0  # False for a NaN too
             row = [math.nan] * n
-            for slot in slots:
-                row[slot] = next(values)
+            for slot, d, w in zip(slots, dn2, wn2):
+                if moved and w > 0:
+                    row[slot] = math.sqrt(d / w)
             rows.append(row)
         self.update_ratios.extend((at, row) for at, row in zip((a for a, _, _ in pending), rows))
         meds = window_medians(rows)
