@@ -229,6 +229,31 @@ def test_skipped_steps_and_zero_initialised_tensors_are_not_ratios_of_zero(tmp_p
     assert _finding(cb).status == "pass" and not recipe
 
 
+class _NewStorage(Callback):
+    """At batch 20, every parameter gets new storage (``p.data = p.data.clone()``, as a cast or a reload would)."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 20:
+            for p in pl_module.parameters():
+                p.data = p.data.clone()
+
+
+def test_parameters_given_new_storage_are_sampled_where_they_now_live(tmp_path):
+    """The sample's views are kept between measurements; a parameter whose storage was replaced is sampled again
+    from its new storage (views of the old one would never move: every later ratio NaN), and agrees with the closed
+    form of SGD on the tensors taken whole."""
+    rec = _Record(every=2)
+    cb, recipe = _fit(tmp_path, _Wide(), steps=40, extra=(_NewStorage(), rec), grad_every_n_steps=2)
+    assert not recipe and len(cb.update_ratios) == len(rec.rec) == 20
+    names = cb.update_ratio_names
+    whole = [i for i, n in enumerate(names) if n in ("net.2.bias", "net.4.weight", "net.4.bias")]
+    for (step, row), full in zip(cb.update_ratios, rec.rec):
+        for i in whole:
+            w, g = full[names[i]]
+            assert row[i] == pytest.approx(0.05 * float(g.norm()) / float(w.norm()), rel=1e-4), (step, names[i])
+    assert all(s > 20 for s, _ in cb.update_ratios[-9:])  # measured after the new storage
+
+
 def test_gradient_accumulation_measures_the_optimizer_steps(tmp_path):
     cb, recipe = _fit(tmp_path, TinyModel(), steps=20, accumulate_grad_batches=4)
     assert [s for s, _ in cb.update_ratios] == list(range(0, 20, 2))  # global_step before each measured step

@@ -166,9 +166,10 @@ def segments(counts: list[int], device: Any = None) -> Tensor:
 
 
 def square_sums(before: Tensor, after: Tensor, segment: Tensor, n: int) -> Tensor:
-    """``(2, n)``: per tensor, the sum of the squared updates ``(after - before)^2`` and of the squared weights
-    ``before^2`` over its sampled entries (``segment``: the tensor of each entry, from :func:`segments`). Three
-    kernels on the device whatever the number of tensors; the ratio is ``sqrt`` of their quotient.
+    """``(..., 2, n)``: per tensor, the sum of the squared updates ``(after - before)^2`` and of the squared weights
+    ``before^2`` over its sampled entries (``segment``: the tensor of each entry, from :func:`segments`; leading
+    dimensions are measurements). A few kernels on the device whatever the number of tensors and measurements; the
+    ratio is ``sqrt`` of their quotient.
 
     Example::
 
@@ -177,7 +178,8 @@ def square_sums(before: Tensor, after: Tensor, segment: Tensor, n: int) -> Tenso
         tensor([[1.0000e-02, 0.0000e+00],
                 [2.5000e+01, 1.0000e+00]])
     """
-    return before.new_zeros(2, n).index_add_(1, segment, torch.stack([after - before, before]).square())
+    return before.new_zeros(*before.shape[:-1], 2, n).index_add_(
+        before.ndim, segment, torch.stack([after - before, before], -2).square())
 
 
 def ratio_error(k: int, numel: int, cv2_w: float = 2.0, cv2_dw: float = 2.0) -> float:

@@ -246,7 +246,7 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         # per optimizer: its parameters, the views of their samples, their slots, their storage, each entry's tensor
         self._plan_cache: dict[int, tuple[list[nn.Parameter], list[Tensor], list[int], list[int], Tensor]] = {}
         self._sample: Optional[tuple[Any, ...]] = None  # step, the optimizer's plan, sampled values before the step
-        self._ratio_pending: list[tuple[int, list[int], Tensor]] = []
+        self._ratio_pending: list[tuple[int, Any, Tensor, Tensor]] = []  # step, plan, sample before, after
 
     # -- setup ----------------------------------------------------------------------------------------------------
     @override

@@ -63,8 +63,9 @@ class _UpdateRatio:
         step; :meth:`_end_sample` compares it with the same entries after the step.
 
         The strided views of the sample are made once per optimizer and kept while every parameter keeps its storage
-        (``data_ptr``): a measurement is then one copy kernel and one cast before the step, and after it one copy and
-        three kernels for the sums of squares (:func:`~lightning_recipe.functional.optimization.square_sums`)."""
+        (``data_ptr``): a measurement is then one copy kernel and one cast before the step and the same after it;
+        the sums of squares of a window's measurements are computed together at the read
+        (:func:`~lightning_recipe.functional.optimization.square_sums`)."""
         key = id(getattr(optimizer, "optimizer", optimizer))
         cached = self._plan_cache.get(key)
         if (cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params))
@@ -81,34 +82,38 @@ class _UpdateRatio:
 
     def _end_sample(self) -> None:
         if self._sample is not None:
-            step, (_, views, slots, _, segment), before = self._sample
+            step, plan, before = self._sample
             self._sample = None
-            after = torch.cat(views).float()
-            self._ratio_pending.append((step, slots, square_sums(before, after, segment, len(slots))))
+            self._ratio_pending.append((step, plan, before, torch.cat(plan[1]).float()))
 
     def _read_ratios(self, step: int) -> None:
-        """The update ratios measured since the last read (one ``tolist`` of their sums of squares), a row per
-        measurement (NaN for the tensors it did not cover, for a tensor whose sampled weights are all zero, and for
-        every tensor of a step that moved nothing: a GradScaler step skipped on inf gradients), and the window's
-        median/min/max over the tensors of their median ratio."""
+        """The update ratios measured since the last read: the sums of squares of the measurements of each plan
+        stacked and computed at once, one ``tolist``; a row per measurement (NaN for the tensors it did not cover, for
+        a tensor whose sampled weights are all zero, and for every tensor of a step that moved nothing: a GradScaler
+        step skipped on inf gradients), and the window's median/min/max over the tensors of their median ratio."""
         pending, self._ratio_pending = self._ratio_pending, []
         if not pending:
             return
-        flat = torch.cat([s.reshape(-1) for _, _, s in pending]).tolist()
+        by_plan: dict[int, list[int]] = {}  # measurements over the same parameters (one per optimizer)
+        for i, (_, plan, _, _) in enumerate(pending):
+            by_plan.setdefault(id(plan), []).append(i)
+        order = [i for ix in by_plan.values() for i in ix]
+        flat = iter(torch.cat([square_sums(torch.stack([pending[i][2] for i in ix]),
+                                           torch.stack([pending[i][3] for i in ix]), pending[ix[0]][1][4],
+                                           len(pending[ix[0]][1][2])).reshape(-1) for ix in by_plan.values()]).tolist())
         n = len(self.update_ratio_names)
-        rows = []
-        pos = 0
-        for _, slots, _ in pending:
-            t = len(slots)
-            dn2, wn2 = flat[pos:pos + t], flat[pos + t:pos + 2 * t]
-            pos += 2 * t
+        rows: list[list[float]] = [[] for _ in pending]
+        for i in order:  # each measurement's sums of squared updates, then of squared weights
+            slots = pending[i][1][2]
+            dn2 = [next(flat) for _ in slots]
+            wn2 = [next(flat) for _ in slots]
             moved = sum(dn2) > 0  # False for a NaN too
             row = [math.nan] * n
             for slot, d, w in zip(slots, dn2, wn2):
                 if moved and w > 0:
                     row[slot] = math.sqrt(d / w)
-            rows.append(row)
-        self.update_ratios.extend((at, row) for at, row in zip((a for a, _, _ in pending), rows))
+            rows[i] = row
+        self.update_ratios.extend((at, row) for (at, _, _, _), row in zip(pending, rows))
         meds = window_medians(rows)
         if meds:
             self.update_ratio_stats.append((step, {"median": float(np.median(meds)), "min": min(meds),
