@@ -16,9 +16,12 @@ has bfloat16), plain and with ``recommended()``:
 * **peak memory**: ``torch.cuda.max_memory_allocated()`` of each timed fit (reset before it), the median; printed as
   the ratio to the plain fit and as the extra bytes over the parameters' bytes (the design's budget: at most +0.10x).
 
-On a machine without CUDA it says so and exits 0.
+Each sync-counting fit also counts the ``RecipeWarning``s it raised: both fits are healthy, so any is a false alarm
+(printed with its message). On a machine without CUDA it says so and exits 0; ``--cpu`` runs the same fits on the
+CPU (``32-true`` only, no sync counting or GPU memory: a check of the script and of the warnings before a GPU run).
 
     python benchmarks/gpu.py                               # both models, every precision, 300 steps x 3 repeats
+    python benchmarks/gpu.py --cpu --steps 60 --sync-steps 60 --repeats 1   # the script's own smoke run, on a CPU
     python benchmarks/gpu.py --models cnn --precisions 16-mixed --steps 200 --repeats 5
 """
 
@@ -43,6 +46,8 @@ import lightning_recipe as lr
 from overhead import DigitsCNN  # benchmarks/ is on the path when a script here runs
 
 _SYNC = "synchronizing"  # the text of the warning torch emits in sync debug mode "warn"
+_ACCELERATOR = ["cuda"]  # "cpu" with --cpu
+_SAMPLES = [8192]  # examples per data set: 1024 with --cpu
 
 
 class CNN(DigitsCNN):
@@ -119,27 +124,32 @@ class StepMarks(Callback):
 
 def _trainer(callbacks: list[Callback], precision: str, steps: int, root: str) -> L.Trainer:
     return L.Trainer(
-        accelerator="cuda", devices=1, precision=precision, max_steps=steps, max_epochs=-1, callbacks=callbacks,
+        accelerator=_ACCELERATOR[0], devices=1, precision=precision, max_steps=steps, max_epochs=-1, callbacks=callbacks,
         logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         default_root_dir=root, num_sanity_val_steps=0,
     )
 
 
 def count_syncs(model_name: str, config: str, precision: str, steps: int, root: str) -> dict[str, float]:
-    """Host syncs of one fit: before the first step ends, and per step after it (median, mean, max)."""
+    """Host syncs of one fit: before the first step ends, and per step after it (median, mean, max); and the
+    messages of the ``RecipeWarning``s it raised (``"recipe_warnings"``)."""
     build, data = MODELS[model_name]
     L.seed_everything(0, verbose=False)
-    model, loader = build(), data()
+    model, loader = build(), data(n=_SAMPLES[0])
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         marks = StepMarks(record)
         trainer = _trainer([*CONFIGS[config](), marks], precision, steps, root)
-        torch.cuda.set_sync_debug_mode("warn")
+        cuda = _ACCELERATOR[0] == "cuda"
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             trainer.fit(model, loader)
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
         is_sync = [_SYNC in str(w.message) for w in record]
+        alarms = [str(w.message) for w in record if issubclass(w.category, lr.RecipeWarning)]
     prefix = [0]
     for s in is_sync:
         prefix.append(prefix[-1] + int(s))
@@ -151,6 +161,7 @@ def count_syncs(model_name: str, config: str, precision: str, steps: int, root: 
         "mean": statistics.fmean(per_step) if per_step else float("nan"),
         "max": float(max(per_step)) if per_step else float("nan"),
         "total": float(prefix[-1]),
+        "recipe_warnings": alarms,  # type: ignore[dict-item]
     }
 
 
@@ -158,17 +169,20 @@ def timed_fit(model_name: str, config: str, precision: str, steps: int, root: st
     """Wall seconds, peak bytes allocated during the fit, parameter bytes."""
     build, data = MODELS[model_name]
     L.seed_everything(0, verbose=False)
-    model, loader = build(), data()
+    model, loader = build(), data(n=_SAMPLES[0])
     trainer = _trainer(CONFIGS[config](), precision, steps, root)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = _ACCELERATOR[0] == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.fit(model, loader)
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return wall, torch.cuda.max_memory_allocated(), param_bytes
+    return wall, (torch.cuda.max_memory_allocated() if cuda else 0), param_bytes
 
 
 def main() -> int:
@@ -179,16 +193,23 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per fit")
     parser.add_argument("--sync-steps", type=int, default=120, help="optimizer steps of the sync-counting fits")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of plain and recommended")
+    parser.add_argument("--cpu", action="store_true", help="the same fits on the CPU, 32-true (a smoke run)")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu:
+        _ACCELERATOR[0], _SAMPLES[0] = "cpu", 1024
+    elif not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to "
               "measure. Run it on a machine with an NVIDIA GPU.")
         return 0
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_recipe"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    precisions = [p for p in args.precisions if p != "bf16-mixed" or torch.cuda.is_bf16_supported()]
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, lightning {L.__version__}")
+    if args.cpu:
+        precisions = ["32-true"]
+        print(f"device: CPU (smoke run), torch {torch.__version__}, lightning {L.__version__}")
+    else:
+        precisions = [p for p in args.precisions if p != "bf16-mixed" or torch.cuda.is_bf16_supported()]
+        print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, lightning {L.__version__}")
     root = tempfile.mkdtemp()
     # one throw-away fit per model: CUDA context, cuDNN autotuning and lazy imports are not counted below
     for m in args.models:
@@ -204,6 +225,10 @@ def main() -> int:
                 syncs[cfg] = s
                 print(f"    {cfg:<12}{s['setup']:>8.0f}{s['median']:>8.1f}{s['mean']:>8.2f}{s['max']:>6.0f}"
                       f"{s['total']:>8.0f}")
+            alarms = syncs["recommended"]["recipe_warnings"]
+            print(f"    RecipeWarnings of the recommended() fit (a healthy fit: each is a false alarm): {len(alarms)}")
+            for a in alarms:
+                print(f"      - {a[:300]}")
             extra = syncs["recommended"]["median"] - syncs["plain"]["median"]
             print(f"    recommended() adds {extra:+.1f} sync(s) per step (median; the plain fit's are Lightning's and "
                   "the GradScaler's)")
@@ -220,6 +245,8 @@ def main() -> int:
             print(f"  overhead ({args.steps} steps x {args.repeats} repeats): plain {statistics.median(walls['plain']):.2f}s"
                   f", recommended {statistics.median(walls['recommended']):.2f}s, ratio x{statistics.median(ratios):.3f} "
                   f"(repeats: {', '.join(f'x{r:.3f}' for r in ratios)})")
+            if args.cpu:
+                continue  # no GPU memory to read (benchmarks/memory.py measures the CPU's)
             print(f"  peak memory: plain {peak_plain / 2**20:.1f} MiB, recommended {peak_rec / 2**20:.1f} MiB, ratio "
                   f"x{peak_rec / max(peak_plain, 1):.3f}; extra {(peak_rec - peak_plain) / max(param_bytes, 1):+.3f}x "
                   f"the parameters' {param_bytes / 2**20:.1f} MiB")
