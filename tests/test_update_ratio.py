@@ -254,6 +254,29 @@ def test_parameters_given_new_storage_are_sampled_where_they_now_live(tmp_path):
     assert all(s > 20 for s, _ in cb.update_ratios[-9:])  # measured after the new storage
 
 
+class _Strided(_Wide):
+    """_Wide with a (4, 6) parameter whose entries no flat view walks (strides 12 and 2: sampling copies it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Parameter((torch.randn(4, 12) * 0.1)[:, ::2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + x[:, :4] @ self.mix[:, :4]
+
+
+def test_a_parameter_no_view_can_sample_is_sampled_afresh_at_each_measurement(tmp_path):
+    rec = _Record(every=2)
+    model = _Strided()
+    assert not model.mix.is_contiguous()
+    cb, recipe = _fit(tmp_path, model, steps=20, extra=(rec,), grad_every_n_steps=2)
+    i = cb.update_ratio_names.index("mix")
+    assert len(cb.update_ratios) == len(rec.rec) == 10
+    for (step, row), full in zip(cb.update_ratios, rec.rec):
+        w, g = full["mix"]
+        assert row[i] == pytest.approx(0.05 * float(g.norm()) / float(w.norm()), rel=1e-4), step
+
+
 def test_gradient_accumulation_measures_the_optimizer_steps(tmp_path):
     cb, recipe = _fit(tmp_path, TinyModel(), steps=20, accumulate_grad_batches=4)
     assert [s for s, _ in cb.update_ratios] == list(range(0, 20, 2))  # global_step before each measured step

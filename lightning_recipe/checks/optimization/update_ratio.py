@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_recipe._core.sharding import sharding
 from lightning_recipe.findings import Finding
@@ -73,18 +73,20 @@ class _UpdateRatio:
             slots = [self._slot_of[id(p)] for p in params]
             plans = [sample_plan(p.numel(), self.update_sample, p.shape[-1] if p.ndim else 1, seed=s)
                      for p, s in zip(params, slots)]
-            views = [_flat(p.detach())[off::stride][:count] for p, (off, stride, count) in zip(params, plans)]
+            views = _views(params, plans)
             device = views[0].device if views else None
-            cached = (params, views, slots, [p.data_ptr() for p in params],
-                      segments([c for _, _, c in plans], device))
+            # a tensor whose entries no view can walk (strides that `_flat` must copy) is sampled afresh every time
+            kept = all(v.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for v, p in zip(views, params))
+            cached = (params, views if kept else None, slots, [p.data_ptr() for p in params],
+                      segments([c for _, _, c in plans], device), plans)
             self._plan_cache[key] = cached
-        self._sample = (step, cached, torch.cat(cached[1]).float())
+        self._sample = (step, cached, _sample_of(cached))
 
     def _end_sample(self) -> None:
         if self._sample is not None:
             step, plan, before = self._sample
             self._sample = None
-            self._ratio_pending.append((step, plan, before, torch.cat(plan[1]).float()))
+            self._ratio_pending.append((step, plan, before, _sample_of(plan)))
 
     def _read_ratios(self, step: int) -> None:
         """The update ratios measured since the last read: the sums of squares of the measurements of each plan
@@ -183,6 +185,17 @@ class _UpdateRatio:
                            f"{self.max_update_spread:g}x); slowest parameter group {factor:.3g}x below the others.",
                            factor, self.max_update_spread, step, details=details)
         return None
+
+
+def _views(params: list[nn.Parameter], plans: list[tuple[int, int, int]]) -> list[Tensor]:
+    """The sampled entries of each tensor (:func:`~lightning_recipe.functional.optimization.sample_plan`), as views."""
+    return [_flat(p.detach())[off::stride][:count] for p, (off, stride, count) in zip(params, plans)]
+
+
+def _sample_of(plan: tuple[Any, ...]) -> Tensor:
+    """The sampled values now, one float32 vector: the kept views, or views made again (see ``_begin_sample``)."""
+    params, views, plans = plan[0], plan[1], plan[5]
+    return torch.cat(views if views is not None else _views(params, plans)).float()
 
 
 def _peak_lrs(lrs: list[list[float]]) -> dict[int, float]:
