@@ -396,6 +396,26 @@ def test_epoch_markers_stay_few_over_many_epochs(epochs, marks):
     assert top.get_xlabel().startswith("epochs completed")
 
 
+def test_titles_clear_what_is_drawn_above_the_axes():
+    """Titles are pinned at the top of their axes (no per-draw placement pass), except above a secondary axis: the
+    loss curve's title stays above its epoch axis and that axis' label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from lightning_recipe.report.plotting import plot_generalization
+
+    fig = plot_loss_curve(np.linspace(2, 1, 60), 2.0, 2.0, [20, 40, 60])
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    (top,) = ax.child_axes
+    assert ax.title.get_window_extent(renderer).y0 >= top.get_tightbbox(renderer).y1 - 1  # above "epochs completed"
+    plain = plot_generalization([1, 2, 3], [1.0, 0.9, 0.8], [1.1, 1.0, 0.95])
+    FigureCanvasAgg(plain).draw()
+    (gax,) = plain.axes
+    assert gax.title.get_position()[1] == 1.0
+    assert gax.title.get_window_extent(plain.canvas.get_renderer()).y0 >= gax.get_window_extent().y1
+
+
 def test_log_axes_only_over_a_decade_and_with_labelled_ticks():
     from lightning_recipe.report.plotting import plot_generalization, plot_optimization
 

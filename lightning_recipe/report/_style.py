@@ -76,12 +76,13 @@ def _spans_decade(values: Any, factor: float = 10.0) -> bool:
 def _lean(fig: Any) -> Any:
     """At most ~6 ticks on each linear axis of ``fig`` (matplotlib's default allows 10 on a wide axis; every tick
     label is laid out and drawn as text, most of a panel's drawing time), and each title pinned at the top of its
-    axes (where matplotlib puts it when no tick labels are on top: left to itself, it lays the x tick labels out
-    once more at every draw to find that place, ~15 % of a panel's drawing time). Returns ``fig``."""
+    axes (where matplotlib puts it when nothing is drawn above the axes: left to itself, it lays the x tick labels
+    out once more at every draw to find that place, ~15 % of a panel's drawing time); a title above a secondary
+    axis (the loss curve's epochs) keeps matplotlib's placement. Returns ``fig``."""
     from matplotlib.ticker import AutoLocator, MaxNLocator
 
     for ax in fig.axes:
-        if ax.get_title() and ax.xaxis.get_label_position() != "top":
+        if ax.get_title() and not ax.child_axes and ax.xaxis.get_label_position() != "top":  # no secondary axis above
             ax.set_title(ax.get_title(), fontsize=ax.title.get_fontsize(), y=1.0)
         for axis in (ax.xaxis, ax.yaxis):
             if axis.get_scale() == "linear" and type(axis.get_major_locator()) is AutoLocator:
