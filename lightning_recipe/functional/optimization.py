@@ -118,9 +118,21 @@ def take_sample(tensors: list[Tensor], plans: list[tuple[int, int, int]]) -> Ten
         >>> take_sample([w, torch.ones(3)], [(1, 3, 3), (0, 1, 3)])
         tensor([1., 4., 7., 1., 1., 1.])
     """
-    # one copy kernel for the strided views (cat promotes mixed dtypes), one cast
-    views = [_flat(t.detach())[off::stride][:count] for t, (off, stride, count) in zip(tensors, plans)]
-    return torch.cat(views).float()
+    return torch.cat(sample_views(tensors, plans)).float()  # one copy kernel (cat promotes mixed dtypes), one cast
+
+
+def sample_views(tensors: list[Tensor], plans: list[tuple[int, int, int]]) -> list[Tensor]:
+    """The sampled entries of every tensor (plans from :func:`sample_plan`), as views of the tensors where their
+    strides allow (a tensor whose entries no flat view walks is copied: its sample no longer follows the tensor).
+
+    Example::
+
+        >>> w = torch.arange(10.0).reshape(2, 5)
+        >>> v = sample_views([w], [(1, 3, 3)])[0]
+        >>> w.add_(1.0) is w, v  # a view: the sample follows the tensor
+        (True, tensor([2., 5., 8.]))
+    """
+    return [_flat(t.detach())[off::stride][:count] for t, (off, stride, count) in zip(tensors, plans)]
 
 
 def update_ratios(before: Tensor, after: Tensor, counts: list[int]) -> Tensor:
@@ -147,11 +159,24 @@ def update_ratios(before: Tensor, after: Tensor, counts: list[int]) -> Tensor:
         >>> update_ratios(b, b.clone(), [2, 2])  # a skipped step
         tensor([nan, nan])
     """
-    sums = square_sums(before, after, segments(counts, before.device), len(counts))
-    dn, wn = sums.sqrt().unbind(0)
+    return ratios_from_sums(square_sums(before, after, segments(counts, before.device), len(counts)))
+
+
+def ratios_from_sums(sums: Tensor) -> Tensor:
+    """``(..., n)`` update ratios from the ``(..., 2, n)`` sums of squares of :func:`square_sums` (leading dimensions
+    are measurements): ``sqrt(sum dw^2 / sum w^2)``; NaN for a tensor whose sampled weights are all zero, and for
+    every tensor of a measurement in which nothing moved (see :func:`update_ratios`).
+
+    Example::
+
+        >>> ratios_from_sums(torch.tensor([[[1e-4, 0.0], [1.0, 0.0]], [[0.0, 0.0], [1.0, 4.0]]]))
+        tensor([[0.0100,    nan],
+                [   nan,    nan]])
+    """
+    dn, wn = sums.sqrt().unbind(-2)
     nan = torch.full_like(dn, math.nan)
     ratio = torch.where(wn > 0, dn / wn, nan)
-    return torch.where(dn.sum() > 0, ratio, nan)
+    return torch.where(dn.sum(-1, keepdim=True) > 0, ratio, nan)
 
 
 def segments(counts: list[int], device: Any = None) -> Tensor:

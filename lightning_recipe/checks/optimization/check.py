@@ -243,9 +243,7 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
         self._embedding: set[int] = set()  # slots of nn.Embedding/EmbeddingBag weights (rows updated sparsely)
         self._group_of: dict[int, int] = {}  # slot -> parameter group (counted over all optimizers)
         self._numel_of: list[int] = []  # slot -> number of entries
-        # per optimizer: its parameters, the views of their samples (None: made at each sample), their slots, their
-        # storage, each sampled entry's tensor, the sample plans
-        self._plan_cache: dict[int, tuple[Any, ...]] = {}
+        self._plan_cache: dict[int, Any] = {}  # per optimizer: its update-ratio sample (`update_ratio._Plan`)
         self._sample: Optional[tuple[Any, ...]] = None  # step, the optimizer's plan, sampled values before the step
         self._ratio_pending: list[tuple[int, Any, Tensor, Tensor]] = []  # step, plan, sample before, after
 

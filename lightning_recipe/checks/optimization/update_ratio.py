@@ -5,7 +5,7 @@ rule that judges the spread between tensors."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -13,8 +13,9 @@ from torch import Tensor, nn
 
 from lightning_recipe._core.sharding import sharding
 from lightning_recipe.findings import Finding
-from lightning_recipe.functional.optimization import (_flat, log_spread, sample_plan, segments, split_by_gap,
-                                                       square_sums, weighted_median, window_medians)
+from lightning_recipe.functional.optimization import (log_spread, ratios_from_sums, sample_plan, sample_views,
+                                                       segments, split_by_gap, square_sums, take_sample,
+                                                       weighted_median, window_medians)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -27,6 +28,21 @@ _RATIO_LOW = [
 
 
 _FAR = " (far from the ~1e-3 rule of thumb for every layer: a learning rate far too low or too high?)"
+
+
+class _Plan(NamedTuple):
+    """The update-ratio sample of one optimizer's parameters."""
+
+    params: list[nn.Parameter]
+    plans: list[tuple[int, int, int]]  # per tensor: offset, stride, count (`sample_plan`)
+    views: Optional[list[Tensor]]  # the sampled entries as views; None: a tensor's sample is a copy, taken anew
+    slots: list[int]  # per tensor: its index in `update_ratio_names`
+    storage: list[int]  # per tensor: `data_ptr()` when the views were made
+    segment: Tensor  # per sampled entry: its tensor (`segments`)
+
+    def take(self) -> Tensor:
+        """The sampled values now, one float32 vector on the device."""
+        return torch.cat(self.views).float() if self.views is not None else take_sample(self.params, self.plans)
 
 
 def _ratio_columns(rows: list[tuple[int, list[float]]], n: int) -> list[list[float]]:
@@ -67,54 +83,48 @@ class _UpdateRatio:
         the sums of squares of a window's measurements are computed together at the read
         (:func:`~lightning_recipe.functional.optimization.square_sums`)."""
         key = id(getattr(optimizer, "optimizer", optimizer))
-        cached = self._plan_cache.get(key)
-        if (cached is None or len(cached[0]) != len(params) or any(a is not b for a, b in zip(cached[0], params))
-                or any(p.data_ptr() != ptr for p, ptr in zip(params, cached[3]))):
+        plan = self._plan_cache.get(key)
+        if (plan is None or len(plan.params) != len(params) or any(a is not b for a, b in zip(plan.params, params))
+                or any(p.data_ptr() != ptr for p, ptr in zip(params, plan.storage))):
             slots = [self._slot_of[id(p)] for p in params]
             plans = [sample_plan(p.numel(), self.update_sample, p.shape[-1] if p.ndim else 1, seed=s)
                      for p, s in zip(params, slots)]
-            views = _views(params, plans)
-            device = views[0].device if views else None
-            # a tensor whose entries no view can walk (strides that `_flat` must copy) is sampled afresh every time
+            views = sample_views(params, plans)
+            # a tensor whose entries no view can walk (its sample is a copy) is sampled afresh every time
             kept = all(v.untyped_storage().data_ptr() == p.untyped_storage().data_ptr() for v, p in zip(views, params))
-            cached = (params, views if kept else None, slots, [p.data_ptr() for p in params],
-                      segments([c for _, _, c in plans], device), plans)
-            self._plan_cache[key] = cached
-        self._sample = (step, cached, _sample_of(cached))
+            plan = _Plan(params, plans, views if kept else None, slots, [p.data_ptr() for p in params],
+                         segments([c for _, _, c in plans], views[0].device if views else None))
+            self._plan_cache[key] = plan
+        self._sample = (step, plan, plan.take())
 
     def _end_sample(self) -> None:
         if self._sample is not None:
             step, plan, before = self._sample
             self._sample = None
-            self._ratio_pending.append((step, plan, before, _sample_of(plan)))
+            self._ratio_pending.append((step, plan, before, plan.take()))
 
     def _read_ratios(self, step: int) -> None:
-        """The update ratios measured since the last read: the sums of squares of the measurements of each plan
-        stacked and computed at once, one ``tolist``; a row per measurement (NaN for the tensors it did not cover, for
-        a tensor whose sampled weights are all zero, and for every tensor of a step that moved nothing: a GradScaler
-        step skipped on inf gradients), and the window's median/min/max over the tensors of their median ratio."""
+        """The update ratios measured since the last read: those of each plan computed at once from the stacked
+        samples, one ``tolist``; a row per measurement (NaN for the tensors it did not cover, and as
+        :func:`~lightning_recipe.functional.optimization.ratios_from_sums` says), and the window's median/min/max
+        over the tensors of their median ratio."""
         pending, self._ratio_pending = self._ratio_pending, []
         if not pending:
             return
         by_plan: dict[int, list[int]] = {}  # measurements over the same parameters (one per optimizer)
         for i, (_, plan, _, _) in enumerate(pending):
             by_plan.setdefault(id(plan), []).append(i)
-        order = [i for ix in by_plan.values() for i in ix]
-        flat = iter(torch.cat([square_sums(torch.stack([pending[i][2] for i in ix]),
-                                           torch.stack([pending[i][3] for i in ix]), pending[ix[0]][1][4],
-                                           len(pending[ix[0]][1][2])).reshape(-1) for ix in by_plan.values()]).tolist())
+        values = iter(torch.cat([
+            ratios_from_sums(square_sums(torch.stack([pending[i][2] for i in ix]),
+                                         torch.stack([pending[i][3] for i in ix]), pending[ix[0]][1].segment,
+                                         len(pending[ix[0]][1].slots))).reshape(-1)
+            for ix in by_plan.values()]).tolist())
         n = len(self.update_ratio_names)
         rows: list[list[float]] = [[] for _ in pending]
-        for i in order:  # each measurement's sums of squared updates, then of squared weights
-            slots = pending[i][1][2]
-            dn2 = [next(flat) for _ in slots]
-            wn2 = [next(flat) for _ in slots]
-            moved = sum(dn2) > 0  # False for a NaN too
-            row = [math.nan] * n
-            for slot, d, w in zip(slots, dn2, wn2):
-                if moved and w > 0:
-                    row[slot] = math.sqrt(d / w)
-            rows[i] = row
+        for i in (i for ix in by_plan.values() for i in ix):
+            rows[i] = [math.nan] * n
+            for slot in pending[i][1].slots:
+                rows[i][slot] = next(values)
         self.update_ratios.extend((at, row) for (at, _, _, _), row in zip(pending, rows))
         meds = window_medians(rows)
         if meds:
@@ -185,17 +195,6 @@ class _UpdateRatio:
                            f"{self.max_update_spread:g}x); slowest parameter group {factor:.3g}x below the others.",
                            factor, self.max_update_spread, step, details=details)
         return None
-
-
-def _views(params: list[nn.Parameter], plans: list[tuple[int, int, int]]) -> list[Tensor]:
-    """The sampled entries of each tensor (:func:`~lightning_recipe.functional.optimization.sample_plan`), as views."""
-    return [_flat(p.detach())[off::stride][:count] for p, (off, stride, count) in zip(params, plans)]
-
-
-def _sample_of(plan: tuple[Any, ...]) -> Tensor:
-    """The sampled values now, one float32 vector: the kept views, or views made again (see ``_begin_sample``)."""
-    params, views, plans = plan[0], plan[1], plan[5]
-    return torch.cat(views if views is not None else _views(params, plans)).float()
 
 
 def _peak_lrs(lrs: list[list[float]]) -> dict[int, float]:
