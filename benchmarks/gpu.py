@@ -46,8 +46,6 @@ import lightning_recipe as lr
 from overhead import DigitsCNN  # benchmarks/ is on the path when a script here runs
 
 _SYNC = "synchronizing"  # the text of the warning torch emits in sync debug mode "warn"
-_ACCELERATOR = ["cuda"]  # "cpu" with --cpu
-_SAMPLES = [8192]  # examples per data set: 1024 with --cpu
 
 
 class CNN(DigitsCNN):
@@ -122,25 +120,28 @@ class StepMarks(Callback):
         self.marks.append(len(self.record))
 
 
-def _trainer(callbacks: list[Callback], precision: str, steps: int, root: str) -> L.Trainer:
-    return L.Trainer(
-        accelerator=_ACCELERATOR[0], devices=1, precision=precision, max_steps=steps, max_epochs=-1, callbacks=callbacks,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=root, num_sanity_val_steps=0,
-    )
-
-
-def count_syncs(model_name: str, config: str, precision: str, steps: int, root: str) -> dict[str, float]:
-    """Host syncs of one fit: before the first step ends, and per step after it (median, mean, max); and the
-    messages of the ``RecipeWarning``s it raised (``"recipe_warnings"``)."""
+def _fit_parts(model_name: str, callbacks: list[Callback], precision: str, steps: int, root: str,
+               cuda: bool) -> tuple[L.LightningModule, DataLoader, L.Trainer]:
+    """The model, its data (8192 examples on a GPU, 1024 on a CPU) and the trainer of one fit, seeded."""
     build, data = MODELS[model_name]
     L.seed_everything(0, verbose=False)
-    model, loader = build(), data(n=_SAMPLES[0])
+    model, loader = build(), data(n=8192 if cuda else 1024)
+    trainer = L.Trainer(
+        accelerator="cuda" if cuda else "cpu", devices=1, precision=precision, max_steps=steps, max_epochs=-1,
+        callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, default_root_dir=root, num_sanity_val_steps=0,
+    )
+    return model, loader, trainer
+
+
+def count_syncs(model_name: str, config: str, precision: str, steps: int, root: str,
+                cuda: bool = True) -> dict[str, Any]:
+    """Host syncs of one fit: before the first step ends, and per step after it (median, mean, max; none counted on
+    a CPU); and the messages of the ``RecipeWarning``s it raised (``"recipe_warnings"``)."""
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         marks = StepMarks(record)
-        trainer = _trainer([*CONFIGS[config](), marks], precision, steps, root)
-        cuda = _ACCELERATOR[0] == "cuda"
+        model, loader, trainer = _fit_parts(model_name, [*CONFIGS[config](), marks], precision, steps, root, cuda)
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -161,17 +162,14 @@ def count_syncs(model_name: str, config: str, precision: str, steps: int, root: 
         "mean": statistics.fmean(per_step) if per_step else float("nan"),
         "max": float(max(per_step)) if per_step else float("nan"),
         "total": float(prefix[-1]),
-        "recipe_warnings": alarms,  # type: ignore[dict-item]
+        "recipe_warnings": alarms,
     }
 
 
-def timed_fit(model_name: str, config: str, precision: str, steps: int, root: str) -> tuple[float, int, int]:
-    """Wall seconds, peak bytes allocated during the fit, parameter bytes."""
-    build, data = MODELS[model_name]
-    L.seed_everything(0, verbose=False)
-    model, loader = build(), data(n=_SAMPLES[0])
-    trainer = _trainer(CONFIGS[config](), precision, steps, root)
-    cuda = _ACCELERATOR[0] == "cuda"
+def timed_fit(model_name: str, config: str, precision: str, steps: int, root: str,
+              cuda: bool = True) -> tuple[float, int, int]:
+    """Wall seconds, peak bytes allocated during the fit (0 on a CPU), parameter bytes."""
+    model, loader, trainer = _fit_parts(model_name, CONFIGS[config](), precision, steps, root, cuda)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
@@ -195,9 +193,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed repeats of plain and recommended")
     parser.add_argument("--cpu", action="store_true", help="the same fits on the CPU, 32-true (a smoke run)")
     args = parser.parse_args()
-    if args.cpu:
-        _ACCELERATOR[0], _SAMPLES[0] = "cpu", 1024
-    elif not torch.cuda.is_available():
+    cuda = not args.cpu
+    if cuda and not torch.cuda.is_available():
         print("benchmarks/gpu.py: no CUDA device on this machine (torch.cuda.is_available() is False); nothing to "
               "measure. Run it on a machine with an NVIDIA GPU.")
         return 0
@@ -213,7 +210,7 @@ def main() -> int:
     root = tempfile.mkdtemp()
     # one throw-away fit per model: CUDA context, cuDNN autotuning and lazy imports are not counted below
     for m in args.models:
-        timed_fit(m, "recommended", "32-true", 5, root)
+        timed_fit(m, "recommended", "32-true", 5, root, cuda)
     for m in args.models:
         for prec in precisions:
             print(f"\n== {m}, precision={prec} ==")
@@ -221,7 +218,7 @@ def main() -> int:
             print(f"    {'config':<12}{'setup':>8}{'median':>8}{'mean':>8}{'max':>6}{'total':>8}")
             syncs = {}
             for cfg in CONFIGS:
-                s = count_syncs(m, cfg, prec, args.sync_steps, root)
+                s = count_syncs(m, cfg, prec, args.sync_steps, root, cuda)
                 syncs[cfg] = s
                 print(f"    {cfg:<12}{s['setup']:>8.0f}{s['median']:>8.1f}{s['mean']:>8.2f}{s['max']:>6.0f}"
                       f"{s['total']:>8.0f}")
@@ -237,7 +234,7 @@ def main() -> int:
             param_bytes = 0
             for _ in range(args.repeats):
                 for cfg in CONFIGS:  # interleaved: machine noise hits both alike
-                    wall, peak, param_bytes = timed_fit(m, cfg, prec, args.steps, root)
+                    wall, peak, param_bytes = timed_fit(m, cfg, prec, args.steps, root, cuda)
                     walls[cfg].append(wall)
                     peaks[cfg].append(peak)
             ratios = [r / p for r, p in zip(walls["recommended"], walls["plain"])]
