@@ -467,3 +467,93 @@ def test_single_snapshot_prediction_lines_have_markers_and_worst_images_wrap():
     fig = plot_worst_examples(torch.rand(8, 1, 8, 8), [f"y={i} pred=0 loss=1.0" for i in range(8)], "worst")
     ys = sorted({round(t.get_position()[1], 3) for t in fig.axes[0].texts})
     assert len(ys) == 2 and fig.get_figwidth() <= 10  # two rows of four: captions readable in a 1200 px page
+
+
+def test_lean_axes_make_only_the_ticks_they_draw():
+    """The locators of a lean figure return the ticks inside the view (matplotlib makes a tick object for every
+    location a locator gives, also those it does not draw), and the drawn tick labels are those of the plain
+    locator: on a linear axis, a log axis over a few decades and over many."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, MaxNLocator
+
+    from lightning_recipe.report._style import _lean, log_y
+
+    def build(values, lean):
+        fig = Figure()
+        ax = fig.add_subplot()
+        ax.plot(np.arange(len(values)) * 37.0, values)
+        if np.ptp(values) and min(values) > 0 and max(values) / min(values) > 10:
+            log_y(ax, values)
+        if lean:
+            _lean(fig)
+        else:  # the same locators as _lean sets, without the view clipping
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+            if ax.get_yscale() == "linear":
+                ax.yaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
+        FigureCanvasAgg(fig).draw()
+        return ax
+
+    for values in (np.linspace(2.0, 0.3, 80), np.geomspace(2.3, 0.03, 80), np.geomspace(2.3, 1e-5, 80)):
+        plain, lean = build(values, False), build(values, True)
+        for p_axis, l_axis in ((plain.xaxis, lean.xaxis), (plain.yaxis, lean.yaxis)):
+            lo, hi = sorted(l_axis.get_view_interval())
+            locs = l_axis.get_majorticklocs()
+            assert all(lo - 1e-9 * (hi - lo) <= v <= hi + 1e-9 * (hi - lo) for v in locs)  # nothing outside the view
+            assert len(l_axis.get_major_ticks()) == len(locs)  # no tick object made for a location outside it
+            drawn = lambda axis: [t.label1.get_text() for t in axis.get_major_ticks()
+                                  if axis.get_view_interval().min() - 1e-9 <= t.get_loc()
+                                  <= axis.get_view_interval().max() + 1e-9 and t.label1.get_text()]
+            assert drawn(l_axis) == drawn(p_axis) and len(drawn(l_axis)) >= 2
+        assert lean.get_yscale() == plain.get_yscale()
+    assert isinstance(lean.yaxis.get_major_locator().base, LogLocator)
+
+
+def test_nan_quantiles_match_numpy():
+    """The update-ratio panel's per-step band and median: numpy's nanpercentile (linear interpolation) per row,
+    rows of NaN included, in one vectorised pass."""
+    from lightning_recipe.report.update_ratio_plot import _nan_quantiles
+
+    rng = np.random.default_rng(0)
+    r = rng.lognormal(-7, 1, (200, 9))
+    r[rng.random(r.shape) < 0.3] = np.nan
+    r[5] = np.nan  # a step of another optimizer: no value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        expected = [np.nanpercentile(r, q, axis=1) for q in (10, 50, 90)]
+    got = _nan_quantiles(r, (0.1, 0.5, 0.9))
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-12, equal_nan=True)
+    assert np.isnan(got[1][5]) and np.isfinite(got[1][:5]).all()
+    assert _nan_quantiles(np.array([[4.0, 1.0, np.nan]]), (0.5,))[0][0] == 2.5  # the median of {1, 4}
+
+
+def test_figures_are_drawn_with_the_collector_paused_and_freed_after():
+    """A figure built and drawn under ``paused_gc`` never reaches the older generations (which could start a full
+    collection of the whole process in the middle of a figure) and is freed when the block ends; the collector is
+    on again after it, nested blocks leave it paused until the outer one ends, and a collector the user switched
+    off stays off."""
+    import gc
+    import weakref
+
+    from lightning_recipe._core.memory import paused_gc
+    from lightning_recipe.report.loggers import _render_png
+
+    assert gc.isenabled()
+    with paused_gc():
+        fig = plot_loss_curve(np.geomspace(2.3, 0.05, 300), 2.3, 2.3, [100, 200, 300])
+        png = _render_png(fig)
+        ref = weakref.ref(fig)
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # the inner block ended: still paused
+        del fig
+        assert ref() is not None  # matplotlib's artists reference each other: refcounting alone does not free it
+    assert gc.isenabled() and ref() is None and png.startswith(b"\x89PNG")
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -18,6 +18,7 @@ from typing_extensions import override
 from lightning_recipe._core.context import FitContext, get_context, new_fit
 from lightning_recipe._core.conventions import _Settings, _validate_settings
 from lightning_recipe._core.labels import EMPTY_LOADER, forget_batch, remember_batch, train_is_iterable
+from lightning_recipe._core.memory import paused_gc
 from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError, RecipeSkipNotice, RecipeWarning
 from lightning_recipe.findings import Finding, _send_to_parent, collect_findings
 from lightning_recipe.report.writers import _write_reports
@@ -353,8 +354,9 @@ class RecipeCheck(Callback):
         elif self.__dict__.get("_start_pending") and trainer.limit_train_batches != 0:
             # an iterable dataset that yielded no batch: the start that waited for one runs now, finding it empty
             _start_if_pending(self, trainer, pl_module, None)
-        self._finish(trainer)
-        self._maybe_write_report(trainer)
+        with paused_gc():  # the figures: see `paused_gc`
+            self._finish(trainer)
+            self._maybe_write_report(trainer)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -362,11 +364,12 @@ class RecipeCheck(Callback):
         if self._saved:
             return
         self._saved = True
-        try:
-            self._finish(trainer, failed=True)
-        except Exception as err:  # pragma: no cover - best effort on the way out
-            rank_zero_warn(f"{self.name} could not save its results: {err}", category=RecipeWarning)
-        self._maybe_write_report(trainer)
+        with paused_gc():
+            try:
+                self._finish(trainer, failed=True)
+            except Exception as err:  # pragma: no cover - best effort on the way out
+                rank_zero_warn(f"{self.name} could not save its results: {err}", category=RecipeWarning)
+            self._maybe_write_report(trainer)
 
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         """Called once at fit end or on an exception: draw the figures, add the last findings. No collectives."""

@@ -34,6 +34,7 @@ import time
 import weakref
 from typing import Any, Callable, Optional
 
+from lightning_recipe._core.memory import paused_gc
 from lightning_recipe.exceptions import RecipeConfigError
 
 __all__ = ["publish", "set_live_figures", "tick"]
@@ -154,7 +155,8 @@ def tick(trainer: Any, tag: str, draw: Callable[[Any], Any], every_n_reads: Opti
     if fraction is not None and state.spent + expected > fraction * (now - state.start):
         return False  # the next read tries again: the budget grows with the fit
     try:
-        draw(trainer)
+        with paused_gc():  # see its docstring: a figure's garbage kept out of the older generations
+            draw(trainer)
     except Exception as err:  # a live figure never stops the fit nor switches a check off
         from lightning_recipe._core.warn import warn_once
 

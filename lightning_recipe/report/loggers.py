@@ -308,8 +308,13 @@ def _artifact_dir(tag: str) -> str:
 
 
 def _render_png(figure: Any) -> bytes:
+    """The figure as PNG bytes: the fastest zlib level (files ~15% larger) and unhinted text (FreeType's hinting
+    snaps each glyph to the pixel grid; without it text is drawn ~15% faster and looks as it does on macOS)."""
+    import matplotlib as mpl
+
     buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})  # fastest zlib level: ~15% larger
+    with mpl.rc_context({"text.hinting": "none"}):
+        figure.savefig(buf, format="png", dpi=_DPI, pil_kwargs={"compress_level": 1})
     return buf.getvalue()
 
 

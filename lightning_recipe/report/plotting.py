@@ -389,13 +389,11 @@ def plot_optimization(
     rows = 3 if update_ratios else 2
     fig = Figure(figsize=(12, 3.5 * rows))
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.16 / rows, top=1 - 0.12 / rows, wspace=0.25, hspace=0.42)
-    (a_lr, a_layer), (a_clip, a_w) = fig.subplots(rows, 2)[:2]
+    a_lr, a_layer, a_clip, a_w = (fig.add_subplot(rows, 2, i) for i in range(1, 5))  # an axes costs ~5 ms
     if update_ratios:
         from lightning_recipe.report.update_ratio_plot import update_ratio_panel
 
-        for ax in fig.axes[4:]:
-            ax.remove()
-        update_ratio_panel(fig.add_subplot(rows, 2, (5, 5)), update_ratios, update_ratio_names or [])
+        update_ratio_panel(fig.add_subplot(rows, 2, 5), update_ratios, update_ratio_names or [])
     lr = np.asarray(lrs, dtype=float) if lrs else np.zeros((0, 1))
     for j in range(min(lr.shape[1] if lr.ndim == 2 else 0, 6)):
         # the values in the legend: a flat line on a log axis falls between two labelled decades

@@ -31,14 +31,8 @@ def update_ratio_panel(ax: Any, update_ratios: list[tuple[int, list[float]]], na
         return
     r = r[:, live]
     mark = "o" if len(steps) <= 30 else None
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows (a step of another optimizer)
-            med = np.nanmedian(r, 1)
-            lo, hi = np.nanpercentile(r, 10, 1), np.nanpercentile(r, 90, 1)
-            per = np.nanmedian(r, 0)
+    lo, med, hi = _nan_quantiles(r, (0.1, 0.5, 0.9))
+    (per,) = _nan_quantiles(r.T, (0.5,))
     ax.fill_between(steps, lo, hi, color="0.85", label="10-90 % of the tensors")
     ax.plot(steps, med, color="k", lw=1.5, marker=mark, ms=3, label="median tensor")
     order = np.argsort(per)
@@ -54,3 +48,29 @@ def update_ratio_panel(ax: Any, update_ratios: list[tuple[int, list[float]]], na
     ax.set_ylabel("||dw|| / ||w|| per step", fontsize=8)
     ax.set_title("update ratio per tensor (sampled; smallest and largest named)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _nan_quantiles(r: Any, qs: tuple[float, ...]) -> list[Any]:
+    """Per row of ``r``, the quantiles ``qs`` of its non-NaN values (NaN for a row with none), as
+    ``np.nanquantile(r, q, axis=1)`` computes them (linear interpolation), in one sort instead of numpy's loop over
+    the rows that hold a NaN (milliseconds per figure on a long fit).
+
+    Example::
+
+        >>> [q.tolist() for q in _nan_quantiles(np.array([[1.0, np.nan, 3.0, 2.0], [np.nan] * 4]), (0.5, 0.9))]
+        [[2.0, nan], [2.8, nan]]
+    """
+    a = np.sort(np.asarray(r, dtype=float), axis=1)  # a 2-d array; NaN sorts last
+    n = (~np.isnan(a)).sum(1)
+    out = []
+    rows = np.arange(len(a))
+    for q in qs:
+        pos = np.maximum(n - 1, 0) * q
+        below = np.floor(pos).astype(int)
+        above = np.minimum(below + 1, np.maximum(n - 1, 0))
+        if a.shape[1]:
+            v = a[rows, below] + (pos - below) * (a[rows, above] - a[rows, below])
+        else:
+            v = np.full(len(a), np.nan)
+        out.append(np.where(n > 0, v, np.nan))
+    return out

@@ -36,6 +36,7 @@ from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe._core.conventions import find_loss, probe_mode, run_forward, split_batch
 from lightning_recipe._core.head_guard import _head_bias_in_use
 from lightning_recipe._core.labels import _private_loader, _single_loader, _to_device, first_batch, is_iterable, read_batches
+from lightning_recipe._core.memory import paused_gc
 from lightning_recipe._core.scan import _Scan, _tensors, _to_cpu
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.checks.data.rules import _DataRules
@@ -249,7 +250,8 @@ class DataCheck(_DataRules, _OnceCheck):
             self._leak(train, step, loss),
         ]
         if self.figure and trainer.is_global_zero and self._dir is not None and train.first is not None:
-            self._draw(trainer, train.first)
+            with paused_gc():  # see its docstring
+                self._draw(trainer, train.first)
         self.findings.extend(f for f in findings if not f.failed)
         for f in findings:
             if f.status == "warn":
