@@ -429,7 +429,8 @@ def plot_optimization(
         pos = g[np.isfinite(g) & (g > 0)]
         if pos.size and pos.max() / pos.min() > 10:  # a log axis only where the norm spans a decade
             log_y(a_clip, pos)
-        a_clip.legend(fontsize=7)
+        if clip_val:  # a legend of the norm alone would repeat the axis label (and cost ~10 ms to draw)
+            a_clip.legend(fontsize=7)
     a_clip.set_title(f"gradient norm (every {grad_every} optimizer steps)" if grad_every > 1 else
                      "gradient norm per optimizer step", fontsize=9)
     a_clip.set_xlabel("optimizer step", fontsize=8)
