@@ -7,6 +7,7 @@ constrained/tight layout doubles the drawing time of every figure, so margins ar
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -78,7 +79,8 @@ def _lean(fig: Any) -> Any:
     label is laid out and drawn as text, most of a panel's drawing time), and each title pinned at the top of its
     axes (where matplotlib puts it when nothing is drawn above the axes: left to itself, it lays the x tick labels
     out once more at every draw to find that place, ~15 % of a panel's drawing time); a title above a secondary
-    axis (the loss curve's epochs) keeps matplotlib's placement. Returns ``fig``."""
+    axis (the loss curve's epochs) keeps matplotlib's placement. Every MaxN/Log locator then gives only the ticks
+    within the view (:func:`_in_view_of`). Returns ``fig``."""
     from matplotlib.ticker import AutoLocator, LogLocator, MaxNLocator
 
     for ax in fig.axes:
@@ -88,7 +90,7 @@ def _lean(fig: Any) -> Any:
             if axis.get_scale() == "linear" and type(axis.get_major_locator()) is AutoLocator:
                 axis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]))
             if type(axis.get_major_locator()) in (MaxNLocator, LogLocator):
-                axis.set_major_locator(_InView(axis.get_major_locator()))
+                axis.set_major_locator(_in_view_of(axis.get_major_locator()))
     return fig
 
 
@@ -105,8 +107,10 @@ def _in_view(locs: Any, lo: float, hi: float) -> list[float]:
     return [float(v) for v in locs if lo - tol <= v <= hi + tol]
 
 
+@functools.cache
 def _in_view_locator() -> type:
-    """:class:`matplotlib.ticker.Locator` subclass built on first use (matplotlib is imported lazily)."""
+    """The :class:`matplotlib.ticker.Locator` subclass below, defined once, on first use (matplotlib is imported
+    lazily)."""
     from matplotlib.ticker import Locator
 
     class InView(Locator):
@@ -136,7 +140,8 @@ def _in_view_locator() -> type:
     return InView
 
 
-def _InView(base: Any) -> Any:  # noqa: N802 - builds an instance of the class above
+def _in_view_of(base: Any) -> Any:
+    """``base`` (a locator), returning only the ticks within the view (see :func:`_in_view_locator`)."""
     return _in_view_locator()(base)
 
 
