@@ -331,3 +331,59 @@ def test_a_sigmoid_before_a_per_pixel_bce_with_logits_stops_the_fit(tmp_path):
     assert model.global_step == 0
     bias, _, _ = _closed_form("binary_segmentation", y[:N_TRAIN], y[:BATCH])
     assert float(model.net[0][-1].bias) == pytest.approx(float(bias), abs=1e-4)
+
+
+class _Tagger(L.LightningModule):
+    """A token tagger fed Hugging Face-style dict batches ``{"input_ids", "labels"}``, padded to each batch's longest
+    sequence (labels -100 on the padding), the loss inline as most taggers write it."""
+
+    def __init__(self, vocab: int = 20, tags: int = 4, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.emb, self.head, self.lr = nn.Embedding(vocab, 16), nn.Linear(16, tags), lr
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.emb(input_ids)))
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _padded_tagging_data(n: int = 96, seed: int = 0):
+    """Sentences of 3-12 tokens whose tag is the token id mod 4, and a collate that pads each batch to its longest."""
+    g = torch.Generator().manual_seed(seed)
+    sentences = [torch.randint(1, 20, (int(torch.randint(3, 13, (1,), generator=g)),), generator=g) for _ in range(n)]
+
+    def collate(items):
+        t = max(len(s) for s in items)
+        ids = torch.zeros(len(items), t, dtype=torch.long)
+        labels = torch.full((len(items), t), -100, dtype=torch.long)
+        for i, s in enumerate(items):
+            ids[i, : len(s)], labels[i, : len(s)] = s, s % 4
+        return {"input_ids": ids, "labels": labels}
+
+    return sentences, collate
+
+
+def test_padded_token_tagging_with_input_ids_and_labels(tmp_path):
+    """A dict batch of ``input_ids`` and ``labels`` needs no ``split_batch``; labels padded to a different length in
+    each batch are counted per position (the padding, -100, left out): the head bias is the log frequency of each tag
+    over the real tokens, and no check is switched off by an internal error."""
+    sentences, collate = _padded_tagging_data()
+    counts = torch.bincount(torch.cat([s % 4 for s in sentences]), minlength=4).double()
+    p = counts / counts.sum()
+    model = _Tagger(lr=0.0)  # the bias stays where HeadBiasInit put it
+    checks = [lr.HeadBiasInit(on_fail="raise"), lr.InitialLossCheck(on_fail="raise")]
+    loader = DataLoader(sentences, batch_size=16, shuffle=True, collate_fn=collate)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [lr.Recipe(callbacks=checks)], max_steps=3).fit(model, loader)
+    assert not [w for w in caught if "internal error" in str(w.message)]
+    b = model.head.bias.detach().double()
+    torch.testing.assert_close(b - b.mean(), p.log() - p.log().mean(), atol=1e-4, rtol=0)
+    (initial,) = [f for f in checks[1].findings if f.check == "InitialLossCheck"]
+    assert initial.status == "pass"  # the label entropy over the real tokens, H = -sum p log p:
+    assert initial.details["population"] == pytest.approx(float(-(p * p.log()).sum()), rel=1e-4)

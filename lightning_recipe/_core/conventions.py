@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe._core.sharding import full_params
 
-_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features")
+_INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
 _TARGET_KEYS = ("y", "target", "targets", "label", "labels")
 _OUTPUT_KEYS = ("logits", "preds", "output")
 _LOSS_ATTRS = ("loss_fn", "criterion", "loss")

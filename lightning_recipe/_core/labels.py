@@ -298,9 +298,12 @@ def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, prob
             "batch")
 
 
-def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int) -> tuple[Tensor, int, bool]:
+def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int,
+                  spec: Optional[TaskSpec] = None) -> tuple[Tensor, int, bool]:
     """Targets of at most ``max_batches`` batches of a private loader (time-bounded), the number of batches read and
-    whether the time budget stopped the scan."""
+    whether the time budget stopped the scan. Batches whose targets differ in shape beyond the first dimension
+    (sequences padded to each batch's longest, such as a tagger's labels) are put in ``spec``'s canonical layout
+    first, one row per position: their statistics are those of the positions."""
     out = []
     reader = read_batches(_private_loader(loader, seed=1, sampled=True), max_batches)
     with isolate_rng():
@@ -311,6 +314,8 @@ def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int
                 break
     if not out:
         raise RecipeConfigError(EMPTY_LOADER)
+    if spec is not None and len({tuple(t.shape[1:]) for t in out}) > 1:
+        out = [spec.canonical_targets(t) for t in out]
     return torch.cat(out, 0), len(out), reader.timed_out
 
 
@@ -356,7 +361,7 @@ def label_stats(
             else:
                 targets, source = None, ""
     if targets is None:
-        targets, read, timed_out = _scan_targets(trainer, loader, split, max_batches)
+        targets, read, timed_out = _scan_targets(trainer, loader, split, max_batches, spec)
         source = f"dataloader ({read} batch{'es' if read != 1 else ''} read"
         source += f", stopped by the time budget of {SCAN_SECONDS:g} s" if timed_out else ""
         source += ", drawn with the WeightedRandomSampler's weights)" if sampler is not None else ")"
