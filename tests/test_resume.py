@@ -172,3 +172,28 @@ def test_a_used_preset_still_pickles(tmp_path: Any) -> None:
     decrease = next(cb for cb in copy.callbacks if type(cb).__name__ == "LossDecreaseCheck")
     assert head.done and head.prior and "_model" not in vars(head)
     assert len(decrease.losses) == 4  # one epoch of 4 batches
+
+
+def test_resume_keeps_the_validation_losses_of_the_loss_curve(tmp_path: Any) -> None:
+    """The validation losses drawn on the loss curve come back with a checkpoint: a fit resumed from epoch 2 of 4
+    draws the four validation runs, the first two with the values the first fit logged."""
+    x, y = blobs(n=128, priors=PRIORS)
+
+    def fit(callbacks: list[Callback], epochs: int, ckpt_path: Any = None) -> L.Trainer:
+        L.seed_everything(0)
+        ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_top_k=0)
+        t = trainer(tmp_path, [*callbacks, ckpt], max_epochs=epochs, enable_checkpointing=True,
+                    num_sanity_val_steps=0)
+        t.fit(TinyModel(), loader(x, y, batch_size=16), loader(x, y, batch_size=64, shuffle=False),
+              ckpt_path=ckpt_path)
+        return t
+
+    first = LossDecreaseCheck(check_every_n_steps=4, warmup_steps=8)
+    fit([first], 2)
+    logged = [float(v) for _, v in first._val]
+    assert [n for n, _ in first._val] == [8, 16] and all(math.isfinite(v) for v in logged)
+    resumed = LossDecreaseCheck(check_every_n_steps=4, warmup_steps=8)
+    fit([resumed], 4, os.path.join(tmp_path, "ckpt", "last.ckpt"))
+    assert [n for n, _ in resumed._val] == [8, 16, 24, 32]
+    assert [float(v) for _, v in resumed._val][:2] == pytest.approx(logged, rel=1e-6)
+    assert resumed._val_key == first._val_key == "val_loss"

@@ -490,8 +490,11 @@ class LossDecreaseCheck(RecipeCheck):
     def state_dict(self) -> dict[str, Any]:
         # the pending losses are saved but stay pending: the next read still checks them
         pending = [v * self._accumulate for v in read_losses(self._pending)] if self._pending else []
+        # the validation losses of the figure, as floats (one read per checkpoint, not per step)
+        val = [(n, float(v)) for n, v in self._val]
         return {"losses": self.losses + pending, "epoch_ends": list(self.epoch_ends), "decrease_checked":
-                self.decrease_checked, "expected_initial_loss": self.expected_initial_loss}
+                self.decrease_checked, "expected_initial_loss": self.expected_initial_loss, "val": val,
+                "val_key": self._val_key}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -500,6 +503,8 @@ class LossDecreaseCheck(RecipeCheck):
         self.epoch_ends = list(state_dict.get("epoch_ends", []))
         self.decrease_checked = bool(state_dict.get("decrease_checked", False))
         self.expected_initial_loss = state_dict.get("expected_initial_loss")
+        self._val = [(int(n), v) for n, v in state_dict.get("val", [])]
+        self._val_key = state_dict.get("val_key")
 
 
 def _learning_rates(trainer: "pl.Trainer") -> str:
