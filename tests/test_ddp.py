@@ -10,6 +10,7 @@ the workers is written to small JSON files, since callback objects do not travel
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Any
@@ -161,4 +162,30 @@ def test_failure_on_one_rank_stops_both(tmp_path: Any, nested: bool) -> None:
     report = json.load(open(os.path.join(tmp_path, "recipe", "report.json")))
     initial = [f for f in report["findings"] if f["check"] == "InitialLossCheck"]
     assert len(initial) == 1 and initial[0]["status"] == "pass"  # rank zero's own finding: it passed there
+    assert _events(tmp_path, 1) == [] and _events(tmp_path, 0).count("report") == 1
+
+
+def test_mlflow_run_folder_under_ddp(tmp_path: Any) -> None:
+    """Under DDP with an MLflow first logger, the report goes to the run's own folder,
+    ``<save_dir>/<experiment id>/<run id>/recipe``, named by rank zero (the run exists there only) and written once;
+    the shared ``<save_dir>/recipe`` is not used."""
+    pytest.importorskip("mlflow")
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri, save_dir=str(tmp_path))
+    t = L.Trainer(
+        callbacks=[LossDecreaseCheck(check_every_n_steps=3, warmup_steps=6), Probe(str(tmp_path))],
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=2, use_distributed_sampler=False,
+        default_root_dir=str(tmp_path), logger=logger, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    L.seed_everything(0)
+    t.fit(RankModel())
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("ddp")
+    (run,) = client.search_runs([experiment.experiment_id])
+    reports = sorted(glob.glob(os.path.join(str(tmp_path), "**", "report.json"), recursive=True))
+    assert reports == [os.path.join(str(tmp_path), experiment.experiment_id, run.info.run_id, "recipe", "report.json")]
     assert _events(tmp_path, 1) == [] and _events(tmp_path, 0).count("report") == 1
