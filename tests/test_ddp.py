@@ -161,7 +161,9 @@ def test_failure_on_one_rank_stops_both(tmp_path: Any, nested: bool) -> None:
         assert bias == pytest.approx(_global_prior(), abs=1e-5)
     report = json.load(open(os.path.join(tmp_path, "recipe", "report.json")))
     initial = [f for f in report["findings"] if f["check"] == "InitialLossCheck"]
-    assert len(initial) == 1 and initial[0]["status"] == "pass"  # rank zero's own finding: it passed there
+    # rank zero's own finding (it passed there) and rank one's failure, which stopped the fit
+    assert [f["status"] for f in initial] == ["pass", "fail"]
+    assert initial[1]["message"].startswith("(on rank 1) InitialLossCheck:") and initial[1]["measured"] > initial[0]["measured"]
     assert _events(tmp_path, 1) == [] and _events(tmp_path, 0).count("report") == 1
 
 

@@ -116,6 +116,18 @@ def _guard(fn: Callable[..., Any], hook: str) -> Callable[..., Any]:
     return guarded
 
 
+def _first_failure(mine: Optional[Finding]) -> Optional[tuple[int, Finding]]:
+    """The failing finding of the lowest rank that has one, with that rank: a collective that every rank calls once
+    some rank failed (``reduce_boolean_decision`` says so on all of them); ``None`` without ``torch.distributed``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    got: list[Optional[Finding]] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, mine)
+    return next(((rank, f) for rank, f in enumerate(got) if f is not None), None)
+
+
 def recipe_dir(trainer: "pl.Trainer") -> str:
     """``<log_dir>/recipe``, absolute for a local folder (a relative log folder such as ``TensorBoardLogger("logs")``
     gives figure paths that the report finds from any working directory); ``recipe_1``, ``recipe_2``, ... when an
@@ -310,6 +322,12 @@ class RecipeCheck(Callback):
         if not any_fail:
             return
         message = finding.message if local_fail and finding is not None else f"{self.name} failed on another rank."
+        elsewhere = _first_failure(finding if local_fail else None) if trainer.world_size > 1 else None
+        if not local_fail and elsewhere is not None:  # rank zero's report says why the fit stopped
+            rank, other = elsewhere
+            other.message = f"(on rank {rank}) {other.message}"
+            self.findings.append(other)
+            message = other.message
         if finding is not None and finding.causes and local_fail:
             message += "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in finding.causes)
         if self.on_fail == "raise":
