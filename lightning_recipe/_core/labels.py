@@ -298,8 +298,8 @@ def _verify(trainer: Any, loader: DataLoader, spec: TaskSpec, fast: Tensor, prob
             "batch")
 
 
-def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int,
-                  spec: Optional[TaskSpec] = None) -> tuple[Tensor, int, bool]:
+def _scan_targets(trainer: Any, loader: DataLoader, spec: TaskSpec, split: Any,
+                  max_batches: int) -> tuple[Tensor, int, bool]:
     """Targets of at most ``max_batches`` batches of a private loader (time-bounded), the number of batches read and
     whether the time budget stopped the scan. Batches whose targets differ in shape beyond the first dimension
     (sequences padded to each batch's longest, such as a tagger's labels) are put in ``spec``'s canonical layout
@@ -314,7 +314,7 @@ def _scan_targets(trainer: Any, loader: DataLoader, split: Any, max_batches: int
                 break
     if not out:
         raise RecipeConfigError(EMPTY_LOADER)
-    if spec is not None and len({tuple(t.shape[1:]) for t in out}) > 1:
+    if len({tuple(t.shape[1:]) for t in out}) > 1:
         out = [spec.canonical_targets(t) for t in out]
     return torch.cat(out, 0), len(out), reader.timed_out
 
@@ -361,7 +361,7 @@ def label_stats(
             else:
                 targets, source = None, ""
     if targets is None:
-        targets, read, timed_out = _scan_targets(trainer, loader, split, max_batches, spec)
+        targets, read, timed_out = _scan_targets(trainer, loader, spec, split, max_batches)
         source = f"dataloader ({read} batch{'es' if read != 1 else ''} read"
         source += f", stopped by the time budget of {SCAN_SECONDS:g} s" if timed_out else ""
         source += ", drawn with the WeightedRandomSampler's weights)" if sampler is not None else ")"
