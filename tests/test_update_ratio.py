@@ -132,6 +132,27 @@ def test_a_group_with_a_learning_rate_1e4_times_smaller_warns_naming_its_tensors
     assert f.step == 20  # decided at the second read, after 10 measurements
 
 
+class _FineTuned(_SlowGroup):
+    """Discriminative fine-tuning: the first layer ("the pretrained backbone", its weights at 5x the default scale) at
+    1/100 of the head's learning rate, as fine-tuning guides set it."""
+
+    def __init__(self) -> None:
+        super().__init__(1e-2)
+        with torch.no_grad():
+            self.net[0].weight.mul_(5.0)
+
+
+def test_a_backbone_at_a_hundredth_of_the_heads_learning_rate_is_a_choice_not_a_warning(tmp_path):
+    """The backbone moves >100x less than the head (its learning rate is 100x lower and its weights larger): no
+    RecipeWarning, since 100x between groups is a deliberate fine-tuning setting; 1e4x (above) still warns."""
+    cb, recipe = _fit(tmp_path, _FineTuned(), steps=40)
+    f = _finding(cb)
+    assert f.status in ("pass", "note") and not recipe, f.message
+    r = f.details["ratios"]
+    assert r["net.2.weight"] / r["net.0.weight"] > 100  # what the group rule would have called a wrong learning rate
+    assert f.details["peak_lrs"] == {0: pytest.approx(1e-4), 1: pytest.approx(1e-2)}
+
+
 class _RawOffset(TinyModel):
     """One parameter group; a logit offset in raw units, initialised at 1e3 (cross-entropy ignores a common shift)."""
 
