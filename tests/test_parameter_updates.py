@@ -89,6 +89,44 @@ def test_head_swapped_after_optimizer(tmp_path):
     assert f.details["no_gradient"] == [] and f.details["not_changed"] == []
 
 
+class WithEMA(TinyModel):
+    """An EMA of the network kept inside the module (torch's ``AveragedModel``: a deep copy whose parameters keep
+    ``requires_grad=True``), updated after every batch unless ``update=False``; the optimizer holds the network's
+    parameters, or every parameter of the module (``all_params``: the copy's then never get a gradient)."""
+
+    def __init__(self, update: bool = True, all_params: bool = False):
+        super().__init__()
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.999))
+        self.update, self.all_params = update, all_params
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.update:
+            self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters() if self.all_params else self.net.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("all_params", [False, True])
+def test_an_ema_copy_updated_outside_the_optimizer_passes_and_one_never_updated_fails(tmp_path, all_params):
+    cb = _fit(tmp_path, WithEMA(all_params=all_params))
+    f = _by_check(cb)["ParameterUpdateCheck"]
+    ema = ["ema.module.0.weight", "ema.module.0.bias", "ema.module.2.weight", "ema.module.2.bias"]
+    assert f.status == "pass", f.message
+    assert f.details["updated_outside_optimizer"] == ema and f.details["not_in_optimizer"] == []
+    assert f.details["no_gradient"] == [] and "the 4 other trainable parameters received gradients" in f.message
+    assert "Changed by the training code outside any optimizer" in f.message and "`ema.module.0.weight`" in f.message
+    # the same copy left at its initial values (update_parameters never called) is what the check exists for
+    with pytest.warns(RecipeWarning, match="never received a non-zero gradient" if all_params else
+                      "in no optimizer parameter group"):
+        cb = _fit(tmp_path, WithEMA(update=False, all_params=all_params), on_fail="warn")
+    f = _by_check(cb)["ParameterUpdateCheck"]
+    assert f.status == "fail" and f.measured == 4.0 and f.details["updated_outside_optimizer"] == []
+    assert f.details["no_gradient" if all_params else "not_in_optimizer"] == ema
+
+
 def test_learning_rate_zero_group_is_a_warning(tmp_path):
     class Frozen(TinyModel):
         def configure_optimizers(self):

@@ -56,6 +56,11 @@ class ParameterUpdateCheck(_OnceCheck):
       large weights), nor one whose group's learning rate stayed 0 over the steps (reported as a ``warn``; a
       warm-up from 0 counts with its largest learning rate).
 
+    A parameter that never had a gradient tensor and still changed was changed by the training code itself, since
+    torch's optimizers skip a parameter whose gradient is ``None``: an EMA copy (``AveragedModel`` keeps
+    ``requires_grad=True``), a momentum encoder updated in place. It passes, named in the finding's message and in
+    ``details["updated_outside_optimizer"]``; the same copy left at its initial values fails as above.
+
     **Gradients not zeroed** (``zero_grad`` missing in manual optimization): at every backward
     (``on_before_backward``) the check records on the device which parameters carry no gradient (``None`` or all
     zeros). A parameter whose gradient was never empty at any backward between two steps of its optimizer, and
@@ -160,6 +165,7 @@ class ParameterUpdateCheck(_OnceCheck):
             self._initial = [tensor_fingerprint(p, chunk=self._chunk) for p in self._params]
         self._zero = torch.zeros((), device=dev)
         self._grad_max = torch.zeros(len(self._params), device=dev)
+        self._had_grad = [False] * len(self._params)  # a gradient tensor at some step (host bools: no sync)
         self._empty_seen = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
         self._stale = torch.zeros(len(self._params), dtype=torch.bool, device=dev)
         self._gnorm = torch.zeros(self.steps, device=dev)
@@ -187,6 +193,8 @@ class ParameterUpdateCheck(_OnceCheck):
     def _norms(self) -> Tensor:
         """``(P,)`` gradient norm of every tracked parameter (0 for ``None``), on the device, without a sync."""
         present = [(k, p.grad) for k, p in enumerate(self._params) if p.grad is not None]
+        for k, _ in present:
+            self._had_grad[k] = True
         out = [self._zero] * len(self._params)
         if present:
             grads = [g.detach() if g.layout == torch.strided else g.detach().coalesce().values() for _, g in present]
@@ -273,16 +281,17 @@ class ParameterUpdateCheck(_OnceCheck):
             changed = torch.stack([(tensor_fingerprint(p, chunk=self._chunk) != f).any()
                                    for p, f in zip(self._params, self._initial)])
             scale = torch.stack([f[0].float() for f in self._initial])  # the largest |p| at the start
-            packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float()])
+            had = torch.tensor(self._had_grad, dtype=torch.float32, device=self._device)
+            packed = torch.stack([changed.float(), self._grad_max, scale, self._stale.float(), had])
             series = torch.stack([self._gnorm, self._loss])
             if sharding(trainer) == "fsdp":  # each rank holds a shard of every parameter: combine them
                 packed, series = _combine_shards(trainer, packed, series)
             packed, series = packed.cpu(), series.cpu()  # the one sync
         self._initial = []
-        changed_l, gmax, pmax, stale = (packed[i].tolist() for i in range(4))
+        changed_l, gmax, pmax, stale, had_l = (packed[i].tolist() for i in range(5))
         k0 = min(self._opt_steps[0], self.steps) if self._opt_steps else 0
         gnorms, losses = series[0, :k0].tolist(), series[1, :k0].tolist()
-        findings = [self._updates(changed_l, gmax, pmax, trainer.global_step)]
+        findings = [self._updates(changed_l, gmax, pmax, had_l, trainer.global_step)]
         if self.check_zero_grad:
             findings.append(self._zero_grad(stale, gnorms, losses, trainer, trainer.global_step))
         failed = [f for f in findings if f.failed]
@@ -310,9 +319,13 @@ class ParameterUpdateCheck(_OnceCheck):
             lr = float(value) if isinstance(value, (int, float, Tensor)) else None
         return lr
 
-    def _updates(self, changed: list[float], gmax: list[float], pmax: list[float], step: int) -> Finding:
-        not_in_opt, no_grad, not_changed, lr_zero, tiny = [], [], [], [], []
+    def _updates(self, changed: list[float], gmax: list[float], pmax: list[float], had_grad: list[float],
+                 step: int) -> Finding:
+        not_in_opt, no_grad, not_changed, lr_zero, tiny, outside = [], [], [], [], [], []
         for k, (name, p) in enumerate(zip(self._names, self._params)):
+            if changed[k] and not had_grad[k]:  # no optimizer steps a tensor without a gradient: user code did
+                outside.append(name)
+                continue
             if self._owner[k] is None:
                 not_in_opt.append(name)
                 continue
@@ -330,7 +343,8 @@ class ParameterUpdateCheck(_OnceCheck):
                 not_changed.append(name)
         n = len(self._names)
         details = {"parameters": n, "steps": self._total, "not_in_optimizer": not_in_opt, "no_gradient": no_grad,
-                   "not_changed": not_changed, "lr_zero": lr_zero, "below_float_resolution": tiny}
+                   "not_changed": not_changed, "lr_zero": lr_zero, "below_float_resolution": tiny,
+                   "updated_outside_optimizer": outside}
         bad = len(not_in_opt) + len(no_grad) + len(not_changed)
         if bad:
             parts, causes = [], []
@@ -349,6 +363,9 @@ class ParameterUpdateCheck(_OnceCheck):
                    "patterns) for those used only outside training_step.")
             return Finding(self.name, "fail", msg, float(bad), 0.0, step, causes, details)
         notes = ""
+        if outside:
+            notes += (f" Changed by the training code outside any optimizer (no gradient at any step: an EMA copy, a "
+                      f"momentum encoder): {_names(outside)}.")
         if lr_zero:
             notes += f" Unchanged in a group with learning rate 0: {_names(lr_zero)}."
         if tiny:
@@ -356,7 +373,8 @@ class ParameterUpdateCheck(_OnceCheck):
         if self.__dict__.get("_scaler") and self._applied < self._total:
             notes += f" A GradScaler skipped {self._total - self._applied} of these steps (not counted)."
             details["applied"] = self._applied
-        return Finding(self.name, "warn" if lr_zero else "pass", f"{self.name}: all {n} trainable parameters received "
+        stepped = f"all {n}" if not outside else f"the {n - len(outside)} other"
+        return Finding(self.name, "warn" if lr_zero else "pass", f"{self.name}: {stepped} trainable parameters received "
                        f"gradients and changed within {self._total} optimizer step(s).{notes}", 0.0, 0.0, step, [], details)
 
     def _zero_grad(self, stale: list[float], gnorms: list[float], losses: list[float], trainer: "pl.Trainer",
@@ -405,11 +423,12 @@ def _names(names: list[str], limit: int = 8) -> str:
 
 def _combine_shards(trainer: "pl.Trainer", packed: Tensor, series: Tensor) -> tuple[Tensor, Tensor]:
     """Under FSDP each rank holds a shard of every parameter (an empty one for some): a parameter changed, received a
-    gradient, outlived its step when it did on any rank; its largest ``|p|`` is the largest of the shards'; the
-    gradient norm of a step is the root of the sum of the shards' squared norms. A collective: every rank calls it."""
-    changed, gmax, scale, stale = packed
-    any_rank = trainer.strategy.reduce(torch.stack([changed, stale]), reduce_op="sum") > 0
+    gradient, outlived its step, had a gradient tensor when it did on any rank; its largest ``|p|`` is the largest of
+    the shards'; the gradient norm of a step is the root of the sum of the shards' squared norms. A collective: every
+    rank calls it."""
+    changed, gmax, scale, stale, had = packed
+    any_rank = trainer.strategy.reduce(torch.stack([changed, stale, had]), reduce_op="sum") > 0
     peaks = trainer.strategy.reduce(torch.stack([gmax, scale]), reduce_op="max")
     gnorm = trainer.strategy.reduce(series[0].nan_to_num(0.0).pow(2), reduce_op="sum").sqrt()
-    return (torch.stack([any_rank[0].float(), peaks[0], peaks[1], any_rank[1].float()]),
+    return (torch.stack([any_rank[0].float(), peaks[0], peaks[1], any_rank[1].float(), any_rank[2].float()]),
             torch.stack([gnorm, series[1]]))
