@@ -189,6 +189,11 @@ def test_zero_initialised_residual_branch_is_a_note(tmp_path):
     f = by["dead"]
     assert f.status == "note" and f.details["signal_cut"] is False
     assert f.details["zero_layers"] == ["net.1.branch.2", "net.2.branch.2"]
+    # the depth ratio is taken over the layers that vary: the branches' zero outputs are no collapse
+    d = by["depth"]
+    stds = d.details["stds"]
+    assert stds["net.1.branch.2"] == 0.0 and stds["net.2.branch.2"] == 0.0
+    assert d.status == "pass" and d.measured == pytest.approx(stds["net.2.branch.1"] / stds["net.0"])
 
 
 def test_zero_initialised_non_residual_layer_cutting_the_signal_fails(tmp_path):

@@ -77,8 +77,10 @@ class ActivationCheck(_OnceCheck):
       examples with probability about ``2^-B``).
     * ``ActivationCheck.depth`` (``note``): the std of the outputs of the weight layers (``Linear``, ``Conv``,
       ``Embedding``, ``RNN``s, ...) and activations in execution order, the head left out; notes when the last one over
-      the first one leaves ``[1e-3, 1e3]``. Plain nets without normalisation drift legitimately (a default-init ReLU MLP
-      loses a factor ~0.41 of std per layer: ``1e-3`` after ~8 layers), so this is never a warning. On the 64 healthy
+      the first one leaves ``[1e-3, 1e3]``; layers whose output is constant across the probe examples (a
+      zero-initialised residual branch) are left out of the ratio, ``.dead`` judges them. Plain nets without
+      normalisation drift legitimately (a default-init ReLU MLP loses a factor ~0.41 of std per layer: ``1e-3`` after
+      ~8 layers), so this is never a warning. On the 64 healthy
       fits of the calibration corpus the ratio lies in ``[0.0075, 0.35]`` (the unscaled-inputs tabular fit reaches 43);
       the band ``[1e-3, 1e3]`` leaves a factor 7 below the lowest healthy one. The per-layer stds are in ``details``.
 
@@ -217,8 +219,10 @@ class ActivationCheck(_OnceCheck):
     def _depth(self, layers: list[dict[str, Any]], head: Optional[nn.Module]) -> Finding:
         name = f"{self.name}.depth"
         seq = [r for r in layers if isinstance(r["module"], _WEIGHT_LAYERS + _ACTIVATIONS) and r["module"] is not head]
-        stds = [(r["name"], r["std"]) for r in seq]
-        details = {"stds": dict(stds), "range": list(_DEPTH)}
+        details = {"stds": {r["name"]: r["std"] for r in seq}, "range": list(_DEPTH)}
+        # a layer constant across the probe examples (a zero-initialised residual branch) carries no signal to
+        # measure: `.dead` judges it, the ratio is taken over the layers that vary
+        seq = [r for r in seq if not r["constant"]]
         if len(seq) < 2 or not seq[0]["std"] > 0:
             return Finding(name, "pass", f"{name}: fewer than two hidden layers with a measurable std.", None, None,
                            0, [], details)
