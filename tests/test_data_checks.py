@@ -130,6 +130,23 @@ def test_class_imbalance_warns_with_counts(tmp_path):
     assert f.status == "pass" and f.measured < 1.5
 
 
+def test_class_imbalance_rebalanced_by_a_weighted_sampler_passes_naming_it(tmp_path):
+    """The same 90/8/2 data drawn through a WeightedRandomSampler (weights 1 / class count, as imbalance guides
+    write it): the model sees balanced batches, so the dataset's imbalance is no warning; the counts are reported."""
+    from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+
+    x, y = blobs(n=1000, classes=3, priors=[0.9, 0.08, 0.02])
+    counts = torch.bincount(y, minlength=3).double()
+    sampler = WeightedRandomSampler((1.0 / counts)[y], num_samples=len(y), replacement=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = _fit(tmp_path, TinyModel(out_dim=3), DataLoader(TensorDataset(x, y), batch_size=100, sampler=sampler))
+    assert not [w for w in caught if issubclass(w.category, RecipeWarning)]
+    f = _by_name(cb)["balance"]
+    assert f.status == "pass" and f.measured == pytest.approx(float(counts.max() / counts.min()))
+    assert "WeightedRandomSampler" in f.message and f.details["sampled"] is True
+
+
 def test_small_categorical_space_only_warns():
     # 3 binary features: 8 possible rows; 400 rows repeat by chance, which is no evidence of copying
     g = torch.Generator().manual_seed(0)

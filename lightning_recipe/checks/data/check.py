@@ -35,7 +35,15 @@ from typing_extensions import override
 from lightning_recipe._core.base import OnFail, _OnceCheck
 from lightning_recipe._core.conventions import find_loss, probe_mode, run_forward, split_batch
 from lightning_recipe._core.head_guard import _head_bias_in_use
-from lightning_recipe._core.labels import _private_loader, _single_loader, _to_device, first_batch, is_iterable, read_batches
+from lightning_recipe._core.labels import (
+    _private_loader,
+    _single_loader,
+    _to_device,
+    first_batch,
+    is_iterable,
+    read_batches,
+    weighted_sampler,
+)
 from lightning_recipe._core.memory import paused_gc
 from lightning_recipe._core.scan import _Scan, _tensors, _to_cpu
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
@@ -110,7 +118,9 @@ class DataCheck(_DataRules, _OnceCheck):
         dimensions beyond N), whose frequencies are naturally skewed (spaces and ``e`` in text, background pixels) and
         not actionable; or a loss that weights the classes (``CrossEntropyLoss``/``NLLLoss`` with a non-uniform
         ``weight=``, ``BCEWithLogitsLoss`` with a ``pos_weight=`` other than 1) towards the rare side: a weight that
-        favours the frequent side makes the imbalance worse, and is judged as no weight, saying so.
+        favours the frequent side makes the imbalance worse, and is judged as no weight, saying so; or a training
+        loader that draws with a ``WeightedRandomSampler`` (it sets the class mix the model sees; the counts
+        reported are the dataset's).
     * **leak** (fail): class-index targets compared with every integer input tensor of the same shape (token ids,
       categories; not ``uint8`` images, bool or float inputs) on the first batch (:func:`token_alignment`): the
       fraction of labelled positions whose target equals the input at the same position. Above
@@ -245,7 +255,7 @@ class DataCheck(_DataRules, _OnceCheck):
             *([self._stream_skip(train, step)] if stream else [
                 self._duplicates(train, step),
                 self._val_stream_skip(step) if val_stream else self._overlap(train, val, step),
-                self._balance(train, step, loss, _head_bias_in_use(trainer)),
+                self._balance(train, step, loss, _head_bias_in_use(trainer), weighted_sampler(loader) is not None),
                 self._shift_stream_skip(step) if val_stream else self._shift(train, val, step)]),
             self._leak(train, step, loss),
         ]

@@ -202,7 +202,8 @@ class _DataRules:
         return Finding(name, "pass", f"{self.name}: train/validation overlap: {numbers}.", frac, self.max_overlap, step,
                        details=details)
 
-    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable], bias_init: bool = False) -> Finding:
+    def _balance(self, s: "_Scan", step: int, loss: Optional[Callable], bias_init: bool = False,
+                 sampled: bool = False) -> Finding:
         name = f"{self.name}.balance"
         counts = s.class_counts()
         if counts is None:
@@ -231,7 +232,8 @@ class _DataRules:
             what += f"; the loss's {weighted} weights the rare side LESS than the frequent one, making it worse"
             weighted = None
         details["per_position"], details["weighted"], details["weight_against"] = s.per_position, weighted, against
-        if ratio > self.max_imbalance and (s.per_position or weighted):
+        details["sampled"] = sampled
+        if ratio > self.max_imbalance and (s.per_position or weighted or sampled):
             why = []
             if s.per_position:
                 shape = ", ".join(["N", *map(str, s.target_shape)])
@@ -239,6 +241,9 @@ class _DataRules:
                            "frequencies are naturally skewed (spaces in text, background in segmentation maps)")
             if weighted:
                 why.append(f"the loss weights the classes ({weighted})")
+            if sampled:
+                why.append("the training loader draws with a WeightedRandomSampler, which sets the class mix the "
+                           "model sees")
             return Finding(name, "pass", f"{self.name}: {what} (more than {self.max_imbalance:g}); not warned about: "
                            + "; ".join(why) + ".", ratio, self.max_imbalance, step, details=details)
         multilabel = kind == "labels" and int(c[0].numel()) > 1
