@@ -430,6 +430,52 @@ def test_raw_signals_into_an_instance_norm_without_parameters_pass(tmp_path):
     assert f.status == "pass" and f.details["input_norm"] == "norm" and "(InstanceNorm1d)" in f.message
 
 
+class _RevIN(nn.Module):
+    """Reversible instance normalisation (Kim et al., 2022): each window standardised by its own mean and std, then a
+    learnable affine map; the forecast is mapped back with the same statistics."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n)), nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        mu, sd = x.mean(1, keepdim=True), x.std(1, keepdim=True) + 1e-5
+        return (x - mu) / sd * self.weight + self.bias, mu, sd
+
+
+class _Forecaster(TinyModel):
+    def __init__(self, revin=True):
+        super().__init__(in_dim=16, out_dim=4, loss_fn=nn.MSELoss())
+        self.revin = _RevIN(16) if revin else None
+
+    def forward(self, x):
+        if self.revin is None:
+            return self.net(x)
+        z, mu, sd = self.revin(x)
+        return self.net(z) * sd + mu
+
+
+def test_raw_windows_rescaled_in_forward_pass_and_raw_windows_into_a_linear_warn(tmp_path):
+    """Sine windows with a per-series offset of std 50 (raw sensor levels): a forecaster that standardises each window
+    itself (RevIN, a module with parameters, so not the first weight layer) passes naming its first Linear; the same
+    windows straight into a Linear warn."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(20, dtype=torch.float32)
+    off, amp = 50 * torch.randn(512, 1, generator=g), 1 + torch.rand(512, 1, generator=g)
+    phase = torch.rand(512, 1, generator=g)
+    series = off + amp * torch.sin(0.5 * t + 6.28 * phase)
+    x, y = series[:, :16], series[:, 16:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        f = _by_name(_fit(tmp_path, _Forecaster(), loader(x, y, 64)))["scale"]
+    assert f.status == "pass" and f.details["input_rescaled"] == "net.0", f.message
+    assert "`net.0` (Linear), receives them with every feature on a standardised scale" in f.message
+    assert f.details["worst"]["std"] > 10  # the raw windows are off scale: std ~50 per position
+    with pytest.warns(RecipeWarning, match="far from a standardised scale"):
+        f = _by_name(_fit(tmp_path, _Forecaster(revin=False), loader(x, y, 64)))["scale"]
+    assert f.status == "warn" and "input_rescaled" not in f.details
+
+
 def test_norm_probe_leaves_training_untouched(tmp_path):
     x, y = _breast_cancer()
     weights = []

@@ -48,11 +48,15 @@ from lightning_recipe._core.memory import paused_gc
 from lightning_recipe._core.scan import _Scan, _tensors, _to_cpu
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.checks.data.rules import _DataRules
-from lightning_recipe.functional.data import _PER_EXAMPLE_NORMS, _PER_FEATURE_NORMS, _stateful_leaf
+from lightning_recipe.functional.data import _PER_EXAMPLE_NORMS, _PER_FEATURE_NORMS, _stateful_leaf, off_scale
 from lightning_recipe.report.plotting import plot_first_batch
 
 
 Layout = Literal["auto", "image", "features"]
+
+
+# the layers whose input scale matters (an embedding takes ids): the first one reached is judged
+_INPUT_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase)
 
 
 class DataCheck(_DataRules, _OnceCheck):
@@ -88,7 +92,10 @@ class DataCheck(_DataRules, _OnceCheck):
       the first layer with parameters or buffers that the inputs reach; when it receives as many values as the inputs
       hold and is a ``BatchNorm*``/``InstanceNorm*`` (each feature or channel standardised), or a ``LayerNorm``/
       ``GroupNorm`` on images (each example standardised: right for pixels, all in one unit, but not for tabular
-      features in mixed units, where it still warns), the scale of the raw inputs does not matter.
+      features in mixed units, where it still warns), the scale of the raw inputs does not matter. Nor does it when
+      the first weight layer the inputs reach (``Linear``, ``Conv``, ``RNN``) receives as many values as they hold,
+      every feature of them on scale by the rule above: the model rescales its input in ``forward`` (reversible
+      instance normalisation, RevIN, in forecasters fed raw windows; a stored mean and std).
     * **duplicates**: inputs are hashed row by row (two independent 64-bit linear hashes of the raw bytes).
       When every row was read the measured value is the fraction of rows that are extra copies
       (``1 - unique / rows``: 0.5 for a dataset concatenated twice); when only a sample of ``k`` of ``n`` rows was
@@ -319,19 +326,27 @@ class DataCheck(_DataRules, _OnceCheck):
 
 
     def _input_norm(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-                    s: "_Scan") -> Optional[tuple[str, nn.Module]]:
-        """The first layer the first batch's inputs reach, ``(name, module)``, when it is a normalisation layer that
-        receives as many values as the inputs hold (one probe forward, as the shared context's: eval mode, no grad,
-        private random state)."""
+                    s: "_Scan") -> Optional[tuple[str, nn.Module, bool]]:
+        """How the model meets off-scale inputs, from one probe forward of the first batch (as the shared context's:
+        eval mode, no grad, private random state): ``(name, module, False)`` when the first layer the inputs reach
+        is a normalisation layer that receives as many values as the inputs hold; ``(name, module, True)`` when the
+        first weight layer (``Linear``, ``Conv``, ``RNN``) receives as many values, every feature of them on a
+        standardised scale (the model rescales its input in ``forward``: instance normalisation such as RevIN, a
+        stored mean and std); ``None`` otherwise."""
         x = s.first_inputs
         if not isinstance(x, Tensor):
             return None
         seen: list[tuple[nn.Module, tuple]] = []
+
+        def record(mod: nn.Module, args: tuple) -> None:
+            if not seen or not isinstance(seen[-1][0], _INPUT_WEIGHT_LAYERS):  # up to the first weight layer
+                seen.append((mod, args))
+
         handles = []
         try:
             for m in pl_module.modules():
-                if _stateful_leaf(m):
-                    handles.append(m.register_forward_pre_hook(lambda mod, a: None if seen else seen.append((mod, a))))
+                if _stateful_leaf(m) or isinstance(m, _INPUT_WEIGHT_LAYERS):
+                    handles.append(m.register_forward_pre_hook(record))
             with probe_mode(trainer, pl_module):
                 run_forward(pl_module, x, self._settings.forward)
         except Exception:  # a forward that cannot run here (or a module that takes no hook): no note, the warning stays
@@ -339,13 +354,28 @@ class DataCheck(_DataRules, _OnceCheck):
         finally:
             for h in handles:
                 h.remove()
+
+        def fed(args: tuple) -> Optional[Tensor]:
+            t = args[0] if args and isinstance(args[0], Tensor) else None
+            return t if t is not None and t.numel() == x.numel() and t.is_floating_point() else None
+
+        def named(mod: nn.Module) -> str:
+            return next((n for n, m in pl_module.named_modules() if m is mod), type(mod).__name__)
+
         if not seen:
             return None
-        mod, args = seen[0]
-        fed = args[0] if args and isinstance(args[0], Tensor) else None
-        if not isinstance(mod, _PER_FEATURE_NORMS + _PER_EXAMPLE_NORMS) or fed is None or fed.numel() != x.numel():
+        if isinstance(seen[0][0], _PER_FEATURE_NORMS + _PER_EXAMPLE_NORMS):
+            return (named(seen[0][0]), seen[0][0], False) if fed(seen[0][1]) is not None else None
+        mod, args = seen[-1]
+        t = fed(args) if isinstance(mod, _INPUT_WEIGHT_LAYERS) else None
+        if t is None:
             return None
-        return next((n for n, m in pl_module.named_modules() if m is mod), type(mod).__name__), mod
+        f = t.detach().float().reshape(t.shape[0], -1)
+        mean, std, top = f.mean(0), f.std(0, unbiased=False), f.abs().amax(0)
+        judged = std > 0
+        if not bool(judged.any()) or bool((off_scale(mean, std, top, self.scale_factor) & judged).any()):
+            return None
+        return named(mod), mod, True
 
     # -- figure -----------------------------------------------------------------------------------------------------
     def _draw(self, trainer: "pl.Trainer", first: tuple[Any, Any]) -> None:

@@ -114,7 +114,8 @@ class _DataRules:
         return Finding(name, "pass", f"{self.name}: no NaN/Inf among {s.rows} training rows read ({s.read()}).", 0.0,
                        0.0, step)
 
-    def _scale(self, s: "_Scan", step: int, input_norm: Callable[[], Optional[tuple[str, nn.Module]]]) -> Finding:
+    def _scale(self, s: "_Scan", step: int,
+               input_norm: Callable[[], Optional[tuple[str, nn.Module, bool]]]) -> Finding:
         name = f"{self.name}.scale"
         summary = s.scale_summary(self.scale_factor)
         if summary is None:
@@ -132,6 +133,12 @@ class _DataRules:
         if off:
             norm = input_norm()
             layer = f"`{norm[0]}` ({type(norm[1]).__name__})" if norm is not None else ""
+            if norm is not None and norm[2]:
+                details["input_rescaled"] = norm[0]
+                return Finding(name, "pass", f"{self.name}: the raw inputs are off scale ({numbers}), but the first "
+                               f"weight layer they reach, {layer}, receives them with every feature on a standardised "
+                               "scale: the model rescales its own input in forward (instance normalisation such as "
+                               "RevIN, a stored mean and std).", len(off) / judged, 0.0, step, details=details)
             if norm is not None and (isinstance(norm[1], _PER_FEATURE_NORMS) or summary["image"]):
                 how = "each feature (channel)" if isinstance(norm[1], _PER_FEATURE_NORMS) else "each example"
                 details["input_norm"] = norm[0]
