@@ -237,6 +237,24 @@ def test_cnn_with_batchnorm_passes(tmp_path, zero_gamma):
     assert by["dead"].status == ("note" if zero_gamma else "pass")
 
 
+def test_batchnorm_cnn_on_uncentred_pixels_has_no_dead_units_at_init(tmp_path):
+    """Pixels in [0, 1] (not centred): with BatchNorm's initial running statistics (mean 0, var 1) an eval-mode probe
+    passes the convolutions' raw outputs to the ReLU, where a filter of mostly negative weights is negative on every
+    example; training normalises with the batch's statistics, and so does the probe at init: no unit is dead."""
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x[:512], dtype=torch.float32).view(-1, 1, 8, 8) / 16.0, torch.tensor(y[:512])
+    torch.manual_seed(0)  # in eval mode this init leaves 50.1% of the first ReLU's units zero on all 8 examples
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(32 * 16, 64), nn.ReLU(), nn.Linear(64, 10))
+    model = Net(net)
+    by, warned = _fit(tmp_path, model, loader(x, y, batch_size=8))
+    _healthy(by, warned)
+    assert by["dead"].status == "pass" and by["dead"].details["partly_dead"] == {}, by["dead"].message
+    assert model.net[1].num_batches_tracked.item() == 1  # the one training step: the probe's update was undone
+    assert model.net[1].training  # and its mode restored
+
+
 def test_lstm_classifier_passes(tmp_path):
     x, y = _digits()
     torch.manual_seed(0)

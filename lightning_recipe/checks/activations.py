@@ -47,8 +47,10 @@ class ActivationCheck(_OnceCheck):
 
     At ``on_train_start`` (after :class:`~lightning_recipe.HeadBiasInit` when listed after it, before the first step)
     the check runs one forward of the fit's probe batch under the probe mode (eval, no grad, isolated random state:
-    training stays bit-identical) with forward hooks on every leaf module (removed afterwards, also on an error). Each
-    call of a leaf gives a few numbers, brought to the host in one transfer after the forward:
+    training stays bit-identical; a BatchNorm layer that trains normalises with the batch's statistics as in training,
+    where eval mode would use its initial running statistics, mean 0 and variance 1, and pass uncentred inputs such as
+    pixels in [0, 1] through unnormalised) with forward hooks on every leaf module (removed afterwards, also on an
+    error). Each call of a leaf gives a few numbers, brought to the host in one transfer after the forward:
 
     * ``ActivationCheck.saturation`` (``warn``): an ``nn.Tanh`` output with ``|tanh| > 0.99`` (pre-activation beyond
       ``atanh(0.99) = 2.647``) or an ``nn.Sigmoid`` output outside ``[0.01, 0.99]`` (``|pre| > 4.595``) is saturated:
@@ -153,7 +155,15 @@ class ActivationCheck(_OnceCheck):
                     handles.append(m.register_forward_hook(hook))
                 except RuntimeError:  # a scripted (torch.jit) module takes no hook: its layers are not measured
                     continue
+            # a BatchNorm that trains normalises with each batch's statistics (its running ones are still their
+            # defaults at init): it does so in the probe too (its buffers are restored afterwards); not SyncBatchNorm,
+            # whose batch statistics are a collective
+            batched = (_batch_size(ctx.inputs) or 0) > 1
+            batch_norms = [m for m in pl_module.modules() if batched and m.training and
+                           isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
             with probe_mode(trainer, pl_module):
+                for m in batch_norms:
+                    m.train()
                 out = run_forward(pl_module, ctx.inputs, self._settings.forward)
                 xs = [t for t in _tensors(ctx.inputs) if t.ndim > 0]
                 inputs_vary = (torch.stack([_varies(t).to(out.device) for t in xs]).any() if xs
