@@ -1,3 +1,5 @@
+import shutil
+
 import lightning as L
 import pytest
 import torch
@@ -415,3 +417,32 @@ def test_tuple_inputs_with_a_mask_are_probed(tmp_path, mix):
         assert "examples of the batch are mixed" in f.message and f.measured > 1e-3
     else:
         assert f.measured <= cb.rtol
+
+
+class _CompiledMLP(TinyModel):
+    """The network wrapped with ``torch.compile`` (inductor) in ``__init__``, as the Lightning docs show; a graph
+    compiled by inductor donates its buffers to one backward, so the probe's repeated gradients need eager mode."""
+
+    def __init__(self):
+        super().__init__(in_dim=64, out_dim=10)
+        self.net = torch.compile(nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                               nn.Linear(128, 10)))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor compiles C++ on the CPU")
+def test_a_compiled_model_is_probed_eagerly_and_passes(tmp_path):
+    import warnings
+
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.tensor(x, dtype=torch.float32) / 16.0, torch.tensor(y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cb = BatchIndependenceCheck(on_fail="warn")
+        L.seed_everything(0)
+        trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=3, limit_val_batches=2).fit(
+            _CompiledMLP(), loader(x[:1024], y[:1024], 64), loader(x[1024:], y[1024:], 128))
+    assert not [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    (f,) = cb.findings
+    assert f.status == "pass" and "zero outside its own example" in f.message, f.message

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
 from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe._core.probe_state import _restore_buffers, _snapshot_buffers, eager
 from lightning_recipe._core.sharding import full_params
 
 _INPUT_KEYS = ("x", "input", "inputs", "image", "images", "features", "input_ids")
@@ -127,12 +128,15 @@ def sanity_examples(
 
 
 def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn] = None) -> Tensor:
-    """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``."""
+    """``pl_module(inputs)``; a tuple output gives its first item, a dict its ``logits``/``preds``/``output``.
+    Compiled modules run eagerly here (:func:`eager`): this is a probe's forward, never a training step."""
     if override is not None:
-        out = override(pl_module, inputs)
+        with eager():
+            out = override(pl_module, inputs)
     else:
         try:
-            out = pl_module(inputs)
+            with eager():
+                out = pl_module(inputs)
         except RecipeConfigError:
             raise
         except (TypeError, AttributeError, IndexError, KeyError, ValueError) as err:
@@ -513,25 +517,6 @@ def probe_mode(trainer: Any, pl_module: nn.Module) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         _restore_buffers(buffers)
-
-
-def _snapshot_buffers(module: nn.Module) -> list[tuple[nn.Module, str, Tensor, Tensor]]:
-    """``(owner, name, tensor, copy)`` for every buffer of ``module``."""
-    out = []
-    for m in module.modules():
-        for name, b in m._buffers.items():
-            if isinstance(b, Tensor):
-                out.append((m, name, b, b.detach().clone()))
-    return out
-
-
-def _restore_buffers(saved: list[tuple[nn.Module, str, Tensor, Tensor]]) -> None:
-    """Put back each buffer object (one reassigned in ``forward`` is replaced by the original) and its values."""
-    with torch.no_grad():
-        for m, name, b, copy in saved:
-            if m._buffers.get(name) is not b:
-                m._buffers[name] = b
-            b.copy_(copy)  # unconditionally: comparing first would read the device on every probe
 
 
 def resolve_module(root: nn.Module, path: str, arg: str = "head") -> nn.Module:
