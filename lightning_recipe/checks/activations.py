@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, _OnceCheck
@@ -15,9 +16,9 @@ from lightning_recipe._core.conventions import probe_mode, run_forward
 from lightning_recipe.exceptions import RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.activations import _SIGMOID_EDGE, _STATS, _TANH_EDGE, _phi, _stats, _varies
+from lightning_recipe.functional.data import _WEIGHT_LAYERS
 from lightning_recipe._core.dtypes import wide
 
-_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Softplus, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink,
@@ -82,9 +83,9 @@ class ActivationCheck(_OnceCheck):
       the first one leaves ``[1e-3, 1e3]``; layers whose output is constant across the probe examples (a
       zero-initialised residual branch) are left out of the ratio, ``.dead`` judges them. Plain nets without
       normalisation drift legitimately (a default-init ReLU MLP loses a factor ~0.41 of std per layer: ``1e-3`` after
-      ~8 layers), so this is never a warning. On the 64 healthy
-      fits of the calibration corpus the ratio lies in ``[0.0075, 0.35]`` (the unscaled-inputs tabular fit reaches 43);
-      the band ``[1e-3, 1e3]`` leaves a factor 7 below the lowest healthy one. The per-layer stds are in ``details``.
+      ~8 layers), so this is never a warning. On the 64 healthy fits of the calibration corpus the ratio lies in
+      ``[0.0075, 0.35]`` (the unscaled-inputs tabular fit reaches 43); the band ``[1e-3, 1e3]`` leaves a factor 7
+      below the lowest healthy one. The per-layer stds are in ``details``.
 
     Layers that run inside a module (the gates of ``nn.LSTM``, a fused attention) are not leaves and are not seen.
     The batch dimension is taken to be the first of each leaf's output.
@@ -158,9 +159,8 @@ class ActivationCheck(_OnceCheck):
             # a BatchNorm that trains normalises with each batch's statistics (its running ones are still their
             # defaults at init): it does so in the probe too (its buffers are restored afterwards); not SyncBatchNorm,
             # whose batch statistics are a collective
-            batched = (_batch_size(ctx.inputs) or 0) > 1
-            batch_norms = [m for m in pl_module.modules() if batched and m.training and
-                           isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+            batch_norms = [m for m in pl_module.modules() if m.training and isinstance(m, _BatchNorm)
+                           and not isinstance(m, nn.SyncBatchNorm)] if (_batch_size(ctx.inputs) or 0) > 1 else []
             with probe_mode(trainer, pl_module):
                 for m in batch_norms:
                     m.train()

@@ -19,6 +19,9 @@ NEXT_TOKEN_FRACTION = 0.95
 # normalisation layers that standardise each feature (channel) separately, and those that standardise each example
 _PER_FEATURE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 _PER_EXAMPLE_NORMS = (nn.LayerNorm, nn.GroupNorm)
+# the layers with a weight matrix: those whose input scale matters, and the embeddings, which take ids
+_INPUT_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase)
+_WEIGHT_LAYERS = _INPUT_WEIGHT_LAYERS + (nn.Embedding, nn.EmbeddingBag)
 
 
 def row_hashes(rows: Tensor, seed: int = 0) -> Tensor:

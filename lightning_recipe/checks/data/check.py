@@ -48,15 +48,17 @@ from lightning_recipe._core.memory import paused_gc
 from lightning_recipe._core.scan import _Scan, _tensors, _to_cpu
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.checks.data.rules import _DataRules
-from lightning_recipe.functional.data import _PER_EXAMPLE_NORMS, _PER_FEATURE_NORMS, _stateful_leaf, off_scale
+from lightning_recipe.functional.data import (
+    _INPUT_WEIGHT_LAYERS,
+    _PER_EXAMPLE_NORMS,
+    _PER_FEATURE_NORMS,
+    _stateful_leaf,
+    off_scale,
+)
 from lightning_recipe.report.plotting import plot_first_batch
 
 
 Layout = Literal["auto", "image", "features"]
-
-
-# the layers whose input scale matters (an embedding takes ids): the first one reached is judged
-_INPUT_WEIGHT_LAYERS = (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.RNNBase)
 
 
 class DataCheck(_DataRules, _OnceCheck):

@@ -91,11 +91,11 @@ class OptimizationHealthCheck(_OptimizationRules, _UpdateRatio, RecipeCheck):
       median over the measurements so far and, per parameter group, the median over its tensors weighted by their
       sizes (the typical entry). Warn when a group whose peak learning rate is more than ``max_update_spread``
       times below the other groups' moves more than ``max_update_spread`` times less than they do (a group with a
-      wrong learning rate). A group up to 100x (the default) below the rest is a choice (discriminative fine-tuning puts a
-      pretrained backbone at 1/10 to 1/100 of the head's rate; its large weights then move 100x to 1000x less than
-      the head's fresh ones): not judged by this rule. A gap of
-      more than ``max_update_spread`` between neighbouring tensors (sorted) that no learning rate explains (a
-      parameter in raw units, a layer scale at 1e-5) is a ``note``; so is a median tensor outside [1e-5, 1e-1] (the
+      wrong learning rate). A group up to 100x (the default) below the rest is a choice, not judged by this rule:
+      discriminative fine-tuning puts a pretrained backbone at 1/10 to 1/100 of the head's rate, and its large
+      weights then move 100x to 1000x less than the head's fresh ones. A gap of more than ``max_update_spread``
+      between neighbouring tensors (sorted) that no learning rate explains (a parameter in raw units, a layer scale
+      at 1e-5) is a ``note``; so is a median tensor outside [1e-5, 1e-1] (the
       ~1e-3 rule of thumb, which adaptive optimizers do not follow).
       Calibration (``benchmarks/update_ratio_calibration.py``, 69 healthy fits of ``benchmarks/corpus.py``): the
       largest gap between neighbouring tensors is 9.8x (slowest to fastest tensor up to 179x); on the healthy fits
