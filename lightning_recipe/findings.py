@@ -135,8 +135,10 @@ def _spawn_file(token: str) -> str:
 
 
 def _spawned(trainer: "pl.Trainer") -> bool:
-    """Whether this fit runs in worker processes started by Lightning (their callbacks are copies)."""
-    return type(getattr(trainer.strategy, "launcher", None)).__name__ == "_MultiProcessingLauncher"
+    """Whether this fit runs in worker processes started by Lightning's launcher or a subclass of it (their callbacks
+    are copies)."""
+    launcher = type(getattr(trainer.strategy, "launcher", None))
+    return any(c.__name__ == "_MultiProcessingLauncher" for c in launcher.__mro__)
 
 
 def _send_to_parent(trainer: "pl.Trainer", token: Optional[str]) -> None:

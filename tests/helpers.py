@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -68,3 +72,30 @@ def trainer(tmp_path, callbacks, max_epochs: int = 1, **kw: Any) -> L.Trainer:
     )
     defaults.update(kw)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+class SpawnLauncher(_MultiProcessingLauncher):
+    """``ddp_spawn``'s launcher whose workers leave with ``os._exit(0)`` once the fit has finished and rank zero has
+    handed its result over (a ``SimpleQueue`` write, done before this returns). A gloo process group, even destroyed,
+    now and then aborts a worker in the interpreter's finalisation ("terminate called without an active
+    exception"), which fails the spawn after a fit that has finished: the workers skip that finalisation. An error
+    in the fit still propagates, as in Lightning's own launcher."""
+
+    def _wrapping_function(self, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(*args, **kwargs)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+class SpawnDDP(DDPStrategy):
+    """``strategy="ddp_spawn"`` with :class:`SpawnLauncher`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(start_method="spawn", **kwargs)
+
+    def _configure_launcher(self) -> None:
+        self._launcher = SpawnLauncher(self, start_method="spawn")

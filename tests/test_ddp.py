@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import TinyModel, blobs
+from helpers import SpawnDDP, TinyModel, blobs
 from lightning_recipe.checks.head_bias import HeadBiasInit
 from lightning_recipe.checks.initial_loss import InitialLossCheck
 from lightning_recipe.checks.loss_decrease import LossDecreaseCheck
@@ -65,15 +65,7 @@ class Probe(Callback):
             f.write(event + "\n")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        import atexit
-
         import matplotlib.figure
-        from lightning.fabric.utilities.distributed import _destroy_dist_connection
-
-        # Lightning destroys an NCCL process group at exit, not a gloo one: a gloo group left to the interpreter's
-        # finalisation now and then aborts the worker ("terminate called without an active exception") after the fit
-        # has finished, which fails the spawn. Destroy it at exit, as Lightning does for NCCL.
-        atexit.register(_destroy_dist_connection)
 
         import lightning_recipe._core.base as base
 
@@ -106,7 +98,7 @@ def _fit(tmp_path: Any, model: RankModel, on_fail: str = "raise", nested: bool =
     # nested: held by one Recipe, as the presets hold their checks
     callbacks = [*([Recipe(callbacks=checks)] if nested else checks), Probe(str(tmp_path))]
     t = L.Trainer(
-        callbacks=callbacks, strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=2,
+        callbacks=callbacks, strategy=SpawnDDP(), accelerator="cpu", devices=2, max_epochs=2,
         use_distributed_sampler=False,
         default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
@@ -179,7 +171,7 @@ def test_mlflow_run_folder_under_ddp(tmp_path: Any) -> None:
     logger = MLFlowLogger(experiment_name="ddp", tracking_uri=uri, save_dir=str(tmp_path))
     t = L.Trainer(
         callbacks=[LossDecreaseCheck(check_every_n_steps=3, warmup_steps=6), Probe(str(tmp_path))],
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=2, use_distributed_sampler=False,
+        strategy=SpawnDDP(), accelerator="cpu", devices=2, max_epochs=2, use_distributed_sampler=False,
         default_root_dir=str(tmp_path), logger=logger, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False,
     )

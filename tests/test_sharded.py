@@ -25,9 +25,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallel
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher, _WorkerOutput
+from lightning.pytorch.strategies.launchers.multiprocessing import _WorkerOutput
 
-from helpers import TinyModel, blobs, loader, trainer
+from helpers import SpawnLauncher, TinyModel, blobs, loader, trainer
 from lightning_recipe import recommended
 from lightning_recipe._core.dtypes import wide, wide_dtype
 from lightning_recipe._core.sharding import full_tensor, local_tensor, sharding, sharding_skip, zero_stage
@@ -42,13 +42,10 @@ def _data() -> tuple[torch.Tensor, torch.Tensor]:
     return blobs(n=N_TRAIN + 128, priors=PRIORS, seed=0)
 
 
-class _Launcher(_MultiProcessingLauncher):
-    """``ddp_spawn``'s launcher without sending the weights back (torch's full FSDP state dict crashes on CPU) and with
-    the process group destroyed before the worker exits (a gloo group left to interpreter shutdown can abort it)."""
+class _Launcher(SpawnLauncher):
+    """:class:`SpawnLauncher` without sending the weights back (torch's full FSDP state dict crashes on CPU)."""
 
     def _collect_rank_zero_results(self, trainer: Any, results: Any) -> Optional[_WorkerOutput]:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
         if self._strategy.local_rank != 0:
             return None
         return _WorkerOutput(None, None, trainer.state, results, self.get_extra_results(trainer))
