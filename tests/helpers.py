@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, Optional
@@ -72,6 +73,41 @@ def trainer(tmp_path, callbacks, max_epochs: int = 1, **kw: Any) -> L.Trainer:
     )
     defaults.update(kw)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+class GAN(TinyModel):
+    """Manual optimization with two optimizers; forward is the generator (8 noise values to 8 features), the batch's
+    labels are never a target of it. ``returns``: what training_step returns (None, ``"g_loss"``, ``"d_loss"``, or
+    ``"equilibrium"``: 2 log 2 plus a little noise, a discriminator's loss at the equilibrium of healthy adversarial
+    training); ``nan_from``: the step from which it is NaN."""
+
+    def __init__(self, returns=None, nan_from=None):
+        super().__init__(out_dim=8)
+        self.returns, self.nan_from = returns, nan_from
+        self.loss_fn = None
+        self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        g_opt, d_opt = self.optimizers()
+        fake = self(torch.randn_like(x))
+        bce = nn.functional.binary_cross_entropy_with_logits
+        d_loss = bce(self.disc(x), torch.ones(len(x), 1)) + bce(self.disc(fake.detach()), torch.zeros(len(x), 1))
+        d_opt.zero_grad()
+        self.manual_backward(d_loss)
+        d_opt.step()
+        g_loss = bce(self.disc(fake), torch.ones(len(x), 1))
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+        if self.returns is not None:
+            loss = {"g_loss": g_loss, "d_loss": d_loss}.get(self.returns, 2 * math.log(2) + 0.01 * torch.randn(()))
+            loss = torch.as_tensor(loss).detach()
+            return loss * float("nan") if self.nan_from is not None and self.global_step >= self.nan_from else loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), 1e-3), torch.optim.Adam(self.disc.parameters(), 1e-3)
 
 
 class SpawnLauncher(_MultiProcessingLauncher):

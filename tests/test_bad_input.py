@@ -77,6 +77,19 @@ class TensorOnly(Counting):
         return self.loss_fn(self(batch[:, :-1]), batch[:, -1].long())
 
 
+class OtherInput(Counting):
+    """A forward that takes other inputs than the batch holds (a generator's noise, features computed in
+    training_step): the probe forward on the batch's inputs fails inside the model with a RuntimeError."""
+
+    def __init__(self) -> None:
+        super().__init__(in_dim=3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_run += 1
+        x, y = batch
+        return self.loss_fn(self(x[:, :3]), y)
+
+
 class _Empty(Dataset):
     def __len__(self) -> int:
         return 0
@@ -126,6 +139,8 @@ CASES: dict[str, tuple[Callable[[], L.LightningModule], Callable[[], Any], dict,
                          ALL),
     "empty_iterable": (Counting, lambda: DataLoader(_EmptyIterable(), batch_size=4), {},
                        r"empty.*`train_dataloaders`", NEED_DATA),
+    "forward_takes_other_inputs": (OtherInput, _blob_loader, {}, r"RuntimeError: mat1 and mat2.*`forward=",
+                                   NEED_DATA),
     "unsplittable_batch": (TensorOnly, _tensor_loader, {}, r"Cannot split a batch of type Tensor.*`split_batch=",
                            NEED_DATA),
 }

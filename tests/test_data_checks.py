@@ -220,6 +220,48 @@ def test_one_natural_duplicate_across_the_split_is_a_note(tmp_path):
     assert f.status == "warn" and f.details["found"] == 4 and f.measured == pytest.approx(4 / 30)
 
 
+class _Graph(torch.utils.data.Dataset):
+    """One graph's nodes as one item (batch_size=None): features, labels and the mask of the split's nodes."""
+
+    def __init__(self, x, y, mask):
+        self.item = (x, y, mask)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.item
+
+
+class _Transductive(TinyModel):
+    def training_step(self, batch, batch_idx):
+        x, y, mask = batch
+        return self.loss_fn(self(x)[mask], y[mask])
+
+    def validation_step(self, batch, batch_idx):
+        x, y, mask = batch
+        self.log("val_loss", self.loss_fn(self(x)[mask], y[mask]))
+
+
+def test_one_graph_split_by_masks_is_no_overlap_but_the_same_loader_twice_is(tmp_path):
+    """Transductive node classification: both splits read the whole graph and score the nodes of their own mask;
+    every validation row is a training row by design (skip, naming the part that differs). The same mask in both
+    loaders is the real overlap, and fails."""
+    from torch.utils.data import DataLoader
+
+    x, y = blobs(n=200)
+    mask = torch.arange(200) < 120
+    graph = lambda m: DataLoader(_Graph(x, y, m), batch_size=None)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        cb = _fit(tmp_path, _Transductive(), graph(mask), graph(~mask))
+    f = _by_name(cb)["overlap"]
+    assert f.status == "skip" and f.details["found"] == f.details["val_rows"] == 200 and f.measured == 1.0
+    assert "differ only in batch[2]" in f.message
+    with pytest.raises(RecipeCheckError, match="also occur in the training set"):
+        _fit(tmp_path, _Transductive(), graph(mask), graph(mask))
+
+
 def test_image_grid_is_one_image_of_tiles_with_the_batch_colour_scale():
     """The first-batch grid: every image placed as it is in its tile, one colour scale, labels above the tiles."""
     x = torch.arange(6 * 3 * 5, dtype=torch.float32).reshape(6, 1, 3, 5)  # six 3x5 grayscale images

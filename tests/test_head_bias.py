@@ -3,7 +3,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import TinyModel, blobs, loader, regression_data, trainer
+from helpers import GAN, TinyModel, blobs, loader, regression_data, trainer
 from torch import nn
 
 from lightning_recipe import HeadBiasInit, collect_findings
@@ -120,3 +120,34 @@ def test_skip_keeps_pretrained_bias(tmp_path):
         m.net[-1].bias.fill_(1.5)
     cb, bias = _fit(tmp_path, m, loader(x, y), skip=True)
     assert torch.all(bias == 1.5) and cb.findings[0].status == "skip"
+
+
+class _Embedder(TinyModel):
+    """Labelled batches, no loss module, and a loss of its own that never uses the labels (two noisy views pulled
+    together): the output is an embedding of ``width`` values, not logits over the labels."""
+
+    def __init__(self, width):
+        super().__init__(out_dim=width)
+        self.loss_fn = None
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        a, b = self(x + 0.1 * torch.randn_like(x)), self(x + 0.1 * torch.randn_like(x))
+        return (a - b).pow(2).mean()
+
+
+@pytest.mark.parametrize(("model", "why"), [(lambda: _Embedder(6), "6 outputs for labels in [0, 3]"),
+                                            (lambda: GAN(), "manual optimization with 2 optimizers")])
+def test_a_guessed_loss_writes_no_bias_into_an_embedding_or_a_generator(tmp_path, model, why):
+    """With the cross-entropy only guessed from integer labels, a bias written into a layer that is not a classifier
+    of them would change what the model learns: an embedding 6 wide over 4 labels (below twice their number), a GAN's
+    generator. The same labels under a 4-wide output are a classifier's and get the log prior."""
+    x, y = blobs(n=512, priors=[0.55, 0.25, 0.15, 0.05])
+    m = model()
+    before = m.net[-1].bias.detach().clone()
+    cb, bias = _fit(tmp_path, m, loader(x, y))
+    assert cb.findings[0].status == "skip" and why in cb.findings[0].message
+    assert torch.equal(bias, before)
+    cb, bias = _fit(tmp_path, _Embedder(4), loader(x, y))
+    p = torch.bincount(y, minlength=4).double() / len(y)
+    assert cb.findings[0].status == "pass" and torch.allclose(bias.double(), p.log(), atol=1e-6)

@@ -99,3 +99,43 @@ def test_gradient_accumulation_measures_the_full_loss(tmp_path):
     cb = InitialLossCheck()
     trainer(tmp_path, [cb], max_steps=1, accumulate_grad_batches=4).fit(_zero_bias(TinyModel(out_dim=10)), loader(x, y))
     assert cb.findings[0].status == "pass" and cb.findings[0].measured == pytest.approx(math.log(10), abs=0.3)
+
+
+class _Distilled(TinyModel):
+    """A student trained on ``alpha * T**2 * KL(teacher || student at T) + (1 - alpha) * CE``, with the CE held as a
+    loss module (a confident teacher makes the first returned loss several times log C)."""
+
+    def __init__(self, sign: float = 1.0, head_scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.teacher = nn.Linear(8, 4).requires_grad_(False)
+        with torch.no_grad():
+            self.teacher.weight.mul_(20)
+            self.net[-1].bias.zero_()
+            self.net[-1].weight.mul_(head_scale)
+        self.sign = sign
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        s, T = self(x), 4.0
+        kd = nn.functional.kl_div(nn.functional.log_softmax(s / T, 1), nn.functional.log_softmax(self.teacher(x) / T, 1),
+                                  log_target=True, reduction="batchmean") * T * T
+        return self.sign * (0.7 * kd + 0.3 * self.loss_fn(s, y))
+
+
+def test_a_loss_combined_with_other_terms_judges_the_loss_module_call(tmp_path):
+    """training_step returns more than the CrossEntropyLoss call (distillation): the call is judged against log C,
+    not the sum; a head scaled by 50 still fails high on its call, and a flipped sign on the returned loss."""
+    x, y = blobs(n=256)
+    dl = loader(x, y, batch_size=256, shuffle=False)
+    L.seed_everything(0)
+    f = _run(tmp_path, _Distilled(), dl)
+    assert f.status == "pass", f.message
+    assert f.expected == pytest.approx(math.log(4), rel=1e-6)
+    assert f.details["training_step_loss"] > 3 * math.log(4)  # the sum: far above the range of an untrained CE
+    assert abs(f.measured - math.log(4)) < 0.3 and f.details["loss_calls"] == [pytest.approx(f.measured)]
+    assert "combines the call with other terms" in f.message
+    with pytest.raises(RecipeCheckError, match="far ABOVE"):
+        _run(tmp_path, _Distilled(head_scale=50.0), dl)
+    with pytest.raises(RecipeCheckError, match="sign flipped"):
+        _run(tmp_path, _Distilled(sign=-1.0), dl)

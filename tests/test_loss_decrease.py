@@ -3,10 +3,11 @@ import math
 import lightning as L
 import pytest
 import torch
-from helpers import TinyModel, blobs, loader, regression_data, trainer
+from helpers import GAN, TinyModel, blobs, loader, regression_data, trainer
 from torch import nn
 
 from lightning_recipe import HeadBiasInit, LossDecreaseCheck, RecipeCheckError, RecipeWarning
+from lightning_recipe.functional.loss_decrease import plateau_test
 
 
 def _fit(tmp_path, model, dl, epochs=8, cbs=(), **kw):
@@ -272,10 +273,10 @@ class _Reported(TinyModel):
         return loss if value is None else loss + (value - loss.detach())
 
 
-def test_one_window_pushed_to_the_prior_by_an_outlier_is_not_a_plateau(tmp_path):
+def test_windows_pushed_to_the_prior_by_outliers_are_not_a_plateau(tmp_path):
     """A healthy fit (loss ~0.05 late) whose last window of 12 batches has one outlier batch that lifts its mean to the
-    prior exactly (log 4 on balanced blobs): a noisy loss, not a plateau. The same outliers in the two last windows are
-    one (the rule needs two windows at the prior)."""
+    prior exactly (log 4 on balanced blobs): a noisy loss, not a plateau. The same outliers in the two last windows
+    are at the prior too, but the flat span they end (w + max(w, warm-up / 2) = 44 batches) is far below it."""
     x, y = blobs(512)
     clean, _ = _fit(tmp_path, _seeded(_Reported, reported={}), loader(x, y), cbs=[HeadBiasInit()])
     w, n, prior = clean.window, len(clean.losses), clean.prior_loss
@@ -291,5 +292,74 @@ def test_one_window_pushed_to_the_prior_by_an_outlier_is_not_a_plateau(tmp_path)
     assert sum(cb.losses[-2 * w : -w]) / w < 0.2 * prior  # ... the one before far below it
     assert [f.status for f in cb.findings] == ["pass"]
     two = {**one, n - w - w // 2: lifting(n - w)}
-    with pytest.raises(RecipeCheckError, match="learned only the label prior"):
-        _fit(tmp_path, _seeded(_Reported, reported=two), loader(x, y), cbs=[HeadBiasInit()])
+    cb, _ = _fit(tmp_path, _seeded(_Reported, reported=two), loader(x, y), cbs=[HeadBiasInit()])
+    assert sum(cb.losses[-2 * w : -w]) / w == pytest.approx(prior, rel=1e-5)
+    # below the widest band the rule gives a level, 3 * plateau_rtol of the prior's distance to the floor
+    assert sum(cb.losses[-44:]) / 44 < (1 - 3 * 0.05) * prior and [f.status for f in cb.findings] == ["pass"]
+
+
+def _counts(n=4000, offset=3.0, seed=0):
+    """Poisson counts (mean ~25) whose log-rate depends on the first features."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    rate = torch.exp(offset + 0.5 * x[:, 0] - 0.4 * x[:, 1] + 0.3 * torch.sin(2 * x[:, 2]))
+    return x, torch.poisson(rate, generator=g)
+
+
+_NOISY = dict(window=12, warmup_steps=120)  # windows of 12 batches of 64 counts: a window's mean is noisy
+
+
+class _Poisson(TinyModel):
+    """A log-rate regressor under ``PoissonNLLLoss()`` (``full=False``: the loss omits ``log y!``, so it is negative
+    and has no floor)."""
+
+    def __init__(self):
+        super().__init__(out_dim=1, loss_fn=nn.PoissonNLLLoss(), lr=1e-2)
+
+    def forward(self, x):
+        return self.net(x).squeeze(-1)
+
+
+def test_large_counts_learned_are_no_plateau_and_shuffled_counts_are(tmp_path):
+    """Mean count ~25: a batch's loss swings with its counts (standard error of a 12-batch window ~2.6), which the
+    model's loss and the constant's share; the model learns a few nats per example, within 3 standard errors of one
+    window's mean. The loss is flat over the last 72 batches, whose mean says it: no plateau. Counts shuffled
+    against the inputs stay at the prior, which is ``ybar (1 - log ybar)`` for this loss, and fail."""
+    x, y = _counts()
+    ybar = float(y.mean())
+    cb, _ = _fit(tmp_path, _Poisson(), loader(x, y, batch_size=64), epochs=4, **_NOISY)
+    assert cb.prior_loss == pytest.approx(ybar * (1 - math.log(ybar)), rel=1e-4)
+    assert [f.status for f in cb.findings] == ["pass"], cb.findings[0].message
+    window = plateau_test(torch.tensor(cb.losses[-12:]), cb.prior_loss, None, 0.05, 3.0)
+    span = plateau_test(torch.tensor(cb.losses[-72:]), cb.prior_loss, None, 0.05, 3.0)
+    assert span["band"] < window["band"] / 2 and not span["plateau"]  # the span's mean is the tighter estimate
+    assert cb.prior_loss - span["recent"] > 2 * span["band"] / 3  # below the prior by more than 2 standard errors
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    with pytest.raises(RecipeCheckError, match="learned only the label prior") as err:
+        _fit(tmp_path, _Poisson(), loader(x, shuffled, batch_size=64), epochs=4, **_NOISY)
+    assert "labels shuffled" in str(err.value)
+
+
+class _Flat(TinyModel):
+    """Automatic optimization that reports the same values as GAN(returns="equilibrium")."""
+
+    def training_step(self, batch, batch_idx):
+        super().training_step(batch, batch_idx)
+        return torch.tensor(2 * math.log(2)) + 0.01 * torch.randn(()) + 0 * self.net[0].bias.sum()
+
+
+def test_a_flat_loss_of_one_player_of_several_is_a_note_and_nan_still_fails(tmp_path):
+    """Manual optimization with two optimizers (a GAN): training_step returns the discriminator's loss at its
+    equilibrium, 2 log 2, flat: a note, not "did not decrease". The same flat loss under one optimizer fails, and a NaN
+    returned by the GAN still fails."""
+    x, y = blobs(n=512)
+    cb, _ = _fit(tmp_path, GAN(returns="equilibrium"), loader(x, y))
+    notes = {f.check: f for f in cb.findings if f.status == "note"}
+    assert set(notes) == {"LossDecreaseCheck.decrease", "LossDecreaseCheck.plateau"}  # each once
+    assert all("manual optimization with 2 optimizers" in f.message for f in notes.values())
+    assert notes["LossDecreaseCheck.decrease"].measured == pytest.approx(2 * math.log(2), abs=0.01)
+    assert not any(f.failed for f in cb.findings)
+    with pytest.raises(RecipeCheckError, match="did not decrease"):
+        _fit(tmp_path, _Flat(), loader(x, y))
+    with pytest.raises(RecipeCheckError, match="became nan"):
+        _fit(tmp_path, GAN(returns="equilibrium", nan_from=60), loader(x, y), check_every_n_steps=10)

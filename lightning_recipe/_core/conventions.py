@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 
-from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.exceptions import RecipeCheckError, RecipeConfigError
 from lightning_recipe._core.probe_state import _restore_buffers, _snapshot_buffers, eager
 from lightning_recipe._core.sharding import full_params
 
@@ -137,9 +137,11 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
         try:
             with eager():
                 out = pl_module(inputs)
-        except RecipeConfigError:
+        except (RecipeConfigError, RecipeCheckError):
             raise
-        except (TypeError, AttributeError, IndexError, KeyError, ValueError) as err:
+        except (TypeError, AttributeError, IndexError, KeyError, ValueError, RuntimeError) as err:
+            # the model trains, so an error of its forward on the inputs read from the batch means they are not what
+            # forward takes (a generator's noise, features made in training_step; a shape mismatch is a RuntimeError)
             raise RecipeConfigError(
                 f"`pl_module(inputs)` failed on the inputs taken from the batch ({_describe(inputs)}): "
                 f"{type(err).__name__}: {err}. HINT: pass `forward=lambda module, inputs: module(*inputs)` (or what "

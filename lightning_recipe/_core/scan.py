@@ -80,6 +80,8 @@ class _Scan:
         self.width: Optional[int] = None
         self.first: Optional[tuple[Any, Any]] = None
         self.first_inputs: Any = None  # the first batch's inputs on the device
+        self.first_raw: Any = None  # the first batch as read, and its inputs (CPU): what else the batch holds
+        self.first_hx: Any = None
         self.target_shape: Optional[tuple[int, ...]] = None  # of one example's targets
         self.target_float = False
         self.nonfinite_x = 0

@@ -36,6 +36,11 @@ class HeadBiasInit(RecipeCheck):
     Removes the "hockey stick" of the first iterations: the loss starts at the label entropy (or the target
     variance) instead of ``log C`` (or ``E[y²]``). The value that was set is in ``.prior`` and in a ``pass`` finding.
 
+    A loss inferred from the targets (no loss module on the LightningModule, no ``loss_fn=``) is a guess, and a
+    written bias is not undone by training: with a guessed cross-entropy the bias is written only when the model
+    gives exactly one output per label value (a 16-wide embedding over ten digit labels is not a classifier of
+    them), and never under manual optimization with several optimizers (a GAN's forward is its generator).
+
     Never makes the model worse: the loss of the model's *actual* output on the fit's probe batch is measured before
     and after the write (probe mode: eval, ``no_grad``, isolated RNG, so only the bias differs between the two), and
     the new bias is kept only when that loss did not rise by more than ``z`` standard errors of the per-example change
@@ -97,11 +102,22 @@ class HeadBiasInit(RecipeCheck):
             self._config_error(ctx.head_error)
             return
         spec = ctx.spec
+        if spec.inferred and not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            self.done = True
+            self.findings.append(Finding(
+                self.name, "skip", f"{self.name}: manual optimization with {len(trainer.optimizers)} optimizers (a GAN, "
+                "an actor-critic) and no loss module on the LightningModule: the module's forward need not be a "
+                f"predictor of the batch's targets (a generator), so `{ctx.head_name}.bias` is left as it is. HINT: "
+                "pass `loss_fn=` and `head=` if the forward is a classifier or regressor of these targets.",
+                step=trainer.global_step))
+            return
         counts = getattr(ctx.stats, "class_counts", None)
         if spec.inferred and spec.task == "multiclass" and not spec.soft_targets and counts is not None \
                 and bool((counts > 0).any()):
             used = int((counts > 0).nonzero().max()) + 1
-            if spec.num_outputs >= 2 * used:
+            # a guessed cross-entropy is trusted only with one output per label value: an embedding or a projection
+            # (contrastive learning on a labelled data set) has some other width
+            if spec.num_outputs != used:
                 self.done = True
                 self.findings.append(Finding(
                     self.name, "skip", f"{self.name}: the loss was inferred from the targets as a cross-entropy, but "

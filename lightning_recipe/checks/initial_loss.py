@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, _OnceCheck
-from lightning_recipe._core.conventions import probe_mode, run_forward, split_batch
+from lightning_recipe._core.conventions import find_loss, probe_mode, run_forward, split_batch
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.constants import constant_loss, noise_band
@@ -63,6 +63,12 @@ class InitialLossCheck(_OnceCheck):
     either way. The same for ``KLDivLoss`` (distillation: ``training_step`` usually divides the logits by a
     temperature and multiplies the loss by its square).
 
+    When a loss module is held and ``training_step`` returns another value than its call in the first step (the call
+    combined with a distillation term, a penalty or sample weights: the calls are recorded by a forward hook on the
+    loss module, removed at the end of that step), the first call's value is judged against the constant
+    prediction's loss, and the returned value only for what it shows by itself (non-finite, below the loss's
+    minimum); the finding names both.
+
     ``max_output_std=2`` was calibrated on healthy models with PyTorch's default initialisation, whose initial
     outputs have a standard deviation of about 0.1-0.8 (MLPs, CNNs, with or without normalisation layers); a head
     scaled by 50 or inputs scaled by 1000 give tens to thousands. Also reports the spread of the initial outputs.
@@ -99,6 +105,15 @@ class InitialLossCheck(_OnceCheck):
         if not self._first_time(trainer):
             return
         self._context(trainer, pl_module)  # configuration errors surface before the first step
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._untap_loss()  # the first step did not end (an error in it): the user's loss module is left as it was
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._untap_loss()
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
@@ -151,6 +166,31 @@ class InitialLossCheck(_OnceCheck):
             "population": ctx.constant_loss(c) if ctx.head_error is None else None,
             "input_target_correlation": input_target_correlation(inputs, targets),
         }
+        self._tap_loss(pl_module)
+
+    def _tap_loss(self, pl_module: "pl.LightningModule") -> None:
+        """Record what the loss module returns during the first training step (a forward hook, removed at its end):
+        when training_step returns another value (the loss combined with a distillation term, a penalty, sample
+        weights), that call, not the sum, is what the constant prediction's loss refers to."""
+        loss = find_loss(pl_module, self._settings.loss_fn)
+        if not isinstance(loss, torch.nn.Module):
+            return
+        calls = self._loss_calls = []
+
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if isinstance(out, Tensor) and out.numel() and out.is_floating_point():
+                calls.append(out.detach().float().mean())
+
+        try:
+            self._loss_tap = loss.register_forward_hook(hook)
+        except RuntimeError:  # pragma: no cover - a scripted loss takes no hook
+            self._loss_tap = None
+
+    def _untap_loss(self) -> list[Tensor]:
+        tap = self.__dict__.pop("_loss_tap", None)
+        if tap is not None:
+            tap.remove()
+        return self.__dict__.pop("_loss_calls", None) or []
 
     @override
     def on_train_batch_end(
@@ -160,6 +200,7 @@ class InitialLossCheck(_OnceCheck):
             return
         self.done = True
         self._retire("on_train_batch_start", "on_train_batch_end")
+        calls = self._untap_loss()
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         e = self._expected
         if loss is None:
@@ -171,8 +212,14 @@ class InitialLossCheck(_OnceCheck):
                                             "within its first step, and the loss it returns comes after them: there is "
                                             "no untrained loss to check."))
             return
-        measured = float(loss.detach()) * trainer.accumulate_grad_batches
-        finding = self._judge(measured, e, trainer.global_step)
+        k = trainer.accumulate_grad_batches
+        values = torch.stack([loss.detach().float().reshape(()).cpu(), *(c.cpu() for c in calls)]).tolist()  # one read
+        measured, called = values[0] * k, values[1:]
+        if called and "transformed" not in e and math.isfinite(measured) and not any(
+                math.isclose(measured, v, rel_tol=1e-3, abs_tol=1e-6) for v in called):
+            finding = self._judge_call(measured, called, e, trainer.global_step)
+        else:
+            finding = self._judge(measured, e, trainer.global_step)
         if finding.status == "warn":
             rank_zero_warn(finding.message, category=RecipeWarning)
         log_scalars(trainer, {"recipe/initial_loss": measured, "recipe/expected_initial_loss": e["expected"]})
@@ -243,6 +290,23 @@ class InitialLossCheck(_OnceCheck):
         return Finding(self.name, "pass", f"{self.name}: the first training loss {measured:.4g} matches the expected "
                        f"{e['expected']:.4g} ({what}); healthy range [{shown_lower:.4g}, {e['upper']:.4g}]; {clue}.",
                        measured, e["expected"], step, [], details)
+
+    def _judge_call(self, measured: float, called: list[float], e: dict[str, Any], step: int) -> Finding:
+        """training_step returned another value than the loss module's call(s) in the first step: the first call is
+        judged against the constant prediction's loss; what the returned loss itself can show (below the loss's
+        minimum: a flipped sign) is judged on it."""
+        spec = e["spec"]
+        numbers = (f"  training_step's first loss: {measured:.4g}; the {spec.loss_name} call(s) in that step: "
+                   f"{', '.join(f'{v:.4g}' for v in called[:4])}")
+        broken = self._broken(measured, e, step, numbers, "", {k: v for k, v in e.items() if k != "spec"})
+        if broken is not None:
+            return broken
+        finding = self._judge(called[0], e, step)
+        finding.message += (f"\n  note: training_step returned {measured:.4g}, not the {spec.loss_name} call's "
+                            f"{called[0]:.4g}: its loss combines the call with other terms (a distillation term, a "
+                            f"penalty, sample weights), so the call is what is judged here")
+        finding.details.update({"training_step_loss": measured, "loss_calls": called[:8]})
+        return finding
 
     def _broken(self, measured: float, e: dict[str, Any], step: int, numbers: str, notes: str,
                 details: dict[str, Any]) -> Optional[Finding]:

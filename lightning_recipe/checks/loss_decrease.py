@@ -87,11 +87,18 @@ class LossDecreaseCheck(RecipeCheck):
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the means of the last two windows both
       within ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy,
       target variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)``
-      losses not significantly negative at ``z``) fails with "the model learned only the label prior". A slow learner
+      losses not significantly negative at ``z``) *and*, flat as it is, the mean of those losses within the same band
+      (a tighter estimate of the level than one window: with count data or heavy-tailed targets a window's mean swings
+      by more than a model's gain over the prior) fails with "the model learned only the label prior". A slow learner
       that passes through the prior level on its way down is not a plateau, nor one window of a noisy loss (heavy-
       tailed targets, batches of a few examples) whose mean an outlier batch pushed up to the prior level.
     * at each of the first ``early_epochs`` epoch ends: the epoch mean must not be significantly above the previous
       one.
+
+    Under manual optimization with several optimizers (a GAN, an actor-critic) the loss training_step returns is one
+    player's objective, which stays near an equilibrium in healthy training: the trend tests above (decrease, plateau,
+    above the prior, divergence, blow-up, early epochs) then give a ``note`` each, once; a non-finite loss and one
+    below the loss's minimum still fail.
 
     The untrained network's loss is the loss of its constant prediction, the head bias; when the head's output is
     transformed before the loss (``tanh`` scaled to the target range, ``softplus``, a residual after the head), the
@@ -187,6 +194,8 @@ class LossDecreaseCheck(RecipeCheck):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._floor = None if self.loss_floor == "auto" else self.loss_floor  # type: ignore[assignment]
+        several = len(trainer.optimizers) if not pl_module.automatic_optimization else 0
+        self._adversarial = several if several > 1 else 0
         self._warmup = _effective_warmup(self.warmup_steps, trainer)
         self.window = self._window_arg or max(5, min(50, self._warmup // 5))
         try:
@@ -243,7 +252,7 @@ class LossDecreaseCheck(RecipeCheck):
             return
         self._flush_and_check(trainer)
         self.epoch_ends.append(len(self.losses))
-        self._conclude(trainer, self._epoch_finding(trainer))
+        self._conclude(trainer, self._several_objectives(self._epoch_finding(trainer)))
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -276,13 +285,14 @@ class LossDecreaseCheck(RecipeCheck):
 
     def _flush_and_check(self, trainer: "pl.Trainer") -> None:
         new = self._flush()
-        blowup = self._blowup(len(new), trainer.global_step) if new else None
+        blowup = self._several_objectives(self._blowup(len(new), trainer.global_step) if new else None)
         if blowup is not None:  # a warning in both modes; local (no collective): the fit goes on on every rank
             blowup.message += f"\n  learning rate now: {_learning_rates(trainer)}"
             self.findings.append(blowup)
-            rank_zero_warn(blowup.message + "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in blowup.causes),
-                           category=RecipeWarning)
-        finding = self._evaluate(new, trainer.global_step) if new else None
+            if blowup.status == "warn":
+                rank_zero_warn(blowup.message + "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in blowup.causes),
+                               category=RecipeWarning)
+        finding = self._several_objectives(self._evaluate(new, trainer.global_step) if new else None)
         if finding is not None and finding.failed and finding.check != f"{self.name}.floor":
             finding.message += f"\n  learning rate now: {_learning_rates(trainer)}"
         if finding is not None and finding.failed:
@@ -420,12 +430,37 @@ class LossDecreaseCheck(RecipeCheck):
             plateau["trend"] = slope
             if slope["t"] < -self.z:
                 return None
+            # flat over the span: its mean estimates the level more tightly than one window's (the batch-to-batch
+            # spread of count data or heavy-tailed targets hides a small gain over the prior within a window)
+            level = plateau_test(torch.tensor(losses[-(w + span) :]), self.prior_loss, self._floor,
+                                 self.plateau_rtol, self.z)
+            plateau["span_level"] = level
+            if not level["plateau"]:
+                return None
             return Finding(f"{self.name}.plateau", "fail", f"{self.name}: after {len(losses)} steps the loss "
                            f"{plateau['recent']:.6g} is at the loss of the best input-independent (constant) prediction "
                            f"{self.prior_loss:.6g} (± {plateau['band']:.3g}), and flat: the model learned only the label "
                            "prior. InputDependenceCheck tells whether the model uses its input at all.",
                            plateau["recent"], self.prior_loss, step, list(_PLATEAU), plateau)
         return None
+
+    def _several_objectives(self, finding: Optional[Finding]) -> Optional[Finding]:
+        """Under manual optimization with several optimizers (a GAN, an actor-critic) the returned loss is one player's
+        objective, which need not fall: a generator's and a discriminator's losses stay near their equilibrium while
+        the samples improve. Its trend (decrease, plateau, above the prior, divergence, blow-up, early epochs) is then
+        a note; a non-finite loss and one below the loss's minimum still fail."""
+        if finding is None or not self.__dict__.get("_adversarial") or finding.status not in ("fail", "warn") or \
+                finding.check in (f"{self.name}.finite", f"{self.name}.floor"):
+            return finding
+        key = f"note: {finding.check}"
+        if key in self._reported:  # noted once per sub-check
+            return None
+        self._reported.add(key)
+        finding.status = "note"
+        finding.message += (f"\n  note: manual optimization with {self._adversarial} optimizers: the returned loss is "
+                            "one objective of several (adversarial training keeps its losses near an equilibrium), "
+                            "so its trend is not judged")
+        return finding
 
     def _epoch_finding(self, trainer: "pl.Trainer") -> Optional[Finding]:
         ends = self.epoch_ends

@@ -307,8 +307,10 @@ class PredictionDynamics(RecipeCheck):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._to_host()
-        if trainer.loggers and trainer.is_global_zero and len(self.values) >= 2:  # live: the jitter so far
+        # live: the jitter so far; without a logger the records stay on the device until a redraw, a checkpoint, a
+        # thinning or the end (at most 100 records of `num_samples` values each)
+        if trainer.loggers and trainer.is_global_zero and len(self.steps) + len(self._pending) >= 2:
+            self._to_host()
             index = self._jitter()["index"]
             self._publish(trainer, {"recipe/prediction_jitter": index if np.isfinite(index) else None})
 

@@ -111,6 +111,9 @@ class DataCheck(_DataRules, _OnceCheck):
       chance coincidences are impossible (as above) and at least 3 rows were found: fail above ``5 * max_overlap``
       (a split bug puts a large share of the validation rows in train), else warn; a ``note`` otherwise: one or two
       natural duplicates that straddle a random split (one pair in iris), or rows that can be equal by chance.
+      A ``skip`` when every validation row is a training row because both splits read the same inputs in the same
+      order and their first batches differ in another part (a mask or an index: transductive node classification
+      on one graph); the same loader twice, where nothing differs, is the overlap it is.
     * **balance**: class counts of integer targets (negative values such as ``ignore_index=-100`` left out), or of
       each label of 0/1 float targets. Pass with the counts when the largest over the smallest count is at most
       ``max_imbalance`` (a class that never occurs among the rows read counts as infinite imbalance). Above it:
@@ -316,6 +319,8 @@ class DataCheck(_DataRules, _OnceCheck):
                 if keep_first and scan.first is None:
                     scan.first_inputs = x  # on the device, for a probe forward
                 x, y, hx = _to_cpu(x), _to_cpu(y), _to_cpu(hx)
+                if scan.first_raw is None:
+                    scan.first_raw, scan.first_hx = _to_cpu(raw), hx
                 scan.add(x, y, hx)
                 if keep_first and scan.first is None:
                     scan.first = (x, y)

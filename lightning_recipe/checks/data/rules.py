@@ -195,6 +195,13 @@ class _DataRules:
                    + (f" (of {train.population}; estimated fraction {frac:.3g})" if scale > 1 else f" ({frac:.3g})"))
         details = {"found": found, "val_rows": val.rows, "train_rows": train.rows, "train_population": train.population,
                    "chance_free": chance_free}
+        within = _split_within_batch(train, val) if found == val.rows else None
+        if frac > self.max_overlap and within is not None:
+            return Finding(name, "skip", f"{self.name}: the training and validation batches hold the same inputs in the "
+                           f"same order and differ only in {within}: one set of examples (a graph's nodes, a "
+                           "sequence's positions) whose splits are chosen by a mask or an index in the batch "
+                           f"(transductive training), so every validation row is a training row by design ({numbers}): "
+                           "train/validation overlap not judged.", frac, self.max_overlap, step, details=details)
         if frac > self.max_overlap:
             # a split bug (validation taken from train, a dataset duplicated before splitting) puts a large share of
             # the validation rows in train; a few natural duplicates straddling a split only warn
@@ -468,3 +475,29 @@ class _DataRules:
             status, text = "pass", f"labels: {numbers}."
         details["labels"]["status"] = status
         return status, text
+
+
+def _batch_parts(batch: Any) -> list[tuple[str, Tensor]]:
+    """The tensors of a batch as read, named by their place in it (``batch[3]``, ``batch['mask']``)."""
+    if isinstance(batch, Tensor):
+        return [("batch", batch)]
+    if isinstance(batch, dict):
+        return [(f"batch[{k!r}]", v) for k, v in batch.items() if isinstance(v, Tensor)]
+    if isinstance(batch, (list, tuple)):
+        return [(f"batch[{i}]", v) for i, v in enumerate(batch) if isinstance(v, Tensor)]
+    return []
+
+
+def _split_within_batch(train: "_Scan", val: "_Scan") -> Optional[str]:
+    """The parts in which the first training and validation batches differ, when they hold the same inputs in the
+    same order (a mask or an index in the batch selects what each split scores: transductive node classification on
+    one graph); ``None`` otherwise, and when nothing differs (the same loader twice is a real overlap)."""
+    same = lambda u, v: u.shape == v.shape and u.dtype == v.dtype and torch.equal(u, v)  # noqa: E731
+    xa, xb = _tensors(train.first_hx), _tensors(val.first_hx)
+    if not xa or len(xa) != len(xb) or not all(same(u, v) for (_, u), (_, v) in zip(xa, xb)):
+        return None
+    pa, pb = _batch_parts(train.first_raw), _batch_parts(val.first_raw)
+    if len(pa) != len(pb) or [n for n, _ in pa] != [n for n, _ in pb]:
+        return None
+    differ = [n for (n, u), (_, v) in zip(pa, pb) if not same(u, v)]
+    return ", ".join(differ) if differ else None
