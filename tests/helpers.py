@@ -79,11 +79,11 @@ class GAN(TinyModel):
     """Manual optimization with two optimizers; forward is the generator (8 noise values to 8 features), the batch's
     labels are never a target of it. ``returns``: what training_step returns (None, ``"g_loss"``, ``"d_loss"``, or
     ``"equilibrium"``: 2 log 2 plus a little noise, a discriminator's loss at the equilibrium of healthy adversarial
-    training); ``nan_from``: the step from which it is NaN."""
+    training); ``nan_from`` / ``blowup_from``: the step from which it is NaN / a million times larger."""
 
-    def __init__(self, returns=None, nan_from=None):
+    def __init__(self, returns=None, nan_from=None, blowup_from=None):
         super().__init__(out_dim=8)
-        self.returns, self.nan_from = returns, nan_from
+        self.returns, self.nan_from, self.blowup_from = returns, nan_from, blowup_from
         self.loss_fn = None
         self.disc = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
         self.automatic_optimization = False
@@ -104,6 +104,8 @@ class GAN(TinyModel):
         if self.returns is not None:
             loss = {"g_loss": g_loss, "d_loss": d_loss}.get(self.returns, 2 * math.log(2) + 0.01 * torch.randn(()))
             loss = torch.as_tensor(loss).detach()
+            if self.blowup_from is not None and self.global_step >= self.blowup_from:
+                loss = loss * 1e6
             return loss * float("nan") if self.nan_from is not None and self.global_step >= self.nan_from else loss
 
     def configure_optimizers(self):

@@ -350,8 +350,8 @@ class _Flat(TinyModel):
 
 def test_a_flat_loss_of_one_player_of_several_is_a_note_and_nan_still_fails(tmp_path):
     """Manual optimization with two optimizers (a GAN): training_step returns the discriminator's loss at its
-    equilibrium, 2 log 2, flat: a note, not "did not decrease". The same flat loss under one optimizer fails, and a NaN
-    returned by the GAN still fails."""
+    equilibrium, 2 log 2, flat: a note, not "did not decrease". The same flat loss under one optimizer fails; a NaN
+    returned by the GAN still fails, and a loss a million times its equilibrium still warns."""
     x, y = blobs(n=512)
     cb, _ = _fit(tmp_path, GAN(returns="equilibrium"), loader(x, y))
     notes = {f.check: f for f in cb.findings if f.status == "note"}
@@ -363,3 +363,50 @@ def test_a_flat_loss_of_one_player_of_several_is_a_note_and_nan_still_fails(tmp_
         _fit(tmp_path, _Flat(), loader(x, y))
     with pytest.raises(RecipeCheckError, match="became nan"):
         _fit(tmp_path, GAN(returns="equilibrium", nan_from=60), loader(x, y), check_every_n_steps=10)
+    with pytest.warns(RecipeWarning, match="the loss blew up"):  # a million times the equilibrium: still a warning
+        _fit(tmp_path, GAN(returns="equilibrium", blowup_from=60), loader(x, y), check_every_n_steps=10)
+
+
+class _InfoNCE(TinyModel):
+    """Labelled batches, no loss module, and a loss that never uses the labels: InfoNCE between two noisy views of
+    each example (temperature 0.5), whose untrained value is about log(batch size)."""
+
+    def __init__(self, together=False):
+        super().__init__(out_dim=10)
+        self.loss_fn, self.together = None, together
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        views = [x + 0.5 * torch.randn_like(x) for _ in range(2)]
+        if self.together:  # one forward of the 2N views: its output does not pair with the N labels at all
+            a, b = nn.functional.normalize(self(torch.cat(views)), dim=1).chunk(2)
+        else:
+            a, b = (nn.functional.normalize(self(v), dim=1) for v in views)
+        return nn.functional.cross_entropy(a @ b.T / 0.5, torch.arange(len(x)))
+
+
+class _InlineCE(TinyModel):
+    def __init__(self, lr=1e-2):
+        super().__init__(out_dim=10, lr=lr)
+        self.loss_fn = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_guessed_loss_that_training_step_does_not_compute_gives_notes(tmp_path, together):
+    """No loss module: the cross-entropy over the batch's ten labels is a guess. An InfoNCE loss (the labels unused)
+    stays above log 10, the guessed prior: a note, since the first step's loss is not the cross-entropy of the model's
+    output in that step. An inline cross-entropy is the guess (the same number): its labels shuffled still fail."""
+    x, y = blobs(n=1024, classes=10)
+    cb, _ = _fit(tmp_path, _InfoNCE(together), loader(x, y, batch_size=64), epochs=8)
+    notes = [f for f in cb.findings if f.status == "note"]
+    assert notes and all("computes another loss" in f.message for f in notes) and not any(f.failed for f in cb.findings)
+    assert min(cb.losses) > math.log(10)  # above the guessed prior all along
+    cb, _ = _fit(tmp_path, _InlineCE(), loader(x, y, batch_size=64), epochs=8)
+    assert [f.status for f in cb.findings] == ["pass"] and "_guess_off" not in vars(cb)
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(RecipeCheckError, match="learned only the label prior"):
+        _fit(tmp_path, _InlineCE(), loader(x, shuffled, batch_size=64), epochs=8)

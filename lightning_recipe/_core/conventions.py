@@ -148,18 +148,25 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
                 "gives the predictions) if forward takes other arguments, or `split_batch=lambda batch: (inputs, "
                 "targets)` if the wrong part of the batch is taken as inputs."
             ) from err
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    if isinstance(out, dict):
-        out = next((out[k] for k in _OUTPUT_KEYS if k in out), out)
-    elif not isinstance(out, Tensor):  # an output object (a dataclass, a namedtuple-like): its attribute
-        out = next((getattr(out, k) for k in _OUTPUT_KEYS if isinstance(getattr(out, k, None), Tensor)), out)
+    out = prediction_of(out)
     if not isinstance(out, Tensor):
         keys = f" with keys {sorted(map(str, out))} (recognised: {', '.join(_OUTPUT_KEYS)})" if isinstance(out, dict) else ""
         raise RecipeConfigError(
             f"The model's forward returned {type(out).__name__}{keys}, not a tensor of predictions. "
             "HINT: pass `forward=lambda module, inputs: module(inputs)[...]` returning the logits/predictions."
         )
+    return out
+
+
+def prediction_of(out: Any) -> Any:
+    """The predictions in what forward returned: a tuple's first item, a dict's ``logits``/``preds``/``output``, an
+    output object's attribute of those names; anything else as it is."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if isinstance(out, dict):
+        out = next((out[k] for k in _OUTPUT_KEYS if k in out), out)
+    elif not isinstance(out, Tensor):  # an output object (a dataclass, a namedtuple-like): its attribute
+        out = next((getattr(out, k) for k in _OUTPUT_KEYS if isinstance(getattr(out, k, None), Tensor)), out)
     return out
 
 

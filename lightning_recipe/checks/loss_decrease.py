@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, RecipeCheck
 from lightning_recipe._core.conventions import planned_batches, read_losses
+from lightning_recipe._core.loss_guess import _LossGuess
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
 from lightning_recipe.functional.loss_decrease import above_prior_test, decrease_test, diverged, plateau_test, trend
@@ -53,7 +54,7 @@ _ABOVE_PRIOR = [
 _BELOW_FLOOR = ["the loss sign is flipped: training_step returns -loss and the optimiser maximises the loss"]
 
 
-class LossDecreaseCheck(RecipeCheck):
+class LossDecreaseCheck(_LossGuess, RecipeCheck):
     """The training loss must be finite, must not diverge, must decrease, and must not plateau at the label prior.
 
     Losses are kept as a list of detached tensors on the device (no host sync per step) and read once every
@@ -87,7 +88,8 @@ class LossDecreaseCheck(RecipeCheck):
     * after ``warmup_steps``, at every read: **no plateau at the prior**: the means of the last two windows both
       within ``plateau_rtol`` (or ``z`` standard errors) of the loss of the best constant prediction (label entropy,
       target variance, ...) *and* flat (the least-squares slope of the last ``window + max(window, warm-up // 2)``
-      losses not significantly negative at ``z``) *and*, flat as it is, the mean of those losses within the same band
+      losses, and of the second half of the losses so far when it is longer, not significantly negative at ``z``: a
+      slow learner crosses the prior level on its way down) *and*, flat as it is, the mean of those losses within the same band
       (a tighter estimate of the level than one window: with count data or heavy-tailed targets a window's mean swings
       by more than a model's gain over the prior) fails with "the model learned only the label prior". A slow learner
       that passes through the prior level on its way down is not a plateau, nor one window of a noisy loss (heavy-
@@ -227,6 +229,8 @@ class LossDecreaseCheck(RecipeCheck):
                                               or ctx.bias_is_constant() else ctx.actual_loss()[0])
             except Exception:
                 self.expected_initial_loss = None
+            if ctx.spec.inferred:
+                self._tap_guess(pl_module, batch)
         self._retire("on_train_batch_start")  # only the first batch of a fit
 
     @override
@@ -237,6 +241,8 @@ class LossDecreaseCheck(RecipeCheck):
             self._retire("on_train_batch_end")
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if "_guess_tap" in self.__dict__:  # the first step of a fit with a guessed loss
+            self._check_guess(trainer, loss)
         if not isinstance(loss, Tensor) or loss.numel() != 1:  # manual optimization may return anything
             return
         self._accumulate = trainer.accumulate_grad_batches
@@ -292,7 +298,7 @@ class LossDecreaseCheck(RecipeCheck):
             if blowup.status == "warn":
                 rank_zero_warn(blowup.message + "\nLikely causes:\n" + "\n".join(f"  - {c}" for c in blowup.causes),
                                category=RecipeWarning)
-        finding = self._several_objectives(self._evaluate(new, trainer.global_step) if new else None)
+        finding = self._unconfirmed(self._several_objectives(self._evaluate(new, trainer.global_step) if new else None))
         if finding is not None and finding.failed and finding.check != f"{self.name}.floor":
             finding.message += f"\n  learning rate now: {_learning_rates(trainer)}"
         if finding is not None and finding.failed:
@@ -430,6 +436,12 @@ class LossDecreaseCheck(RecipeCheck):
             plateau["trend"] = slope
             if slope["t"] < -self.z:
                 return None
+            # a slow learner crossing the prior level: still going down over the second half of the fit so far
+            half = losses[len(losses) // 2 :]
+            if len(half) > w + span:
+                plateau["trend_half"] = trend(half)
+                if plateau["trend_half"]["t"] < -self.z:
+                    return None
             # flat over the span: its mean estimates the level more tightly than one window's (the batch-to-batch
             # spread of count data or heavy-tailed targets hides a small gain over the prior within a window)
             level = plateau_test(torch.tensor(losses[-(w + span) :]), self.prior_loss, self._floor,
@@ -443,24 +455,6 @@ class LossDecreaseCheck(RecipeCheck):
                            "prior. InputDependenceCheck tells whether the model uses its input at all.",
                            plateau["recent"], self.prior_loss, step, list(_PLATEAU), plateau)
         return None
-
-    def _several_objectives(self, finding: Optional[Finding]) -> Optional[Finding]:
-        """Under manual optimization with several optimizers (a GAN, an actor-critic) the returned loss is one player's
-        objective, which need not fall: a generator's and a discriminator's losses stay near their equilibrium while
-        the samples improve. Its trend (decrease, plateau, above the prior, divergence, blow-up, early epochs) is then
-        a note; a non-finite loss and one below the loss's minimum still fail."""
-        if finding is None or not self.__dict__.get("_adversarial") or finding.status not in ("fail", "warn") or \
-                finding.check in (f"{self.name}.finite", f"{self.name}.floor"):
-            return finding
-        key = f"note: {finding.check}"
-        if key in self._reported:  # noted once per sub-check
-            return None
-        self._reported.add(key)
-        finding.status = "note"
-        finding.message += (f"\n  note: manual optimization with {self._adversarial} optimizers: the returned loss is "
-                            "one objective of several (adversarial training keeps its losses near an equilibrium), "
-                            "so its trend is not judged")
-        return finding
 
     def _epoch_finding(self, trainer: "pl.Trainer") -> Optional[Finding]:
         ends = self.epoch_ends
@@ -497,6 +491,9 @@ class LossDecreaseCheck(RecipeCheck):
     # -- end of fit -----------------------------------------------------------------------------------------------
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
+        tap = self.__dict__.pop("_guess_tap", None)
+        if tap is not None:  # the first step did not end: the user's module is left without the hook
+            tap[0].remove()
         if failed:
             self._flush()  # no collectives on the exception path
         if self.__dict__.get("_drawn_n") != len(self.losses) or not self.figures:  # not drawn live at this point

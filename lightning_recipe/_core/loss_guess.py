@@ -1,0 +1,106 @@
+"""What :class:`~lightning_recipe.LossDecreaseCheck` knows of the loss it reads, mixed into it: whether a guessed loss
+is the one training_step computes, and whether the returned loss is one objective of several."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_recipe._core.conventions import prediction_of, split_batch
+from lightning_recipe.exceptions import RecipeConfigError
+from lightning_recipe.findings import Finding
+
+
+_ADVERSARIAL_BLOWUP = 1e3  # growth over the reference that is a blow-up even for one player of an adversarial game
+
+
+class _LossGuess:
+    """Mixed into :class:`~lightning_recipe.LossDecreaseCheck` (it reads and writes the check's state)."""
+
+    name: str
+    _reported: set[str]
+    _settings: Any
+
+    def _tap_guess(self, pl_module: "pl.LightningModule", batch: Any) -> None:
+        """With the loss inferred (no loss module, no ``loss_fn=``): keep the output of the first forward call of the
+        first training step (a forward hook, removed at its end), to compare the guessed loss on it with the loss
+        training_step returns (:meth:`_check_guess`)."""
+        try:
+            _, targets = split_batch(batch, self._settings.split_batch)
+        except RecipeConfigError:
+            return
+        seen: list[Any] = []
+
+        def hook(_m: Any, _args: Any, out: Any) -> None:
+            if not seen:
+                seen.append(prediction_of(out))
+
+        self._guess_tap = (pl_module.register_forward_hook(hook), seen, targets)
+
+    def _check_guess(self, trainer: "pl.Trainer", loss: Any) -> None:
+        """The first step's loss against the guessed loss on the model's output in that step (one read, once): when
+        they differ, training_step computes another loss (a contrastive or reconstruction loss on labelled batches,
+        label smoothing, mixup), and the constant prediction's loss under the guess is no reference for it."""
+        tap = self.__dict__.pop("_guess_tap", None)
+        if tap is None:
+            return
+        handle, seen, targets = tap
+        handle.remove()
+        ctx = getattr(self, "_ctx", None)
+        if ctx is None or not seen or not isinstance(seen[0], Tensor) or not isinstance(targets, Tensor) or \
+                not isinstance(loss, Tensor) or loss.numel() != 1:
+            return
+        spec = ctx.spec
+        try:
+            with torch.no_grad():
+                guess = float(torch.as_tensor(spec.loss(spec.canonical_outputs(seen[0].detach().float()).cpu(),
+                                                        spec.canonical_targets(targets.detach()).cpu())).mean())
+        except Exception:  # the guess does not even apply to that output (2N views of N labelled examples)
+            guess = math.nan
+        got = float(loss.detach()) * trainer.accumulate_grad_batches
+        if math.isfinite(got) and not (math.isfinite(guess) and math.isclose(got, guess, rel_tol=1e-2, abs_tol=1e-4)):
+            self._guess_off = (got, guess)
+
+    def _unconfirmed(self, finding: Optional[Finding]) -> Optional[Finding]:
+        """A verdict against the constant prediction's loss (plateau, above the prior) when the loss was guessed and
+        the first step showed training_step computes another: a note, once per sub-check."""
+        off = self.__dict__.get("_guess_off")
+        if finding is None or off is None or not finding.failed or \
+                finding.check not in (f"{self.name}.plateau", f"{self.name}.above_prior"):
+            return finding
+        key = f"note: {finding.check}"
+        if key in self._reported:
+            return None
+        self._reported.add(key)
+        assert self._ctx is not None
+        finding.status = "note"
+        finding.message += (f"\n  note: the loss was inferred as {self._ctx.spec.loss_name}, but training_step's first "
+                            f"loss, {off[0]:.4g}, is not {self._ctx.spec.loss_name} of the model's output in that step "
+                            f"({f'{off[1]:.4g}' if math.isfinite(off[1]) else 'it does not apply to that output'}): it "
+                            "computes another loss, whose constant prediction this is not; pass "
+                            "`loss_fn=` for a verdict")
+        return finding
+
+    def _several_objectives(self, finding: Optional[Finding]) -> Optional[Finding]:
+        """Under manual optimization with several optimizers (a GAN, an actor-critic) the returned loss is one player's
+        objective, which need not fall: a generator's and a discriminator's losses stay near their equilibrium while
+        the samples improve. Its trend (decrease, plateau, above the prior, divergence, blow-up, early epochs) is then
+        a note; a non-finite loss and one below the loss's minimum still fail, and a blow-up beyond
+        ``_ADVERSARIAL_BLOWUP`` times the reference still warns (a player that won outright: orders of magnitude)."""
+        if finding is None or not self.__dict__.get("_adversarial") or finding.status not in ("fail", "warn") or \
+                finding.check in (f"{self.name}.finite", f"{self.name}.floor") or (
+                finding.check == f"{self.name}.blowup" and finding.details.get("growth", 0) > _ADVERSARIAL_BLOWUP):
+            return finding
+        key = f"note: {finding.check}"
+        if key in self._reported:  # noted once per sub-check
+            return None
+        self._reported.add(key)
+        finding.status = "note"
+        finding.message += (f"\n  note: manual optimization with {self._adversarial} optimizers: the returned loss is "
+                            "one objective of several (adversarial training keeps its losses near an equilibrium), "
+                            "so its trend is not judged")
+        return finding
