@@ -378,7 +378,9 @@ class _InfoNCE(TinyModel):
     def training_step(self, batch, batch_idx):
         x, _ = batch
         views = [x + 0.5 * torch.randn_like(x) for _ in range(2)]
-        if self.together:  # one forward of the 2N views: its output does not pair with the N labels at all
+        if self.together == "net":  # the network called directly, not forward: its head's output is seen
+            a, b = (nn.functional.normalize(self.net(v), dim=1) for v in views)
+        elif self.together:  # one forward of the 2N views: its output does not pair with the N labels at all
             a, b = nn.functional.normalize(self(torch.cat(views)), dim=1).chunk(2)
         else:
             a, b = (nn.functional.normalize(self(v), dim=1) for v in views)
@@ -386,16 +388,16 @@ class _InfoNCE(TinyModel):
 
 
 class _InlineCE(TinyModel):
-    def __init__(self, lr=1e-2):
-        super().__init__(out_dim=10, lr=lr)
-        self.loss_fn = None
+    def __init__(self, via_net=False):
+        super().__init__(out_dim=10)
+        self.loss_fn, self.via_net = None, via_net
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
+        return nn.functional.cross_entropy(self.net(x) if self.via_net else self(x), y)
 
 
-@pytest.mark.parametrize("together", [False, True])
+@pytest.mark.parametrize("together", [False, True, "net"])
 def test_a_guessed_loss_that_training_step_does_not_compute_gives_notes(tmp_path, together):
     """No loss module: the cross-entropy over the batch's ten labels is a guess. An InfoNCE loss (the labels unused)
     stays above log 10, the guessed prior: a note, since the first step's loss is not the cross-entropy of the model's
@@ -405,8 +407,9 @@ def test_a_guessed_loss_that_training_step_does_not_compute_gives_notes(tmp_path
     notes = [f for f in cb.findings if f.status == "note"]
     assert notes and all("computes another loss" in f.message for f in notes) and not any(f.failed for f in cb.findings)
     assert min(cb.losses) > math.log(10)  # above the guessed prior all along
-    cb, _ = _fit(tmp_path, _InlineCE(), loader(x, y, batch_size=64), epochs=8)
+    via_net = together == "net"
+    cb, _ = _fit(tmp_path, _InlineCE(via_net), loader(x, y, batch_size=64), epochs=8)
     assert [f.status for f in cb.findings] == ["pass"] and "_guess_off" not in vars(cb)
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(RecipeCheckError, match="learned only the label prior"):
-        _fit(tmp_path, _InlineCE(), loader(x, shuffled, batch_size=64), epochs=8)
+        _fit(tmp_path, _InlineCE(via_net), loader(x, shuffled, batch_size=64), epochs=8)

@@ -25,21 +25,26 @@ class _LossGuess:
     _reported: set[str]
     _settings: Any
 
-    def _tap_guess(self, pl_module: "pl.LightningModule", batch: Any) -> None:
+    def _tap_guess(self, pl_module: "pl.LightningModule", batch: Any, head: Optional[Any]) -> None:
         """With the loss inferred (no loss module, no ``loss_fn=``): keep the output of the first forward call of the
-        first training step (a forward hook, removed at its end), to compare the guessed loss on it with the loss
-        training_step returns (:meth:`_check_guess`)."""
+        first training step, or, when training_step calls a submodule instead (``self.net(x)``, ``self.encoder(x)``),
+        the first output of the ``head`` whose output is the model's (forward hooks, removed at the step's end), to
+        compare the guessed loss on it with the loss training_step returns (:meth:`_check_guess`)."""
         try:
             _, targets = split_batch(batch, self._settings.split_batch)
         except RecipeConfigError:
             return
-        seen: list[Any] = []
+        seen: dict[str, Any] = {}
 
-        def hook(_m: Any, _args: Any, out: Any) -> None:
-            if not seen:
-                seen.append(prediction_of(out))
+        def hook(where: str) -> Any:
+            def record(_m: Any, _args: Any, out: Any) -> None:
+                seen.setdefault(where, prediction_of(out))
+            return record
 
-        self._guess_tap = (pl_module.register_forward_hook(hook), seen, targets)
+        handles = [pl_module.register_forward_hook(hook("model"))]
+        if head is not None:
+            handles.append(head.register_forward_hook(hook("head")))
+        self._guess_tap = (handles, seen, targets)
 
     def _check_guess(self, trainer: "pl.Trainer", loss: Any) -> None:
         """The first step's loss against the guessed loss on the model's output in that step (one read, once): when
@@ -48,16 +53,18 @@ class _LossGuess:
         tap = self.__dict__.pop("_guess_tap", None)
         if tap is None:
             return
-        handle, seen, targets = tap
-        handle.remove()
+        handles, seen, targets = tap
+        for h in handles:
+            h.remove()
+        out = seen.get("model", seen.get("head"))
         ctx = getattr(self, "_ctx", None)
-        if ctx is None or not seen or not isinstance(seen[0], Tensor) or not isinstance(targets, Tensor) or \
+        if ctx is None or not isinstance(out, Tensor) or not isinstance(targets, Tensor) or \
                 not isinstance(loss, Tensor) or loss.numel() != 1:
             return
         spec = ctx.spec
         try:
             with torch.no_grad():
-                guess = float(torch.as_tensor(spec.loss(spec.canonical_outputs(seen[0].detach().float()).cpu(),
+                guess = float(torch.as_tensor(spec.loss(spec.canonical_outputs(out.detach().float()).cpu(),
                                                         spec.canonical_targets(targets.detach()).cpu())).mean())
         except Exception:  # the guess does not even apply to that output (2N views of N labelled examples)
             guess = math.nan

@@ -229,8 +229,9 @@ class LossDecreaseCheck(_LossGuess, RecipeCheck):
                                               or ctx.bias_is_constant() else ctx.actual_loss()[0])
             except Exception:
                 self.expected_initial_loss = None
-            if ctx.spec.inferred:
-                self._tap_guess(pl_module, batch)
+            if ctx.spec.inferred:  # the head, where its output is the model's (not transformed after it)
+                head = ctx.head if ctx.head_error is None and ctx.head_how.startswith("output identical") else None
+                self._tap_guess(pl_module, batch, head)
         self._retire("on_train_batch_start")  # only the first batch of a fit
 
     @override
@@ -492,8 +493,8 @@ class LossDecreaseCheck(_LossGuess, RecipeCheck):
     @override
     def _finish(self, trainer: "pl.Trainer", failed: bool = False) -> None:
         tap = self.__dict__.pop("_guess_tap", None)
-        if tap is not None:  # the first step did not end: the user's module is left without the hook
-            tap[0].remove()
+        for handle in tap[0] if tap is not None else []:  # the first step did not end: the user's modules are left
+            handle.remove()                                 # without the hooks
         if failed:
             self._flush()  # no collectives on the exception path
         if self.__dict__.get("_drawn_n") != len(self.losses) or not self.figures:  # not drawn live at this point
