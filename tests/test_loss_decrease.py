@@ -413,3 +413,18 @@ def test_a_guessed_loss_that_training_step_does_not_compute_gives_notes(tmp_path
     shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(RecipeCheckError, match="learned only the label prior"):
         _fit(tmp_path, _InlineCE(via_net), loader(x, shuffled, batch_size=64), epochs=8)
+
+
+def test_probe_forwards_of_other_checks_do_not_stand_for_the_training_step():
+    """The first step's output is taken from training_step's forward: another check's probe forward at the first
+    batch (HeadBiasInit with a stream, under no_grad, on its own probe batch) is not recorded."""
+    cb, model = LossDecreaseCheck(), TinyModel(out_dim=10)
+    x, y = blobs(n=64, classes=10)
+    cb._tap_guess(model, (x, y), model.net[-1])
+    with torch.no_grad():
+        model(x[:16])  # a probe
+    out = model(x)  # training_step's
+    handles, seen, targets = cb._guess_tap
+    assert seen["model"].shape == (64, 10) and torch.equal(seen["model"], out) and torch.equal(seen["head"], out)
+    for h in handles:
+        h.remove()
