@@ -158,6 +158,12 @@ def run_forward(pl_module: nn.Module, inputs: Any, override: Optional[ForwardFn]
     return out
 
 
+def several_optimizers(trainer: Any, pl_module: nn.Module) -> int:
+    """How many optimizers training_step steps itself when several (manual optimization: a GAN), else 0."""
+    n = len(trainer.optimizers) if not getattr(pl_module, "automatic_optimization", True) else 0
+    return n if n > 1 else 0
+
+
 def prediction_of(out: Any) -> Any:
     """The predictions in what forward returned: a tuple's first item, a dict's ``logits``/``preds``/``output``, an
     output object's attribute of those names; anything else as it is."""

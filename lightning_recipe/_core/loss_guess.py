@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_recipe._core.conventions import prediction_of, split_batch
+from lightning_recipe._core.head_guard import _loss_value
 from lightning_recipe.exceptions import RecipeConfigError
 from lightning_recipe.findings import Finding
 
@@ -28,6 +29,7 @@ class _LossGuess:
     name: str
     _reported: set[str]
     _settings: Any
+    _ctx: Any
 
     def _tap_guess(self, pl_module: "pl.LightningModule", batch: Any, head: Optional[Any]) -> None:
         """With the loss inferred (no loss module, no ``loss_fn=``): keep the output of the first forward call of the
@@ -68,11 +70,11 @@ class _LossGuess:
             return
         spec = ctx.spec
         try:
-            with torch.no_grad():
-                guess = float(torch.as_tensor(spec.loss(spec.canonical_outputs(out.detach().float()).cpu(),
-                                                        spec.canonical_targets(targets.detach()).cpu())).mean())
+            o, y = spec.canonical_outputs(out.detach().float()).cpu(), spec.canonical_targets(targets.detach()).cpu()
         except Exception:  # the guess does not even apply to that output (2N views of N labelled examples)
             guess = math.nan
+        else:
+            guess = _loss_value(spec, o, y)  # NaN as well where the loss cannot take them
         got = float(loss.detach()) * trainer.accumulate_grad_batches
         if math.isfinite(got) and not (math.isfinite(guess) and math.isclose(got, guess, rel_tol=_SAME_LOSS, abs_tol=1e-4)):
             self._guess_off = (got, guess)
@@ -84,18 +86,12 @@ class _LossGuess:
         if finding is None or off is None or not finding.failed or \
                 finding.check not in (f"{self.name}.plateau", f"{self.name}.above_prior"):
             return finding
-        key = f"note: {finding.check}"
-        if key in self._reported:
-            return None
-        self._reported.add(key)
-        assert self._ctx is not None
-        finding.status = "note"
-        finding.message += (f"\n  note: the loss was inferred as {self._ctx.spec.loss_name}, but training_step's first "
-                            f"loss, {off[0]:.4g}, is not {self._ctx.spec.loss_name} of the model's output in that step "
-                            f"({f'{off[1]:.4g}' if math.isfinite(off[1]) else 'it does not apply to that output'}): it "
-                            "computes another loss, whose constant prediction this is not; pass "
-                            "`loss_fn=` for a verdict")
-        return finding
+        name = self._ctx.spec.loss_name
+        return self._note_once(finding, f"the loss was inferred as {name}, but training_step's first loss, "
+                               f"{off[0]:.4g}, is not {name} of the model's output in that step "
+                               f"({f'{off[1]:.4g}' if math.isfinite(off[1]) else 'it does not apply to that output'}): "
+                               "it computes another loss, whose constant prediction this is not; pass `loss_fn=` for a "
+                               "verdict")
 
     def _several_objectives(self, finding: Optional[Finding]) -> Optional[Finding]:
         """Under manual optimization with several optimizers (a GAN, an actor-critic) the returned loss is one player's
@@ -107,12 +103,16 @@ class _LossGuess:
                 finding.check in (f"{self.name}.finite", f"{self.name}.floor") or (
                 finding.check == f"{self.name}.blowup" and finding.details.get("growth", 0) > _ADVERSARIAL_BLOWUP):
             return finding
+        return self._note_once(finding, f"manual optimization with {self._adversarial} optimizers: the returned loss "
+                               "is one objective of several (adversarial training keeps its losses near an "
+                               "equilibrium), so its trend is not judged")
+
+    def _note_once(self, finding: Finding, why: str) -> Optional[Finding]:
+        """``finding`` as a note saying ``why``, the first time its sub-check comes to it (``None`` after)."""
         key = f"note: {finding.check}"
-        if key in self._reported:  # noted once per sub-check
+        if key in self._reported:
             return None
         self._reported.add(key)
         finding.status = "note"
-        finding.message += (f"\n  note: manual optimization with {self._adversarial} optimizers: the returned loss is "
-                            "one objective of several (adversarial training keeps its losses near an equilibrium), "
-                            "so its trend is not judged")
+        finding.message += f"\n  note: {why}"
         return finding

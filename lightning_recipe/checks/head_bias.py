@@ -10,6 +10,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, RecipeCheck
+from lightning_recipe._core.conventions import several_optimizers
 from lightning_recipe._core.context import FitContext
 from lightning_recipe._core.head_guard import guard_summary, keep_write
 from lightning_recipe._core.sharding import full_params, sharding_skip
@@ -102,10 +103,11 @@ class HeadBiasInit(RecipeCheck):
             self._config_error(ctx.head_error)
             return
         spec = ctx.spec
-        if spec.inferred and not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+        several = several_optimizers(trainer, pl_module)
+        if spec.inferred and several:
             self.done = True
             self.findings.append(Finding(
-                self.name, "skip", f"{self.name}: manual optimization with {len(trainer.optimizers)} optimizers (a GAN, "
+                self.name, "skip", f"{self.name}: manual optimization with {several} optimizers (a GAN, "
                 "an actor-critic) and no loss module on the LightningModule: the module's forward need not be a "
                 f"predictor of the batch's targets (a generator), so `{ctx.head_name}.bias` is left as it is. HINT: "
                 "pass `loss_fn=` and `head=` if the forward is a classifier or regressor of these targets.",

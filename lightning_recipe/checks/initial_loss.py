@@ -213,7 +213,8 @@ class InitialLossCheck(_OnceCheck):
                                             "no untrained loss to check."))
             return
         k = trainer.accumulate_grad_batches
-        values = torch.stack([loss.detach().float().reshape(()).cpu(), *(c.cpu() for c in calls)]).tolist()  # one read
+        first = loss.detach().float().reshape(())
+        values = torch.stack([first, *(c.to(first.device) for c in calls)]).tolist()  # one read
         measured, called = values[0] * k, values[1:]
         if called and "transformed" not in e and math.isfinite(measured) and not any(
                 math.isclose(measured, v, rel_tol=1e-3, abs_tol=1e-6) for v in called):

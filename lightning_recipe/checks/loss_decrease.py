@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_recipe._core.base import OnFail, RecipeCheck
-from lightning_recipe._core.conventions import planned_batches, read_losses
+from lightning_recipe._core.conventions import planned_batches, read_losses, several_optimizers
 from lightning_recipe._core.loss_guess import _LossGuess
 from lightning_recipe.exceptions import RecipeConfigError, RecipeWarning
 from lightning_recipe.findings import Finding
@@ -196,8 +196,7 @@ class LossDecreaseCheck(_LossGuess, RecipeCheck):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._floor = None if self.loss_floor == "auto" else self.loss_floor  # type: ignore[assignment]
-        several = len(trainer.optimizers) if not pl_module.automatic_optimization else 0
-        self._adversarial = several if several > 1 else 0
+        self._adversarial = several_optimizers(trainer, pl_module)
         self._warmup = _effective_warmup(self.warmup_steps, trainer)
         self.window = self._window_arg or max(5, min(50, self._warmup // 5))
         try:
